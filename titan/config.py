@@ -1,0 +1,437 @@
+"""Configuration: one dataclass per TOML section, loading with `extends`, CLI overrides, validation and `--help`.
+
+This module owns the schema and its checks that need nothing but the config itself. Checks that need the world size
+(parallel degrees, batch divisibility) live next to the code that uses them and raise the same `ConfigError`.
+Every error names the key, so `python -m titan.train` can print it as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A bad key, value, file or combination; the message names the key or file and fits on one line."""
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field: its default, a one-line description for `--help`, and optionally the allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Job:
+    dump_folder: str = opt("./outputs", "folder for the resolved config, logs, metrics, TensorBoard and checkpoints")
+    description: str = opt("", "free text describing the run, printed at start")
+
+
+@dataclass
+class Model:
+    name: str = opt("llama3", "model family", choices=("llama3",))
+    flavor: str = opt("debugmodel", "size preset from the family's flavors table (e.g. debugmodel, 1B, 8B, 70B)")
+    tokenizer_path: str = opt(
+        "", "tiktoken rank file (e.g. a Llama 3 tokenizer.model); empty = the shipped 4k-token debug tokenizer"
+    )
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "optimizer", choices=("AdamW", "Adam"))
+    lr: float = opt(8e-4, "peak learning rate")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay")
+    betas: list[float] = opt([0.9, 0.95], "Adam beta1, beta2")
+    implementation: str = opt(
+        "foreach", "kernel flavour: fused (one kernel), foreach (batched), for-loop", ("fused", "foreach", "for-loop")
+    )
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(200, "steps of linear warm-up from ~0 to the peak lr")
+    decay_ratio: float | None = opt(
+        None, "fraction of the steps spent decaying at the end (none = decay over all steps after warm-up)"
+    )
+    decay_type: str = opt("linear", "shape of the decay", choices=("linear", "sqrt", "cosine"))
+    min_lr_factor: float = opt(0.0, "lr at the end of the decay, as a fraction of the peak")
+
+
+@dataclass
+class Training:
+    dataset: str = opt("austen", "dataset name (see docs/config.md); 'austen' is the shipped corpus")
+    dataset_path: str = opt("", "a .txt/.jsonl file or a folder of them; overrides the named dataset's location")
+    local_batch_size: int = opt(8, "sequences per micro-batch on each data-parallel rank")
+    global_batch_size: int = opt(
+        -1, "sequences per optimizer step over all ranks; -1 = local_batch_size x dp (no accumulation)"
+    )
+    seq_len: int = opt(2048, "tokens per sequence")
+    steps: int = opt(10000, "optimizer steps to train")
+    max_norm: float = opt(1.0, "gradient-norm clipping threshold (<= 0 disables clipping)")
+    seed: int = opt(0, "seed for weights and data order")
+    deterministic: bool = opt(False, "use deterministic algorithms: CPU runs become bitwise repeatable")
+    mixed_precision_param: str = opt(
+        "bfloat16", "compute dtype of parameters (bf16 = FSDP param dtype, or autocast without FSDP)", DTYPES
+    )
+    mixed_precision_reduce: str = opt("float32", "dtype of gradient reduction under FSDP", ("float32", "bfloat16"))
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = opt(1, "replicas of the model (DDP-like; HSDP when sharding too)")
+    data_parallel_shard_degree: int = opt(-1, "FSDP shards; -1 = all ranks not used by other dimensions")
+    tensor_parallel_degree: int = opt(1, "tensor-parallel ranks (shards heads and FFN)")
+    pipeline_parallel_degree: int = opt(1, "pipeline stages' ranks")
+    context_parallel_degree: int = opt(1, "context-parallel ranks (shards the sequence)")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(10, "print and record metrics every N steps (the first step is always logged)")
+    enable_tensorboard: bool = opt(True, "write TensorBoard scalars to <dump_folder>/tb")
+
+
+@dataclass
+class Validation:
+    enable: bool = opt(False, "evaluate on held-out data during training")
+    dataset: str = opt("austen", "dataset name; the named dataset's validation split is used")
+    dataset_path: str = opt("", "a .txt/.jsonl file or folder; overrides the named dataset's validation split")
+    local_batch_size: int = opt(8, "sequences per validation batch on each data-parallel rank")
+    freq: int = opt(100, "validate every N steps")
+    steps: int = opt(10, "batches per validation; -1 = the whole split")
+
+
+@dataclass
+class Config:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    metrics: Metrics = field(default_factory=Metrics)
+    validation: Validation = field(default_factory=Validation)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks that need only the config. Checks involving the world size live in titan/parallel/mesh.py.
+
+
+def _positive(section: str, obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{section}.{name} must be > 0 (got {getattr(obj, name)})")
+
+
+def validate(cfg: Config) -> None:
+    t, o, s = cfg.training, cfg.optimizer, cfg.lr_scheduler
+    _positive("training", t, "local_batch_size", "seq_len", "steps")
+    if t.global_batch_size != -1 and t.global_batch_size <= 0:
+        raise ConfigError(f"training.global_batch_size must be > 0 or -1 (got {t.global_batch_size})")
+    _positive("optimizer", o, "lr")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1) (got {o.betas})")
+    if s.warmup_steps < 0:
+        raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0 (got {s.warmup_steps})")
+    if s.decay_ratio is not None and not 0.0 <= s.decay_ratio <= 1.0:
+        raise ConfigError(f"lr_scheduler.decay_ratio must be in [0, 1] (got {s.decay_ratio})")
+    if not 0.0 <= s.min_lr_factor <= 1.0:
+        raise ConfigError(f"lr_scheduler.min_lr_factor must be in [0, 1] (got {s.min_lr_factor})")
+    _positive("metrics", cfg.metrics, "log_freq")
+    v = cfg.validation
+    _positive("validation", v, "freq", "local_batch_size")
+    if v.steps == 0 or v.steps < -1:
+        raise ConfigError(f"validation.steps must be > 0 or -1 (got {v.steps})")
+    p = cfg.parallelism
+    for name in ("data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
+                 "context_parallel_degree"):
+        _positive("parallelism", p, name)
+    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
+        raise ConfigError(
+            f"parallelism.data_parallel_shard_degree must be > 0 or -1 (got {p.data_parallel_shard_degree})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schema introspection
+
+
+def sections() -> dict[str, type]:
+    """{section name: its dataclass}."""
+    return typing.get_type_hints(Config)
+
+
+def _keys(section_cls) -> dict[str, tuple[object, dataclasses.Field]]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(section_cls)}
+
+
+def _unwrap_optional(tp):
+    """`X | None` -> (X, True); anything else -> (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def type_name(tp) -> str:
+    base, optional = _unwrap_optional(tp)
+    if typing.get_origin(base) is list:
+        name = f"list[{typing.get_args(base)[0].__name__}]"
+    else:
+        name = base.__name__
+    return f"{name} | none" if optional else name
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, tp, value, choices):
+    """Check a TOML (or parsed CLI) value against the schema type; ints are accepted where floats are expected."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be none")
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {typing.get_args(base)[0].__name__} (got {value!r})")
+        item = typing.get_args(base)[0]
+        return [_coerce(f"{key}[{i}]", item, v, None) for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[base]
+    if not ok:
+        raise ConfigError(f"{key} must be {type_name(tp)} (got {value!r})")
+    value = float(value) if base is float else value
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))} (got {value!r}){_suggest(value, choices)}")
+    return value
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    """Build a Config from nested {section: {key: value}}, rejecting unknown sections/keys and wrong types."""
+    cfg = Config()
+    known = sections()
+    for section, values in data.items():
+        if section not in known:
+            raise ConfigError(f"unknown section [{section}] in {source}{_suggest(section, known)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] in {source} must be a table of keys")
+        obj, keys = getattr(cfg, section), _keys(known[section])
+        for key, value in values.items():
+            if key not in keys:
+                raise ConfigError(f"unknown key {section}.{key} in {source}{_suggest(key, keys)}")
+            tp, f = keys[key]
+            setattr(obj, key, _coerce(f"{section}.{key}", tp, value, f.metadata.get("choices")))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TOML files with `extends`
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a TOML file; `extends = "other.toml"` (relative to this file) is loaded first and deep-merged under it."""
+    path = Path(path)
+    try:
+        resolved = path.resolve(strict=True)
+    except (FileNotFoundError, OSError):
+        raise ConfigError(f"config file not found: {path}") from None
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, resolved))
+        raise ConfigError(f"'extends' cycle: {cycle}")
+    try:
+        data = tomllib.loads(resolved.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be a file path string (got {parent!r})")
+    return _merge(load_toml(resolved.parent / parent, (*_chain, resolved)), data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+CONFIG_FLAGS = ("--config", "--job.config_file")
+
+
+def _parse_cli_value(key: str, tp, text: str):
+    base, optional = _unwrap_optional(tp)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    if typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return [_parse_cli_value(f"{key}[{i}]", item, p) for i, p in enumerate(parts)]
+    try:
+        if base is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        return base(text)
+    except ValueError:
+        raise ConfigError(f"--{key} expects {type_name(tp)} (got {text!r})") from None
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, dict, bool]:
+    """Split argv into (config path, {section: {key: value}} overrides, wants help)."""
+    known = sections()
+    config_path, overrides, want_help = None, {}, False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            want_help = True
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key value")
+        name, eq, text = arg[2:].partition("=")
+        bool_flag = False
+        if not eq:
+            # `--training.deterministic` alone means true; every other key needs a value.
+            nxt = argv[i] if i < len(argv) else None
+            if nxt is None or (nxt.startswith("--") and not _is_number(nxt)):
+                text, bool_flag = None, True
+            else:
+                text, i = nxt, i + 1
+        if f"--{name}" in CONFIG_FLAGS:
+            if text is None:
+                raise ConfigError(f"--{name} needs a file path")
+            config_path = text
+            continue
+        section, _, key = name.partition(".")
+        keys = _keys(known[section]) if section in known else {}
+        if key not in keys:
+            options = [f"--{s}.{k}" for s in known for k in _keys(known[s])] + list(CONFIG_FLAGS)
+            raise ConfigError(f"unknown option --{name}{_suggest('--' + name, options)}")
+        tp, f = keys[key]
+        if bool_flag:
+            if _unwrap_optional(tp)[0] is not bool:
+                raise ConfigError(f"--{name} needs a value ({type_name(tp)})")
+            value = True
+        else:
+            value = _parse_cli_value(name, tp, text)
+        overrides.setdefault(section, {})[key] = value
+    return config_path, overrides, want_help
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load(argv: list[str] | None = None) -> Config:
+    """Config from `--config FILE` (with `extends`) plus `--section.key value` overrides, validated.
+
+    Raises SystemExit(0) after printing the help for `--help`.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    config_path, overrides, want_help = parse_args(argv)
+    if want_help:
+        print(help_text())
+        raise SystemExit(0)
+    data = load_toml(config_path) if config_path else {}
+    source = config_path or "defaults"
+    cfg = from_dict(data, source)
+    # CLI values are already typed; run them through the same checks (choices, lists) as file values.
+    for section, values in overrides.items():
+        from_dict({section: values}, "command line")  # raises on a bad choice
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    validate(cfg)
+    return cfg
+
+
+def help_text() -> str:
+    lines = [
+        "usage: python -m titan.train [--config FILE.toml] [--section.key VALUE ...]",
+        "       torchrun --nproc_per_node=N -m titan.train --config FILE.toml [...]",
+        "",
+        "--config FILE (alias --job.config_file): a TOML file; `extends = \"base.toml\"` at its top inherits another.",
+        "Every key below can be set in the file under [section] or on the command line as --section.key VALUE",
+        "(or --section.key=VALUE; lists are comma-separated; a bool flag alone means true).",
+    ]
+    for section, cls in sections().items():
+        lines.append(f"\n[{section}]")
+        for key, (tp, f) in _keys(cls).items():
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            choices = f.metadata.get("choices")
+            extra = f" (one of: {', '.join(choices)})" if choices else ""
+            flag = f"--{section}.{key}"
+            lines.append(f"  {flag:<48} {type_name(tp):<14} default={_toml_value(default)}")
+            lines.append(f"      {f.metadata['help']}{extra}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing the resolved config
+
+
+def _toml_value(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf") if not math.isnan(v) else "nan"
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The full resolved config as TOML (keys whose value is none are omitted: TOML has no null)."""
+    out = []
+    for section in sections():
+        out.append(f"[{section}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if value is not None:
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
