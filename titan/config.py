@@ -92,6 +92,7 @@ class Training:
         "bfloat16", "compute dtype of parameters (bf16 = FSDP param dtype, or autocast without FSDP)", DTYPES
     )
     mixed_precision_reduce: str = opt("float32", "dtype of gradient reduction under FSDP", ("float32", "bfloat16"))
+    enable_cpu_offload: bool = opt(False, "keep FSDP-sharded parameters, grads and optimizer state in CPU memory")
 
 
 @dataclass
@@ -101,6 +102,26 @@ class Parallelism:
     tensor_parallel_degree: int = opt(1, "tensor-parallel ranks (shards heads and FFN)")
     pipeline_parallel_degree: int = opt(1, "pipeline stages' ranks")
     context_parallel_degree: int = opt(1, "context-parallel ranks (shards the sequence)")
+    enable_loss_parallel: bool = opt(True, "with TP, compute the loss on vocab-sharded logits (no all-gather)")
+    fsdp_reshard_after_forward: str = opt(
+        "default", "free gathered weights after forward: default (yes, except the last group), always, never",
+        ("default", "always", "never"),
+    )
+    enable_async_tensor_parallel: bool = opt(False, "overlap TP comms with matmuls (CUDA + compile only)")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt("none", "recompute activations in backward to save memory", ("none", "full", "selective"))
+    selective_ac_option: str = opt(
+        "op", "selective mode: 'op' (save matmul/attention outputs, recompute the rest) or N (every N-th block)"
+    )
+
+
+@dataclass
+class Compile:
+    enable: bool = opt(False, "torch.compile each transformer block (fullgraph) and the loss")
+    components: list[str] = opt(["model", "loss"], "what to compile: model, loss")
 
 
 @dataclass
@@ -127,6 +148,8 @@ class Config:
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
     parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
 
@@ -160,6 +183,16 @@ def validate(cfg: Config) -> None:
     _positive("validation", v, "freq", "local_batch_size")
     if v.steps == 0 or v.steps < -1:
         raise ConfigError(f"validation.steps must be > 0 or -1 (got {v.steps})")
+    ac = cfg.activation_checkpoint
+    if ac.mode == "selective" and ac.selective_ac_option != "op" and not (
+        ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0
+    ):
+        raise ConfigError(
+            f"activation_checkpoint.selective_ac_option must be 'op' or a positive integer (got {ac.selective_ac_option!r})"
+        )
+    for c in cfg.compile.components:
+        if c not in ("model", "loss"):
+            raise ConfigError(f"compile.components: unknown component {c!r} (valid: model, loss){_suggest(c, ('model', 'loss'))}")
     p = cfg.parallelism
     for name in ("data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
                  "context_parallel_degree"):

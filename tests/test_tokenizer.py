@@ -1,0 +1,159 @@
+"""Tokenizer: the shipped debug tokenizer, sidecar-described rank files, the Llama 3 scheme, and error messages."""
+
+import base64
+import json
+
+import pytest
+import torch
+
+from titan.config import ConfigError
+from titan.data.pretrain import DATASETS
+from titan.data.tokenizer import DEBUG_TOKENIZER, LLAMA3_PATTERN, load_tokenizer
+
+UNICODE = "naïve café — Ελληνικά, 東京, emoji 😀👍🏽, tab\there\r\nline\u2028sep, zero\u200bwidth, ß→SS"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def test_debug_tokenizer_ids(tok):
+    assert tok.vocab_size == 4096
+    assert (tok.bos_id, tok.eos_id) == (4094, 4095)
+    assert tok.special_tokens == {"<|begin_of_text|>": 4094, "<|end_of_text|>": 4095}
+    assert load_tokenizer(str(DEBUG_TOKENIZER)).encode("Emma Woodhouse") == tok.encode("Emma Woodhouse")
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_round_trip_austen(tok, split):
+    text = DATASETS["austen"][split].read_text()[:20_000]
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert max(ids) < 4094  # ordinary text never yields special ids
+    assert len(ids) < len(text.encode()) / 2.5  # merges are used, not just raw bytes
+
+
+def test_round_trip_unicode(tok):
+    ids = tok.encode(UNICODE)
+    assert tok.decode(ids) == UNICODE
+    assert tok.decode(torch.tensor(ids)) == UNICODE  # tensors are accepted
+
+
+def test_bos_eos_placement(tok):
+    body = tok.encode("It is a truth universally acknowledged")
+    assert tok.encode("It is a truth universally acknowledged", bos=True) == [4094] + body
+    assert tok.encode("It is a truth universally acknowledged", eos=True) == body + [4095]
+    assert tok.encode("It is a truth universally acknowledged", bos=True, eos=True) == [4094] + body + [4095]
+    assert tok.encode("", bos=True, eos=True) == [4094, 4095]
+
+
+def test_special_token_text_is_plain_text(tok):
+    text = "before <|end_of_text|> and <|begin_of_text|> after"
+    ids = tok.encode(text)
+    assert 4094 not in ids and 4095 not in ids
+    assert tok.decode(ids) == text
+    assert tok.decode([4094, 4095]) == "<|begin_of_text|><|end_of_text|>"
+
+
+def test_digits_split_in_groups_of_three(tok):
+    # Llama 3's pattern cuts numbers into chunks of at most 3 digits; no token may straddle a chunk boundary.
+    pieces = [tok.decode([i]) for i in tok.encode("123456789")]
+    ends = {sum(len(p) for p in pieces[: k + 1]) for k in range(len(pieces))}
+    assert {3, 6, 9} <= ends
+
+
+def _write_ranks(path, tokens):
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+
+
+def _debug_tokens():
+    lines = DEBUG_TOKENIZER.read_text().split()
+    return [base64.b64decode(t) for t in lines[0::2]]
+
+
+def test_sidecar_describes_specials(tmp_path, tok):
+    # A ChatML-like sidecar with a gap in the ids: vocab_size is the highest id + 1, not the count.
+    _write_ranks(tmp_path / "chat.tiktoken", _debug_tokens())
+    specials = {"<|im_start|>": 4094, "<|im_end|>": 4095, "<|pad|>": 4100}
+    meta = {"pattern": LLAMA3_PATTERN, "special_tokens": specials, "bos_token": "<|im_start|>",
+            "eos_token": "<|im_end|>"}
+    (tmp_path / "chat.json").write_text(json.dumps(meta))
+    chat = load_tokenizer(str(tmp_path / "chat.tiktoken"))
+    assert (chat.bos_id, chat.eos_id, chat.vocab_size) == (4094, 4095, 4101)
+    assert chat.special_tokens == specials
+    assert chat.encode("Hello <|im_end|>") == tok.encode("Hello <|im_end|>")
+
+
+def test_llama3_scheme_from_rank_count(tmp_path):
+    gpt2 = _debug_tokens()
+    filler = [b"\x00filler" + str(i).encode() for i in range(128_000 - len(gpt2))]
+    path = tmp_path / "tokenizer.model"
+    _write_ranks(path, gpt2 + filler)
+    # A Hugging Face tokenizer.json beside it is not a sidecar and must not stop the Llama 3 recognition.
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    llama = load_tokenizer(str(path))
+    assert (llama.bos_id, llama.eos_id, llama.vocab_size) == (128000, 128001, 128256)
+    s = llama.special_tokens
+    assert len(s) == 256 and sorted(s.values()) == list(range(128000, 128256))
+    assert s["<|reserved_special_token_0|>"] == 128002 and s["<|reserved_special_token_1|>"] == 128003
+    assert s["<|finetune_right_pad_id|>"] == 128004 and s["<|reserved_special_token_2|>"] == 128005
+    assert (s["<|start_header_id|>"], s["<|end_header_id|>"], s["<|eom_id|>"]) == (128006, 128007, 128008)
+    assert (s["<|eot_id|>"], s["<|python_tag|>"]) == (128009, 128010)
+    assert s["<|reserved_special_token_3|>"] == 128011 and s["<|reserved_special_token_247|>"] == 128255
+    text = "Mr. Darcy <|eot_id|> 2024"
+    ids = llama.encode(text, bos=True, eos=True)
+    assert ids[0] == 128000 and ids[-1] == 128001 and 128009 not in ids
+    assert llama.decode(ids[1:-1]) == text
+    assert llama.decode([128009]) == "<|eot_id|>"
+
+
+def _error(path) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_tokenizer(str(path))
+    msg = str(e.value)
+    assert "model.tokenizer_path" in msg and str(path) in msg and "\n" not in msg
+    return msg
+
+
+def test_missing_file(tmp_path):
+    assert "no such" in _error(tmp_path / "nope.model")
+
+
+def test_folder_is_not_a_file(tmp_path):
+    assert "no such" in _error(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        (b"hello world\nthis is not a rank file\n", "line 1"),
+        (b"IQ== 0\nIg== one\n", "line 2"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR binary junk", "line 1"),
+        (b"", "no ranks"),
+        (b"IQ== 0\nIg== 1\n", "2 ranks and no sidecar"),  # valid ranks, but neither sidecar nor Llama 3 size
+    ],
+)
+def test_garbled_rank_file(tmp_path, content, expect):
+    path = tmp_path / "bad.tiktoken"
+    path.write_bytes(content)
+    assert expect in _error(path)
+
+
+@pytest.mark.parametrize(
+    "sidecar, expect",
+    [
+        ("{not json", "cannot read sidecar"),
+        (json.dumps({"pattern": LLAMA3_PATTERN, "special_tokens": {"<|a|>": 4094}, "bos_token": "<|a|>",
+                     "eos_token": "<|missing|>"}), "must be"),
+        (json.dumps({"pattern": "(", "special_tokens": {"<|a|>": 4094}, "bos_token": "<|a|>",
+                     "eos_token": "<|a|>"}), "cannot build"),
+        (json.dumps({"pattern": LLAMA3_PATTERN, "special_tokens": {"<|a|>": 17}, "bos_token": "<|a|>",
+                     "eos_token": "<|a|>"}), "also ordinary token ranks"),
+    ],
+)
+def test_bad_sidecar(tmp_path, sidecar, expect):
+    path = tmp_path / "bad.tiktoken"
+    path.write_bytes(DEBUG_TOKENIZER.read_bytes())
+    (tmp_path / "bad.json").write_text(sidecar)
+    assert expect in _error(path)

@@ -1,0 +1,138 @@
+"""Tokenizers: tiktoken BPE encodings built from local rank files only (never the network, never a cache).
+
+A rank file (`base64(token) rank` per line) is described by a sidecar `<name>.json` next to it (pattern, special
+tokens, bos/eos); a Llama 3 `tokenizer.model` needs none and is recognised by its 128,000 ranks. This module does not
+know about datasets or chat templates.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+
+import tiktoken
+
+from titan.config import ConfigError
+
+DEBUG_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tokenizer" / "debug.tiktoken"
+
+# Llama 3's pre-tokenizer split (GPT-4 style, digits in groups of up to 3).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_RANKS = 128_000
+
+
+def llama3_special_tokens() -> dict[str, int]:
+    """The 256 Llama 3 special tokens, ids 128000..128255 (named ones first, then the remaining reserved ones)."""
+    names = [
+        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+        "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    ]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(names))]
+    return {name: LLAMA3_NUM_RANKS + i for i, name in enumerate(names)}
+
+
+class Tokenizer:
+    """A tiktoken encoding plus the ids a trainer needs; `encode` never turns text into special tokens."""
+
+    def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], bos_token: str, eos_token: str):
+        self.encoding = encoding
+        self.special_tokens = dict(special_tokens)
+        self.bos_id = self.special_tokens[bos_token]
+        self.eos_id = self.special_tokens[eos_token]
+        self.vocab_size = encoding.max_token_value + 1
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        # encode_ordinary: "<|eot_id|>" inside user text stays plain text, so data cannot inject control tokens.
+        ids = self.encoding.encode_ordinary(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # accepts tensors and arrays too
+        return self.encoding.decode(ids)
+
+
+def _fail(path, what: str) -> ConfigError:
+    return ConfigError(f"model.tokenizer_path={str(path)!r}: {what}".replace("\n", " "))
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    # Parsed here rather than by tiktoken.load.load_tiktoken_bpe, which copies the file into a cache directory.
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _fail(path, f"cannot read tokenizer file ({e.strerror or e})") from None
+    ranks = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise _fail(path, f"line {lineno} is not 'base64-token rank'; not a tiktoken rank file") from None
+    if not ranks:
+        raise _fail(path, "tokenizer file holds no ranks")
+    return ranks
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    """The JSON next to the rank file, or None. A Hugging Face tokenizer.json (it has a "model" key) is not ours."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"cannot read sidecar {side}: {e}") from None
+    if isinstance(meta, dict) and "model" in meta and "pattern" not in meta:
+        return None
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("pattern"), str)
+        and isinstance(meta.get("special_tokens"), dict)
+        and all(isinstance(k, str) and type(v) is int for k, v in meta["special_tokens"].items())
+        and meta.get("bos_token") in meta["special_tokens"]
+        and meta.get("eos_token") in meta["special_tokens"]
+    )
+    if not ok:
+        raise _fail(
+            path,
+            f"sidecar {side} must be {{\"pattern\": str, \"special_tokens\": {{name: id}}, \"bos_token\": name, "
+            f"\"eos_token\": name}} with bos/eos among the special tokens",
+        )
+    return meta
+
+
+def load_tokenizer(path: str = "") -> Tokenizer:
+    """The tokenizer at `path` (model.tokenizer_path); "" = the shipped 4096-token debug tokenizer."""
+    path = Path(path) if path else DEBUG_TOKENIZER
+    if not path.is_file():
+        raise _fail(path, "no such tokenizer file")
+    ranks = _read_ranks(path)
+    meta = _read_sidecar(path)
+    if meta is None:
+        if len(ranks) != LLAMA3_NUM_RANKS:
+            raise _fail(
+                path,
+                f"{len(ranks)} ranks and no sidecar {path.with_suffix('.json').name}; only a Llama 3 tokenizer.model "
+                f"({LLAMA3_NUM_RANKS} ranks) is recognised without one",
+            )
+        meta = {"pattern": LLAMA3_PATTERN, "special_tokens": llama3_special_tokens(),
+                "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+    specials = meta["special_tokens"]
+    clash = set(specials.values()) & set(ranks.values())
+    if clash:
+        raise _fail(path, f"special token ids {sorted(clash)[:5]} are also ordinary token ranks")
+    try:
+        encoding = tiktoken.Encoding(
+            name=path.stem, pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=specials
+        )
+    except ValueError as e:  # e.g. a pattern the regex engine rejects
+        raise _fail(path, f"cannot build the encoding: {e}") from None
+    return Tokenizer(encoding, specials, meta["bos_token"], meta["eos_token"])

@@ -1,0 +1,84 @@
+"""Optimizer and learning-rate schedule, each built from its own config section.
+
+Owns `build_optimizer` ([optimizer]) and the warm-up / stable / decay schedule ([lr_scheduler]); it does not own
+gradient clipping or when `step()` is called (that is the training loop's).
+
+The schedule is torchtitan v0.2's `linear_warmup_stable_decay`, so the same settings give the same curve.
+`lr_lambda(step)` is the multiplier of the peak lr after `step` scheduler steps, i.e. the lr used by training step
+`step + 1` (LambdaLR applies lr_lambda(0) at construction and the loop calls `scheduler.step()` after each
+optimizer step). With W = warmup_steps, T = total_steps and D = decay_steps:
+
+    W = min(warmup_steps, T); D = round(T * decay_ratio) if decay_ratio is set, else T - W; D = min(D, T - W)
+    step < W:              (step + 1) / W                    linear warm-up; the last warm-up step is at the peak
+    step <= T - D:         1.0                               stable phase
+    otherwise:             p = (step - (T - D)) / D          decay progress, in (0, 1]
+                           min_lr_factor + (1 - min_lr_factor) * shape(p)
+                           shape: linear 1 - p, sqrt 1 - sqrt(p), cosine (1 + cos(pi p)) / 2
+
+torchtitan writes the decay as `p = (step + 1 - warmup - stable) / D` with a "virtual" extra stable step
+(stable = T + 1 - W - D); that is the same p as above. Consequence of both: the last training step (step T - 1)
+still has p = (D - 1) / D, so the lr never reaches the floor while training; lr_lambda(T) == min_lr_factor.
+torchtitan before pytorch/torchtitan#1261 (mid 2025) warmed up with (step + 1) / (W + 1) and divided by D + 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from titan.config import ConfigError, LRScheduler, Optimizer
+
+_IMPLEMENTATION = {  # config value -> torch.optim kwargs
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "for-loop": {"foreach": False, "fused": False},
+}
+
+
+def build_optimizer(params, cfg: Optimizer) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or Adam (L2-style weight decay) over `params` (tensors or param groups)."""
+    cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name]
+    return cls(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        **_IMPLEMENTATION[cfg.implementation],
+    )
+
+
+def schedule_lengths(cfg: LRScheduler, total_steps: int) -> tuple[int, int]:
+    """(warm-up steps, decay steps), shortened to fit the run: a smoke test with `--training.steps 5` should not
+    need its warm-up edited too (the loop logs the lr, so the clamping is visible). Warm-up wins over decay."""
+    warmup = min(cfg.warmup_steps, total_steps)
+    decay = total_steps - warmup if cfg.decay_ratio is None else round(total_steps * cfg.decay_ratio)
+    return warmup, min(decay, total_steps - warmup)
+
+
+def lr_lambda(step: int, cfg: LRScheduler, total_steps: int) -> float:
+    """Multiplier of the peak lr after `step` scheduler steps (see the module docstring for the formula)."""
+    warmup, decay = schedule_lengths(cfg, total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = total_steps - decay
+    if step <= decay_start:  # at step == decay_start p == 0, i.e. 1.0 for every shape; also covers decay == 0
+        return 1.0
+    # Clamped so that a scheduler stepped past the end stays at the floor instead of going negative (linear) or
+    # back up (cosine); steps <= total_steps are unaffected.
+    p = min((step - decay_start) / decay, 1.0)
+    if cfg.decay_type == "linear":
+        shape = 1.0 - p
+    elif cfg.decay_type == "sqrt":
+        shape = 1.0 - math.sqrt(p)
+    elif cfg.decay_type == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * p))
+    else:
+        raise ConfigError(f"lr_scheduler.decay_type must be one of linear, sqrt, cosine (got {cfg.decay_type!r})")
+    return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * shape
+
+
+def build_lr_scheduler(optimizer, cfg: LRScheduler, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR following `lr_lambda`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, cfg, total_steps))

@@ -1,0 +1,39 @@
+"""FSDP2 (`fully_shard`): shards parameters, gradients and optimizer state over `dp_shard_cp`, and replicates over
+`dp_replicate` (HSDP) when that degree is > 1.
+
+Units: the embedding, each transformer block, the final norm + output together, then the root for whatever is left.
+Collectives added: per unit, an all-gather of its parameters before forward (and again before backward if they were
+resharded) and a reduce-scatter of its gradients after backward (plus an all-reduce across replicas for HSDP).
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from titan.models.llama import Transformer
+
+
+def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype, reduce_dtype, reshard: str,
+               cpu_offload: bool, pipeline: bool = False) -> None:
+    kwargs = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    # "default": free gathered weights after forward (they come back for backward), except under pipelining, where
+    # each micro-batch's forward would gather them again.
+    reshard_blocks = {"default": not pipeline, "always": True, "never": False}[reshard]
+    tied = model.args.tie_embeddings
+    if model.tok_embeddings is not None and not tied:  # a tied table belongs to the root, with the output
+        fully_shard(model.tok_embeddings, reshard_after_forward=reshard_blocks, **kwargs)
+    for block in model.layers.values():
+        fully_shard(block, reshard_after_forward=reshard_blocks, **kwargs)
+    if model.norm is not None and model.output is not None and not tied:
+        # Backward starts here right after forward ends, so by default these stay gathered.
+        fully_shard([model.norm, model.output], reshard_after_forward=reshard == "always", **kwargs)
+    fully_shard(model, reshard_after_forward=reshard == "always", **kwargs)
+    # The loop divides the loss by the global token count already, so gradients must be summed over data-parallel
+    # ranks, not averaged (the default would divide by the dp size a second time).
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM

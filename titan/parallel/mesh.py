@@ -1,0 +1,98 @@
+"""Parallel degrees -> one named `DeviceMesh`, and the checks that tie degrees to the world size and the model.
+
+Dimensions, outermost first: pp, dp_replicate, dp_shard, cp, tp (tp innermost so its collectives stay on the
+fastest links). Flattened views the rest of titan uses:
+  dp          = dp_replicate x dp_shard   -> which rank gets which data (the loader)
+  dp_shard_cp = dp_shard x cp             -> what FSDP shards over (CP ranks hold the same weights)
+  dp_cp       = dp_replicate x dp_shard x cp -> where loss sums and token counts are reduced
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from titan.config import ConfigError, Parallelism
+
+logger = logging.getLogger("titan")
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Parallelism, world_size: int) -> ParallelDims:
+        """Resolve `data_parallel_shard_degree = -1` and check that the degrees multiply to the world size."""
+        others = cfg.data_parallel_replicate_degree * cfg.context_parallel_degree * cfg.tensor_parallel_degree
+        others *= cfg.pipeline_parallel_degree
+        shard = cfg.data_parallel_shard_degree
+        if shard == -1:
+            if world_size % others:
+                raise ConfigError(
+                    f"parallelism degrees other than data_parallel_shard_degree multiply to {others}, which does not "
+                    f"divide the world size {world_size}"
+                )
+            shard = world_size // others
+        if others * shard != world_size:
+            raise ConfigError(
+                f"parallelism degrees multiply to {others * shard} (pp={cfg.pipeline_parallel_degree} "
+                f"dp_replicate={cfg.data_parallel_replicate_degree} dp_shard={shard} "
+                f"cp={cfg.context_parallel_degree} tp={cfg.tensor_parallel_degree}) but the world size is "
+                f"{world_size}; set parallelism.data_parallel_shard_degree = -1 to fill the rest"
+            )
+        return cls(cfg.pipeline_parallel_degree, cfg.data_parallel_replicate_degree, shard,
+                   cfg.context_parallel_degree, cfg.tensor_parallel_degree, world_size)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        # FSDP also covers pure replication (HSDP with one shard) so every data-parallel layout is one code path.
+        return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
+
+    def describe(self) -> str:
+        return (f"mesh: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
+                f"tp={self.tp} (world {self.world_size})")
+
+    def build_mesh(self, device_type: str) -> dict[str, DeviceMesh]:
+        """The named meshes: each of DIMS, the flattened dp / dp_shard_cp / dp_cp, and `fsdp` (what FSDP shards
+        over: dp_shard_cp, or dp_replicate x dp_shard for HSDP). Flattened views are made once and kept here, since
+        slicing them back out of the root mesh is deprecated."""
+        root = init_device_mesh(device_type, tuple(getattr(self, d) for d in DIMS), mesh_dim_names=DIMS)
+        meshes = {d: root[d] for d in DIMS}
+        meshes["dp"] = root["dp_replicate", "dp_shard"]._flatten("dp")
+        meshes["dp_shard_cp"] = root["dp_shard", "cp"]._flatten("dp_shard_cp")
+        meshes["dp_cp"] = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        if self.dp_replicate > 1 and self.cp > 1:
+            raise ConfigError("parallelism.data_parallel_replicate_degree > 1 with context_parallel_degree > 1 is "
+                              "not supported yet")
+        meshes["fsdp"] = root["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else meshes["dp_shard_cp"]
+        logger.info(self.describe())
+        return meshes
+
+
+def check_model_fits(dims: ParallelDims, n_heads: int, n_kv_heads: int, ffn_hidden_dim: int, n_layers: int,
+                     tie_embeddings: bool) -> None:
+    """Reject degrees that cannot split this model, naming the key."""
+    for what, n in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("the FFN hidden size", ffn_hidden_dim)):
+        if n % dims.tp:
+            raise ConfigError(f"parallelism.tensor_parallel_degree={dims.tp} does not divide {what}={n}")
+    if dims.tp > 1 and tie_embeddings:
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree={dims.tp} is not supported for a model with tied embeddings "
+            "(the embedding is split by rows, the output by columns)"
+        )
+    if dims.pp > n_layers:
+        raise ConfigError(f"parallelism.pipeline_parallel_degree={dims.pp} exceeds the model's {n_layers} layers")

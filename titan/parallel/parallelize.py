@@ -1,0 +1,79 @@
+"""The one place that applies the parallel axes to a model built on the meta device, in a fixed order, and then
+materialises its weights so that every layout starts from the single-process run's values.
+
+Order: tensor parallel -> activation checkpointing -> torch.compile -> FSDP.
+  TP first: it swaps parameters for DTensors sharded over `tp`, which AC, compile and FSDP then see as ordinary
+  parameters. AC wraps each block before compile, so the compiled graph contains the recomputation. FSDP last: it
+  groups whatever parameters the block ends up with and shards them over `dp_shard_cp` (HSDP over `dp_replicate`).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+
+from titan.config import ActivationCheckpoint, Compile, ConfigError, Parallelism, Training
+from titan.models.llama import Transformer
+from titan.parallel.activation_checkpoint import apply_ac
+from titan.parallel.fsdp import apply_fsdp
+from titan.parallel.mesh import ParallelDims
+from titan.parallel.tensor_parallel import apply_tp
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelDims, parallelism: Parallelism,
+                ac: ActivationCheckpoint, compile: Compile, training: Training) -> None:
+    """Apply TP -> AC -> compile -> FSDP to a model (or pipeline stage) still on the meta device."""
+    if dims.pp > 1 or dims.cp > 1:
+        raise ConfigError("parallelism.pipeline_parallel_degree and context_parallel_degree > 1 are not available yet")
+    if dims.tp > 1:
+        if parallelism.enable_async_tensor_parallel and not compile.enable:
+            raise ConfigError("parallelism.enable_async_tensor_parallel needs compile.enable = true")
+        apply_tp(model, mesh["tp"], parallelism.enable_loss_parallel, parallelism.enable_async_tensor_parallel)
+    apply_ac(model, ac.mode, ac.selective_ac_option)
+    if compile.enable and "model" in compile.components:
+        for block in model.layers.values():
+            # In place, so parameter names (and checkpoints) are the same with and without compile.
+            block.compile(fullgraph=True)
+    if dims.fsdp_enabled:
+        apply_fsdp(model, mesh["fsdp"], DTYPES[training.mixed_precision_param], DTYPES[training.mixed_precision_reduce],
+                   parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload)
+    elif training.enable_cpu_offload:
+        raise ConfigError("training.enable_cpu_offload needs FSDP (data-parallel degree > 1)")
+
+
+def _init_units(model: Transformer) -> list[str]:
+    """Names of the model's top-level pieces present on this rank (pipeline stages hold a subset)."""
+    units = [] if model.tok_embeddings is None else ["tok_embeddings"]
+    units += [f"layers.{i}" for i in model.layers]
+    units += [] if model.norm is None else ["norm"]
+    if model.output is not None and not model.args.tie_embeddings:
+        units.append("output")
+    return units
+
+
+@torch.no_grad()
+def materialize(model: Transformer, device: torch.device, seed: int) -> None:
+    """Allocate the (possibly sharded) parameters on `device` and fill them exactly as a single-process run would.
+
+    Each unit (embedding, one block, ...) is initialised in full on a throw-away unsharded copy, under a seed
+    derived from the unit's name, then loaded through DCP's full-state-dict path, which slices out whatever this
+    rank holds for any mix of FSDP/TP placements. So the weights do not depend on the layout, and peak extra memory
+    is one unit, not the whole model.
+    """
+    model.to_empty(device=device)
+    model.init_buffers(device)
+    with torch.device("meta"):
+        reference = Transformer(model.args)
+    for name in _init_units(model):
+        unit = reference.get_submodule(name)
+        unit.to_empty(device=device)
+        torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        reference.init_weights()  # only `unit` is real; init on meta tensors does nothing and draws no randoms
+        full = {f"{name}.{key}": value for key, value in unit.state_dict().items()}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        unit.to_empty(device="meta")
