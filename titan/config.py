@@ -160,8 +160,9 @@ class Config:
 
 def _positive(section: str, obj, *names: str) -> None:
     for name in names:
-        if getattr(obj, name) <= 0:
-            raise ConfigError(f"{section}.{name} must be > 0 (got {getattr(obj, name)})")
+        value = getattr(obj, name)
+        if not (value > 0 and math.isfinite(value)):  # written so that nan fails too
+            raise ConfigError(f"{section}.{name} must be a finite number > 0 (got {value})")
 
 
 def validate(cfg: Config) -> None:
@@ -306,7 +307,7 @@ def load_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         cycle = " -> ".join(str(p) for p in (*_chain, resolved))
         raise ConfigError(f"'extends' cycle: {cycle}")
     try:
-        data = tomllib.loads(resolved.read_text())
+        data = tomllib.loads(resolved.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -452,7 +453,10 @@ def _toml_value(v) -> str:
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf") if not math.isnan(v) else "nan"
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
+        # JSON's quoting and short escapes are TOML's; non-ASCII is escaped by hand because JSON writes astral
+        # characters as surrogate pairs (and leaves DEL raw), which TOML rejects. ASCII output: any locale can write it.
+        return "".join(c if ord(c) < 0x7F else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+                       for c in json.dumps(v, ensure_ascii=False))
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return str(v)

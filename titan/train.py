@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from titan import config
 from titan.config import Config, ConfigError
@@ -153,8 +154,10 @@ def build(cfg: Config) -> Run:
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed (not averaged) token loss: the caller divides by the global number of valid tokens."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+    # Under loss parallel the result is a replicated DTensor; the loop works with plain tensors.
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def all_reduce_sum(x: torch.Tensor, mesh) -> torch.Tensor:
@@ -202,11 +205,17 @@ def train(run: Run) -> None:
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Total gradient norm over every rank's shards (DTensor grads reduce themselves), clipped when max_norm > 0."""
+    """Total gradient norm over every rank's shards, clipped when max_norm > 0.
+
+    Computed as the root of summed squares rather than with torch's norm kernels: on CPU those accumulate fp32
+    sequentially (3.6e-5 relative error on a 262k-element gradient, torch 2.13), while `sum` uses cascade
+    summation. On sharded (DTensor) grads each sum is a partial sum that `full_tensor()` adds up across ranks.
+    """
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if isinstance(norm, torch.distributed.tensor.DTensor):
-        norm = norm.full_tensor()
+    squares = sum(g.float().square().sum() for g in grads)
+    if isinstance(squares, DTensor):
+        squares = squares.full_tensor()
+    norm = squares.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
     return norm

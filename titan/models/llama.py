@@ -245,6 +245,14 @@ class Transformer(nn.Module):
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
+    def to_empty(self, *, device, recurse: bool = True):
+        # Leaving the meta device, nn.Module gives each module its own new Parameter (torch 2.13: no in-place set_data
+        # from meta), which would untie the output from the embedding; DTensor parameters are swapped and stay tied.
+        super().to_empty(device=device, recurse=recurse)
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
     def init_buffers(self, device: torch.device | None = None):
         self.freqs_cis = rope_frequencies(self.args, device=device)
 

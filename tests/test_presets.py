@@ -1,0 +1,56 @@
+"""Every preset in train_configs/ (globbed, so new ones are covered): it loads and validates, names an existing
+flavor and dataset, its parallel degrees fit a plausible world size and the model's shapes, and its batch sizes give
+a whole number of accumulation steps. Nothing is built beyond the meta device."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from titan import config
+from titan.data.pretrain import DATASETS
+from titan.models.llama import FLAVORS, model_args
+from titan.parallel.mesh import ParallelDims, check_model_fits
+from titan.train import gradient_accumulation_steps
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "train_configs").glob("*.toml"))
+
+
+def test_the_glob_finds_the_presets():
+    names = {p.name for p in PRESETS}
+    assert {"debug_model.toml", "llama3_8b.toml", "llama3_70b.toml", "llama3_405b.toml"} <= names
+
+
+def world_sizes(p: config.Parallelism) -> list[int]:
+    """The smallest world for the explicit degrees, and one with dp_shard = 8 when the shard degree is -1."""
+    others = (p.data_parallel_replicate_degree * p.tensor_parallel_degree * p.pipeline_parallel_degree
+              * p.context_parallel_degree)
+    if p.data_parallel_shard_degree == -1:
+        return [others, 8 * others]
+    return [others * p.data_parallel_shard_degree]
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset(path):
+    cfg = config.load(["--config", str(path)])
+    config.validate(cfg)
+    assert cfg.model.flavor in FLAVORS, f"{path.name}: model.flavor={cfg.model.flavor!r} is not in FLAVORS"
+    assert cfg.training.dataset in DATASETS or cfg.training.dataset_path, path.name
+    args = model_args(cfg.model.flavor, max_seq_len=cfg.training.seq_len)
+
+    for world in world_sizes(cfg.parallelism):
+        dims = ParallelDims.from_config(cfg.parallelism, world)
+        assert dims.pp * dims.dp_replicate * dims.dp_shard * dims.cp * dims.tp == world
+        if cfg.parallelism.data_parallel_shard_degree != -1:
+            assert dims.dp_shard == cfg.parallelism.data_parallel_shard_degree
+        check_model_fits(dims, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.n_layers, args.tie_embeddings)
+
+        steps = gradient_accumulation_steps(cfg.training, dims.dp)
+        t = cfg.training
+        if t.global_batch_size == -1:
+            assert steps == 1
+        else:
+            assert steps >= 1 and steps * t.local_batch_size * dims.dp == t.global_batch_size
+
+    # The resolved config `titan.train` writes reads back to the same config.
+    assert config.from_dict(tomllib.loads(config.to_toml(cfg))) == cfg
