@@ -30,15 +30,19 @@ def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelD
     """Apply TP -> AC -> compile -> FSDP to a model (or pipeline stage) still on the meta device."""
     if dims.pp > 1 or dims.cp > 1:
         raise ConfigError("parallelism.pipeline_parallel_degree and context_parallel_degree > 1 are not available yet")
+    if parallelism.enable_async_tensor_parallel and (dims.tp == 1 or not compile.enable):
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1 and "
+                          "compile.enable = true (inductor does the overlapping)")
     if dims.tp > 1:
-        if parallelism.enable_async_tensor_parallel and not compile.enable:
-            raise ConfigError("parallelism.enable_async_tensor_parallel needs compile.enable = true")
         apply_tp(model, mesh["tp"], parallelism.enable_loss_parallel, parallelism.enable_async_tensor_parallel)
     apply_ac(model, ac.mode, ac.selective_ac_option)
     if compile.enable and "model" in compile.components:
         for block in model.layers.values():
             # In place, so parameter names (and checkpoints) are the same with and without compile.
             block.compile(fullgraph=True)
+    if training.enable_cpu_offload and mesh["fsdp"].device_type == "cpu":
+        raise ConfigError("training.enable_cpu_offload needs a GPU: on a CPU run the parameters are in CPU memory "
+                          "already (and FSDP2's offload policy requires an accelerator)")
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh["fsdp"], DTYPES[training.mixed_precision_param], DTYPES[training.mixed_precision_reduce],
                    parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload)
