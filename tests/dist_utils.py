@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
+import time
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -24,15 +26,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, runs: list[list[str]], ports: list[int]) -> None:
+def _shared_port(rank: int, folder: str, run: int) -> int:
+    """A free port chosen by rank 0 right before the run (chosen earlier, gloo's own sockets may take it) and handed
+    to the other ranks through a file."""
+    path = Path(folder) / f"port{run}"
+    if rank == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(free_port()))
+        tmp.rename(path)  # atomic: readers never see a half-written file
+    while not path.exists():
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _set_torchrun_env(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # N processes share 2 cores
     from titan.train import main
 
-    for argv, port in zip(runs, ports):
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for i, argv in enumerate(runs):
+        _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
         code = main(argv)
         if code != 0:
             raise SystemExit(f"rank {rank}: titan.train.main({argv}) returned {code}")
@@ -40,8 +59,23 @@ def _worker(rank: int, world_size: int, runs: list[list[str]], ports: list[int])
 
 def run_layouts(world_size: int, runs: list[list[str]]) -> None:
     """Run each argv list in turn on `world_size` spawned gloo processes; raises if any run fails."""
-    ports = [free_port() for _ in runs]
-    mp.start_processes(_worker, args=(world_size, runs, ports), nprocs=world_size, start_method="spawn")
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_worker, args=(world_size, runs, folder), nprocs=world_size, start_method="spawn")
+
+
+def _env_worker(rank: int, world_size: int, folder: str, fn, args) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _set_torchrun_env(rank, world_size, _shared_port(rank, folder, 0))
+    fn(rank, world_size, *args)
+
+
+def spawn_torchrun_env(fn, world_size: int, *args) -> None:
+    """Call `fn(rank, world_size, *args)` on spawned processes with the environment torchrun would set, but no
+    process group yet: for tests that drive titan's own `build` / `main` with extra checks around them."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_env_worker, args=(world_size, folder, fn, args), nprocs=world_size, start_method="spawn")
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, fn, args) -> None:
@@ -63,10 +97,10 @@ def spawn_gloo(fn, world_size: int, *args) -> None:
                        start_method="spawn")
 
 
-def read_metrics(dump_folder: str | Path) -> list[dict]:
-    """The training-step records (not validation ones) of a run's metrics.jsonl."""
+def read_metrics(dump_folder: str | Path, validation: bool = False) -> list[dict]:
+    """The training-step records of a run's metrics.jsonl (and the validation ones too if asked)."""
     lines = (Path(dump_folder) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return [r for r in map(json.loads, lines) if validation or "loss" in r]
 
 
 def losses(dump_folder: str | Path) -> list[float]:

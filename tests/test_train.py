@@ -79,6 +79,7 @@ def test_bf16_autocast_is_used_and_tracks_fp32(tmp_path):
     (["--training.dataset_path", "/nonexistent/corpus.txt"], "training.dataset_path"),
     (["--model.tokenizer_path", "/nonexistent/tokenizer.model"], "model.tokenizer_path"),
     (["--training.enable_cpu_offload"], "training.enable_cpu_offload"),
+    (["--model.flavor", "7B"], "model.flavor"),
     (["--parallelism.enable_async_tensor_parallel"], "parallelism.enable_async_tensor_parallel"),
 ])
 def test_bad_runtime_settings_exit_2_with_one_line(tmp_path, capsys, argv, key):

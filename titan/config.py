@@ -40,7 +40,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class Job:
-    dump_folder: str = opt("./outputs", "folder for the resolved config, logs, metrics, TensorBoard and checkpoints")
+    dump_folder: str = opt("./outputs", "folder for the resolved config, metrics, TensorBoard and checkpoints")
     description: str = opt("", "free text describing the run, printed at start")
 
 
@@ -58,7 +58,7 @@ class Optimizer:
     name: str = opt("AdamW", "optimizer", choices=("AdamW", "Adam"))
     lr: float = opt(8e-4, "peak learning rate")
     eps: float = opt(1e-8, "Adam epsilon")
-    weight_decay: float = opt(0.1, "decoupled weight decay")
+    weight_decay: float = opt(0.1, "weight decay (decoupled for AdamW, L2-style for Adam)")
     betas: list[float] = opt([0.9, 0.95], "Adam beta1, beta2")
     implementation: str = opt(
         "foreach", "kernel flavour: fused (one kernel), foreach (batched), for-loop", ("fused", "foreach", "for-loop")
@@ -108,6 +108,21 @@ class Parallelism:
         ("default", "always", "never"),
     )
     enable_async_tensor_parallel: bool = opt(False, "overlap TP comms with matmuls (CUDA + compile only)")
+    context_parallel_rotate_method: str = opt(
+        "allgather", "how CP ranks see every K/V block: gather them once, or pass them around a ring",
+        ("allgather", "ring"),
+    )
+    pipeline_parallel_schedule: str = opt(
+        "1F1B", "pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, "
+        "DualPipeV (those the installed PyTorch offers)"
+    )
+    pipeline_parallel_microbatch_size: int = opt(1, "sequences per pipeline micro-batch (divides local_batch_size)")
+    pipeline_parallel_layers_per_stage: int | None = opt(
+        None, "transformer blocks per stage; none = split evenly into pp x (1, or 2 for multi-stage schedules)"
+    )
+    pipeline_parallel_split_points: list[str] = opt(
+        [], "explicit stage boundaries as the first block of each later stage, e.g. layers.4,layers.8"
+    )
 
 
 @dataclass
@@ -140,6 +155,72 @@ class Validation:
     steps: int = opt(10, "batches per validation; -1 = the whole split")
 
 
+CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+
+
+@dataclass
+class Checkpoint:
+    """Saving and resuming; see titan/checkpoint.py and docs/checkpointing.md."""
+
+    enable: bool = opt(False, "save checkpoints, and resume from the newest complete one in `folder` at start")
+    folder: str = opt("checkpoint", "checkpoint folder, under job.dump_folder; one sub-folder step-<N> per save")
+    interval: int = opt(500, "save every N steps (the last step is always saved)")
+    async_mode: str = opt(
+        "disabled", "disabled (the loop waits for the write), async (waits only for a copy to CPU memory), "
+        "async_with_pinned_mem (the copy goes to pinned memory; CUDA)", ("disabled", "async", "async_with_pinned_mem")
+    )
+    keep_latest_k: int = opt(10, "keep the newest K complete checkpoints; 0 = keep all")
+    load_step: int = opt(-1, "resume from step-<N>; -1 = the newest complete checkpoint")
+    model_only: bool = opt(False, "the last step's save holds only the model weights (in export_dtype)")
+    export_dtype: str = opt("float32", "dtype of model-only and Hugging Face exports", ("float32", "bfloat16"))
+    exclude_from_loading: list[str] = opt(
+        [], "states not restored on resume: " + ", ".join(CHECKPOINT_STATES)
+    )
+    create_seed_checkpoint: bool = opt(False, "one process: write the initial weights as step-0, then exit")
+    initial_load_path: str = opt("", "weights to start from when `folder` has no checkpoint (DCP or HF folder)")
+    initial_load_in_hf: bool = opt(False, "initial_load_path is a Hugging Face safetensors folder")
+    last_save_in_hf: bool = opt(False, "also export the last step as a Hugging Face folder <folder>/step-<N>-hf")
+
+
+@dataclass
+class Float8:
+    """Float8 training of the linear layers via torchao; see titan/parallel/float8.py and docs/float8.md."""
+
+    enable: bool = opt(False, "swap nn.Linear for torchao's Float8Linear (float8 matmuls, high-precision weights)")
+    recipe_name: str = opt(
+        "tensorwise", "scaling recipe: one scale per tensor, per row, or per row with grad_weight in high precision",
+        ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
+    )
+    filter_fqns: list[str] = opt(["output"], "module-name substrings to keep in high precision (nn.Linear)")
+    auto_filter_small_kn: bool = opt(
+        False, "also keep linears too small to gain from float8 (torchao's H100-measured K/N thresholds)"
+    )
+    enable_fsdp_float8_all_gather: bool = opt(False, "FSDP all-gathers weights in float8 (tensorwise only)")
+    precompute_float8_dynamic_scale_for_fsdp: bool = opt(
+        False, "after each optimizer step, compute all weight scales in one all-reduce (needs float8 all-gather)"
+    )
+    emulate: bool = opt(False, "emulate float8 matmuls in high precision (for GPUs without float8, or tests)")
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = opt(False, "record torch.profiler traces (one profiled step every profile_freq steps)")
+    save_traces_folder: str = opt(
+        "profile_traces", "traces go to <dump_folder>/<this>/iteration_<step>/rank<r>_trace.json"
+    )
+    profile_freq: int = opt(10, "profile one step out of every N (steps N, 2N, ...; the steps before it warm up)")
+    enable_memory_snapshot: bool = opt(False, "record CUDA allocator history and dump snapshots (CUDA only)")
+    save_memory_snapshot_folder: str = opt(
+        "memory_snapshot", "snapshots go to <dump_folder>/<this>/iteration_<step>/rank<r>_memory_snapshot.pickle"
+    )
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = opt(300, "collective timeout until the first step ends (covers start-up, compile)")
+    train_timeout_seconds: int = opt(100, "collective timeout after the first step: a rank stuck this long fails")
+
+
 @dataclass
 class Config:
     job: Job = field(default_factory=Job)
@@ -152,6 +233,10 @@ class Config:
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    profiling: Profiling = field(default_factory=Profiling)
+    comm: Comm = field(default_factory=Comm)
+    float8: Float8 = field(default_factory=Float8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,10 +265,21 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= s.min_lr_factor <= 1.0:
         raise ConfigError(f"lr_scheduler.min_lr_factor must be in [0, 1] (got {s.min_lr_factor})")
     _positive("metrics", cfg.metrics, "log_freq")
+    _positive("profiling", cfg.profiling, "profile_freq")
+    _positive("comm", cfg.comm, "init_timeout_seconds", "train_timeout_seconds")
     v = cfg.validation
     _positive("validation", v, "freq", "local_batch_size")
     if v.steps == 0 or v.steps < -1:
         raise ConfigError(f"validation.steps must be > 0 or -1 (got {v.steps})")
+    c = cfg.checkpoint
+    _positive("checkpoint", c, "interval")
+    if c.keep_latest_k < 0 or c.load_step < -1:
+        raise ConfigError(f"checkpoint.keep_latest_k must be >= 0 and checkpoint.load_step >= -1 "
+                          f"(got {c.keep_latest_k}, {c.load_step})")
+    for state in c.exclude_from_loading:
+        if state not in CHECKPOINT_STATES:
+            raise ConfigError(f"checkpoint.exclude_from_loading: unknown state {state!r} "
+                              f"(valid: {', '.join(CHECKPOINT_STATES)}){_suggest(state, CHECKPOINT_STATES)}")
     ac = cfg.activation_checkpoint
     if ac.mode == "selective" and ac.selective_ac_option != "op" and not (
         ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0

@@ -1,17 +1,19 @@
 """Training metrics: one fixed-width log line per logged step, TensorBoard scalars, `metrics.jsonl`, MFU and memory.
 
-Owns the FLOPs-per-token formula, the table of accelerator peaks and `MetricsLogger`. It does not measure time or
-reduce values across ranks: the loop passes globally reduced numbers and only rank 0 prints or writes files.
+Owns the FLOPs-per-token formula, the table of accelerator peaks, `MetricsLogger` and the loop's `StepTimer`. It does
+not reduce values across ranks: the loop passes globally reduced numbers and only rank 0 prints or writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import resource
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -107,10 +109,12 @@ class MetricsLogger:
     of `cfg.log_freq`, or the last. Throughput and step time are averaged over all steps since the previous log;
     loss, grad norm, lr and extras are the logged step's own values.
 
-    `<dump_folder>/metrics.jsonl` is truncated when the logger is created: each run has its own dump folder and the
+    `<dump_folder>/metrics.jsonl` is truncated when the logger is created (appended to with `append=True`, for a run
+    resumed from a checkpoint): each run has its own dump folder and the
     file describes that run. It gets one JSON object per logged step (`step`, `loss`, `grad_norm`, `lr`, `tps`,
-    `tps_per_device`, `mfu` (percent, null without a known peak), `step_time`, `memory_gib`, extras) and
-    `{"step", "val_loss", ...}` per validation, flushed line by line so a crash keeps what was logged.
+    `tps_per_device`, `mfu` (percent, null without a known peak), `step_time`, `data_time` (when the loop passes it),
+    `memory_gib`, extras) and `{"step", "val_loss", ...}` per validation, flushed line by line so a crash keeps what
+    was logged.
     Non-finite values are written as NaN / Infinity, which Python's json reads back.
     """
 
@@ -126,18 +130,20 @@ class MetricsLogger:
         peak_flops: float | None,
         total_steps: int,
         extra_header: str = "",
+        append: bool = False,
     ):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
         self.flops_per_token, self.peak_flops, self.total_steps = flops_per_token, peak_flops, total_steps
         self._step_width = len(str(total_steps))
         self._tokens, self._time, self._steps = 0, 0.0, 0  # since the last log
+        self._data_time: float | None = None  # since the last log, when the loop reports it
         self._logged_any = False
         self._jsonl = self._tb = None
         if rank != 0:
             return
         os.makedirs(dump_folder, exist_ok=True)
-        self._jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "w")
+        self._jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a" if append else "w")
         if cfg.enable_tensorboard:
             # Imported lazily: tensorboard costs ~1 s to import and is unused when disabled or off rank 0.
             from torch.utils.tensorboard import SummaryWriter
@@ -150,12 +156,14 @@ class MetricsLogger:
     # -----------------------------------------------------------------------------------------------------------
 
     def step(self, step: int, *, loss: float, grad_norm: float, lr: float, tokens: int, step_time: float,
-             **extra: float) -> None:
-        """Record one training step; `tokens` counts each token of the whole job once, `step_time` in seconds."""
+             data_time: float | None = None, **extra: float) -> None:
+        """Record one training step; `tokens` counts each token of the whole job once, `step_time` in seconds, of
+        which `data_time` waiting for the batch (averaged over the window like step_time into jsonl `data_time`)."""
         if self.rank != 0:
             return
         self._tokens += tokens
         self._time += step_time
+        self._data_time = None if data_time is None else (self._data_time or 0.0) + data_time
         self._steps += 1
         if self._logged_any and step % self.cfg.log_freq and step != self.total_steps:
             return
@@ -168,10 +176,11 @@ class MetricsLogger:
         tps = self._tokens / self._time if self._time > 0 else 0.0
         tps_per_device = tps / self.world_size
         avg_step_time = self._time / self._steps
+        timing = {} if self._data_time is None else {"data_time": self._data_time / self._steps}
         mfu = 100 * self.flops_per_token * tps_per_device / self.peak_flops if self.peak_flops else None
         mem, mem_text = self._memory()
         eta = avg_step_time * max(0, self.total_steps - step)
-        self._tokens, self._time, self._steps = 0, 0.0, 0
+        self._tokens, self._time, self._steps, self._data_time = 0, 0.0, 0, None
 
         mfu_text = f"{mfu:6.2f}%" if mfu is not None else f"{'n/a':>7}"
         line = (
@@ -183,12 +192,13 @@ class MetricsLogger:
         logger.info(line)
 
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tps": tps,
-                  "tps_per_device": tps_per_device, "mfu": mfu, "step_time": avg_step_time, **mem, **extra}
+                  "tps_per_device": tps_per_device, "mfu": mfu, "step_time": avg_step_time, **timing, **mem, **extra}
         self._write(record)
         if self._tb is not None:
             scalars = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr,
                        "throughput/tps": tps, "throughput/tps_per_device": tps_per_device,
-                       "time/step_time_s": avg_step_time, **{f"memory/{k}": v for k, v in mem.items()},
+                       "time/step_time_s": avg_step_time, **{f"time/{k}_s": v for k, v in timing.items()},
+                       **{f"memory/{k}": v for k, v in mem.items()},
                        **{f"train/{k}": v for k, v in extra.items()}}
             if mfu is not None:
                 scalars["throughput/mfu_pct"] = mfu
@@ -238,3 +248,55 @@ class MetricsLogger:
         for tag, value in scalars.items():
             self._tb.add_scalar(tag, value, step)
         self._tb.flush()  # the default is every 120 s; a log step is rare enough to flush each time
+
+
+class StepTimer:
+    """Wall time of each training step and of named regions inside it (`with timer("data"): ...`).
+
+    `lap()` returns the seconds since the previous lap (or `start()`) and the regions' seconds within it, so a step's
+    time includes everything the loop did since the last step, e.g. a blocking checkpoint save. A region entered
+    with `in_step=False` (validation) is reported but its time is left out of the step's.
+
+    By default it only reads `time.perf_counter()`, adding no host-device sync to the loop; on CUDA the regions then
+    measure how long the host took to issue the work. With `sync=True` (scripts/benchmark.py) it synchronises the
+    CUDA device before every clock read, so regions measure the device's work, at the cost of those syncs.
+    `history` keeps every lap as {"step": s, region: s, ...} when `keep_history=True`.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", *, sync: bool = False, keep_history: bool = False):
+        self.device = torch.device(device)
+        self.sync = sync and self.device.type == "cuda"
+        self.history: list[dict[str, float]] | None = [] if keep_history else None
+        self._regions: dict[str, float] = {}
+        self._excluded = 0.0
+        self._last = time.perf_counter()
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.device)  # the queued kernels belong to the region that issued them
+        return time.perf_counter()
+
+    def start(self) -> None:
+        """Start the first step's clock (and forget regions timed before)."""
+        self._regions, self._excluded = {}, 0.0
+        self._last = self._now()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, *, in_step: bool = True):
+        begin = self._now()
+        try:
+            yield
+        finally:
+            seconds = self._now() - begin
+            self._regions[name] = self._regions.get(name, 0.0) + seconds
+            if not in_step:
+                self._excluded += seconds
+
+    def lap(self) -> tuple[float, dict[str, float]]:
+        """(step seconds, {region: seconds}) since the previous lap; regions not entered are absent."""
+        now = self._now()
+        step_time, regions = now - self._last - self._excluded, self._regions
+        self._last, self._regions, self._excluded = now, {}, 0.0
+        if self.history is not None:
+            self.history.append({"step": step_time, **regions})
+        return step_time, regions

@@ -12,8 +12,8 @@ import contextlib
 import logging
 import os
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,15 +21,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from titan import config
+from titan import config, hf
+from titan.checkpoint import Checkpointer
 from titan.config import Config, ConfigError
 from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
 from titan.data.tokenizer import load_tokenizer
-from titan.metrics import MetricsLogger, num_flops_per_token, peak_flops
-from titan.models.llama import Transformer, count_params, model_args
+from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
+from titan.models.llama import FLAVORS, Transformer, count_params, model_args
 from titan.optim import build_lr_scheduler, build_optimizer
+from titan.parallel import float8
+from titan.parallel.context_parallel import check_seq_len, shard_batch, shard_rope
 from titan.parallel.mesh import ParallelDims, check_model_fits
 from titan.parallel.parallelize import DTYPES, materialize, parallelize
+from titan.parallel.pipeline import Pipeline
+from titan.profiling import Profiler
 
 logger = logging.getLogger("titan")
 
@@ -37,9 +42,9 @@ logger = logging.getLogger("titan")
 # Set-up
 
 
-def init_distributed(deterministic: bool, seed: int) -> torch.device:
+def init_distributed(deterministic: bool, seed: int, timeout_s: int = 300) -> torch.device:
     """One process group for every launch (a single process gets a group of one), CUDA + NCCL when there is a GPU,
-    else CPU + gloo."""
+    else CPU + gloo. `timeout_s` ([comm] init_timeout_seconds) bounds each collective until `set_train_timeout`."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -52,9 +57,11 @@ def init_distributed(deterministic: bool, seed: int) -> torch.device:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     if "RANK" in os.environ:  # launched by torchrun
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None,
+                                timeout=timedelta(seconds=timeout_s))
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
     torch.manual_seed(seed)
     return device
 
@@ -94,7 +101,8 @@ class Run:
     device: torch.device
     dims: ParallelDims
     mesh: dict  # name -> DeviceMesh (see ParallelDims.build_mesh)
-    model: torch.nn.Module
+    model_parts: list[torch.nn.Module]  # the whole model, or this rank's pipeline stages
+    pipeline: Pipeline | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_loader: object
@@ -104,17 +112,22 @@ class Run:
     autocast: object  # () -> context for the forward pass
     loss_context: object  # () -> context for loss + backward
     loss_fn: object
+    timer: StepTimer = field(default_factory=StepTimer)  # scripts/benchmark.py swaps in a CUDA-syncing one
+    checkpointer: Checkpointer | None = None
 
 
 def build(cfg: Config) -> Run:
     t = cfg.training
-    device = init_distributed(t.deterministic, t.seed)
+    device = init_distributed(t.deterministic, t.seed, cfg.comm.init_timeout_seconds)
     dims = ParallelDims.from_config(cfg.parallelism, dist.get_world_size())
     grad_accum = gradient_accumulation_steps(t, dims.dp)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
+    if cfg.model.flavor not in FLAVORS:
+        raise ConfigError(f"model.flavor={cfg.model.flavor!r} is not one of {', '.join(FLAVORS)}")
     args = model_args(cfg.model.flavor, vocab_size=tokenizer.vocab_size, max_seq_len=t.seq_len)
     check_model_fits(dims, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.n_layers, args.tie_embeddings)
+    check_seq_len(t.seq_len, dims.cp, dims.tp)
     mesh = dims.build_mesh(device.type)
     dp_rank = mesh["dp"].get_local_rank()
 
@@ -122,30 +135,53 @@ def build(cfg: Config) -> Run:
     with torch.device("meta"):
         model = Transformer(args)
     n_params, n_emb = count_params(model)
-    parallelize(model, mesh, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, t)
-    materialize(model, device, t.seed)
-    model.train()
+    compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
+    loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
 
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+    def build_part(part: Transformer) -> Transformer:
+        """The same for a whole model and for a pipeline stage: parallel axes, then real weights."""
+        parallelize(part, mesh, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, t, cfg.float8)
+        materialize(part, device, t.seed)
+        if dims.cp > 1:
+            shard_rope(part, mesh["cp"])
+        return part.train()
+
+    if dims.pp > 1:
+        pipeline = Pipeline(model, mesh["pp"], cfg.parallelism, t.local_batch_size, loss_fn, build_part, device,
+                            validation=cfg.validation.enable)
+        model_parts = pipeline.parts
+        logger.info(pipeline.description)
+    else:
+        pipeline, model_parts = None, [build_part(model)]
+
+    optimizer = build_optimizer(parameters(model_parts), cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
     train_loader = build_pretrain_dataloader(t, tokenizer, dp_rank, dims.dp)
     val_loader = None
     if cfg.validation.enable:
         val_loader = build_validation_dataloader(cfg.validation, tokenizer, t.seq_len, dp_rank, dims.dp)
+    checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
+                                t.steps, hf.exporter(args, tokenizer, cfg.model.tokenizer_path))
+    checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
 
     flops = num_flops_per_token(n_params, n_emb, args.n_layers, args.n_heads, args.head_dim, t.seq_len)
     metrics = MetricsLogger(
         cfg.metrics, cfg.job.dump_folder, rank=dist.get_rank(), world_size=dims.world_size, device=device,
-        flops_per_token=flops, peak_flops=peak_flops(device, DTYPES[t.mixed_precision_param]), total_steps=t.steps,
+        flops_per_token=flops, total_steps=t.steps, extra_header=float8.metrics_header(cfg.float8),
+        peak_flops=peak_flops(device, float8.mfu_dtype(cfg.float8, DTYPES[t.mixed_precision_param])),
+        append=checkpointer.step > 0,  # a resumed run continues its metrics.jsonl
     )
     logger.info(f"model: llama3 {cfg.model.flavor}, {n_params:,} parameters ({n_emb:,} in the embedding), "
                 f"vocab {args.vocab_size}, seq_len {t.seq_len}")
     logger.info(f"batch: {t.local_batch_size} sequences/rank x {dims.dp} dp ranks x {grad_accum} accumulation "
                 f"steps = {t.local_batch_size * dims.dp * grad_accum} sequences/step")
-    compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
-    return Run(cfg, device, dims, mesh, model, optimizer, scheduler, train_loader, val_loader, metrics, grad_accum,
-               mixed_precision_context(t, dims, device), loss_context(cfg.parallelism, dims),
-               torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum)
+    return Run(cfg, device, dims, mesh, model_parts, pipeline, optimizer, scheduler, train_loader, val_loader,
+               metrics, grad_accum, mixed_precision_context(t, dims, device), loss_context(cfg.parallelism, dims),
+               loss_fn, checkpointer=checkpointer)
+
+
+def parameters(model_parts: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for part in model_parts for p in part.parameters()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,52 +196,100 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy a batch to the GPU from pinned memory, so the copy does not make the host wait for the GPU to drain."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def all_reduce_sum(x: torch.Tensor, mesh) -> torch.Tensor:
     dist.all_reduce(x, group=mesh.get_group())
     return x
 
 
+def forward_backward(run: Run, inputs: torch.Tensor, labels: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """One micro-batch: forward, loss = summed token loss / n_tokens, backward; returns the detached loss.
+    Under pipeline parallelism the schedule does this for its pipeline micro-batches (the loss is 0 off the last
+    stage)."""
+    with run.loss_context():
+        if run.pipeline is not None:
+            with run.autocast():  # only bf16 without FSDP autocasts; here it also spans the schedule's backward
+                return run.pipeline.step(inputs, labels, n_tokens)
+        with run.autocast():
+            logits = run.model_parts[0](inputs)
+        loss = run.loss_fn(logits, labels) / n_tokens
+        del logits  # free the largest activation before backward allocates gradients
+        loss.backward()
+    return loss.detach()
+
+
+def forward_loss(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token loss of one batch, forward only (0 off the last pipeline stage)."""
+    with run.loss_context(), run.autocast():
+        if run.pipeline is not None:
+            return run.pipeline.eval(inputs, labels)
+        return run.loss_fn(run.model_parts[0](inputs), labels)
+
+
 def train(run: Run) -> None:
-    cfg, model, device = run.cfg, run.model, run.device
-    loss_mesh = run.mesh["dp_cp"]
+    """The loop inside the profiler's context (a no-op unless [profiling] enables traces or memory snapshots)."""
+    first_step = run.checkpointer.step + 1  # 1, or the step after a resumed checkpoint
+    with Profiler(run.cfg.profiling, run.cfg.job.dump_folder, dist.get_rank(), run.device, first_step) as prof:
+        train_steps(run, prof, first_step)
+
+
+def train_steps(run: Run, profiler: Profiler, first_step: int) -> None:
+    cfg, device, timer = run.cfg, run.device, run.timer
+    token_mesh = run.mesh["dp_cp"]  # where the batch is split
+    loss_mesh = run.mesh["pp_dp_cp"]  # where loss values live (only the last pipeline stage has them)
     batches = iter(run.train_loader)
     tokens_per_step = cfg.training.local_batch_size * run.dims.dp * run.grad_accum * cfg.training.seq_len
     logger.info(f"training {cfg.training.steps} steps")
 
-    for step in range(1, cfg.training.steps + 1):
-        start = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(run.grad_accum)]
+    timer.start()
+    for step in range(first_step, cfg.training.steps + 1):
+        with timer("data"):
+            # Each context-parallel rank keeps its load-balanced part of every sequence.
+            micro_batches = [to_device(shard_batch(next(batches), run.mesh["cp"]), device)
+                             for _ in range(run.grad_accum)]
         # Dividing each micro-batch's summed loss by the valid tokens of the whole global batch makes the gradient
         # independent of how the batch is split over ranks and micro-steps (and FSDP sums, it does not average).
-        n_tokens = sum((b["label"] != IGNORE_INDEX).sum() for b in micro_batches).to(device)
-        n_tokens = all_reduce_sum(n_tokens, loss_mesh)
+        n_tokens = sum((b["label"] != IGNORE_INDEX).sum() for b in micro_batches)
+        n_tokens = all_reduce_sum(n_tokens, token_mesh)
 
         loss_sum = torch.zeros((), device=device)
-        for batch in micro_batches:
-            with run.loss_context():
-                with run.autocast():
-                    logits = model(batch["input"].to(device))
-                loss = run.loss_fn(logits, batch["label"].to(device)) / n_tokens
-                del logits  # free the largest activation before backward allocates gradients
-                loss.backward()
-            loss_sum += loss.detach()
+        with timer("forward_backward"):
+            for batch in micro_batches:
+                loss_sum += forward_backward(run, batch["input"], batch["label"], n_tokens)
 
-        grad_norm = clip_grad_norm(model.parameters(), cfg.training.max_norm)
-        lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        with timer("optimizer"):
+            grad_norm = clip_grad_norm(parameters(run.model_parts), cfg.training.max_norm, run.mesh["pp"])
+            lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
+            run.optimizer.step()
+            float8.precompute_scales(run.model_parts, cfg.float8)  # no-op unless float8 FSDP all-gather asks
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
 
         loss_sum = all_reduce_sum(loss_sum, loss_mesh)
+        step_time, regions = timer.lap()  # since the previous lap, less validation
         run.metrics.step(step, loss=loss_sum, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step,
-                         step_time=time.perf_counter() - start)
+                         step_time=step_time, data_time=regions["data"])
+        profiler.step()
+        if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout
+            set_train_timeout(run.mesh, cfg.comm.train_timeout_seconds)
 
         if run.val_loader is not None and (step % cfg.validation.freq == 0 or step == cfg.training.steps):
-            run.metrics.validation(step, loss=evaluate(run))
+            with timer("validation", in_step=False):
+                run.metrics.validation(step, loss=evaluate(run))
+        with timer("checkpoint"):  # saves at checkpoint.interval and the last step (async: only the staging)
+            stop = run.checkpointer.end_of_step(step, tokens_per_step)
+        if stop:
+            break  # SIGTERM/SIGUSR1 arrived: this step is saved, stop cleanly
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Total gradient norm over every rank's shards, clipped when max_norm > 0.
+def clip_grad_norm(params, max_norm: float, pp_mesh) -> torch.Tensor:
+    """Total gradient norm over every rank's shards and every pipeline stage, clipped when max_norm > 0.
 
     Computed as the root of summed squares rather than with torch's norm kernels: on CPU those accumulate fp32
     sequentially (3.6e-5 relative error on a 262k-element gradient, torch 2.13), while `sum` uses cascade
@@ -215,29 +299,52 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     squares = sum(g.float().square().sum() for g in grads)
     if isinstance(squares, DTensor):
         squares = squares.full_tensor()
+    if pp_mesh.size() > 1:  # each stage holds different parameters: add their squares
+        squares = all_reduce_sum(squares, pp_mesh)
     norm = squares.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
     return norm
 
 
+def set_train_timeout(mesh: dict, seconds: int) -> None:
+    """[comm] train_timeout_seconds for the default group and every mesh group, as torchtitan does after step 1.
+    The barrier first: a rank still finishing step 1 under the long timeout must not make a faster one time out."""
+    dist.barrier()
+    groups = {None} | {m.get_group(d) for m in mesh.values() for d in range(m.ndim)}
+    for group in groups:
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+
+
+def timeout_hint(error: BaseException) -> str | None:
+    """Advice for a collective that timed out (gloo raises here; NCCL's watchdog aborts with its own message)."""
+    text = str(error).lower()
+    if "timed out" not in text and "timeout" not in text:
+        return None
+    return ("a collective timed out (after comm.init_timeout_seconds until step 1 ends, comm.train_timeout_seconds "
+            "after it): another rank is stuck or died, see its log; if a step legitimately takes that long (a slow "
+            "checkpoint save, compilation), raise the timeout")
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean token loss over `validation.steps` batches (or the whole split) on every data-parallel rank."""
-    run.model.eval()
+    for part in run.model_parts:
+        part.eval()
     loss_sum = torch.zeros((), device=run.device)
     n_tokens = torch.zeros((), device=run.device)
     for i, batch in enumerate(run.val_loader):
         if run.cfg.validation.steps != -1 and i >= run.cfg.validation.steps:
             break
-        labels = batch["label"].to(run.device)
-        with run.loss_context(), run.autocast():
-            logits = run.model(batch["input"].to(run.device))
-            loss_sum += run.loss_fn(logits, labels)
+        batch = to_device(shard_batch(batch, run.mesh["cp"]), run.device)
+        labels = batch["label"]
+        loss_sum += forward_loss(run, batch["input"], labels)
         n_tokens += (labels != IGNORE_INDEX).sum()
-    run.model.train()
-    totals = all_reduce_sum(torch.stack([loss_sum, n_tokens]), run.mesh["dp_cp"])
-    return (totals[0] / totals[1]).item()
+    for part in run.model_parts:
+        part.train()
+    loss_sum = all_reduce_sum(loss_sum, run.mesh["pp_dp_cp"])
+    n_tokens = all_reduce_sum(n_tokens, run.mesh["dp_cp"])
+    return (loss_sum / n_tokens).item()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,12 +374,21 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(cfg.job.description)
         run = build(cfg)
         write_resolved_config(cfg)
-        train(run)
+        if cfg.checkpoint.create_seed_checkpoint:
+            run.checkpointer.save_seed()  # step-0 weights for later runs to start from; no training
+        else:
+            train(run)
+        run.checkpointer.close()  # waits for a background save to be written
         run.metrics.close()
     except ConfigError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"titan: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # DistBackendError too
+        hint = timeout_hint(e)
+        if hint:
+            logger.error(f"rank {os.environ.get('RANK', 0)}: {hint}")
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

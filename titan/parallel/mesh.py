@@ -4,7 +4,8 @@ Dimensions, outermost first: pp, dp_replicate, dp_shard, cp, tp (tp innermost so
 fastest links). Flattened views the rest of titan uses:
   dp          = dp_replicate x dp_shard   -> which rank gets which data (the loader)
   dp_shard_cp = dp_shard x cp             -> what FSDP shards over (CP ranks hold the same weights)
-  dp_cp       = dp_replicate x dp_shard x cp -> where loss sums and token counts are reduced
+  dp_cp       = dp_replicate x dp_shard x cp -> where token counts are reduced (ranks splitting the batch)
+  pp_dp_cp    = pp x dp_cp                 -> where loss values are reduced (only last pipeline stages hold them)
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class ParallelDims:
         meshes["dp"] = root["dp_replicate", "dp_shard"]._flatten("dp")
         meshes["dp_shard_cp"] = root["dp_shard", "cp"]._flatten("dp_shard_cp")
         meshes["dp_cp"] = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        meshes["pp_dp_cp"] = root["pp", "dp_replicate", "dp_shard", "cp"]._flatten("pp_dp_cp")
         if self.dp_replicate > 1 and self.cp > 1:
             raise ConfigError("parallelism.data_parallel_replicate_degree > 1 with context_parallel_degree > 1 is "
                               "not supported yet")

@@ -1,10 +1,13 @@
 """The one place that applies the parallel axes to a model built on the meta device, in a fixed order, and then
 materialises its weights so that every layout starts from the single-process run's values.
 
-Order: tensor parallel -> activation checkpointing -> torch.compile -> FSDP.
-  TP first: it swaps parameters for DTensors sharded over `tp`, which AC, compile and FSDP then see as ordinary
-  parameters. AC wraps each block before compile, so the compiled graph contains the recomputation. FSDP last: it
-  groups whatever parameters the block ends up with and shards them over `dp_shard_cp` (HSDP over `dp_replicate`).
+Order: float8 -> tensor parallel -> context parallel -> activation checkpointing -> torch.compile -> FSDP.
+  float8 first: it swaps nn.Linear modules for torchao's Float8Linear, which TP (float8 styles) and FSDP (float8
+  all-gather) then recognise. TP next: it swaps parameters for DTensors sharded over `tp`, which AC, compile and
+  FSDP then see as ordinary parameters. CP swaps each block's attention kernel for one that attends across sequence
+  shards (the weights are untouched). AC wraps each block before compile, so the compiled graph contains the
+  recomputation. FSDP last: it groups whatever parameters the block ends up with and shards them over `dp_shard_cp`
+  (HSDP over `dp_replicate`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.config import ActivationCheckpoint, Compile, ConfigError, Parallelism, Training
+from titan.config import ActivationCheckpoint, Compile, ConfigError, Float8, Parallelism, Training
 from titan.models.llama import Transformer
 from titan.parallel.activation_checkpoint import apply_ac
+from titan.parallel.context_parallel import apply_cp
+from titan.parallel.float8 import convert as convert_to_float8
 from titan.parallel.fsdp import apply_fsdp
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.tensor_parallel import apply_tp
@@ -26,26 +31,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelDims, parallelism: Parallelism,
-                ac: ActivationCheckpoint, compile: Compile, training: Training) -> None:
-    """Apply TP -> AC -> compile -> FSDP to a model (or pipeline stage) still on the meta device."""
-    if dims.pp > 1 or dims.cp > 1:
-        raise ConfigError("parallelism.pipeline_parallel_degree and context_parallel_degree > 1 are not available yet")
+                ac: ActivationCheckpoint, compile: Compile, training: Training, float8: Float8 | None = None) -> None:
+    """Apply float8 -> TP -> CP -> AC -> compile -> FSDP to a model or pipeline stage still on the meta device (pipeline
+    splitting happens before, in titan.parallel.pipeline, so each stage gets exactly this treatment)."""
     if parallelism.enable_async_tensor_parallel and (dims.tp == 1 or not compile.enable):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1 and "
                           "compile.enable = true (inductor does the overlapping)")
+    float8_tp = convert_to_float8(model, float8 or Float8(), dims.fsdp_enabled, mesh["tp"].device_type)
     if dims.tp > 1:
-        apply_tp(model, mesh["tp"], parallelism.enable_loss_parallel, parallelism.enable_async_tensor_parallel)
+        apply_tp(model, mesh["tp"], parallelism.enable_loss_parallel, parallelism.enable_async_tensor_parallel,
+                 float8_tp)
+    if dims.cp > 1:
+        apply_cp(model, mesh["cp"], parallelism.context_parallel_rotate_method)
     apply_ac(model, ac.mode, ac.selective_ac_option)
     if compile.enable and "model" in compile.components:
         for block in model.layers.values():
             # In place, so parameter names (and checkpoints) are the same with and without compile.
-            block.compile(fullgraph=True)
+            # fullgraph, except that the ring's send/recv (context parallel) has to stay outside the graph.
+            block.compile(fullgraph=not (dims.cp > 1 and parallelism.context_parallel_rotate_method == "ring"))
     if training.enable_cpu_offload and mesh["fsdp"].device_type == "cpu":
         raise ConfigError("training.enable_cpu_offload needs a GPU: on a CPU run the parameters are in CPU memory "
                           "already (and FSDP2's offload policy requires an accelerator)")
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh["fsdp"], DTYPES[training.mixed_precision_param], DTYPES[training.mixed_precision_reduce],
-                   parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload)
+                   parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload, pipeline=dims.pp > 1)
     elif training.enable_cpu_offload:
         raise ConfigError("training.enable_cpu_offload needs FSDP (data-parallel degree > 1)")
 

@@ -5,7 +5,8 @@ row-wise), the embedding table by rows (vocab) and the output projection by colu
 activations are split along the sequence (sequence parallel), so norms and residuals cost 1/tp of the memory.
 Collectives added per block: all-gather of the sequence before attention and before the FFN, reduce-scatter after
 wo and after w2 (forward; the mirror in backward). With loss parallel the logits stay sharded by vocab and the
-cross-entropy reduces across tp instead of gathering the logits.
+cross-entropy reduces across tp instead of gathering the logits. With float8 (tensorwise recipe), torchao's float8
+styles cast the block input before the sequence all-gathers, which then move 1-byte activations.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
-    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -23,9 +23,13 @@ from torch.distributed.tensor.parallel import (
 
 from titan.config import ConfigError
 from titan.models.llama import Transformer
+from titan.parallel.float8 import allow_float8_all_gather_on_gloo, tp_styles
 
 
-def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async_tp: bool) -> None:
+def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async_tp: bool,
+             float8: bool = False) -> None:
+    """`float8`: the blocks' linears were converted by titan.parallel.float8 with the tensorwise recipe, so their
+    styles cast to float8 before the sequence all-gathers (1-byte activations on the wire); see `tp_styles`."""
     top = {}
     if model.tok_embeddings is not None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
@@ -39,25 +43,37 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async
         )
     parallelize_module(model, tp_mesh, top)
 
-    block_plan = {
-        "attention_norm": SequenceParallel(),
-        # The block input arrives split along the sequence; attention needs all of it (freqs_cis is left alone).
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
-    }
+    if float8 and tp_mesh.device_type == "cpu":
+        allow_float8_all_gather_on_gloo()
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan)
+        parallelize_module(block, tp_mesh, _block_plan(block, float8))
 
     if async_tp:
         enable_async_tp(tp_mesh)
+
+
+def _block_plan(block, float8: bool) -> dict:
+    def styles(name: str):  # plain, or torchao's float8 styles where every linear fed is a Float8Linear
+        return tp_styles(block.get_submodule(name), float8)
+
+    return {
+        "attention_norm": SequenceParallel(),
+        # The block input arrives split along the sequence; attention needs all of it (freqs_cis is left alone).
+        "attention": styles("attention").prepare_input(
+            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+        ),
+        "attention.wq": styles("attention.wq").colwise(),
+        "attention.wk": styles("attention.wk").colwise(),
+        "attention.wv": styles("attention.wv").colwise(),
+        "attention.wo": styles("attention.wo").rowwise(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": styles("feed_forward").prepare_input(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+        ),
+        "feed_forward.w1": styles("feed_forward.w1").colwise(),
+        "feed_forward.w2": styles("feed_forward.w2").rowwise(output_layouts=Shard(1)),
+        "feed_forward.w3": styles("feed_forward.w3").colwise(),
+    }
 
 
 def enable_async_tp(tp_mesh: DeviceMesh) -> None:

@@ -1,0 +1,88 @@
+"""Convert between titan's DCP checkpoints and Hugging Face Llama folders (one process, CPU; no transformers needed).
+
+  python scripts/convert_checkpoint.py to-hf   outputs/x/checkpoint/step-100 outputs/x/hf --flavor debugmodel
+  python scripts/convert_checkpoint.py from-hf path/to/Llama-3.2-1B outputs/seed/checkpoint/step-0
+
+`to-hf` reads only the model weights of a step folder (full or model-only) and writes model.safetensors (sharded
+above 5 GiB), config.json, generation_config.json and the tokenizer. `from-hf` writes a model-only DCP checkpoint
+that `checkpoint.initial_load_path` or a resume (as a seed step-0) can start from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from titan import hf
+from titan.config import ConfigError
+from titan.data.tokenizer import DEBUG_TOKENIZER, load_tokenizer
+from titan.models.llama import FLAVORS, Transformer, model_args
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dcp_model_state(path: Path, args) -> dict[str, torch.Tensor]:
+    """The `model` entries of a DCP checkpoint as full tensors, without a process group."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        state.pop("output.weight")  # DCP stores a tied tensor once, under the embedding's name
+    try:
+        dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
+    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ConfigError(f"{path}: cannot read the model from this checkpoint ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return state
+
+
+def to_hf(ns) -> None:
+    tokenizer_file = ns.tokenizer or str(DEBUG_TOKENIZER)
+    tokenizer = load_tokenizer(ns.tokenizer or "")
+    args = model_args(ns.flavor, vocab_size=tokenizer.vocab_size, max_seq_len=ns.max_seq_len)
+    state = dcp_model_state(Path(ns.src), args)
+    out = hf.save(state, args, ns.dst, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                  tokenizer_file=tokenizer_file, tokenizer=tokenizer, dtype=DTYPES[ns.dtype])
+    print(f"wrote {out} (Hugging Face LlamaForCausalLM, {ns.dtype})")
+
+
+def from_hf(ns) -> None:
+    _, state = hf.load(ns.src)
+    state = {k: v.to(DTYPES[ns.dtype]) for k, v in state.items()}
+    dcp.save({"model": state}, checkpoint_id=ns.dst, no_dist=True)
+    print(f"wrote {ns.dst} (titan DCP, model only)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("to-hf", help="DCP step folder -> Hugging Face folder")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--flavor", required=True, choices=sorted(FLAVORS))
+    p.add_argument("--tokenizer", default="", help="tiktoken rank file; default: the shipped debug tokenizer")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="max_position_embeddings in config.json")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p = sub.add_parser("from-hf", help="Hugging Face folder -> model-only DCP folder")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ns = parser.parse_args(argv)
+    try:
+        (to_hf if ns.command == "to-hf" else from_hf)(ns)
+    except ConfigError as e:
+        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

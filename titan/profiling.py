@@ -1,0 +1,95 @@
+"""torch.profiler traces and CUDA memory snapshots of the training loop, set by `[profiling]` (torchtitan's names).
+
+`Profiler` is a context manager the loop enters once around its steps, calling `.step()` after each step. With
+`enable_profiling` it profiles step `profile_freq`, `2 * profile_freq`, ... (after up to 3 warm-up steps, which
+torch.profiler records but discards) and writes one Chrome trace per rank to
+`<dump_folder>/<save_traces_folder>/iteration_<step>/rank<r>_trace.json` (open it in chrome://tracing or
+https://ui.perfetto.dev). With `enable_memory_snapshot` (CUDA only) it records the CUDA caching allocator's history
+and dumps `<dump_folder>/<save_memory_snapshot_folder>/iteration_<step>/rank<r>_memory_snapshot.pickle` at the same
+steps, and once more into `iteration_<step>_exit/` when the loop ends with an exception (e.g. out of memory); view it
+at https://pytorch.org/memory_viz. It owns no step timing (that is `titan.metrics.StepTimer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from titan.config import ConfigError, Profiling
+
+logger = logging.getLogger("titan")
+
+WARMUP_STEPS = 3  # steps torch.profiler records and discards before the profiled one (fewer if profile_freq is small)
+MEMORY_HISTORY_ENTRIES = 100_000  # allocator events kept (torchtitan's value); older ones are dropped
+
+
+class Profiler:
+    """`with Profiler(...) as profiler:` around the loop, `profiler.step()` after every training step; a no-op when
+    both features are off. Raises ConfigError for a memory snapshot on a non-CUDA device (there is no CPU
+    allocator history to record), so the run stops at start-up instead of training without what was asked for."""
+
+    def __init__(self, cfg: Profiling, dump_folder: str, rank: int, device: torch.device, first_step: int = 1):
+        if cfg.enable_memory_snapshot and torch.device(device).type != "cuda":
+            raise ConfigError("profiling.enable_memory_snapshot needs a CUDA device (it records the CUDA caching "
+                              "allocator); use profiling.enable_profiling for CPU traces")
+        self.cfg, self.rank, self.device = cfg, rank, torch.device(device)
+        self.trace_folder = os.path.join(dump_folder, cfg.save_traces_folder)
+        self.snapshot_folder = os.path.join(dump_folder, cfg.save_memory_snapshot_folder)
+        self.step_num = first_step - 1  # the last completed training step
+        self._torch_profiler: torch.profiler.profile | None = None
+
+    def __enter__(self) -> Profiler:
+        freq = self.cfg.profile_freq
+        if self.cfg.enable_profiling:
+            warmup = min(WARMUP_STEPS, freq - 1)
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._torch_profiler = torch.profiler.profile(
+                activities=activities,
+                # One cycle is profile_freq steps: wait, warm up, then record the cycle's last step.
+                schedule=torch.profiler.schedule(wait=freq - 1 - warmup, warmup=warmup, active=1),
+                on_trace_ready=self._save_trace,
+                record_shapes=True,
+            )
+            self._torch_profiler.__enter__()
+            # Aligns the schedule with the training step (a resumed run starts past 1), as torchtitan does.
+            self._torch_profiler.step_num = self.step_num
+            logger.info(f"profiling: a trace every {freq} steps to {self.trace_folder}")
+        if self.cfg.enable_memory_snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+            logger.info(f"profiling: CUDA memory snapshots every {freq} steps to {self.snapshot_folder}")
+        return self
+
+    def step(self) -> None:
+        """Call once after each training step."""
+        self.step_num += 1
+        if self._torch_profiler is not None:
+            self._torch_profiler.step()  # saves the trace (via _save_trace) when the profiled step just ended
+        if self.cfg.enable_memory_snapshot and self.step_num % self.cfg.profile_freq == 0:
+            self._dump_snapshot(f"iteration_{self.step_num}")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._torch_profiler is not None:
+            self._torch_profiler.__exit__(exc_type, exc, tb)
+            self._torch_profiler = None
+        if self.cfg.enable_memory_snapshot:
+            if exc_type is not None:  # e.g. torch.OutOfMemoryError: the history shows what filled the memory
+                self._dump_snapshot(f"iteration_{self.step_num + 1}_exit")
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+    def _save_trace(self, prof: torch.profiler.profile) -> None:
+        folder = os.path.join(self.trace_folder, f"iteration_{self.step_num}")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"rank{self.rank}_trace.json")
+        prof.export_chrome_trace(path)
+        logger.info(f"profiling: wrote {path}")
+
+    def _dump_snapshot(self, name: str) -> None:
+        folder = os.path.join(self.snapshot_folder, name)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"rank{self.rank}_memory_snapshot.pickle")
+        torch.cuda.memory._dump_snapshot(path)
+        logger.info(f"profiling: wrote {path}")
