@@ -244,3 +244,28 @@ def test_tokenizer_json_encodes_like_tiktoken(tmp_path):
     assert _hf_bpe_encode(tok, text) == tokenizer.encode(text)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (cfg["bos_token"], cfg["eos_token"]) == ("<|begin_of_text|>", "<|end_of_text|>")
+
+
+def test_transformers_loads_the_export(tmp_path):
+    """The real consumer: Hugging Face transformers (not a titan dependency; skipped where it is not installed, e.g.
+    CI) loads the exported folder as-is, its logits equal titan's, and its tokenizer encodes like titan's."""
+    transformers = pytest.importorskip("transformers")
+    from titan.data.tokenizer import load_tokenizer
+    from titan.models.llama import RopeScaling, Transformer, model_args
+    from titan.parallel.parallelize import materialize
+
+    tok = load_tokenizer("")
+    text = "It is a truth universally acknowledged, that a single man — 1234 ünïcödé"
+    for extra in ({}, {"tie_embeddings": True}, {"rope_scaling": RopeScaling(original_max_position_embeddings=16)}):
+        args = model_args("tiny", vocab_size=tok.vocab_size, max_seq_len=64, **extra)
+        model = Transformer(args)
+        materialize(model, torch.device("cpu"), 0)
+        folder = hf.save(model.state_dict(), args, tmp_path / str(len(extra) and list(extra)[0]), bos_id=tok.bos_id,
+                         eos_id=tok.eos_id, tokenizer=tok)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        ids = torch.tensor([tok.encode(text, bos=True)])
+        with torch.no_grad():
+            ours, theirs = model(ids), hf_model(ids).logits
+        assert ((ours - theirs).norm() / ours.norm()).item() < 1e-5, extra
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)

@@ -108,10 +108,12 @@ def test_reference_is_learning(runs):
 
 
 @pytest.mark.slow
-def test_4d_layout_matches_single_process(runs, tmp_path):
+def test_4d_layout_matches_single_process(tmp_path):
     """dp=2 x cp=2 x tp=2 x pp=2 on 16 gloo processes (a few minutes on 2 cores: nightly, not CI)."""
-    run_layouts(16, [_argv(tmp_path, CP + TP + PP + _schedule("1F1B") + ["--training.steps", "4"])])
-    got = read_metrics(tmp_path)
-    ref = [r for r in runs["reference"] if "loss" in r][:4]
+    steps = ["--training.steps", "4", "--validation.enable", "false"]
+    assert main(_argv(tmp_path / "reference", steps)) == 0
+    run_layouts(16, [_argv(tmp_path / "4d", CP + TP + PP + _schedule("1F1B") + steps)])
+    ref, got = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "4d")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert max_rel_diff([r["loss"] for r in got], [r["loss"] for r in ref]) < TOL
     assert max_rel_diff([r["grad_norm"] for r in got], [r["grad_norm"] for r in ref]) < TOL
