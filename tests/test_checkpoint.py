@@ -115,13 +115,20 @@ def _check_resharded_load(rank, world_size, argv, saved_path, report):
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def fsdp4(tmp_path_factory):
+    """An uninterrupted 20-step FSDP=4 run saving at steps 10 and 20: the source of both resharding tests."""
+    folder = tmp_path_factory.mktemp("fsdp4")
+    run_layouts(4, [_argv(folder)])
+    return folder
+
+
 @pytest.mark.parametrize("layout", ["dp2_tp2", "pp2_dp2"])
-def test_resume_at_another_layout(tmp_path, layout):
+def test_resume_at_another_layout(tmp_path, fsdp4, layout):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     other = TP2 if layout == "dp2_tp2" else ["--parallelism.pipeline_parallel_degree", "2"]  # 1F1B
-    run_layouts(4, [_argv(tmp_path / "fsdp4")])
-    resumed = _resume_folder(tmp_path / "fsdp4", tmp_path / layout)
+    resumed = _resume_folder(fsdp4, tmp_path / layout)
     saved = tmp_path / "step10.pt"
     dcp_to_torch_save(resumed / "checkpoint" / "step-10", saved)
     report = tmp_path / "report.json"
@@ -133,7 +140,7 @@ def test_resume_at_another_layout(tmp_path, layout):
     # Together the ranks hold every saved tensor: nothing was skipped by the comparison.
     assert set().union(*(r["model"] for r in reports)) == set(state["model"])
     assert set().union(*(r["optim"] for r in reports)) == set(state["optimizer"]["state"])
-    ref, res = _losses(tmp_path / "fsdp4"), _losses(resumed)
+    ref, res = _losses(fsdp4), _losses(resumed)
     steps = list(range(11, 21))
     assert max_rel_diff([res[s] for s in steps], [ref[s] for s in steps]) < 1e-5
 
