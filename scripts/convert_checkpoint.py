@@ -18,11 +18,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from titan import hf
-from titan.config import ConfigError
+from titan.config import DTYPES, ConfigError
 from titan.data.tokenizer import DEBUG_TOKENIZER, load_tokenizer
 from titan.models.llama import FLAVORS, Transformer, model_args
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def dcp_model_state(path: Path, args) -> dict[str, torch.Tensor]:
@@ -70,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flavor", required=True, choices=sorted(FLAVORS))
     p.add_argument("--tokenizer", default="", help="tiktoken rank file; default: the shipped debug tokenizer")
     p.add_argument("--max-seq-len", type=int, default=8192, help="max_position_embeddings in config.json")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p = sub.add_parser("from-hf", help="Hugging Face folder -> model-only DCP folder")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     ns = parser.parse_args(argv)
     try:
         (to_hf if ns.command == "to-hf" else from_hf)(ns)

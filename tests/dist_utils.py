@@ -107,6 +107,11 @@ def losses(dump_folder: str | Path) -> list[float]:
     return [r["loss"] for r in read_metrics(dump_folder)]
 
 
+def rel_error(got, ref) -> float:
+    """||got - ref|| / ||ref|| of two tensors: scale-free, so small gradients are held to the same standard."""
+    return ((got - ref).norm() / ref.norm()).item()
+
+
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b) and a, (a, b)
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))

@@ -7,13 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import spawn_gloo
+from dist_utils import rel_error, spawn_gloo
 
 REL = 1e-5
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _check_attention(rank: int, world_size: int, method: str, n_heads: int, n_kv_heads: int) -> None:
@@ -41,9 +37,9 @@ def _check_attention(rank: int, world_size: int, method: str, n_heads: int, n_kv
     out = attend(ql, kl, vl, ContextParallelAttention(mesh["cp"], method))
     (out * w[:, :, pos]).sum().backward()
 
-    assert _rel(out, ref[:, :, pos]) < REL, "output"
+    assert rel_error(out, ref[:, :, pos]) < REL, "output"
     for name, got, full in (("q", ql, q), ("k", kl, k), ("v", vl, v)):
-        assert _rel(got.grad, full.grad[:, :, pos]) < REL, f"grad of {name} ({method}, cp={world_size})"
+        assert rel_error(got.grad, full.grad[:, :, pos]) < REL, f"grad of {name} ({method}, cp={world_size})"
 
 
 @pytest.mark.parametrize("cp", [2, 4])

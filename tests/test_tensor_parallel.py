@@ -8,13 +8,13 @@ import contextlib
 
 import torch
 
-from dist_utils import spawn_gloo
+from dist_utils import rel_error, spawn_gloo
 
 REL = 1e-5  # ||got - ref|| / ||ref|| per tensor: scale-free, so tiny gradients are held to the same standard
 
 
 def _assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    err = ((got - ref).norm() / ref.norm()).item()
+    err = rel_error(got, ref)
     assert ref.norm() > 0 and err < REL, f"{what}: relative error {err:.2e}"
 
 

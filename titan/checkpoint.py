@@ -41,12 +41,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from titan.config import CHECKPOINT_STATES, Checkpoint, ConfigError
+from titan.config import CHECKPOINT_STATES, DTYPES, Checkpoint, ConfigError
 
 logger = logging.getLogger("titan")
 
 _STEP_DIR = re.compile(r"^step-(\d+)(\.tmp)?$")
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,7 +270,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier(group=self._pg)  # nobody writes into the folder before it is fresh
         if model_only:
-            dtype = EXPORT_DTYPES[self.cfg.export_dtype]
+            dtype = DTYPES[self.cfg.export_dtype]
             state = {"model": {k: v.to(dtype) for k, v in self.states["model"].state_dict().items()}}
         else:
             state = dict(self.states)
@@ -304,7 +303,7 @@ class Checkpointer:
         full = {k: v for part in self.model_parts for k, v in get_model_state_dict(part, options=options).items()}
         if self.rank == 0:
             out = self.folder / f"step-{step}-hf"
-            self.hf_export(full, out, EXPORT_DTYPES[self.cfg.export_dtype])
+            self.hf_export(full, out, DTYPES[self.cfg.export_dtype])
             logger.info(f"checkpoint: exported {out} (Hugging Face format)")
 
     def _commit_when_written(self, upload: Future, step: int) -> None:

@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -35,7 +37,8 @@ def opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+# The dtype names a config may use, and what they mean; every component looks them up here.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -89,7 +92,7 @@ class Training:
     seed: int = opt(0, "seed for weights and data order")
     deterministic: bool = opt(False, "use deterministic algorithms: CPU runs become bitwise repeatable")
     mixed_precision_param: str = opt(
-        "bfloat16", "compute dtype of parameters (bf16 = FSDP param dtype, or autocast without FSDP)", DTYPES
+        "bfloat16", "compute dtype of parameters (bf16 = FSDP param dtype, or autocast without FSDP)", tuple(DTYPES)
     )
     mixed_precision_reduce: str = opt("float32", "dtype of gradient reduction under FSDP", ("float32", "bfloat16"))
     enable_cpu_offload: bool = opt(False, "keep FSDP-sharded parameters, grads and optimizer state in CPU memory")

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from titan import config, hf
 from titan.checkpoint import Checkpointer
-from titan.config import Config, ConfigError
+from titan.config import DTYPES, Config, ConfigError
 from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
 from titan.data.tokenizer import load_tokenizer
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
@@ -32,7 +32,7 @@ from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_seq_len, shard_batch, shard_rope
 from titan.parallel.mesh import ParallelDims, check_model_fits
-from titan.parallel.parallelize import DTYPES, materialize, parallelize
+from titan.parallel.parallelize import materialize, parallelize
 from titan.parallel.pipeline import Pipeline
 from titan.profiling import Profiler
 

@@ -18,7 +18,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.config import ActivationCheckpoint, Compile, ConfigError, Float8, Parallelism, Training
+from titan.config import DTYPES, ActivationCheckpoint, Compile, ConfigError, Float8, Parallelism, Training
 from titan.models.llama import Transformer
 from titan.parallel.activation_checkpoint import apply_ac
 from titan.parallel.context_parallel import apply_cp
@@ -26,9 +26,6 @@ from titan.parallel.float8 import convert as convert_to_float8
 from titan.parallel.fsdp import apply_fsdp
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.tensor_parallel import apply_tp
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelDims, parallelism: Parallelism,
                 ac: ActivationCheckpoint, compile: Compile, training: Training, float8: Float8 | None = None) -> None:
