@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 from titan import hf
 from titan.config import DTYPES, ConfigError
-from titan.data.tokenizer import DEBUG_TOKENIZER, load_tokenizer
+from titan.data.tokenizer import load_tokenizer, tokenizer_file
 from titan.models.llama import FLAVORS, Transformer, model_args
 
 
@@ -44,12 +44,12 @@ def dcp_model_state(path: Path, args) -> dict[str, torch.Tensor]:
 
 
 def to_hf(ns) -> None:
-    tokenizer_file = ns.tokenizer or str(DEBUG_TOKENIZER)
+    tokenizer_path = str(tokenizer_file(ns.tokenizer or ""))
     tokenizer = load_tokenizer(ns.tokenizer or "")
     args = model_args(ns.flavor, vocab_size=tokenizer.vocab_size, max_seq_len=ns.max_seq_len)
     state = dcp_model_state(Path(ns.src), args)
     out = hf.save(state, args, ns.dst, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                  tokenizer_file=tokenizer_file, tokenizer=tokenizer, dtype=DTYPES[ns.dtype])
+                  tokenizer_file=tokenizer_path, tokenizer=tokenizer, dtype=DTYPES[ns.dtype])
     print(f"wrote {out} (Hugging Face LlamaForCausalLM, {ns.dtype})")
 
 

@@ -26,6 +26,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from titan.config import CHECKPOINT_STATES, DTYPES, Checkpoint, ConfigError
+from titan.models.lora import is_adapter
 
 logger = logging.getLogger("titan")
 
@@ -53,19 +55,45 @@ _STEP_DIR = re.compile(r"^step-(\d+)(\.tmp)?$")
 
 
 class ModelState:
-    """The model's (or this rank's pipeline stages') parameters under their unsharded names."""
+    """The model's (or this rank's pipeline stages') parameters under their unsharded names. `only`: "adapters"
+    keeps LoRA's adapters (save_adapter_only), "base" everything else (initial weights for a LoRA model)."""
 
-    def __init__(self, parts: list[torch.nn.Module]):
-        self.parts = parts
+    def __init__(self, parts: list[torch.nn.Module], only: str | None = None):
+        self.parts, self.only = parts, only
+
+    def _wanted(self, name: str) -> bool:
+        return self.only is None or is_adapter(name) == (self.only == "adapters")
 
     def state_dict(self) -> dict:
-        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items() if self._wanted(k)}
 
     def load_state_dict(self, state: dict) -> None:
-        # strict only for a whole model: a pipeline stage holds a subset of the names.
-        options = StateDictOptions(strict=len(self.parts) == 1)
+        # strict only for a whole model: a pipeline stage holds a subset of the names, a filtered state a part.
+        options = StateDictOptions(strict=len(self.parts) == 1 and self.only is None)
         for part in self.parts:
             set_model_state_dict(part, state, options=options)
+
+
+def load_initial_weights(parts: list[torch.nn.Module], cfg: Checkpoint, process_group=None) -> None:
+    """checkpoint.initial_load_path's weights (a DCP checkpoint, or an HF folder with initial_load_in_hf) into the
+    model's base weights; LoRA adapters keep their initial values. Nothing happens when no path is set."""
+    if not cfg.initial_load_path:
+        return
+    path, key = Path(cfg.initial_load_path), "checkpoint.initial_load_path"
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} is not a folder")
+    if cfg.initial_load_in_hf:
+        from titan import hf
+
+        hf.load_into(parts, path)
+    else:
+        if "model" not in _read_keys(path, key):
+            raise ConfigError(f"{key}: {path} holds no model state")
+        try:
+            dcp.load({"model": ModelState(parts, only="base")}, checkpoint_id=str(path), process_group=process_group)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            raise ConfigError(f"{key}: cannot load {path} ({_one_line(e)})") from None
+    logger.info(f"checkpoint: initial weights from {path}")
 
 
 class OptimizerState:
@@ -146,8 +174,10 @@ class Checkpointer:
     SIGTERM/SIGUSR1, and waits for a background save at `close`. Every rank calls every method."""
 
     def __init__(self, cfg: Checkpoint, dump_folder: str, model_parts: list[torch.nn.Module],
-                 optimizer: torch.optim.Optimizer, scheduler, dataloader, total_steps: int, hf_export=None):
+                 optimizer: torch.optim.Optimizer, scheduler, dataloader, total_steps: int, hf_export=None,
+                 adapters_only: bool = False):
         self.cfg, self.total_steps, self.hf_export = cfg, total_steps, hf_export
+        self.adapters_only = adapters_only  # lora.save_adapter_only: save (and resume) the adapters alone
         self.folder = Path(dump_folder) / cfg.folder
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if cfg.create_seed_checkpoint and self.world_size > 1:
@@ -158,7 +188,8 @@ class Checkpointer:
                               "only its stages); convert a step folder with scripts/convert_checkpoint.py to-hf")
         self.model_parts = model_parts
         self.train_state = TrainState()
-        self.states = {"model": ModelState(model_parts), "lr_scheduler": scheduler, "dataloader": dataloader,
+        self.states = {"model": ModelState(model_parts, "adapters" if adapters_only else None),
+                       "lr_scheduler": scheduler, "dataloader": dataloader,
                        "train_state": self.train_state}
         if cfg.enable:
             self.states["optimizer"] = OptimizerState(model_parts, optimizer)
@@ -198,11 +229,19 @@ class Checkpointer:
                 have = ", ".join(map(str, sorted(complete))) or "none"
                 raise ConfigError(f"checkpoint.load_step={cfg.load_step}: no complete checkpoint "
                                   f"{self.folder / f'step-{cfg.load_step}'} (complete steps: {have})")
+            self._load_base_for_adapters()
             self._load(complete[cfg.load_step], f"checkpoint.load_step={cfg.load_step}")
         elif complete:
+            self._load_base_for_adapters()
             self._load(complete[max(complete)], "checkpoint.folder")
-        elif cfg.initial_load_path:
-            self._load_initial(Path(cfg.initial_load_path))
+        else:
+            load_initial_weights(self.model_parts, cfg, self._pg)
+
+    def _load_base_for_adapters(self) -> None:
+        """Adapter-only checkpoints (lora.save_adapter_only) hold no base weights: they come from where the run
+        started."""
+        if self.adapters_only:
+            load_initial_weights(self.model_parts, self.cfg, self._pg)
 
     def _load(self, path: Path, what: str) -> None:
         start = time.perf_counter()
@@ -216,27 +255,18 @@ class Checkpointer:
         # CheckpointException (a BaseException in torch 2.13) wraps whatever failed on each rank.
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - torn or garbled files: many types
             raise ConfigError(f"{what}: cannot load {path} ({_one_line(e)})") from None
+        if "lr_scheduler" in names:
+            # The saved lr was computed by the saving run's schedule; if training.steps changed since (a run extended
+            # or shortened), the lr for the next step must come from this run's schedule: re-evaluate it.
+            scheduler = self.states["lr_scheduler"]
+            scheduler.last_epoch -= 1
+            with warnings.catch_warnings():  # "step() before optimizer.step()": intended, nothing is skipped
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
         skipped = [n for n in CHECKPOINT_STATES if n not in names]
         logger.info(f"checkpoint: loaded {', '.join(names)} from {path} in {time.perf_counter() - start:.2f}s"
                     + (f" (not restored: {', '.join(skipped)})" if skipped else "")
                     + f"; continuing at step {self.step + 1}")
-
-    def _load_initial(self, path: Path) -> None:
-        key = "checkpoint.initial_load_path"
-        if not path.is_dir():
-            raise ConfigError(f"{key}: {path} is not a folder")
-        if self.cfg.initial_load_in_hf:
-            from titan import hf
-
-            hf.load_into(self.model_parts, path)
-        else:
-            if "model" not in _read_keys(path, key):
-                raise ConfigError(f"{key}: {path} holds no model state")
-            try:
-                dcp.load({"model": self.states["model"]}, checkpoint_id=str(path), process_group=self._pg)
-            except (Exception, CheckpointException) as e:  # noqa: BLE001
-                raise ConfigError(f"{key}: cannot load {path} ({_one_line(e)})") from None
-        logger.info(f"checkpoint: initial weights from {path}")
 
     # -- saving -----------------------------------------------------------------------------------------------
 

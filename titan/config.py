@@ -52,7 +52,8 @@ class Model:
     name: str = opt("llama3", "model family", choices=("llama3",))
     flavor: str = opt("debugmodel", "size preset from the family's flavors table (e.g. debugmodel, 1B, 8B, 70B)")
     tokenizer_path: str = opt(
-        "", "tiktoken rank file (e.g. a Llama 3 tokenizer.model); empty = the shipped 4k-token debug tokenizer"
+        "", "tiktoken rank file (e.g. a Llama 3 tokenizer.model) or a folder holding tokenizer.model; empty = the "
+        "shipped 4k-token debug tokenizer, debug_chat = the same with chat tokens"
     )
 
 
@@ -78,10 +79,21 @@ class LRScheduler:
     min_lr_factor: float = opt(0.0, "lr at the end of the decay, as a fraction of the peak")
 
 
+RECIPES = ("pretrain", "sft", "dpo")
+
+
 @dataclass
 class Training:
-    dataset: str = opt("austen", "dataset name (see docs/config.md); 'austen' is the shipped corpus")
-    dataset_path: str = opt("", "a .txt/.jsonl file or a folder of them; overrides the named dataset's location")
+    recipe: str = opt(
+        "pretrain", "what the loop optimises: next-token loss on documents, on chat replies (SFT), or preferences "
+        "(DPO); see docs/fine_tuning.md", RECIPES
+    )
+    dataset: str = opt(
+        "austen", "dataset name: austen (documents), tiny_chat (SFT), tiny_preferences (DPO); see docs/config.md"
+    )
+    dataset_path: str = opt(
+        "", "a .txt/.jsonl file or a folder of them (chat/preference JSONL for sft/dpo); overrides the named dataset"
+    )
     local_batch_size: int = opt(8, "sequences per micro-batch on each data-parallel rank")
     global_batch_size: int = opt(
         -1, "sequences per optimizer step over all ranks; -1 = local_batch_size x dp (no accumulation)"
@@ -206,6 +218,45 @@ class Float8:
 
 
 @dataclass
+class SFT:
+    """Supervised fine-tuning data: chat JSONL rendered with a chat template; see titan/data/chat.py."""
+
+    chat_template: str = opt(
+        "auto", "how conversations become tokens: auto picks from the tokenizer's special tokens",
+        ("auto", "chatml", "llama3"),
+    )
+    train_on_prompt: bool = opt(False, "also train on system/user tokens (default: loss on assistant replies only)")
+    packing: bool = opt(
+        False, "pack several conversations per sequence, each attending only to itself (not with pipeline or "
+        "context parallelism)"
+    )
+
+
+@dataclass
+class LoRA:
+    """Low-rank adapters on frozen weights; see titan/models/lora.py."""
+
+    enable: bool = opt(False, "freeze the model and train low-rank adapters on the target linears")
+    rank: int = opt(8, "adapter rank r")
+    alpha: float = opt(16.0, "adapter scale numerator: the update is (alpha / rank) * B A")
+    dropout: float = opt(0.0, "dropout on the adapters' input")
+    target_modules: list[str] = opt(
+        ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], "linears to adapt: wq, wk, wv, wo, w1, w2, w3, output"
+    )
+    save_adapter_only: bool = opt(
+        False, "checkpoints hold only the adapters (and their optimizer state); the base comes from "
+        "checkpoint.initial_load_path on resume"
+    )
+
+
+@dataclass
+class DPO:
+    """Direct preference optimisation; see titan/recipes.py."""
+
+    beta: float = opt(0.1, "strength of the KL-like tie to the reference model (higher = stay closer)")
+
+
+@dataclass
 class Profiling:
     enable_profiling: bool = opt(False, "record torch.profiler traces (one profiled step every profile_freq steps)")
     save_traces_folder: str = opt(
@@ -240,6 +291,9 @@ class Config:
     profiling: Profiling = field(default_factory=Profiling)
     comm: Comm = field(default_factory=Comm)
     float8: Float8 = field(default_factory=Float8)
+    sft: SFT = field(default_factory=SFT)
+    lora: LoRA = field(default_factory=LoRA)
+    dpo: DPO = field(default_factory=DPO)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,6 +347,7 @@ def validate(cfg: Config) -> None:
     for c in cfg.compile.components:
         if c not in ("model", "loss"):
             raise ConfigError(f"compile.components: unknown component {c!r} (valid: model, loss){_suggest(c, ('model', 'loss'))}")
+    _validate_finetuning(cfg)
     p = cfg.parallelism
     for name in ("data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
                  "context_parallel_degree"):
@@ -301,6 +356,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"parallelism.data_parallel_shard_degree must be > 0 or -1 (got {p.data_parallel_shard_degree})"
         )
+
+
+def _validate_finetuning(cfg: Config) -> None:
+    t, p = cfg.training, cfg.parallelism
+    if cfg.sft.packing and t.recipe == "sft":
+        for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
+                            ("context_parallel_degree", p.context_parallel_degree)):
+            if degree > 1:
+                raise ConfigError(f"sft.packing needs a per-token attention mask, which parallelism.{key}={degree} "
+                                  f"does not pass on; set sft.packing = false")
+    if t.recipe == "dpo":
+        for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
+                            ("context_parallel_degree", p.context_parallel_degree)):
+            if degree > 1:
+                raise ConfigError(f"training.recipe=dpo does not support parallelism.{key}={degree} yet (it needs "
+                                  f"whole sequences' log-probabilities on one rank)")
+        if cfg.validation.enable:
+            raise ConfigError("validation.enable is not supported with training.recipe=dpo (the logged reward "
+                              "accuracy and margin are the progress measures)")
+        _positive("dpo", cfg.dpo, "beta")
+    if cfg.lora.enable:
+        _positive("lora", cfg.lora, "rank", "alpha")
+        if cfg.float8.enable:
+            raise ConfigError("lora.enable and float8.enable together are not supported (float8 would convert the "
+                              "frozen base linears that LoRA wraps)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

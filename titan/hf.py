@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from titan.config import ConfigError
 from titan.models.llama import ModelArgs, RopeScaling
+from titan.models.lora import is_adapter
 
 SHARD_BYTES = 5 * 2**30  # above this, weights go to several files plus model.safetensors.index.json (HF's default)
 TRANSFORMERS_VERSION = "4.46.0"  # the schema written; older and newer transformers read it too
@@ -352,17 +353,19 @@ def load_into(model_parts: list[torch.nn.Module], folder: str | Path) -> None:
     hf_args, state = load(folder)
     check_compatible(model_parts[0].args, hf_args, f"checkpoint.initial_load_path={folder}")
     for part in model_parts:
-        wanted = part.state_dict().keys()
-        set_model_state_dict(part, {k: v for k, v in state.items() if k in wanted},
-                             options=StateDictOptions(full_state_dict=True, strict=len(model_parts) == 1))
+        # Every name of the part except LoRA adapters (which keep their initial values): `load` has raised already
+        # if the folder lacks one of the model's tensors, so non-strict loading skips nothing else.
+        wanted = [k for k in part.state_dict() if not is_adapter(k)]
+        set_model_state_dict(part, {k: state[k] for k in wanted if k in state},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def exporter(args: ModelArgs, tokenizer, tokenizer_path: str):
     """The callback the checkpointer uses for `last_save_in_hf`: (full state dict, folder, dtype) -> None."""
-    from titan.data.tokenizer import DEBUG_TOKENIZER
+    from titan.data.tokenizer import tokenizer_file
 
     def export(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> None:
         save(state, args, folder, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-             tokenizer_file=tokenizer_path or DEBUG_TOKENIZER, tokenizer=tokenizer, dtype=dtype)
+             tokenizer_file=tokenizer_file(tokenizer_path), tokenizer=tokenizer, dtype=dtype)
 
     return export

@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from titan import config, hf
-from titan.checkpoint import Checkpointer
+from titan.checkpoint import Checkpointer, load_initial_weights
 from titan.config import DTYPES, Config, ConfigError
-from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
+from titan.data.pretrain import IGNORE_INDEX
 from titan.data.tokenizer import load_tokenizer
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
+from titan.models import lora
 from titan.models.llama import FLAVORS, Transformer, count_params, model_args
 from titan.optim import build_lr_scheduler, build_optimizer
+from titan.recipes import DPOLoss, TokenLoss, build_dataloaders
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_seq_len, shard_batch, shard_rope
 from titan.parallel.mesh import ParallelDims, check_model_fits
@@ -111,7 +113,8 @@ class Run:
     grad_accum: int
     autocast: object  # () -> context for the forward pass
     loss_context: object  # () -> context for loss + backward
-    loss_fn: object
+    loss_fn: object  # (logits, labels) -> summed token loss; what the pipeline's last stage computes
+    objective: object  # (model, batch) -> summed loss, and count(batch); see titan/recipes.py
     timer: StepTimer = field(default_factory=StepTimer)  # scripts/benchmark.py swaps in a CUDA-syncing one
     checkpointer: Checkpointer | None = None
 
@@ -138,10 +141,12 @@ def build(cfg: Config) -> Run:
     compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
     loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
 
-    def build_part(part: Transformer) -> Transformer:
-        """The same for a whole model and for a pipeline stage: parallel axes, then real weights."""
+    def build_part(part: Transformer, adapters: bool = cfg.lora.enable) -> Transformer:
+        """The same for a whole model and for a pipeline stage: LoRA adapters, parallel axes, then real weights."""
+        if adapters:
+            lora.apply_lora(part, cfg.lora)
         parallelize(part, mesh, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, t, cfg.float8)
-        materialize(part, device, t.seed)
+        materialize(part, device, t.seed, cfg.lora if adapters else None)
         if dims.cp > 1:
             shard_rope(part, mesh["cp"])
         return part.train()
@@ -154,15 +159,22 @@ def build(cfg: Config) -> Run:
     else:
         pipeline, model_parts = None, [build_part(model)]
 
-    optimizer = build_optimizer(parameters(model_parts), cfg.optimizer)
+    trainable = [p for p in parameters(model_parts) if p.requires_grad]  # all, or LoRA's adapters
+    optimizer = build_optimizer(trainable, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
-    train_loader = build_pretrain_dataloader(t, tokenizer, dp_rank, dims.dp)
-    val_loader = None
-    if cfg.validation.enable:
-        val_loader = build_validation_dataloader(cfg.validation, tokenizer, t.seq_len, dp_rank, dims.dp)
+    train_loader, val_loader = build_dataloaders(t, cfg.sft, cfg.validation, tokenizer, dp_rank, dims.dp)
+    export = hf.exporter(args, tokenizer, cfg.model.tokenizer_path)
+    if cfg.lora.enable:  # Hugging Face gets a plain Llama: adapters merged into the weights
+        export = lora.merging(export, cfg.lora.alpha / cfg.lora.rank)
     checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
-                                t.steps, hf.exporter(args, tokenizer, cfg.model.tokenizer_path))
+                                t.steps, export, adapters_only=cfg.lora.enable and cfg.lora.save_adapter_only)
     checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
+
+    autocast = mixed_precision_context(t, dims, device)
+    if t.recipe == "dpo":
+        objective = DPOLoss(cfg.dpo.beta, dpo_reference(model_parts, cfg, build_part, args), autocast)
+    else:
+        objective = TokenLoss(loss_fn, autocast)
 
     flops = num_flops_per_token(n_params, n_emb, args.n_layers, args.n_heads, args.head_dim, t.seq_len)
     metrics = MetricsLogger(
@@ -172,16 +184,36 @@ def build(cfg: Config) -> Run:
         append=checkpointer.step > 0,  # a resumed run continues its metrics.jsonl
     )
     logger.info(f"model: llama3 {cfg.model.flavor}, {n_params:,} parameters ({n_emb:,} in the embedding), "
-                f"vocab {args.vocab_size}, seq_len {t.seq_len}")
+                f"vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}")
+    if cfg.lora.enable:
+        n_local = sum(p.numel() for p in trainable)
+        logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}; "
+                    f"training {n_local:,} adapter parameters on this rank, the rest frozen")
     logger.info(f"batch: {t.local_batch_size} sequences/rank x {dims.dp} dp ranks x {grad_accum} accumulation "
                 f"steps = {t.local_batch_size * dims.dp * grad_accum} sequences/step")
     return Run(cfg, device, dims, mesh, model_parts, pipeline, optimizer, scheduler, train_loader, val_loader,
-               metrics, grad_accum, mixed_precision_context(t, dims, device), loss_context(cfg.parallelism, dims),
-               loss_fn, checkpointer=checkpointer)
+               metrics, grad_accum, autocast, loss_context(cfg.parallelism, dims), loss_fn, objective,
+               checkpointer=checkpointer)
 
 
 def parameters(model_parts: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     return [p for part in model_parts for p in part.parameters()]
+
+
+def dpo_reference(model_parts: list[torch.nn.Module], cfg: Config, build_part, args):
+    """batch -> the frozen reference model's logits. With LoRA: the policy with its adapters switched off (the base
+    weights never change). Else a second model, built and sharded like the policy, holding the initial weights."""
+    policy = model_parts[0]
+    if cfg.lora.enable:
+        def reference(batch):
+            with lora.disabled(model_parts):
+                return policy(batch["input"])
+        return reference
+    with torch.device("meta"):
+        frozen = Transformer(args)
+    frozen = build_part(frozen, adapters=False).eval().requires_grad_(False)
+    load_initial_weights([frozen], cfg.checkpoint)  # the policy's starting point (seeded init if none is set)
+    return lambda batch: frozen(batch["input"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,28 +240,26 @@ def all_reduce_sum(x: torch.Tensor, mesh) -> torch.Tensor:
     return x
 
 
-def forward_backward(run: Run, inputs: torch.Tensor, labels: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """One micro-batch: forward, loss = summed token loss / n_tokens, backward; returns the detached loss.
+def forward_backward(run: Run, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> torch.Tensor:
+    """One micro-batch: forward, loss = the objective's summed loss / n_items, backward; returns the detached loss.
     Under pipeline parallelism the schedule does this for its pipeline micro-batches (the loss is 0 off the last
     stage)."""
     with run.loss_context():
         if run.pipeline is not None:
             with run.autocast():  # only bf16 without FSDP autocasts; here it also spans the schedule's backward
-                return run.pipeline.step(inputs, labels, n_tokens)
-        with run.autocast():
-            logits = run.model_parts[0](inputs)
-        loss = run.loss_fn(logits, labels) / n_tokens
-        del logits  # free the largest activation before backward allocates gradients
+                return run.pipeline.step(batch["input"], batch["label"], n_items)
+        loss = run.objective(run.model_parts[0], batch) / n_items  # logits are freed inside: only the loss is kept
         loss.backward()
     return loss.detach()
 
 
-def forward_loss(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token loss of one batch, forward only (0 off the last pipeline stage)."""
-    with run.loss_context(), run.autocast():
+def forward_loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed loss of one batch, forward only (0 off the last pipeline stage)."""
+    with run.loss_context():
         if run.pipeline is not None:
-            return run.pipeline.eval(inputs, labels)
-        return run.loss_fn(run.model_parts[0](inputs), labels)
+            with run.autocast():
+                return run.pipeline.eval(batch["input"], batch["label"])
+        return run.objective(run.model_parts[0], batch)
 
 
 def train(run: Run) -> None:
@@ -244,7 +274,8 @@ def train_steps(run: Run, profiler: Profiler, first_step: int) -> None:
     token_mesh = run.mesh["dp_cp"]  # where the batch is split
     loss_mesh = run.mesh["pp_dp_cp"]  # where loss values live (only the last pipeline stage has them)
     batches = iter(run.train_loader)
-    tokens_per_step = cfg.training.local_batch_size * run.dims.dp * run.grad_accum * cfg.training.seq_len
+    tokens_per_step = (cfg.training.local_batch_size * run.dims.dp * run.grad_accum * cfg.training.seq_len
+                       * run.objective.rows_per_sample)  # DPO: two sequences (chosen, rejected) per sample
     logger.info(f"training {cfg.training.steps} steps")
 
     timer.start()
@@ -253,15 +284,16 @@ def train_steps(run: Run, profiler: Profiler, first_step: int) -> None:
             # Each context-parallel rank keeps its load-balanced part of every sequence.
             micro_batches = [to_device(shard_batch(next(batches), run.mesh["cp"]), device)
                              for _ in range(run.grad_accum)]
-        # Dividing each micro-batch's summed loss by the valid tokens of the whole global batch makes the gradient
-        # independent of how the batch is split over ranks and micro-steps (and FSDP sums, it does not average).
-        n_tokens = sum((b["label"] != IGNORE_INDEX).sum() for b in micro_batches)
-        n_tokens = all_reduce_sum(n_tokens, token_mesh)
+        # Dividing each micro-batch's summed loss by the items (valid tokens, or DPO pairs) of the whole global
+        # batch makes the gradient independent of how the batch is split over ranks and micro-steps (and FSDP sums,
+        # it does not average).
+        n_items = sum(run.objective.count(b) for b in micro_batches)
+        n_items = all_reduce_sum(n_items, token_mesh)
 
         loss_sum = torch.zeros((), device=device)
         with timer("forward_backward"):
             for batch in micro_batches:
-                loss_sum += forward_backward(run, batch["input"], batch["label"], n_tokens)
+                loss_sum += forward_backward(run, batch, n_items)
 
         with timer("optimizer"):
             grad_norm = clip_grad_norm(parameters(run.model_parts), cfg.training.max_norm, run.mesh["pp"])
@@ -274,7 +306,7 @@ def train_steps(run: Run, profiler: Profiler, first_step: int) -> None:
         loss_sum = all_reduce_sum(loss_sum, loss_mesh)
         step_time, regions = timer.lap()  # since the previous lap, less validation
         run.metrics.step(step, loss=loss_sum, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step,
-                         step_time=step_time, data_time=regions["data"])
+                         step_time=step_time, data_time=regions["data"], **run.objective.metrics(token_mesh))
         profiler.step()
         if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout
             set_train_timeout(run.mesh, cfg.comm.train_timeout_seconds)
@@ -337,9 +369,8 @@ def evaluate(run: Run) -> float:
         if run.cfg.validation.steps != -1 and i >= run.cfg.validation.steps:
             break
         batch = to_device(shard_batch(batch, run.mesh["cp"]), run.device)
-        labels = batch["label"]
-        loss_sum += forward_loss(run, batch["input"], labels)
-        n_tokens += (labels != IGNORE_INDEX).sum()
+        loss_sum += forward_loss(run, batch)
+        n_tokens += run.objective.count(batch)
     for part in run.model_parts:
         part.train()
     loss_sum = all_reduce_sum(loss_sum, run.mesh["pp_dp_cp"])

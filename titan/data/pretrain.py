@@ -27,6 +27,9 @@ IGNORE_INDEX = -100  # label value the loss skips; it counts valid labels with `
 _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
 DATASETS: dict[str, dict[str, Path]] = {
     "austen": {"train": _ASSETS / "austen" / "train.txt", "validation": _ASSETS / "austen" / "validation.txt"},
+    # Fine-tuning fixtures (titan/data/chat.py formats), made by scripts/make_chat_fixtures.py.
+    "tiny_chat": {"train": _ASSETS / "tiny_chat" / "train.jsonl", "validation": _ASSETS / "tiny_chat" / "validation.jsonl"},
+    "tiny_preferences": {"train": _ASSETS / "tiny_preferences" / "train.jsonl"},
 }
 
 
@@ -43,6 +46,8 @@ def _locate(section: str, dataset: str, dataset_path: str, split: str) -> tuple[
             f"{section}.dataset: unknown dataset {dataset!r} (known: {', '.join(DATASETS)}); "
             f"or set {section}.dataset_path to a .txt/.jsonl file or folder"
         )
+    if split not in DATASETS[dataset]:
+        raise ConfigError(f"{section}.dataset: {dataset!r} has no {split} split; set {section}.dataset_path")
     return DATASETS[dataset][split], f"{section}.dataset"
 
 
@@ -202,11 +207,11 @@ class SequentialBlocks:
 # sampler ahead of the batches actually consumed.
 
 
-def _loader(windows: PackedWindows, sampler) -> StatefulDataLoader:
+def _loader(dataset: Dataset, sampler, collate_fn=collate) -> StatefulDataLoader:
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13: a warning the user can do nothing about.
         warnings.filterwarnings("ignore", message=".*set_vital.*")
-        return StatefulDataLoader(windows, batch_sampler=sampler, collate_fn=collate, num_workers=0)
+        return StatefulDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0)
 
 
 def build_pretrain_dataloader(cfg: Training, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> StatefulDataLoader:

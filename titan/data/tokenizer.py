@@ -16,7 +16,10 @@ import tiktoken
 
 from titan.config import ConfigError
 
-DEBUG_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tokenizer" / "debug.tiktoken"
+_SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+DEBUG_TOKENIZER = _SHIPPED / "debug.tiktoken"
+# Names model.tokenizer_path accepts for the shipped tokenizers (from any working directory).
+SHIPPED_TOKENIZERS = {"debug": DEBUG_TOKENIZER, "debug_chat": _SHIPPED / "debug_chat.tiktoken"}
 
 # Llama 3's pre-tokenizer split (GPT-4 style, digits in groups of up to 3).
 LLAMA3_PATTERN = (
@@ -81,9 +84,16 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
+def _sidecar_path(path: Path) -> Path:
+    """`<name>.json` next to the rank file; in a Hugging Face folder, where tokenizer.json is taken, the rank file
+    `tokenizer.model` is described by `tokenizer_tiktoken.json` (what titan.hf writes)."""
+    tiktoken_side = path.with_name(path.stem + "_tiktoken.json")
+    return tiktoken_side if tiktoken_side.is_file() else path.with_suffix(".json")
+
+
 def _read_sidecar(path: Path) -> dict | None:
-    """The JSON next to the rank file, or None. A Hugging Face tokenizer.json (it has a "model" key) is not ours."""
-    side = path.with_suffix(".json")
+    """The JSON describing the rank file, or None. A Hugging Face tokenizer.json (it has a "model" key) is not ours."""
+    side = _sidecar_path(path)
     if not side.is_file():
         return None
     try:
@@ -109,9 +119,18 @@ def _read_sidecar(path: Path) -> dict | None:
     return meta
 
 
+def tokenizer_file(path: str = "") -> Path:
+    """The rank file model.tokenizer_path names: a shipped tokenizer's name ("" = "debug"), a file, or a folder's
+    tokenizer.model."""
+    file = SHIPPED_TOKENIZERS.get(path or "debug", Path(path))
+    return file / "tokenizer.model" if file.is_dir() else file
+
+
 def load_tokenizer(path: str = "") -> Tokenizer:
-    """The tokenizer at `path` (model.tokenizer_path); "" = the shipped 4096-token debug tokenizer."""
-    path = Path(path) if path else DEBUG_TOKENIZER
+    """The tokenizer at `path` (model.tokenizer_path); "" = the shipped 4096-token debug tokenizer, "debug_chat" the
+    same with ChatML and Llama 3 chat tokens. A folder (e.g. a Hugging Face model folder written by titan) means its
+    `tokenizer.model`."""
+    path = tokenizer_file(path)
     if not path.is_file():
         raise _fail(path, "no such tokenizer file")
     ranks = _read_ranks(path)
@@ -120,7 +139,7 @@ def load_tokenizer(path: str = "") -> Tokenizer:
         if len(ranks) != LLAMA3_NUM_RANKS:
             raise _fail(
                 path,
-                f"{len(ranks)} ranks and no sidecar {path.with_suffix('.json').name}; only a Llama 3 tokenizer.model "
+                f"{len(ranks)} ranks and no sidecar {_sidecar_path(path).name}; only a Llama 3 tokenizer.model "
                 f"({LLAMA3_NUM_RANKS} ranks) is recognised without one",
             )
         meta = {"pattern": LLAMA3_PATTERN, "special_tokens": llama3_special_tokens(),

@@ -69,6 +69,9 @@ FLAVORS: dict[str, ModelArgs] = {
     # Tiny shapes for tests and the CPU default run; the vocabulary is set from the tokenizer.
     "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096, multiple_of=64),
     "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16, n_kv_heads=8, vocab_size=4096),
+    # Hugging Face's SmolLM2-135M(-Instruct): a real pretrained Llama for CPU fine-tuning (scripts/download_assets.py).
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
+                              rope_theta=100000.0, tie_embeddings=True),
     # Official Llama 3.x shapes.
     "1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, multiple_of=256,
                     rope_scaling=_LLAMA32_SCALING, tie_embeddings=True),
@@ -118,9 +121,13 @@ def _scale_frequencies(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate (batch, seq, heads, head_dim) q and k; consecutive pairs of channels form one complex number
-    (Meta's layout; Hugging Face's rotate-half layout differs by a permutation of the q/k projection rows)."""
+    (Meta's layout; Hugging Face's rotate-half layout differs by a permutation of the q/k projection rows).
+    `freqs_cis` is the table (positions 0, 1, ...) or, for packed sequences, one row per token (batch, seq, ...)."""
     seqlen = xq.shape[1]
-    freqs = freqs_cis[:seqlen].view(1, seqlen, 1, -1)
+    if freqs_cis.dim() == 2:
+        freqs = freqs_cis[:seqlen].view(1, seqlen, 1, -1)
+    else:
+        freqs = freqs_cis[:, :seqlen].unsqueeze(2)
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
     xq_out = torch.view_as_real(xq_ * freqs).flatten(3)
@@ -146,11 +153,15 @@ class RMSNorm(nn.Module):
 
 
 class SDPA(nn.Module):
-    """Causal attention over (batch, heads, seq, head_dim). A module of its own so that context parallelism (or a
-    packed-sequence mask) can replace it from outside without touching `Attention`."""
+    """Causal attention over (batch, heads, seq, head_dim). A module of its own so that context parallelism can
+    replace it from outside without touching `Attention`. `mask` (batch, seq, seq), True = may attend, replaces the
+    causal mask for packed sequences; an explicit boolean mask because FlexAttention's backward fails on CPU."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
 
 
 class Attention(nn.Module):
@@ -164,7 +175,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.sdpa = SDPA()
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         bs, seqlen, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
@@ -174,7 +185,7 @@ class Attention(nn.Module):
         # Grouped-query attention: each K/V head serves n_rep query heads.
         k = k.repeat_interleave(self.n_rep, dim=2)
         v = v.repeat_interleave(self.n_rep, dim=2)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
     def init_weights(self, init_std: float):
@@ -211,8 +222,9 @@ class TransformerBlock(nn.Module):
         depth = layer_id + 1 if args.depth_init else args.n_layers
         self.init_std = 0.02 / (2 * depth) ** 0.5
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # mask by keyword: tensor parallel's input preparation of `attention` covers the positional inputs only.
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self):
@@ -238,10 +250,16 @@ class Transformer(nn.Module):
         # Not persistent: derived from args, so checkpoints hold only learned weights.
         self.register_buffer("freqs_cis", rope_frequencies(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`document_ids` (batch, seq): for packed sequences, which document each token belongs to; then every
+        document attends only within itself and its RoPE positions restart at 0, as if it were alone."""
+        freqs_cis, mask = self.freqs_cis, None
+        if document_ids is not None:
+            positions, mask = packed_positions_and_mask(document_ids)
+            freqs_cis = self.freqs_cis[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, self.freqs_cis)
+            h = layer(h, freqs_cis, mask)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
@@ -271,6 +289,19 @@ class Transformer(nn.Module):
             self.norm.init_weights()
         if self.output is not None and not self.args.tie_embeddings:
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+def packed_positions_and_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position of each token within its document, block-diagonal causal mask (batch, seq, seq)) for rows of
+    contiguous documents, e.g. ids [0 0 0 1 1 2] -> positions [0 1 2 0 1 0]."""
+    bs, seqlen = document_ids.shape
+    idx = torch.arange(seqlen, device=document_ids.device).expand(bs, seqlen)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    positions = idx - torch.where(starts, idx, 0).cummax(dim=1).values
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
+    mask = (document_ids.unsqueeze(2) == document_ids.unsqueeze(1)) & causal
+    return positions, mask
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

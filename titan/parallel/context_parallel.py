@@ -88,7 +88,10 @@ class ContextParallelAttention(nn.Module):
         self.group, self.method = cp_mesh.get_group(), rotate_method
         self.cp, self.rank = cp_mesh.size(), cp_mesh.get_local_rank()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:  # config validation refuses packed sequences with CP before it gets here
+            raise NotImplementedError("context parallelism does not support packed-sequence masks")
         seq_len = q.shape[2] * self.cp
         pos = [positions(seq_len, self.cp, r, q.device) for r in range(self.cp)]
         if self.method == "allgather":

@@ -18,8 +18,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.config import DTYPES, ActivationCheckpoint, Compile, ConfigError, Float8, Parallelism, Training
+from titan.config import DTYPES, ActivationCheckpoint, Compile, ConfigError, Float8, LoRA, Parallelism, Training
 from titan.models.llama import Transformer
+from titan.models.lora import apply_lora, init_adapters
 from titan.parallel.activation_checkpoint import apply_ac
 from titan.parallel.context_parallel import apply_cp
 from titan.parallel.float8 import convert as convert_to_float8
@@ -67,23 +68,27 @@ def _init_units(model: Transformer) -> list[str]:
 
 
 @torch.no_grad()
-def materialize(model: Transformer, device: torch.device, seed: int) -> None:
+def materialize(model: Transformer, device: torch.device, seed: int, lora_cfg: LoRA | None = None) -> None:
     """Allocate the (possibly sharded) parameters on `device` and fill them exactly as a single-process run would.
 
     Each unit (embedding, one block, ...) is initialised in full on a throw-away unsharded copy, under a seed
     derived from the unit's name, then loaded through DCP's full-state-dict path, which slices out whatever this
     rank holds for any mix of FSDP/TP placements. So the weights do not depend on the layout, and peak extra memory
-    is one unit, not the whole model.
+    is one unit, not the whole model. With `lora_cfg` the model carries LoRA adapters (titan.models.lora): they are
+    drawn after the unit's base weights, so the base is the same as without LoRA.
     """
     model.to_empty(device=device)
     model.init_buffers(device)
     with torch.device("meta"):
         reference = Transformer(model.args)
+        if lora_cfg is not None:
+            apply_lora(reference, lora_cfg)
     for name in _init_units(model):
         unit = reference.get_submodule(name)
         unit.to_empty(device=device)
         torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         reference.init_weights()  # only `unit` is real; init on meta tensors does nothing and draws no randoms
+        init_adapters(unit)
         full = {f"{name}.{key}": value for key, value in unit.state_dict().items()}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
         unit.to_empty(device="meta")

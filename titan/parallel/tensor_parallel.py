@@ -6,16 +6,19 @@ activations are split along the sequence (sequence parallel), so norms and resid
 Collectives added per block: all-gather of the sequence before attention and before the FFN, reduce-scatter after
 wo and after w2 (forward; the mirror in backward). With loss parallel the logits stay sharded by vocab and the
 cross-entropy reduces across tp instead of gathering the logits. With float8 (tensorwise recipe), torchao's float8
-styles cast the block input before the sequence all-gathers, which then move 1-byte activations.
+styles cast the block input before the sequence all-gathers, which then move 1-byte activations. LoRA adapters
+follow their base weight's split (`LoRAColwiseParallel` / `LoRARowwiseParallel`) and add no collective.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -23,20 +26,52 @@ from torch.distributed.tensor.parallel import (
 
 from titan.config import ConfigError
 from titan.models.llama import Transformer
-from titan.parallel.float8 import allow_float8_all_gather_on_gloo, tp_styles
+from titan.models.lora import LoRALinear
+from titan.parallel.float8 import TPStyles, allow_float8_all_gather_on_gloo, tp_styles
+
+
+def _distribute(module: nn.Module, mesh: DeviceMesh, src_data_rank, **placements) -> None:
+    for name, placement in placements.items():
+        param = getattr(module, name)
+        module.register_parameter(name, nn.Parameter(
+            distribute_tensor(param, mesh, [placement], src_data_rank=src_data_rank),
+            requires_grad=param.requires_grad))
+
+
+class LoRAColwiseParallel(ColwiseParallel):
+    """Column-wise for a LoRALinear: W (out x in) and B (out x rank) split by output rows, A (rank x in) replicated,
+    so x A^T is computed whole on every rank and x A^T B^T comes out split like x W^T."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _distribute(module, device_mesh, self.src_data_rank, weight=Shard(0), lora_a=Replicate(), lora_b=Shard(0))
+
+
+class LoRARowwiseParallel(RowwiseParallel):
+    """Row-wise for a LoRALinear: W and A split by input columns (the split of the incoming activation), so x W^T
+    and x A^T are both partial sums; B replicated keeps x A^T B^T partial, reduced with x W^T in one collective."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _distribute(module, device_mesh, self.src_data_rank, weight=Shard(1), lora_a=Shard(1), lora_b=Replicate())
+
+
+LORA_STYLES = TPStyles(LoRAColwiseParallel, LoRARowwiseParallel, PrepareModuleInput)
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async_tp: bool,
              float8: bool = False) -> None:
     """`float8`: the blocks' linears were converted by titan.parallel.float8 with the tensorwise recipe, so their
     styles cast to float8 before the sequence all-gathers (1-byte activations on the wire); see `tp_styles`."""
+    # SequenceParallel re-creates the norm weights as trainable Parameters (torch 2.13): remember what was frozen
+    # (everything but LoRA's adapters, with LoRA) and freeze it again afterwards.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     top = {}
     if model.tok_embeddings is not None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     if model.norm is not None:
         top["norm"] = SequenceParallel()
     if model.output is not None:
-        top["output"] = ColwiseParallel(
+        colwise = LoRAColwiseParallel if isinstance(model.output, LoRALinear) else ColwiseParallel
+        top["output"] = colwise(
             input_layouts=Shard(1),
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,  # loss parallel needs the DTensor to know the vocab is sharded
@@ -48,13 +83,18 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block, float8))
 
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+
     if async_tp:
         enable_async_tp(tp_mesh)
 
 
 def _block_plan(block, float8: bool) -> dict:
-    def styles(name: str):  # plain, or torchao's float8 styles where every linear fed is a Float8Linear
-        return tp_styles(block.get_submodule(name), float8)
+    def styles(name: str):  # plain, LoRA's, or torchao's float8 styles where every linear fed is a Float8Linear
+        module = block.get_submodule(name)
+        return LORA_STYLES if isinstance(module, LoRALinear) else tp_styles(module, float8)
 
     return {
         "attention_norm": SequenceParallel(),

@@ -1,0 +1,215 @@
+"""Fine-tuning recipes end to end on the tiny model (fp32, deterministic): LoRA freezes the base and its export
+merges the adapters; SFT, LoRA and DPO runs on FSDP=2 (and TP=2) match their single-process runs within 1e-5; DPO
+starts at log 2 and its reward accuracy rises; adapter-only checkpoints resume exactly.
+
+The data-level checks (templates, loss masking, packing) are in tests/test_chat.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from dist_utils import REPO, max_rel_diff, read_metrics, rel_error, run_layouts
+from titan import config, hf
+from titan.config import ConfigError, LoRA
+from titan.models import lora
+from titan.models.llama import Transformer, model_args
+from titan.train import main
+
+TINY_SFT = str(REPO / "tests" / "configs" / "tiny_sft.toml")
+TOL = 1e-5
+LORA = ["--lora.enable", "--optimizer.lr", "1e-2"]
+DPO = ["--training.recipe", "dpo", "--training.dataset", "tiny_preferences", "--validation.enable", "false",
+       "--training.global_batch_size", "4", "--training.steps", "10", "--dpo.beta", "0.5"]
+
+
+def _argv(folder, *extra):
+    return ["--config", TINY_SFT, "--job.dump_folder", str(folder), *extra]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA as a model transform
+
+
+def _tiny(seed=0, **cfg):
+    torch.manual_seed(seed)
+    model = Transformer(model_args("tiny", vocab_size=128, max_seq_len=16))
+    model.init_weights()
+    return model
+
+
+def test_apply_lora_swaps_targets_and_freezes_the_base():
+    model = _tiny()
+    lora.apply_lora(model, LoRA(enable=True, rank=4, target_modules=["wq", "wv", "w2"]))
+    block = model.layers["0"]
+    assert type(block.attention.wq) is lora.LoRALinear and type(block.attention.wv) is lora.LoRALinear
+    assert type(block.attention.wk) is nn.Linear and type(block.feed_forward.w1) is nn.Linear
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(lora.is_adapter(n) for n in trainable)
+    assert len(trainable) == 2 * 3 * len(model.layers)
+    assert block.attention.wq.lora_a.shape == (4, 64) and block.feed_forward.w2.lora_b.shape == (64, 4)
+
+
+@pytest.mark.parametrize("cfg, key", [
+    (LoRA(target_modules=["wq", "attn"]), "lora.target_modules"),
+    (LoRA(rank=0), "lora.rank"),
+    (LoRA(dropout=1.0), "lora.dropout"),
+])
+def test_bad_lora_settings_name_the_key(cfg, key):
+    with pytest.raises(ConfigError, match=key):
+        lora.apply_lora(_tiny(), cfg)
+
+
+def test_lora_on_a_tied_output_is_refused():
+    with torch.device("meta"):
+        model = Transformer(model_args("smollm2-135m"))
+    with pytest.raises(ConfigError, match="tied"):
+        lora.apply_lora(model, LoRA(target_modules=["wq", "output"]))
+
+
+def test_fresh_adapters_change_nothing_and_merge_is_exact():
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = _tiny()
+    base_logits = model(tokens)
+    lora.apply_lora(model, LoRA(rank=4, alpha=8.0, target_modules=list(lora.TARGETS)))
+    lora.init_adapters(model)
+    assert torch.equal(model(tokens), base_logits)  # B = 0: the adapted model is the base model
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_b.normal_(std=0.1)
+    adapted = model(tokens)
+    with lora.disabled([model]):
+        assert torch.equal(model(tokens), base_logits)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    merged = lora.merge(state, scale=8.0 / 4)
+    assert not any(lora.is_adapter(k) for k in merged)
+    w = "layers.1.feed_forward.w3"
+    expected = state[f"{w}.weight"] + 2.0 * state[f"{w}.lora_b"] @ state[f"{w}.lora_a"]
+    assert torch.equal(merged[f"{w}.weight"], expected)
+    plain = _tiny()
+    plain.load_state_dict(merged)
+    assert rel_error(plain(tokens), adapted) < TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every recipe on FSDP=2 (and TP=2) against its single-process run
+
+RUNS = {  # name -> (overrides, layouts compared with the single-process run)
+    "sft_packed": ([], ["fsdp2", "tp2"]),
+    "sft_lora": (LORA, ["fsdp2", "tp2"]),
+    "dpo_lora": (DPO + LORA, ["fsdp2"]),
+    "dpo_frozen_reference": (DPO, ["fsdp2"]),
+}
+LAYOUT_ARGS = {"fsdp2": [], "tp2": ["--parallelism.tensor_parallel_degree", "2"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    for name, (extra, _) in RUNS.items():
+        assert main(_argv(root / name, *extra)) == 0
+    run_layouts(2, [_argv(root / f"{name}_{layout}", *extra, *LAYOUT_ARGS[layout])
+                    for name, (extra, layouts) in RUNS.items() for layout in layouts])
+    return root
+
+
+@pytest.mark.parametrize("name, layout", [(n, lay) for n, (_, layouts) in RUNS.items() for lay in layouts])
+def test_recipe_layout_matches_single_process(runs, name, layout):
+    ref, got = read_metrics(runs / name, validation=True), read_metrics(runs / f"{name}_{layout}", validation=True)
+    train_ref, train_got = [r for r in ref if "loss" in r], [r for r in got if "loss" in r]
+    assert [r["step"] for r in train_got] == [r["step"] for r in train_ref] and len(train_got) >= 6
+    for key in ("loss", "grad_norm") + (("reward_margin",) if name.startswith("dpo") else ()):
+        # DPO's step-1 margin is exactly 0 in both: compare from step 2 on.
+        start = 1 if key == "reward_margin" else 0
+        assert max_rel_diff([r[key] for r in train_got][start:], [r[key] for r in train_ref][start:]) < TOL, key
+    if name.startswith("dpo"):
+        assert [r["reward_accuracy"] for r in train_got] == [r["reward_accuracy"] for r in train_ref]
+    val_ref, val_got = [r["val_loss"] for r in ref if "val_loss" in r], [r["val_loss"] for r in got if "val_loss" in r]
+    assert len(val_got) == len(val_ref)
+    if layout == "tp2" and val_got:  # dp == 1: the same validation batches as the reference
+        assert max_rel_diff(val_got, val_ref) < TOL
+
+
+def test_sft_learns_and_lora_trains_only_adapters(runs):
+    full = read_metrics(runs / "sft_packed")
+    assert full[-1]["loss"] < full[0]["loss"] - 1.0
+    adapted = read_metrics(runs / "sft_lora")
+    assert adapted[-1]["loss"] < adapted[0]["loss"] - 0.1
+    # The run's first loss is the untouched base model's (adapters start at zero).
+    assert adapted[0]["loss"] == full[0]["loss"]
+
+
+def test_dpo_starts_at_log_2_and_reward_accuracy_rises(runs):
+    for name in ("dpo_lora", "dpo_frozen_reference"):
+        records = read_metrics(runs / name)
+        first, last = records[0], records[-3:]
+        assert abs(first["loss"] - math.log(2)) < 1e-6, (name, first["loss"])
+        assert first["reward_accuracy"] == 0.0 and first["reward_margin"] == 0.0
+        assert sum(r["reward_accuracy"] for r in last) / len(last) >= 0.75, (name, [r["reward_accuracy"] for r in records])
+        assert sum(r["loss"] for r in last) / len(last) < math.log(2) - 0.05, (name, [r["loss"] for r in records])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA checkpoints and export
+
+
+def _dcp_model(path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = path.parent / (path.name + ".pt")
+    dcp_to_torch_save(str(path), str(out))
+    return {k.removeprefix("model."): v for k, v in torch.load(out)["model"].items()}
+
+
+def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(tmp_path):
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3", "--validation.enable", "false", *LORA]
+    # A seed checkpoint of the base model = the weights every run starts from.
+    assert main(_argv(tmp_path / "seed", "--checkpoint.create_seed_checkpoint", "--validation.enable", "false")) == 0
+    seed = tmp_path / "seed" / "checkpoint" / "step-0"
+    start = ["--checkpoint.initial_load_path", str(seed)]
+    assert main(_argv(tmp_path / "full", *ckpt, *start, "--checkpoint.last_save_in_hf")) == 0
+    base, trained = _dcp_model(seed), _dcp_model(tmp_path / "full" / "checkpoint" / "step-6")
+    assert all(torch.equal(trained[k], v) for k, v in base.items())  # every base weight unchanged
+    adapters = {k for k in trained if lora.is_adapter(k)}
+    assert adapters and not any(torch.all(trained[k] == 0) for k in adapters if k.endswith("lora_b"))
+    # The Hugging Face export is the base plus (alpha / rank) B A.
+    exported = hf.from_hf(load_file(tmp_path / "full" / "checkpoint" / "step-6-hf" / "model.safetensors"),
+                          hf.load(tmp_path / "full" / "checkpoint" / "step-6-hf")[0])
+    for name in ("layers.0.attention.wq", "layers.3.feed_forward.w2"):
+        expected = trained[f"{name}.weight"] + 2.0 * trained[f"{name}.lora_b"] @ trained[f"{name}.lora_a"]
+        assert rel_error(exported[f"{name}.weight"], expected) < 1e-6
+
+    # Adapter-only checkpoints: smaller, and a run resumed from step 3 continues exactly.
+    only = [*ckpt, *start, "--lora.save_adapter_only"]
+    assert main(_argv(tmp_path / "a", *only, "--training.steps", "3")) == 0
+    saved = _dcp_model(tmp_path / "a" / "checkpoint" / "step-3")
+    assert saved and all(lora.is_adapter(k) for k in saved)
+    assert main(_argv(tmp_path / "a", *only)) == 0  # resumes at step 4, base from initial_load_path
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "a")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+
+
+def test_finetuning_presets_parse():
+    for name in ("debug_sft", "debug_dpo"):
+        cfg = config.load(["--config", str(REPO / "train_configs" / f"{name}.toml")])
+        assert cfg.training.recipe in ("sft", "dpo")
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--sft.packing", "--parallelism.pipeline_parallel_degree", "2"], "sft.packing"),
+    (["--training.recipe", "dpo", "--parallelism.context_parallel_degree", "2"], "training.recipe=dpo"),
+    (["--lora.enable", "--float8.enable"], "lora.enable"),
+    (["--sft.chat_template", "llama3", "--model.tokenizer_path", ""], "sft.chat_template"),
+    (["--training.dataset", "tiny_preferences", "--training.recipe", "sft"], "training.dataset"),
+])
+def test_bad_finetuning_settings_exit_2_with_one_line(tmp_path, capsys, argv, key):
+    assert main(_argv(tmp_path, "--training.steps", "1", *argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and err[0].startswith("titan: error:"), err

@@ -1,0 +1,295 @@
+"""Fine-tuning data: chat conversations (SFT) and preference pairs (DPO) from JSONL, rendered with a chat template
+into token ids plus "is this a target" flags, then batched by the same resumable, layout-independent loaders as
+pre-training.
+
+Owns the chat templates (ChatML, Llama 3), the JSONL formats, loss masking, and packing. A batch is
+{"input", "label"} of [local_batch_size, seq_len] with label = IGNORE_INDEX wherever no loss is wanted (prompt
+tokens, padding); packed batches add "document_ids" for the block-diagonal attention mask (see
+`titan.models.llama.packed_positions_and_mask`). Preference batches hold 2 x local_batch_size rows: the chosen
+replies first, then the rejected ones, pair i in rows i and B + i.
+
+Formats (one JSON object per line):
+  SFT:        {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
+  preference: {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import Dataset
+
+from titan.config import ConfigError
+from titan.data.pretrain import IGNORE_INDEX, GlobalOrderSampler, SequentialBlocks, _loader, _locate
+
+if TYPE_CHECKING:
+    from titan.config import SFT, Training, Validation
+    from titan.data.tokenizer import Tokenizer
+
+logger = logging.getLogger("titan")
+
+ROLES = ("system", "user", "assistant")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat templates
+
+
+@dataclass
+class ChatTemplate:
+    """How a conversation becomes tokens. Each message is header + content + end (+ separator); for assistant
+    messages the content and the end token are targets (the model learns to say them and to stop)."""
+
+    name: str
+    tokenizer: Tokenizer
+    begin: list[int]  # once, at the start of a conversation
+    header_special: tuple[int, ...]  # special ids around the role name: (before,) or (before, after)
+    header_suffix: str  # text after the role (and the closing special, if any)
+    end_id: int  # ends a message; generation stops at it
+    separator: str  # text after the end token
+
+    def _header(self, role: str) -> list[int]:
+        ids = [self.header_special[0]] + self.tokenizer.encode(role)
+        if len(self.header_special) > 1:
+            ids.append(self.header_special[1])
+        return ids + self.tokenizer.encode(self.header_suffix)
+
+    def render(self, messages: list[dict], train_on_prompt: bool = False,
+               add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """(token ids, target flags): flag i says token i is something the loss should teach."""
+        ids, targets = list(self.begin), [train_on_prompt] * len(self.begin)
+        for m in messages:
+            header = self._header(m["role"])
+            body = self.tokenizer.encode(m["content"]) + [self.end_id]
+            sep = self.tokenizer.encode(self.separator)
+            learn = m["role"] == "assistant"
+            ids += header + body + sep
+            targets += [train_on_prompt] * len(header) + [learn or train_on_prompt] * len(body) \
+                + [train_on_prompt] * len(sep)
+        if add_generation_prompt:
+            header = self._header("assistant")
+            ids += header
+            targets += [False] * len(header)
+        return ids, targets
+
+
+def chat_template(tokenizer: Tokenizer, name: str = "auto") -> ChatTemplate:
+    """The template `name` (sft.chat_template); "auto" = ChatML if the tokenizer has <|im_start|>, else Llama 3 if
+    it has <|start_header_id|>."""
+    sp = tokenizer.special_tokens
+    if name == "auto":
+        name = "chatml" if "<|im_start|>" in sp else "llama3" if "<|start_header_id|>" in sp else ""
+        if not name:
+            raise ConfigError("sft.chat_template=auto: the tokenizer (model.tokenizer_path) has neither ChatML "
+                              "(<|im_start|>) nor Llama 3 (<|start_header_id|>) special tokens; use a chat "
+                              "tokenizer such as titan/assets/tokenizer/debug_chat.tiktoken")
+    needed = {"chatml": ("<|im_start|>", "<|im_end|>"),
+              "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}[name]
+    missing = [t for t in needed if t not in sp]
+    if missing:
+        raise ConfigError(f"sft.chat_template={name}: the tokenizer (model.tokenizer_path) has no {missing[0]} token")
+    if name == "chatml":
+        return ChatTemplate("chatml", tokenizer, [], (sp["<|im_start|>"],), "\n", sp["<|im_end|>"], "\n")
+    return ChatTemplate("llama3", tokenizer, [sp["<|begin_of_text|>"]],
+                        (sp["<|start_header_id|>"], sp["<|end_header_id|>"]), "\n\n", sp["<|eot_id|>"], "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSONL files
+
+
+def _records(path: Path, key: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a .jsonl file or of a folder's .jsonl files."""
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix == ".jsonl") if path.is_dir() else [path]
+    if not files or any(f.suffix != ".jsonl" for f in files):
+        raise ConfigError(f"{key}: {path} is not a .jsonl file or a folder of them")
+    out = []
+    for f in files:
+        try:
+            lines = f.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{key}: cannot read {f} ({e})".replace("\n", " ")) from None
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}: {f} line {lineno} is not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{key}: {f} line {lineno} is not a JSON object")
+            out.append((f"{f} line {lineno}", record))
+    if not out:
+        raise ConfigError(f"{key}: {path} holds no records")
+    return out
+
+
+def _messages(value, where: str, field: str) -> list[dict]:
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value)
+    if not ok:
+        raise ConfigError(f"{where}: \"{field}\" must be a non-empty list of {{\"role\": system|user|assistant, "
+                          f"\"content\": str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def read_conversations(path: Path, key: str) -> list[list[dict]]:
+    conversations = []
+    for where, record in _records(path, key):
+        messages = _messages(record.get("messages"), f"{key}: {where}", "messages")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ConfigError(f"{key}: {where} has no assistant message (nothing to learn)")
+        conversations.append(messages)
+    return conversations
+
+
+def read_preferences(path: Path, key: str) -> list[tuple[list[dict], str, str]]:
+    """(prompt messages, chosen reply, rejected reply) per line."""
+    pairs = []
+    for where, record in _records(path, key):
+        prompt = record.get("prompt")
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+            _messages(prompt, f"{key}: {where}", "prompt")
+        replies = [record.get(k) for k in ("chosen", "rejected")]
+        if not all(isinstance(r, str) for r in replies):
+            raise ConfigError(f"{key}: {where} needs string \"chosen\" and \"rejected\" replies")
+        pairs.append((prompt, *replies))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples -> rows of seq_len
+
+
+def example(ids: list[int], targets: list[bool], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, label) of one rendered conversation, cut to seq_len + 1 tokens: label i = ids[i + 1] where that
+    token is a target, else IGNORE_INDEX."""
+    ids, targets = ids[: seq_len + 1], targets[: seq_len + 1]
+    inp = torch.tensor(ids[:-1], dtype=torch.long)
+    label = torch.tensor(ids[1:], dtype=torch.long)
+    label[~torch.tensor(targets[1:], dtype=torch.bool)] = IGNORE_INDEX
+    return inp, label
+
+
+def pad_rows(examples: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, pad_id: int) -> list[dict]:
+    """One example per row, padded at the end (pads are never attended to by real tokens: attention is causal)."""
+    rows = []
+    for inp, label in examples:
+        row = {"input": torch.full((seq_len,), pad_id), "label": torch.full((seq_len,), IGNORE_INDEX)}
+        row["input"][: len(inp)], row["label"][: len(label)] = inp, label
+        rows.append(row)
+    return rows
+
+
+def pack_rows(examples: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, pad_id: int) -> list[dict]:
+    """Examples laid end to end, in order, a new row whenever the next does not fit; "document_ids" numbers them
+    within the row (padding is one more document, so it attends only to itself)."""
+    rows, current = [], []
+
+    def flush():
+        if current:
+            inp = torch.cat([e[0] for e in current])
+            label = torch.cat([e[1] for e in current])
+            docs = torch.cat([torch.full((len(e[0]),), i) for i, e in enumerate(current)])
+            n_pad = seq_len - len(inp)
+            rows.append({"input": torch.cat([inp, torch.full((n_pad,), pad_id)]),
+                         "label": torch.cat([label, torch.full((n_pad,), IGNORE_INDEX)]),
+                         "document_ids": torch.cat([docs, torch.full((n_pad,), len(current))])})
+            current.clear()
+
+    used = 0
+    for e in examples:
+        if used + len(e[0]) > seq_len:
+            flush()
+            used = 0
+        current.append(e)
+        used += len(e[0])
+    flush()
+    return rows
+
+
+class Rows(Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def collate_pairs(pairs: list[dict]) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows."""
+    return {k: torch.stack([p["chosen"][k] for p in pairs] + [p["rejected"][k] for p in pairs])
+            for k in pairs[0]["chosen"]}
+
+
+def _truncation_note(n_cut: int, n: int, what: str, seq_len: int) -> None:
+    if n_cut:
+        logger.warning(f"data: {n_cut} of {n} {what} are longer than training.seq_len={seq_len} + 1 tokens and were "
+                       f"cut")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def sft_rows(section: str, data_cfg, sft: SFT, tokenizer: Tokenizer, seq_len: int, split: str) -> list[dict]:
+    path, key = _locate(section, data_cfg.dataset, data_cfg.dataset_path, split)
+    template = chat_template(tokenizer, sft.chat_template)
+    rendered = [template.render(c, sft.train_on_prompt) for c in read_conversations(path, key)]
+    _truncation_note(sum(len(ids) > seq_len + 1 for ids, _ in rendered), len(rendered), "conversations", seq_len)
+    examples = [example(ids, targets, seq_len) for ids, targets in rendered]
+    return (pack_rows if sft.packing else pad_rows)(examples, seq_len, tokenizer.eos_id)
+
+
+def build_sft_dataloader(cfg: Training, sft: SFT, tokenizer: Tokenizer, dp_rank: int, dp_size: int):
+    """Infinite, shuffled SFT batches for this dp rank (the same global order for any dp layout)."""
+    rows = Rows(sft_rows("training", cfg, sft, tokenizer, cfg.seq_len, "train"))
+    sampler = GlobalOrderSampler(len(rows), cfg.local_batch_size, cfg.seed, dp_rank, dp_size)
+    return _loader(rows, sampler, collate_rows)
+
+
+def build_sft_validation_dataloader(cfg: Validation, sft: SFT, tokenizer: Tokenizer, seq_len: int, dp_rank: int,
+                                    dp_size: int):
+    rows = Rows(sft_rows("validation", cfg, sft, tokenizer, seq_len, "validation"))
+    sampler = SequentialBlocks(len(rows), cfg.local_batch_size, dp_rank, dp_size)
+    if len(sampler) == 0:
+        raise ConfigError(f"validation: {len(rows)} validation rows, fewer than validation.local_batch_size x dp = "
+                          f"{cfg.local_batch_size * dp_size}")
+    return _loader(rows, sampler, collate_rows)
+
+
+def preference_rows(cfg: Training, sft: SFT, tokenizer: Tokenizer) -> list[dict]:
+    """Each pair as {"chosen": row, "rejected": row}: prompt then reply, loss flags on the reply only."""
+    path, key = _locate("training", cfg.dataset, cfg.dataset_path, "train")
+    template = chat_template(tokenizer, sft.chat_template)
+    pairs, n_cut = [], 0
+    for prompt, chosen, rejected in read_preferences(path, key):
+        pair = {}
+        for name, reply in (("chosen", chosen), ("rejected", rejected)):
+            ids, targets = template.render(prompt + [{"role": "assistant", "content": reply}])
+            n_cut += len(ids) > cfg.seq_len + 1
+            pair[name] = pad_rows([example(ids, targets, cfg.seq_len)], cfg.seq_len, tokenizer.eos_id)[0]
+        pairs.append(pair)
+    _truncation_note(n_cut, 2 * len(pairs), "replies with their prompts", cfg.seq_len)
+    return pairs
+
+
+def build_preference_dataloader(cfg: Training, sft: SFT, tokenizer: Tokenizer, dp_rank: int, dp_size: int):
+    """Infinite, shuffled batches of local_batch_size preference pairs (2 x local_batch_size rows)."""
+    pairs = Rows(preference_rows(cfg, sft, tokenizer))
+    sampler = GlobalOrderSampler(len(pairs), cfg.local_batch_size, cfg.seed, dp_rank, dp_size)
+    return _loader(pairs, sampler, collate_pairs)
