@@ -252,7 +252,14 @@ def sft_rows(section: str, data_cfg, sft: SFT, tokenizer: Tokenizer, seq_len: in
     rendered = [template.render(c, sft.train_on_prompt) for c in read_conversations(path, key)]
     _truncation_note(sum(len(ids) > seq_len + 1 for ids, _ in rendered), len(rendered), "conversations", seq_len)
     examples = [example(ids, targets, seq_len) for ids, targets in rendered]
-    return (pack_rows if sft.packing else pad_rows)(examples, seq_len, tokenizer.eos_id)
+    # A conversation cut before its first reply has nothing to learn: a batch of only such rows would divide 0 by 0.
+    kept = [e for e in examples if (e[1] != IGNORE_INDEX).any()]
+    if not kept:
+        raise ConfigError(f"{key}: no conversation in {path} has an assistant token within training.seq_len="
+                          f"{seq_len} + 1 tokens")
+    if len(kept) < len(examples):
+        logger.warning(f"data: dropped {len(examples) - len(kept)} conversations cut before their first reply")
+    return (pack_rows if sft.packing else pad_rows)(kept, seq_len, tokenizer.eos_id)
 
 
 def build_sft_dataloader(cfg: Training, sft: SFT, tokenizer: Tokenizer, dp_rank: int, dp_size: int):
@@ -283,7 +290,11 @@ def preference_rows(cfg: Training, sft: SFT, tokenizer: Tokenizer) -> list[dict]
             ids, targets = template.render(prompt + [{"role": "assistant", "content": reply}])
             n_cut += len(ids) > cfg.seq_len + 1
             pair[name] = pad_rows([example(ids, targets, cfg.seq_len)], cfg.seq_len, tokenizer.eos_id)[0]
-        pairs.append(pair)
+        if all((row["label"] != IGNORE_INDEX).any() for row in pair.values()):  # else nothing to compare
+            pairs.append(pair)
+    if not pairs:
+        raise ConfigError(f"{key}: no preference pair in {path} has both replies within training.seq_len="
+                          f"{cfg.seq_len} + 1 tokens")
     _truncation_note(n_cut, 2 * len(pairs), "replies with their prompts", cfg.seq_len)
     return pairs
 
