@@ -289,12 +289,31 @@ def save(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | Path, *,
         tokenizer_file = Path(tokenizer_file)
         # A tiktoken rank file is what Meta ships as tokenizer.model; its sidecar (pattern, specials) goes along.
         shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
-        sidecar = tokenizer_file.with_suffix(".json")
-        if sidecar.is_file():
-            shutil.copyfile(sidecar, folder / "tokenizer_tiktoken.json")
+        # In an HF folder the sidecar is tokenizer_tiktoken.json (tokenizer.json there is Hugging Face's own).
+        for sidecar in (tokenizer_file.with_name(tokenizer_file.stem + "_tiktoken.json"),
+                        tokenizer_file.with_suffix(".json")):
+            if sidecar.is_file() and _is_tiktoken_sidecar(sidecar):
+                shutil.copyfile(sidecar, folder / "tokenizer_tiktoken.json")
+                break
     if tokenizer is not None:
-        write_tokenizer(tokenizer, folder, args.max_seq_len)
+        source = Path(tokenizer_file).parent if tokenizer_file is not None else None
+        hf_files = ("tokenizer.json", "tokenizer_config.json")
+        if source is not None and Path(tokenizer_file).name == "tokenizer.model" and source.resolve() != \
+                folder.resolve() and all((source / f).is_file() for f in hf_files):
+            # The tokenizer came from an HF folder (e.g. scripts/download_assets.py smollm2): keep that model's own
+            # tokenizer.json / tokenizer_config.json (its pre-tokenizer, BOS rule and chat template).
+            for f in hf_files:
+                shutil.copyfile(source / f, folder / f)
+        else:
+            write_tokenizer(tokenizer, folder, args.max_seq_len)
     return folder
+
+
+def _is_tiktoken_sidecar(path: Path) -> bool:
+    try:
+        return "pattern" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
