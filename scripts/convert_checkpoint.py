@@ -20,17 +20,32 @@ import torch.distributed.checkpoint as dcp
 from titan import hf
 from titan.config import DTYPES, ConfigError
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
+from titan.models import lora
 from titan.models.llama import FLAVORS, Transformer, model_args
 
 
 
-def dcp_model_state(path: Path, args) -> dict[str, torch.Tensor]:
-    """The `model` entries of a DCP checkpoint as full tensors, without a process group."""
+def dcp_model_state(path: Path, args, lora_scale: float | None = None) -> dict[str, torch.Tensor]:
+    """The `model` entries of a DCP checkpoint as full tensors, without a process group; LoRA adapters, if the
+    checkpoint holds any, merged into their weights with `lora_scale` (the run's lora.alpha / lora.rank)."""
     with torch.device("meta"):
         model = Transformer(args)
     state = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in model.state_dict().items()}
     if args.tie_embeddings:
         state.pop("output.weight")  # DCP stores a tied tensor once, under the embedding's name
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - not a checkpoint: the load below reports it, naming the path
+        stored = {}
+    adapters = {k.removeprefix("model."): v for k, v in stored.items() if lora.is_adapter(k)}
+    if adapters:
+        if "model.tok_embeddings.weight" not in stored:
+            raise ConfigError(f"{path}: holds only LoRA adapters (lora.save_adapter_only); merge them with the base "
+                              f"through scripts/generate.py --checkpoint, or save with checkpoint.last_save_in_hf")
+        if lora_scale is None:
+            raise ConfigError(f"{path}: holds LoRA adapters; pass --lora-scale (the run's lora.alpha / lora.rank) to "
+                              f"merge them into the exported weights")
+        state.update({k: torch.empty(v.size, dtype=torch.float32) for k, v in adapters.items()})
     try:
         dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
     except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
@@ -40,14 +55,14 @@ def dcp_model_state(path: Path, args) -> dict[str, torch.Tensor]:
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    return state
+    return lora.merge(state, lora_scale) if adapters else state
 
 
 def to_hf(ns) -> None:
     tokenizer_path = str(tokenizer_file(ns.tokenizer or ""))
     tokenizer = load_tokenizer(ns.tokenizer or "")
     args = model_args(ns.flavor, vocab_size=tokenizer.vocab_size, max_seq_len=ns.max_seq_len)
-    state = dcp_model_state(Path(ns.src), args)
+    state = dcp_model_state(Path(ns.src), args, ns.lora_scale)
     out = hf.save(state, args, ns.dst, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                   tokenizer_file=tokenizer_path, tokenizer=tokenizer, dtype=DTYPES[ns.dtype])
     print(f"wrote {out} (Hugging Face LlamaForCausalLM, {ns.dtype})")
@@ -70,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="", help="tiktoken rank file; default: the shipped debug tokenizer")
     p.add_argument("--max-seq-len", type=int, default=8192, help="max_position_embeddings in config.json")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--lora-scale", type=float, default=None,
+                   help="for a checkpoint with LoRA adapters: the run's lora.alpha / lora.rank (merged into W)")
     p = sub.add_parser("from-hf", help="Hugging Face folder -> model-only DCP folder")
     p.add_argument("src")
     p.add_argument("dst")

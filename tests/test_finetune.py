@@ -8,6 +8,8 @@ The data-level checks (templates, loss masking, packing) are in tests/test_chat.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,6 +186,17 @@ def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(t
     for name in ("layers.0.attention.wq", "layers.3.feed_forward.w2"):
         expected = trained[f"{name}.weight"] + 2.0 * trained[f"{name}.lora_b"] @ trained[f"{name}.lora_a"]
         assert rel_error(exported[f"{name}.weight"], expected) < 1e-6
+
+    # scripts/convert_checkpoint.py merges the same way, and refuses to drop adapters silently.
+    convert = [sys.executable, "scripts/convert_checkpoint.py", "to-hf", str(tmp_path / "full" / "checkpoint" / "step-6"),
+               str(tmp_path / "converted"), "--flavor", "tiny", "--tokenizer", "debug_chat", "--dtype", "float32"]
+    out = subprocess.run(convert, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and "--lora-scale" in out.stderr, out.stderr
+    out = subprocess.run(convert + ["--lora-scale", "2.0"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    converted = load_file(tmp_path / "converted" / "model.safetensors")
+    assert all(torch.equal(v, converted[k]) for k, v in load_file(tmp_path / "full" / "checkpoint" / "step-6-hf" /
+                                                                   "model.safetensors").items())
 
     # Adapter-only checkpoints: smaller, and a run resumed from step 3 continues exactly.
     only = [*ckpt, *start, "--lora.save_adapter_only"]
