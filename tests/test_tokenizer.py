@@ -85,6 +85,37 @@ def test_sidecar_describes_specials(tmp_path, tok):
     assert chat.encode("Hello <|im_end|>") == tok.encode("Hello <|im_end|>")
 
 
+def test_bytes_without_a_token_become_the_unknown_token(tmp_path, tok):
+    # SmolLM2's vocabulary has no token for 21 byte values; tiktoken panics on text containing one. titan encodes
+    # such a character as the sidecar's unk_token (as Hugging Face's BPE does) and everything around it normally.
+    _write_ranks(tmp_path / "holes.tiktoken", [t for t in _debug_tokens() if b"\x04" not in t])
+    meta = {"pattern": LLAMA3_PATTERN, "special_tokens": {"<|unk|>": 4094, "<|end|>": 4095},
+            "bos_token": "<|end|>", "eos_token": "<|end|>", "unk_token": "<|unk|>"}
+    (tmp_path / "holes.json").write_text(json.dumps(meta))
+    holes = load_tokenizer(str(tmp_path / "holes.tiktoken"))
+    ids = holes.encode("Emma\x04Woodhouse \x04")
+    assert ids.count(4094) == 2 and ids[-1] == 4094
+    first = ids.index(4094)
+    assert holes.decode(ids[:first]) == "Emma" and holes.decode(ids).replace("<|unk|>", "\x04") == "Emma\x04Woodhouse \x04"
+    del meta["unk_token"]
+    (tmp_path / "holes.json").write_text(json.dumps(meta))
+    assert load_tokenizer(str(tmp_path / "holes.tiktoken")).decode(
+        load_tokenizer(str(tmp_path / "holes.tiktoken")).encode("a\x04b")) == "ab"
+
+
+def test_shipped_names_and_model_folders(tmp_path, tok):
+    assert load_tokenizer("debug").encode("Emma") == tok.encode("Emma")
+    chat = load_tokenizer("debug_chat")
+    assert chat.vocab_size == 4096 and {"<|im_start|>", "<|eot_id|>"} <= set(chat.special_tokens)
+    # A model folder holds tokenizer.model, described by tokenizer_tiktoken.json (tokenizer.json is Hugging Face's).
+    _write_ranks(tmp_path / "tokenizer.model", _debug_tokens())
+    (tmp_path / "tokenizer_tiktoken.json").write_text(json.dumps(
+        {"pattern": LLAMA3_PATTERN, "special_tokens": {"<s>": 4094, "</s>": 4095}, "bos_token": "<s>",
+         "eos_token": "</s>"}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    assert load_tokenizer(str(tmp_path)).bos_id == 4094
+
+
 def test_llama3_scheme_from_rank_count(tmp_path):
     gpt2 = _debug_tokens()
     filler = [b"\x00filler" + str(i).encode() for i in range(128_000 - len(gpt2))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from pathlib import Path
 
 import tiktoken
@@ -43,17 +44,35 @@ def llama3_special_tokens() -> dict[str, int]:
 class Tokenizer:
     """A tiktoken encoding plus the ids a trainer needs; `encode` never turns text into special tokens."""
 
-    def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], bos_token: str, eos_token: str):
+    def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], bos_token: str, eos_token: str,
+                 missing_bytes: bytes = b"", unk_token: str | None = None):
         self.encoding = encoding
         self.special_tokens = dict(special_tokens)
         self.bos_id = self.special_tokens[bos_token]
         self.eos_id = self.special_tokens[eos_token]
+        self.unk_id = self.special_tokens[unk_token] if unk_token else None
         self.vocab_size = encoding.max_token_value + 1
+        # Byte values with no token of their own (SmolLM2 lacks 21): tiktoken panics on text containing them.
+        self._missing = re.compile(b"[" + re.escape(missing_bytes) + b"]") if missing_bytes else None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         # encode_ordinary: "<|eot_id|>" inside user text stays plain text, so data cannot inject control tokens.
-        ids = self.encoding.encode_ordinary(text)
+        if self._missing is not None and self._missing.search(text.encode("utf-8", "surrogatepass")):
+            ids = self._encode_around_missing(text)
+        else:
+            ids = self.encoding.encode_ordinary(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def _encode_around_missing(self, text: str) -> list[int]:
+        """Characters whose bytes the vocabulary cannot spell become the unknown token (dropped if there is none),
+        as Hugging Face's BPE does; the text between them is encoded normally."""
+        ids, start = [], 0
+        for i, char in enumerate(text):
+            if self._missing.search(char.encode("utf-8", "surrogatepass")):
+                ids += self.encoding.encode_ordinary(text[start:i])
+                ids += [] if self.unk_id is None else [self.unk_id]
+                start = i + 1
+        return ids + self.encoding.encode_ordinary(text[start:])
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # accepts tensors and arrays too
@@ -109,6 +128,7 @@ def _read_sidecar(path: Path) -> dict | None:
         and all(isinstance(k, str) and type(v) is int for k, v in meta["special_tokens"].items())
         and meta.get("bos_token") in meta["special_tokens"]
         and meta.get("eos_token") in meta["special_tokens"]
+        and meta.get("unk_token", next(iter(meta["special_tokens"]))) in meta["special_tokens"]
     )
     if not ok:
         raise _fail(
@@ -154,4 +174,5 @@ def load_tokenizer(path: str = "") -> Tokenizer:
         )
     except ValueError as e:  # e.g. a pattern the regex engine rejects
         raise _fail(path, f"cannot build the encoding: {e}") from None
-    return Tokenizer(encoding, specials, meta["bos_token"], meta["eos_token"])
+    missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
+    return Tokenizer(encoding, specials, meta["bos_token"], meta["eos_token"], missing, meta.get("unk_token"))
