@@ -154,6 +154,7 @@ def test_export_after_fine_tuning_keeps_the_smollm2_tokenizer(smollm2, tmp_path)
     assert load_tokenizer(str(tmp_path / "hf")).encode("The capital of France is") == [504, 3575, 282, 4649, 314]
 
 
+@pytest.mark.slow  # ~30 s of loading a 135M model four times: nightly (scripts/nightly.sh), not CI
 def test_fine_tune_then_generate(smollm2, tmp_path):
     """docs/fine_tuning.md's worked example, 1 short step: train_configs/smollm2_135m_sft.toml from the downloaded
     weights, then generate.py from the exported HF folder and from the DCP checkpoint (the same weights: the same

@@ -265,3 +265,18 @@ def test_validation_errors(tmp_path, tok, corpus):
     cfg = Validation(dataset_path=str(corpus[0]), local_batch_size=n // 2 + 1)
     msg = _expect_error(lambda: build_validation_dataloader(cfg, tok, SEQ, 0, 2), "validation.dataset_path", corpus[0])
     assert "validation.local_batch_size" in msg
+
+
+def test_token_stream_is_reused_until_the_files_change(tmp_path):
+    from titan.data.pretrain import _cached_stream
+    from titan.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("It is a truth universally acknowledged.")
+    first = _cached_stream(corpus, "training.dataset_path", tok)
+    assert _cached_stream(corpus, "training.dataset_path", load_tokenizer("")) is first  # same files: reused
+    assert _cached_stream(corpus, "training.dataset_path", load_tokenizer("debug_chat")) is not first
+    corpus.write_text("It is a truth universally acknowledged, that a single man.")
+    second = _cached_stream(corpus, "training.dataset_path", tok)
+    assert len(second) > len(first) and second.tolist() == tok.encode(corpus.read_text(), bos=True, eos=True)

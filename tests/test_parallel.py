@@ -1,4 +1,4 @@
-"""Every parallel layout trains exactly like one process: for 10 steps of the tiny Llama (fp32, deterministic, gloo on
+"""Every parallel layout trains exactly like one process: for 6 steps of the tiny Llama (fp32, deterministic, gloo on
 CPU) the per-step loss and gradient norm of each layout match the single-process run within 1e-5 relative.
 
 The global batch (8 sequences) and seed are fixed, so every layout sees the same samples per step and starts from
@@ -66,8 +66,11 @@ LAYOUTS = {
 }
 
 
+STEPS = ["--training.steps", "6", "--validation.freq", "6"]  # 6 steps keep 35 layouts affordable on 2 cores
+
+
 def _argv(folder, extra=()):
-    return ["--config", TINY, "--job.dump_folder", str(folder), *extra]
+    return ["--config", TINY, "--job.dump_folder", str(folder), *STEPS, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,7 @@ def runs(tmp_path_factory):
 def test_layout_matches_single_process(runs, layout):
     ref, got = runs["reference"], runs[layout]
     train_ref, train_got = [r for r in ref if "loss" in r], [r for r in got if "loss" in r]
-    assert [r["step"] for r in train_got] == list(range(1, 11))
+    assert [r["step"] for r in train_got] == list(range(1, 7))
     assert max_rel_diff([r["loss"] for r in train_got], [r["loss"] for r in train_ref]) < TOL
     assert max_rel_diff([r["grad_norm"] for r in train_got], [r["grad_norm"] for r in train_ref]) < TOL
     val_ref, val_got = [r["val_loss"] for r in ref if "val_loss" in r], [r["val_loss"] for r in got if "val_loss" in r]

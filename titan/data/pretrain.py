@@ -118,10 +118,31 @@ def collate(windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input": w[:, :-1].contiguous(), "label": w[:, 1:].contiguous()}
 
 
+_STREAMS: dict[tuple, torch.Tensor] = {}  # (data files, tokenizer files) -> token stream, for this process
+
+
+def _cached_stream(path: Path, key: str, tokenizer: Tokenizer) -> torch.Tensor:
+    """token_stream of the documents at `path`, reused while neither the files nor the tokenizer change (tests and
+    scripts that build several runs in one process tokenize a corpus once)."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    ident = (tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()),
+             tokenizer.source)
+    if tokenizer.source is None or ident not in _STREAMS:
+        stream = token_stream(read_documents(path, key), tokenizer)
+        if tokenizer.source is None:
+            return stream
+        if len(_STREAMS) >= 4:  # a few corpora (train and validation splits); a long-lived process stays bounded
+            _STREAMS.clear()
+        _STREAMS[ident] = stream
+    return _STREAMS[ident]
+
+
 def _load_windows(section: str, cfg, split: str, tokenizer: Tokenizer, seq_len: int) -> tuple[PackedWindows, str]:
     """The windows and "key: path", for error messages about them."""
     path, key = _locate(section, cfg.dataset, cfg.dataset_path, split)
-    windows = PackedWindows(token_stream(read_documents(path, key), tokenizer), seq_len)
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    windows = PackedWindows(_cached_stream(path, key, tokenizer), seq_len)
     if len(windows) == 0:
         raise ConfigError(
             f"{key}: {path} has {len(windows.stream)} tokens, fewer than training.seq_len + 1 = {seq_len + 1} "

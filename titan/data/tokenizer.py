@@ -54,6 +54,7 @@ class Tokenizer:
         self.vocab_size = encoding.max_token_value + 1
         # Byte values with no token of their own (SmolLM2 lacks 21): tiktoken panics on text containing them.
         self._missing = re.compile(b"[" + re.escape(missing_bytes) + b"]") if missing_bytes else None
+        self.source: tuple | None = None  # set by load_tokenizer: the files it was read from
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         # encode_ordinary: "<|eot_id|>" inside user text stays plain text, so data cannot inject control tokens.
@@ -175,4 +176,9 @@ def load_tokenizer(path: str = "") -> Tokenizer:
     except ValueError as e:  # e.g. a pattern the regex engine rejects
         raise _fail(path, f"cannot build the encoding: {e}") from None
     missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
-    return Tokenizer(encoding, specials, meta["bos_token"], meta["eos_token"], missing, meta.get("unk_token"))
+    tokenizer = Tokenizer(encoding, specials, meta["bos_token"], meta["eos_token"], missing, meta.get("unk_token"))
+    side = _sidecar_path(path)
+    # Identifies these files as they are now: lets data loaders reuse a token stream within one process.
+    tokenizer.source = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size)
+                             for f in (path, side) if f.is_file())
+    return tokenizer
