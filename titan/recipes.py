@@ -22,6 +22,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from titan.config import SFT, Training, Validation
 from titan.data.chat import build_preference_dataloader, build_sft_dataloader, build_sft_validation_dataloader
@@ -57,7 +58,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over each row's labelled tokens, in fp32: (rows, seq, vocab) -> (rows,)."""
     token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="none")
-    return token_logps.view(labels.shape).sum(dim=1)
+    logps = token_logps.view(labels.shape).sum(dim=1)
+    # Under loss parallel (vocab-sharded logits) this is a DTensor; the DPO loss after it has no sharding rules.
+    return logps.full_tensor() if isinstance(logps, DTensor) else logps
 
 
 class DPOLoss:
