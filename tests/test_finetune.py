@@ -104,11 +104,14 @@ def test_fresh_adapters_change_nothing_and_merge_is_exact():
 
 RUNS = {  # name -> (overrides, layouts compared with the single-process run)
     "sft_packed": ([], ["fsdp2", "tp2"]),
+    "sft_padded": (["--sft.packing", "false"], ["pp2", "cp2"]),  # one conversation per row: PP and CP work
     "sft_lora": (LORA, ["fsdp2", "tp2"]),
     "dpo_lora": (DPO + LORA, ["fsdp2", "tp2"]),
     "dpo_frozen_reference": (DPO, ["fsdp2"]),
 }
-LAYOUT_ARGS = {"fsdp2": [], "tp2": ["--parallelism.tensor_parallel_degree", "2"]}
+LAYOUT_ARGS = {"fsdp2": [], "tp2": ["--parallelism.tensor_parallel_degree", "2"],
+               "pp2": ["--parallelism.pipeline_parallel_degree", "2"],
+               "cp2": ["--parallelism.context_parallel_degree", "2"]}
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +119,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     for name, (extra, _) in RUNS.items():
         assert main(_argv(root / name, *extra)) == 0
-    run_layouts(2, [_argv(root / f"{name}_{layout}", *extra, *LAYOUT_ARGS[layout])
-                    for name, (extra, layouts) in RUNS.items() for layout in layouts])
+    # Context parallel in processes of its own (see tests/test_parallel.py: mesh state outlives a process group).
+    for cp in (False, True):
+        run_layouts(2, [_argv(root / f"{name}_{layout}", *extra, *LAYOUT_ARGS[layout])
+                        for name, (extra, layouts) in RUNS.items() for layout in layouts if (layout == "cp2") == cp])
     return root
 
 
@@ -135,7 +140,7 @@ def test_recipe_layout_matches_single_process(runs, name, layout):
         assert [r["reward_accuracy"] for r in train_got] == [r["reward_accuracy"] for r in train_ref]
     val_ref, val_got = [r["val_loss"] for r in ref if "val_loss" in r], [r["val_loss"] for r in got if "val_loss" in r]
     assert len(val_got) == len(val_ref)
-    if layout == "tp2" and val_got:  # dp == 1: the same validation batches as the reference
+    if layout != "fsdp2" and val_got:  # dp == 1: the same validation batches as the reference
         assert max_rel_diff(val_got, val_ref) < TOL
 
 
