@@ -1,9 +1,9 @@
 """Float8 training through torchao (titan.parallel.float8), on CPU.
 
 - Accuracy: 30 steps of the debug model (dim 256, 6 layers; short sequences, 4 x 32 tokens per step, to keep it
-  fast) with the tensorwise and the rowwise recipe end within 2 % of the high-precision run's loss. The reference
-  is the fp32 run, not bf16: bf16 matmuls run ~35x slower than fp32 on this CPU (no bf16 units), so a bf16
-  debug-model run would take minutes; fp32 is also the stricter reference (bf16 itself drifts from it).
+  fast) with the tensorwise and the rowwise recipe end within 2 % of the bf16 run's loss (the issue's criterion)
+  and of the fp32 run's (the stricter reference: bf16 itself drifts from it). At these shapes the bf16 run costs a
+  few seconds even though bf16 matmuls run ~35x slower than fp32 on this CPU.
 - Layouts: FSDP=2 with float8 all-gather (+ precomputed scales) and TP=2 with torchao's float8 TP styles match the
   single-process float8 run (tiny flavor: every linear dim is a multiple of 16) within 1e-4 relative over 10 steps.
   The tolerance is looser than the 1e-5 of fp32 layouts: a last-bit difference from a different summation order
@@ -93,40 +93,26 @@ def test_unsupported_combinations_exit_2_with_one_line(tmp_path, capsys, extra, 
     assert len(errors) == 1 and all(k in errors[0] for k in keys), errors
 
 
-def test_recipes_track_the_fp32_run(tmp_path, capsys):
-    # About 12 s on a quiet machine (steps of ~0.07 s fp32, ~0.16 s float8 eager); several times that under load.
+def test_recipes_track_the_bf16_and_fp32_runs(tmp_path, capsys):
+    # About 17 s on a quiet machine: the bf16 run is the slow one (bf16 matmuls have no hardware support here).
     base = ["--config", str(REPO / "train_configs" / "debug_model.toml"), "--training.steps", "30",
             "--training.seq_len", "32", "--training.local_batch_size", "4", "--training.deterministic",
             "--metrics.log_freq", "10", "--metrics.enable_tensorboard", "false", *NO_VAL]
     final = {}
-    for name, extra in [("fp32", []), ("tensorwise", F8), ("rowwise", [*F8, "--float8.recipe_name", "rowwise"])]:
+    for name, extra in [("fp32", []), ("bf16", ["--training.mixed_precision_param", "bfloat16"]),
+                        ("tensorwise", F8), ("rowwise", [*F8, "--float8.recipe_name", "rowwise"])]:
         assert main([*base, "--job.dump_folder", str(tmp_path / name), *extra]) == 0
         records = read_metrics(tmp_path / name)
         assert records[-1]["step"] == 30
         final[name] = records[-1]["loss"]
         header = [line for line in capsys.readouterr().out.splitlines() if "metrics: every" in line]
-        assert len(header) == 1 and ("float8 " in header[0]) == (name != "fp32"), header  # the log says float8 is on
-    assert final["fp32"] < 7.5  # it learned (from ~8.4), so the comparison is not between two untrained models
+        float8_on = name in ("tensorwise", "rowwise")
+        assert len(header) == 1 and ("float8 " in header[0]) == float8_on, header  # the log says float8 is on
+    assert final["bf16"] < 7.5 and final["fp32"] < 7.5  # both learned (from ~8.8): not two untrained models
+    assert final["bf16"] != final["fp32"]  # bf16 autocast really ran
     for recipe in ("tensorwise", "rowwise"):
-        assert abs(final[recipe] - final["fp32"]) / final["fp32"] < 0.02, final
-
-
-@pytest.mark.slow
-def test_recipes_track_the_bf16_run(tmp_path):
-    """The issue's own criterion: float8 vs the bf16 run (bf16 autocast, one process). Minutes on this CPU (bf16 matmuls
-    have no hardware support here), so nightly rather than CI; the fp32 comparison above runs on every CI run."""
-    base = ["--config", str(REPO / "train_configs" / "debug_model.toml"), "--training.steps", "30",
-            "--training.seq_len", "32", "--training.local_batch_size", "4", "--training.deterministic",
-            "--metrics.log_freq", "10", "--metrics.enable_tensorboard", "false", *NO_VAL]
-    final = {}
-    for name, extra in [("bf16", ["--training.mixed_precision_param", "bfloat16"]), ("tensorwise", F8),
-                        ("rowwise", [*F8, "--float8.recipe_name", "rowwise"])]:
-        assert main([*base, "--job.dump_folder", str(tmp_path / name), *extra]) == 0
-        final[name] = read_metrics(tmp_path / name)[-1]["loss"]
-    assert final["bf16"] < 7.5, final
-    for recipe in ("tensorwise", "rowwise"):
-        assert abs(final[recipe] - final["bf16"]) / final["bf16"] < 0.02, final
-    print(f"final losses after 30 steps: {final}")
+        for reference in ("bf16", "fp32"):  # the issue's bf16 criterion, and fp32, the stricter reference
+            assert abs(final[recipe] - final[reference]) / final[reference] < 0.02, final
 
 
 @pytest.fixture(scope="module")
