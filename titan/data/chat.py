@@ -15,7 +15,6 @@ Formats (one JSON object per line):
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from titan.config import ConfigError
-from titan.data.pretrain import IGNORE_INDEX, GlobalOrderSampler, SequentialBlocks, _loader, _locate
+from titan.data.pretrain import IGNORE_INDEX, GlobalOrderSampler, SequentialBlocks, _loader, _locate, jsonl_records
 
 if TYPE_CHECKING:
     from titan.config import SFT, Training, Validation
@@ -63,10 +62,10 @@ class ChatTemplate:
                add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         """(token ids, target flags): flag i says token i is something the loss should teach."""
         ids, targets = list(self.begin), [train_on_prompt] * len(self.begin)
+        sep = self.tokenizer.encode(self.separator)
         for m in messages:
             header = self._header(m["role"])
             body = self.tokenizer.encode(m["content"]) + [self.end_id]
-            sep = self.tokenizer.encode(self.separator)
             learn = m["role"] == "assistant"
             ids += header + body + sep
             targets += [train_on_prompt] * len(header) + [learn or train_on_prompt] * len(body) \
@@ -112,17 +111,7 @@ def _records(path: Path, key: str) -> list[tuple[int, dict]]:
         raise ConfigError(f"{key}: {path} is not a .jsonl file or a folder of them")
     out = []
     for f in files:
-        try:
-            lines = f.read_text(encoding="utf-8").split("\n")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{key}: cannot read {f} ({e})".replace("\n", " ")) from None
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{key}: {f} line {lineno} is not JSON ({e.msg})") from None
+        for lineno, record in jsonl_records(f, key):
             if not isinstance(record, dict):
                 raise ConfigError(f"{key}: {f} line {lineno} is not a JSON object")
             out.append((f"{f} line {lineno}", record))

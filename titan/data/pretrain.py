@@ -66,28 +66,41 @@ def read_documents(path: Path, key: str) -> list[str]:
     return [doc for f in files for doc in _read_file(f, key)]
 
 
-def _read_file(path: Path, key: str) -> list[str]:
+def read_text(path: Path, key: str) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{key}: cannot read {path} ({e})".replace("\n", " ")) from None
-    if not text.strip():
-        raise ConfigError(f"{key}: {path} is empty")
-    if path.suffix == ".txt":
-        return [text]
-    docs = []
+
+
+def jsonl_records(path: Path, key: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file; a line that is not JSON is an error
+    naming `key`, the file and the line."""
+    records = []
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and friends, which splitlines() breaks on.
-    for lineno, line in enumerate(text.split("\n"), 1):
+    for lineno, line in enumerate(read_text(path, key).split("\n"), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{key}: {path} line {lineno} is not JSON ({e.msg})") from None
+    return records
+
+
+def _read_file(path: Path, key: str) -> list[str]:
+    if path.suffix == ".txt":
+        text = read_text(path, key)
+        if not text.strip():
+            raise ConfigError(f"{key}: {path} is empty")
+        return [text]
+    records = jsonl_records(path, key)
+    if not records:
+        raise ConfigError(f"{key}: {path} is empty")
+    for lineno, record in records:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ConfigError(f"{key}: {path} line {lineno} has no string \"text\" field")
-        docs.append(record["text"])
-    return docs
+    return [record["text"] for _, record in records]
 
 
 def token_stream(docs: list[str], tokenizer: Tokenizer) -> torch.Tensor:
