@@ -68,13 +68,13 @@ def _dcp_keys(path: Path, what: str) -> set[str]:
     return {k.removeprefix("model.") for k in metadata.state_dict_metadata if k.startswith("model.")}
 
 
-def _load_dcp(model: torch.nn.Module, path: Path, what: str, names=None) -> set[str]:
-    """Load the checkpoint's "model" entries that the model has (optionally only `names`); returns the names loaded.
+def _load_dcp(model: torch.nn.Module, path: Path, what: str) -> set[str]:
+    """Load the checkpoint's "model" entries that the model has; returns the names loaded.
     One process, no process group: DCP's no_dist mode."""
     import torch.distributed.checkpoint as dcp
 
     stored = _dcp_keys(path, what)
-    state = {k: v for k, v in model.state_dict().items() if k in stored and (names is None or k in names)}
+    state = {k: v for k, v in model.state_dict().items() if k in stored}
     if not state:
         raise ConfigError(f"{what} {path}: no model weights in it that this model has")
     try:
@@ -93,7 +93,7 @@ def _load_dcp(model: torch.nn.Module, path: Path, what: str, names=None) -> set[
 
 def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | None):
     from titan import config as titan_config
-    from titan import hf
+    from titan.checkpoint import load_initial_weights
     from titan.data.tokenizer import load_tokenizer
     from titan.models import lora
     from titan.models.llama import FLAVORS, Transformer, model_args
@@ -120,21 +120,20 @@ def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | Non
     wanted = set(model.state_dict())
     if args.tie_embeddings:
         wanted.discard("output.weight")  # the embedding's tensor; DCP stores it once, under the embedding's name
-    loaded = _load_dcp(model, step, "--checkpoint")
-    base = {k for k in wanted - loaded if not lora.is_adapter(k)}
-    if base:  # an adapter-only checkpoint (lora.save_adapter_only): the base is where the run started
-        initial = cfg.checkpoint.initial_load_path
-        if not initial:
-            raise ConfigError(f"--checkpoint {step}: holds no {sorted(base)[0]} and the run had no "
+    loaded = set()
+    stored = _dcp_keys(step, "--checkpoint")
+    if stored and all(lora.is_adapter(k) for k in stored):
+        # An adapter-only checkpoint (lora.save_adapter_only): the base is where the run started, read as training
+        # reads it.
+        if not cfg.checkpoint.initial_load_path:
+            raise ConfigError(f"--checkpoint {step}: holds only LoRA adapters and the run had no "
                               f"checkpoint.initial_load_path to take base weights from")
-        log(f"base weights from {initial} (the checkpoint holds {len(loaded)} tensors: adapters only)")
-        if cfg.checkpoint.initial_load_in_hf:
-            hf_args, state = hf.load(initial)
-            hf.check_compatible(args, hf_args, f"checkpoint.initial_load_path={initial}")
-            model.load_state_dict({k: state[k] for k in base if k in state}, strict=False)
-            loaded |= {k for k in base if k in state}
-        else:
-            loaded |= _load_dcp(model, Path(initial), "checkpoint.initial_load_path", names=base)
+        log(f"base weights from {cfg.checkpoint.initial_load_path} (the checkpoint holds adapters only)")
+        with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... assuming ... a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load_initial_weights([model], cfg.checkpoint)
+        loaded = {k for k in wanted if not lora.is_adapter(k)}
+    loaded |= _load_dcp(model, step, "--checkpoint")
     missing = sorted(wanted - loaded)
     if missing:
         raise ConfigError(f"--checkpoint {step}: no weights for {missing[0]} ({len(missing)} tensors missing)")
