@@ -3,7 +3,9 @@
 - Accuracy: 30 steps of the debug model (dim 256, 6 layers; short sequences, 4 x 32 tokens per step, to keep it
   fast) with the tensorwise and the rowwise recipe end within 2 % of the bf16 run's loss (the issue's criterion)
   and of the fp32 run's (the stricter reference: bf16 itself drifts from it). At these shapes the bf16 run costs a
-  few seconds even though bf16 matmuls run ~35x slower than fp32 on this CPU.
+  few seconds on either CPU kind (bf16 matmuls are ~35x slower than fp32 on AVX2-only CPUs, faster with AMX).
+- oneDNN: CPU float8 matmuls run with the mkldnn switch off (PyTorch's own kernel, same results), because on AMX
+  Xeons oneDNN's float8 kernel is a ~1 s reference implementation; checked by mechanism, not timing.
 - Layouts: FSDP=2 with float8 all-gather (+ precomputed scales) and TP=2 with torchao's float8 TP styles match the
   single-process float8 run (tiny flavor: every linear dim is a multiple of 16) within 1e-4 relative over 10 steps.
   The tolerance is looser than the 1e-5 of fp32 layouts: a last-bit difference from a different summation order
@@ -78,6 +80,43 @@ def test_mfu_counts_float8_against_the_bf16_peak(monkeypatch):
     assert float8.metrics_header(Float8()) == ""
 
 
+def _float8_step_spying_on_scaled_mm(monkeypatch, cfg: Float8, compiled: bool = False) -> list[bool]:
+    """One forward + backward of a float8 two-layer MLP on CPU; the mkldnn flag seen by each torch._scaled_mm."""
+    seen = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.enabled)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)  # torchao looks it up at call time
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    float8.convert(model, cfg, fsdp_enabled=False, device_type="cpu", compiled=compiled)
+    if not compiled:
+        model(torch.randn(32, 64, requires_grad=True)).square().sum().backward()
+    assert torch.backends.mkldnn.enabled  # only the float8 matmuls ran without it
+    return seen
+
+
+def test_cpu_float8_matmuls_do_not_reach_onednn(monkeypatch):
+    # oneDNN takes torch._scaled_mm on CPU only while the mkldnn flag is on (on AMX Xeons it then runs a ~1 s
+    # reference kernel): every float8 matmul, forward and both backward ones, must see the flag off ...
+    assert _float8_step_spying_on_scaled_mm(monkeypatch, Float8(enable=True)) == [False] * 6
+    assert _float8_step_spying_on_scaled_mm(monkeypatch, Float8(enable=True, recipe_name="rowwise")) == [False] * 6
+    # ... unless float8.cpu_onednn asks for oneDNN's kernel.
+    assert _float8_step_spying_on_scaled_mm(monkeypatch, Float8(enable=True, cpu_onednn=True)) == [True] * 6
+    # Under compile the graph calls _scaled_mm outside any Python scope: CPU runs emulate instead.
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    float8.convert(model, Float8(enable=True), fsdp_enabled=False, device_type="cpu", compiled=True)
+    assert isinstance(model[0], Float8Linear) and model[0].config.emulate
+    model = nn.Sequential(nn.Linear(64, 64))
+    float8.convert(model, Float8(enable=True, cpu_onednn=True), fsdp_enabled=False, device_type="cpu", compiled=True)
+    assert not model[0].config.emulate
+
+
 @pytest.mark.parametrize("extra, keys", [
     (["--float8.recipe_name", "rowwise", "--float8.enable_fsdp_float8_all_gather"],
      ["float8.enable_fsdp_float8_all_gather", "float8.recipe_name"]),
@@ -94,7 +133,8 @@ def test_unsupported_combinations_exit_2_with_one_line(tmp_path, capsys, extra, 
 
 
 def test_recipes_track_the_bf16_and_fp32_runs(tmp_path, capsys):
-    # About 17 s on a quiet machine: the bf16 run is the slow one (bf16 matmuls have no hardware support here).
+    # About 17 s on a quiet AMD EPYC (AVX2-only: bf16 matmuls without hardware support make the bf16 run the slow
+    # one). On AMX Xeons the float8 runs took 45 minutes before CPU float8 matmuls were kept off oneDNN.
     base = ["--config", str(REPO / "train_configs" / "debug_model.toml"), "--training.steps", "30",
             "--training.seq_len", "32", "--training.local_batch_size", "4", "--training.deterministic",
             "--metrics.log_freq", "10", "--metrics.enable_tensorboard", "false", *NO_VAL]

@@ -215,6 +215,10 @@ class Float8:
         False, "after each optimizer step, compute all weight scales in one all-reduce (needs float8 all-gather)"
     )
     emulate: bool = opt(False, "emulate float8 matmuls in high precision (for GPUs without float8, or tests)")
+    cpu_onednn: bool = opt(
+        False, "on CPU, let torch._scaled_mm use oneDNN (on AMX Xeons its float8 kernel is a slow reference "
+        "implementation); default: PyTorch's own dequantize-then-fp32 kernel, same results"
+    )
 
 
 @dataclass

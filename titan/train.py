@@ -343,9 +343,11 @@ def set_train_timeout(mesh: dict, seconds: int) -> None:
     """[comm] train_timeout_seconds for the default group and every mesh group, as torchtitan does after step 1.
     The barrier first: a rank still finishing step 1 under the long timeout must not make a faster one time out."""
     dist.barrier()
+    # torch >= 2.14 has the public set_timeout (and deprecates _set_pg_timeout with a FutureWarning); 2.13 has not.
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
     groups = {None} | {m.get_group(d) for m in mesh.values() for d in range(m.ndim)}
     for group in groups:
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+        set_timeout(timedelta(seconds=seconds), group)
 
 
 def timeout_hint(error: BaseException) -> str | None:

@@ -26,11 +26,11 @@ from titan.config import ConfigError, Float8
 logger = logging.getLogger("titan")
 
 
-def _torchao_config(cfg: Float8, fsdp_all_gather: bool):
+def _torchao_config(cfg: Float8, fsdp_all_gather: bool, emulate: bool):
     from torchao.float8 import Float8LinearConfig
 
     config = Float8LinearConfig.from_recipe_name(cfg.recipe_name)
-    return dataclasses.replace(config, emulate=cfg.emulate, enable_fsdp_float8_all_gather=fsdp_all_gather)
+    return dataclasses.replace(config, emulate=emulate, enable_fsdp_float8_all_gather=fsdp_all_gather)
 
 
 def check(cfg: Float8, device_type: str) -> None:
@@ -63,7 +63,7 @@ def _should_convert(cfg: Float8, module: nn.Module, fqn: str) -> bool:
     return out_features % 16 == 0 and in_features % 16 == 0
 
 
-def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str) -> bool:
+def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str, compiled: bool = False) -> bool:
     """Swap the selected linears of `model` (on the meta device, before TP/FSDP) for torchao's `Float8Linear`.
 
     Returns whether TP should use torchao's float8 styles: only for the tensorwise recipe. Those styles cast
@@ -73,6 +73,15 @@ def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str)
     check(cfg, device_type)
     if not cfg.enable:
         return False
+    emulate = cfg.emulate
+    if device_type == "cpu":
+        route_cpu_matmuls_around_onednn(allow_onednn=cfg.cpu_onednn)
+        if compiled and not cfg.cpu_onednn and not emulate:
+            # A compiled graph calls _scaled_mm as an extern kernel, outside any Python context that could keep it
+            # off oneDNN; emulation (dequantize, fp32 matmul) is that kernel's own arithmetic, and inductor fuses it.
+            emulate = True
+            logger.info("float8: on CPU under torch.compile the float8 matmuls are emulated (float8.cpu_onednn = "
+                        "true gives them to torch._scaled_mm and oneDNN)")
     from torchao.float8 import _auto_filter_for_recipe, convert_to_float8_training
     from torchao.float8.float8_linear import Float8Linear
 
@@ -86,11 +95,13 @@ def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str)
         filter_fn = _auto_filter_for_recipe(cfg.recipe_name, cfg.filter_fqns)
     else:
         filter_fn = partial(_should_convert, cfg)
-    convert_to_float8_training(model, module_filter_fn=filter_fn, config=_torchao_config(cfg, all_gather))
+    convert_to_float8_training(model, module_filter_fn=filter_fn, config=_torchao_config(cfg, all_gather, emulate))
 
     converted = sum(isinstance(m, Float8Linear) for m in model.modules())
     kept = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    how = "emulated" if cfg.emulate else "_scaled_mm"
+    how = "emulated" if emulate else "_scaled_mm"
+    if device_type == "cpu" and not emulate:
+        how += ", oneDNN allowed" if cfg.cpu_onednn else ", oneDNN bypassed"
     if cfg.enable_fsdp_float8_all_gather:
         how += ", FSDP float8 all-gather" if all_gather else ", float8 all-gather unused: no FSDP"
     logger.info(f"float8: {cfg.recipe_name} recipe on {converted} linears ({how}); kept in high precision: "
@@ -148,6 +159,40 @@ def allow_float8_all_gather_on_gloo() -> None:
 
     all_gather_as_bytes.titan_gloo = True
     FLOAT8_OPS_TABLE[op] = all_gather_as_bytes
+
+
+_CPU_ONEDNN = {"allowed": False}  # float8.cpu_onednn of the last converted model (the handlers are process-wide)
+
+
+def route_cpu_matmuls_around_onednn(allow_onednn: bool = False) -> None:
+    """On CPU, torch._scaled_mm hands float8 matmuls to oneDNN when mkldnn is enabled and the CPU has AMX-INT8; oneDNN
+    has no float8 kernel for those Xeons and runs its reference implementation (~1.3 s for a 128x256 @ 256x768
+    matmul, `ONEDNN_VERBOSE=1` shows `ref:any`; torch 2.13 and 2.14). With mkldnn off, PyTorch's own kernel
+    dequantizes and multiplies in fp32 (2-4 ms, the same result). So torchao's float8 matmul handlers -- forward and
+    both backward matmuls go through them -- run with mkldnn off, and only while their inputs are CPU tensors:
+    turning it off globally would make bf16 matmuls ~6x slower. Installed once per process; `float8.cpu_onednn`
+    (`allow_onednn`) leaves the flag alone."""
+    from torchao.float8.float8_ops import FLOAT8_OPS_TABLE
+
+    _CPU_ONEDNN["allowed"] = allow_onednn
+    aten = torch.ops.aten
+    for op in (aten.mm.default, aten.matmul.default, aten.addmm.default):
+        handler = FLOAT8_OPS_TABLE[op]
+        if getattr(handler, "titan_cpu", False):
+            continue
+
+        def without_onednn(aten_op, args, kwargs=None, _handler=handler):
+            if args[-1].device.type != "cpu" or _CPU_ONEDNN["allowed"]:
+                return _handler(aten_op, args, kwargs)
+            # Not torch.backends.mkldnn.flags(): it also re-sets oneDNN's TF32 mode, which warns on CPU builds.
+            previous, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+            try:
+                return _handler(aten_op, args, kwargs)
+            finally:
+                torch.backends.mkldnn.enabled = previous
+
+        without_onednn.titan_cpu = True
+        FLOAT8_OPS_TABLE[op] = without_onednn
 
 
 def precompute_scales(model_parts: list[nn.Module], cfg: Float8) -> None:

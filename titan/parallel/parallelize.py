@@ -35,7 +35,8 @@ def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelD
     if parallelism.enable_async_tensor_parallel and (dims.tp == 1 or not compile.enable):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1 and "
                           "compile.enable = true (inductor does the overlapping)")
-    float8_tp = convert_to_float8(model, float8 or Float8(), dims.fsdp_enabled, mesh["tp"].device_type)
+    float8_tp = convert_to_float8(model, float8 or Float8(), dims.fsdp_enabled, mesh["tp"].device_type,
+                                  compiled=compile.enable and "model" in compile.components)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], parallelism.enable_loss_parallel, parallelism.enable_async_tensor_parallel,
                  float8_tp)
