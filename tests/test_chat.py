@@ -26,9 +26,9 @@ from titan.data.chat import (
     read_conversations,
     read_preferences,
 )
-from titan.data.pretrain import DATASETS, IGNORE_INDEX
+from titan.data.pretrain import DATASETS, IGNORE_INDEX, document_positions
 from titan.data.tokenizer import load_tokenizer
-from titan.models.llama import Transformer, model_args, packed_positions_and_mask
+from titan.models.llama import Transformer, document_mask, model_args
 from titan.recipes import DPOLoss, TokenLoss
 from dist_utils import REPO, rel_error
 
@@ -304,7 +304,7 @@ def check_packed(rows, examples, seq_len, pad_id):
     """Every row holds whole examples, in order, then padding; document ids 0, 1, ... then one more for padding."""
     it = iter(examples)
     for row in rows:
-        assert set(row) == {"input", "label", "document_ids"}
+        assert set(row) == {"input", "label", "document_ids", "positions"}
         assert all(row[k].shape == (seq_len,) for k in row)
         docs = row["document_ids"]
         assert docs[0] == 0 and ((docs[1:] - docs[:-1]) >= 0).all() and ((docs[1:] - docs[:-1]) <= 1).all()
@@ -452,7 +452,8 @@ def test_prompt_after_the_replies_and_padding_change_nothing(tok, tiny_chat, one
 
 def token_losses(model, batch, document_ids=True):
     with torch.no_grad():
-        docs = {"document_ids": batch["document_ids"]} if document_ids and "document_ids" in batch else {}
+        docs = {k: batch[k] for k in ("document_ids", "positions")} if document_ids and "document_ids" in batch \
+            else {}
         logits = model(batch["input"], **docs)
     losses = F.cross_entropy(logits.flatten(0, 1), batch["label"].flatten(), ignore_index=IGNORE_INDEX,
                              reduction="none")
@@ -520,7 +521,7 @@ def test_packed_positions_restart_and_mask_is_block_diagonal():
     """RoPE scores depend only on relative positions, so a missing position reset would not change the losses
     above; check the positions and the mask themselves."""
     docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 2]])
-    positions, mask = packed_positions_and_mask(docs)
+    positions, mask = document_positions(docs), document_mask(docs)
     assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 0, 1, 2, 3, 4, 5, 0]]
     i, j = torch.arange(8).view(8, 1), torch.arange(8).view(1, 8)
     for r in range(2):
@@ -552,7 +553,7 @@ def test_sft_loader_global_order_and_resume(tok, tiny_chat, packing):
     ranks = [take(iter(sft_loader(tok, r, 2, packing=packing)), steps) for r in range(2)]
     for k in range(steps):
         assert same([{key: torch.cat([ranks[0][k][key], ranks[1][k][key]]) for key in one[k]}], [one[k]])
-    keys = {"input", "label"} | ({"document_ids"} if packing else set())
+    keys = {"input", "label"} | ({"document_ids", "positions"} if packing else set())
     assert set(one[0]) == keys and all(one[0][k].shape == (4, 64) for k in keys)
 
     # The rows are the rendered conversations, in file order (then shuffled by the sampler).

@@ -29,9 +29,12 @@ from titan.data.chat import build_preference_dataloader, build_sft_dataloader, b
 from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
 
 
+MODEL_INPUTS = ("document_ids", "positions")  # besides the token ids; packed rows carry them
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keyword inputs of the model besides the token ids: document ids of packed rows, when present."""
-    return {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
+    """Keyword inputs of the model besides the token ids: document ids and positions of packed rows, if present."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 class TokenLoss:

@@ -5,7 +5,7 @@ pre-training.
 Owns the chat templates (ChatML, Llama 3), the JSONL formats, loss masking, and packing. A batch is
 {"input", "label"} of [local_batch_size, seq_len] with label = IGNORE_INDEX wherever no loss is wanted (prompt
 tokens, padding); packed batches add "document_ids" for the block-diagonal attention mask (see
-`titan.models.llama.packed_positions_and_mask`). Preference batches hold 2 x local_batch_size rows: the chosen
+`titan.models.llama.document_mask`) and "positions" that restart with every conversation. Preference batches hold 2 x local_batch_size rows: the chosen
 replies first, then the rejected ones, pair i in rows i and B + i.
 
 Formats (one JSON object per line):
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from titan.config import ConfigError
-from titan.data.pretrain import IGNORE_INDEX, GlobalOrderSampler, SequentialBlocks, _loader, _locate, jsonl_records
+from titan.data.pretrain import IGNORE_INDEX, GlobalOrderSampler, document_positions, SequentialBlocks, _loader, _locate, jsonl_records
 
 if TYPE_CHECKING:
     from titan.config import SFT, Training, Validation
@@ -179,7 +179,8 @@ def pad_rows(examples: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, pa
 
 def pack_rows(examples: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, pad_id: int) -> list[dict]:
     """Examples laid end to end, in order, a new row whenever the next does not fit; "document_ids" numbers them
-    within the row (padding is one more document, so it attends only to itself)."""
+    within the row (padding is one more document, so it attends only to itself) and "positions" restart at 0 with
+    each, so every example is trained as if it were alone."""
     rows, current = [], []
 
     def flush():
@@ -188,9 +189,10 @@ def pack_rows(examples: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, p
             label = torch.cat([e[1] for e in current])
             docs = torch.cat([torch.full((len(e[0]),), i) for i, e in enumerate(current)])
             n_pad = seq_len - len(inp)
+            docs = torch.cat([docs, torch.full((n_pad,), len(current))])
             rows.append({"input": torch.cat([inp, torch.full((n_pad,), pad_id)]),
                          "label": torch.cat([label, torch.full((n_pad,), IGNORE_INDEX)]),
-                         "document_ids": torch.cat([docs, torch.full((n_pad,), len(current))])})
+                         "document_ids": docs, "positions": document_positions(docs)})
             current.clear()
 
     used = 0

@@ -126,6 +126,15 @@ class PackedWindows(Dataset):
         return self.stream[i * self.seq_len : (i + 1) * self.seq_len + 1]
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document, for rows of contiguous documents (..., seq):
+    ids [0 0 0 1 1 2] -> positions [0 1 2 0 1 0]."""
+    idx = torch.arange(document_ids.shape[-1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=-1).values
+
+
 def collate(windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     w = torch.stack(windows).long()
     return {"input": w[:, :-1].contiguous(), "label": w[:, 1:].contiguous()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -55,6 +56,10 @@ class Tokenizer:
         # Byte values with no token of their own (SmolLM2 lacks 21): tiktoken panics on text containing them.
         self._missing = re.compile(b"[" + re.escape(missing_bytes) + b"]") if missing_bytes else None
         self.source: tuple | None = None  # set by load_tokenizer: the files it was read from
+        # set by load_tokenizer: sha256 of those files' bytes -- what prepared data and checkpoints record, so a
+        # run notices another tokenizer even when its vocabulary size is the same (a path can move, bytes cannot)
+        self.identity: str = ""
+        self.name: str = ""  # for messages: the rank file's path
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         # encode_ordinary: "<|eot_id|>" inside user text stays plain text, so data cannot inject control tokens.
@@ -177,8 +182,18 @@ def load_tokenizer(path: str = "") -> Tokenizer:
         raise _fail(path, f"cannot build the encoding: {e}") from None
     missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
     tokenizer = Tokenizer(encoding, specials, meta["bos_token"], meta["eos_token"], missing, meta.get("unk_token"))
-    side = _sidecar_path(path)
+    files = [f for f in (path, _sidecar_path(path)) if f.is_file()]
     # Identifies these files as they are now: lets data loaders reuse a token stream within one process.
-    tokenizer.source = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size)
-                             for f in (path, side) if f.is_file())
+    tokenizer.source = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    tokenizer.identity = files_sha256(files)
+    tokenizer.name = str(path)
     return tokenizer
+
+
+def files_sha256(files: list[Path]) -> str:
+    """sha256 over the files' contents, each prefixed by its length (so moving bytes between files changes it)."""
+    digest = hashlib.sha256()
+    for f in files:
+        data = f.read_bytes()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()

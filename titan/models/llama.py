@@ -250,13 +250,13 @@ class Transformer(nn.Module):
         # Not persistent: derived from args, so checkpoints hold only learned weights.
         self.register_buffer("freqs_cis", rope_frequencies(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """`document_ids` (batch, seq): for packed sequences, which document each token belongs to; then every
-        document attends only within itself and its RoPE positions restart at 0, as if it were alone."""
-        freqs_cis, mask = self.freqs_cis, None
-        if document_ids is not None:
-            positions, mask = packed_positions_and_mask(document_ids)
-            freqs_cis = self.freqs_cis[positions]
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`document_ids` (batch, seq): for packed sequences, which document each token belongs to; every document
+        then attends only within itself. `positions` (batch, seq): each token's RoPE position (default 0, 1, ...),
+        e.g. restarting at 0 with every document, as if it were alone."""
+        mask = None if document_ids is None else document_mask(document_ids)
+        freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, freqs_cis, mask)
@@ -291,17 +291,11 @@ class Transformer(nn.Module):
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
 
 
-def packed_positions_and_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position of each token within its document, block-diagonal causal mask (batch, seq, seq)) for rows of
-    contiguous documents, e.g. ids [0 0 0 1 1 2] -> positions [0 1 2 0 1 0]."""
-    bs, seqlen = document_ids.shape
-    idx = torch.arange(seqlen, device=document_ids.device).expand(bs, seqlen)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    positions = idx - torch.where(starts, idx, 0).cummax(dim=1).values
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask (batch, seq, seq): a token sees the earlier tokens of its own document only."""
+    seqlen = document_ids.shape[1]
     causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
-    mask = (document_ids.unsqueeze(2) == document_ids.unsqueeze(1)) & causal
-    return positions, mask
+    return (document_ids.unsqueeze(2) == document_ids.unsqueeze(1)) & causal
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
