@@ -64,7 +64,7 @@ def test_windows_are_stream_slices(corpus, tok):
     path, stream, index = corpus
     dl = loader(corpus, tok)
     n = len(index)
-    assert dl.dataset.stream.tolist() == stream and len(dl.dataset) == n == (len(stream) - 1) // SEQ
+    assert dl.dataset.stream.read(0, len(stream)).tolist() == stream and len(dl.dataset) == n == (len(stream) - 1) // SEQ
     sampler = dl.batch_sampler
     order = [sampler.sample_at(g) for g in range(4 * 2)]
     for k, batch in enumerate(take(iter(dl), 4)):
@@ -78,7 +78,7 @@ def test_windows_are_stream_slices(corpus, tok):
 
 
 def test_documents_get_bos_and_eos(corpus, tok):
-    stream = loader(corpus, tok).dataset.stream
+    stream = torch.from_numpy(loader(corpus, tok).dataset.stream.read(0, len(corpus[1])))
     n_docs = len(corpus[0].read_text().splitlines())
     assert stream[0] == tok.bos_id and stream[-1] == tok.eos_id
     assert (stream == tok.bos_id).sum() == (stream == tok.eos_id).sum() == n_docs
@@ -144,7 +144,8 @@ def test_resume_dp2_into_dp1(corpus, tok):
     for it in its:
         take(it, k)
     s0, s1 = ranks[0].state_dict(), ranks[1].state_dict()
-    assert s0["_index_sampler_state"] == s1["_index_sampler_state"] == {"position": 2 * k * 2}
+    assert s0["_index_sampler_state"] == s1["_index_sampler_state"]
+    assert s0["_index_sampler_state"]["position"] == 2 * k * 2
     single = loader(corpus, tok)
     single.load_state_dict(s0)
     assert same(take(iter(single), m), reference[2 * k :])  # blocks 2k, 2k+1, ... exactly once
@@ -166,7 +167,7 @@ def test_austen_train_split(tok):
     dl = build_pretrain_dataloader(Training(seq_len=512, local_batch_size=2), tok, 0, 1)
     head = DATASETS["austen"]["train"].read_text()[:1000]
     expected = tok.encode(head, bos=True)[:100]
-    assert dl.dataset.stream[:100].tolist() == expected
+    assert dl.dataset.stream.read(0, 100).tolist() == expected
     assert len(dl.dataset) > 1500  # ~1.2 M tokens / 512
 
 
@@ -174,20 +175,21 @@ def test_validation_finite_unshuffled(corpus, tok):
     _, stream, index = corpus
     n = len(index)
     cfg = Validation(dataset_path=str(corpus[0]), local_batch_size=3)
-    dl = build_validation_dataloader(cfg, tok, SEQ, 0, 1)
+    dl = build_validation_dataloader(cfg, Training(seq_len=SEQ), tok, 0, 1)
     batches = list(dl)
     assert len(batches) == len(dl) == n // 3
     assert window_ids(batches, index) == list(range(n // 3 * 3))  # in order; the partial last batch is dropped
     assert same(list(dl), batches)  # every iter() is the same full pass
-    ranks = [list(build_validation_dataloader(cfg, tok, SEQ, r, 2)) for r in range(2)]
+    ranks = [list(build_validation_dataloader(cfg, Training(seq_len=SEQ), tok, r, 2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == n // 6  # whole rounds only, so ranks stay in step
     assert same(ranks[0], batches[0 : 2 * (n // 6) : 2]) and same(ranks[1], batches[1 : 2 * (n // 6) : 2])
 
 
 def test_validation_uses_the_named_split(tok):
-    dl = build_validation_dataloader(Validation(local_batch_size=2), tok, 256, 0, 1)
+    dl = build_validation_dataloader(Validation(local_batch_size=2), Training(seq_len=256), tok, 0, 1)
     text = DATASETS["austen"]["validation"].read_text()
-    assert dl.dataset.stream.tolist() == tok.encode(text, bos=True, eos=True)
+    expected = tok.encode(text, bos=True, eos=True)
+    assert dl.dataset.stream.read(0, len(dl.dataset.stream)).tolist() == expected
     assert len(list(dl)) == len(dl) > 0
 
 
@@ -197,7 +199,8 @@ def test_folder_reads_sorted_files(tmp_path, tok):
     (tmp_path / "notes.md").write_text("ignored")
     dl = build_pretrain_dataloader(Training(dataset_path=str(tmp_path), seq_len=4, local_batch_size=1), tok, 0, 1)
     docs = ["first", "second", "Second file, one document.\n\nEven with blank lines."]
-    assert dl.dataset.stream.tolist() == [t for d in docs for t in tok.encode(d, bos=True, eos=True)]
+    expected = [t for d in docs for t in tok.encode(d, bos=True, eos=True)]
+    assert dl.dataset.stream.read(0, len(expected)).tolist() == expected
 
 
 def _expect_error(build, key, where):
@@ -217,7 +220,7 @@ def _expect_error(build, key, where):
         ("notext.jsonl", '{"text": "ok"}\n\n{"body": "x"}\n', "line 3 has no string"),
         ("number.jsonl", '{"text": 5}\n', "line 1 has no string"),
         ("list.jsonl", '["text"]\n', "line 1 has no string"),
-        ("data.csv", "text\nhello\n", "neither a .txt nor a .jsonl"),
+        ("data.csv", "text\nhello\n", "is not one of .txt, .jsonl"),
         ("short.txt", "Too short.", "fewer than training.seq_len + 1"),
     ],
 )
@@ -232,7 +235,7 @@ def test_undecodable_file(tmp_path, tok):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     cfg = Training(dataset_path=str(path), seq_len=4)
-    assert "cannot read" in _expect_error(lambda: build_pretrain_dataloader(cfg, tok, 0, 1), "training.dataset_path",
+    assert "cannot be read" in _expect_error(lambda: build_pretrain_dataloader(cfg, tok, 0, 1), "training.dataset_path",
                                           path)
 
 
@@ -244,7 +247,7 @@ def test_missing_path_and_empty_folder(tmp_path, tok):
     )
     (tmp_path / "readme.md").write_text("no data here")
     cfg = Training(dataset_path=str(tmp_path), seq_len=4)
-    assert "no .txt or .jsonl" in _expect_error(
+    assert "has no .txt, .jsonl" in _expect_error(
         lambda: build_pretrain_dataloader(cfg, tok, 0, 1), "training.dataset_path", tmp_path
     )
 
@@ -252,31 +255,36 @@ def test_missing_path_and_empty_folder(tmp_path, tok):
 def test_unknown_dataset_names(tok):
     _expect_error(lambda: build_pretrain_dataloader(Training(dataset="wiki"), tok, 0, 1), "training.dataset", "wiki")
     _expect_error(
-        lambda: build_validation_dataloader(Validation(dataset="wiki"), tok, 8, 0, 1), "validation.dataset", "wiki"
+        lambda: build_validation_dataloader(Validation(dataset="wiki"), Training(seq_len=8), tok, 0, 1),
+        "validation.dataset", "wiki"
     )
 
 
 def test_validation_errors(tmp_path, tok, corpus):
     missing = tmp_path / "gone.txt"
     cfg = Validation(dataset_path=str(missing))
-    _expect_error(lambda: build_validation_dataloader(cfg, tok, 8, 0, 1), "validation.dataset_path", missing)
+    _expect_error(lambda: build_validation_dataloader(cfg, Training(seq_len=8), tok, 0, 1), "validation.dataset_path",
+                  missing)
     # Enough tokens for windows, but fewer windows than one batch on each of 2 ranks.
     n = len(corpus[2])
     cfg = Validation(dataset_path=str(corpus[0]), local_batch_size=n // 2 + 1)
-    msg = _expect_error(lambda: build_validation_dataloader(cfg, tok, SEQ, 0, 2), "validation.dataset_path", corpus[0])
+    msg = _expect_error(lambda: build_validation_dataloader(cfg, Training(seq_len=SEQ), tok, 0, 2),
+                        "validation.dataset_path", corpus[0])
     assert "validation.local_batch_size" in msg
 
 
 def test_token_stream_is_reused_until_the_files_change(tmp_path):
-    from titan.data.pretrain import _cached_stream
-    from titan.data.tokenizer import load_tokenizer
+    from titan.data.pretrain import token_stream
+
+    def ids(stream):
+        return stream.read(0, len(stream)).tolist()
 
     tok = load_tokenizer("")
     corpus = tmp_path / "c.txt"
     corpus.write_text("It is a truth universally acknowledged.")
-    first = _cached_stream(corpus, "training.dataset_path", tok)
-    assert _cached_stream(corpus, "training.dataset_path", load_tokenizer("")) is first  # same files: reused
-    assert _cached_stream(corpus, "training.dataset_path", load_tokenizer("debug_chat")) is not first
+    first = token_stream(corpus, "training.dataset_path", tok)
+    assert token_stream(corpus, "training.dataset_path", load_tokenizer("")) is first  # same files: reused
+    assert token_stream(corpus, "training.dataset_path", load_tokenizer("debug_chat")) is not first
     corpus.write_text("It is a truth universally acknowledged, that a single man.")
-    second = _cached_stream(corpus, "training.dataset_path", tok)
-    assert len(second) > len(first) and second.tolist() == tok.encode(corpus.read_text(), bos=True, eos=True)
+    second = token_stream(corpus, "training.dataset_path", tok)
+    assert len(second) > len(first) and ids(second) == tok.encode(corpus.read_text(), bos=True, eos=True)

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
+from titan.errors import ConfigError  # noqa: F401 - re-exported: titan.config.ConfigError is its usual name
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
-    """A bad key, value, file or combination; the message names the key or file and fits on one line."""
 
 
 def opt(default, help: str, choices: tuple | None = None):
@@ -92,8 +92,19 @@ class Training:
         "austen", "dataset name: austen (documents), tiny_chat (SFT), tiny_preferences (DPO); see docs/config.md"
     )
     dataset_path: str = opt(
-        "", "a .txt/.jsonl file or a folder of them (chat/preference JSONL for sft/dpo); overrides the named dataset"
+        "", "a folder prepared by scripts/prepare_data.py, or text files (.txt, .jsonl, .jsonl.gz, .jsonl.zst, "
+        ".parquet) or a folder of them, tokenized at start (chat/preference JSONL for sft/dpo); overrides the named "
+        "dataset; see docs/data.md"
     )
+    dataset_paths: list[str] = opt(
+        [], "several sources (as dataset_path takes) to mix by dataset_weights; replaces dataset/dataset_path"
+    )
+    dataset_weights: list[float] = opt([], "one weight per dataset_paths entry (normalised); empty = equal")
+    document_masking: bool = opt(
+        False, "pretrain: attention never crosses a document boundary inside a window (block-causal), and the "
+        "label crossing one is not trained on"
+    )
+    reset_positions: bool = opt(False, "with document_masking: RoPE positions restart at 0 with every document")
     local_batch_size: int = opt(8, "sequences per micro-batch on each data-parallel rank")
     global_batch_size: int = opt(
         -1, "sequences per optimizer step over all ranks; -1 = local_batch_size x dp (no accumulation)"
@@ -164,7 +175,10 @@ class Metrics:
 class Validation:
     enable: bool = opt(False, "evaluate on held-out data during training")
     dataset: str = opt("austen", "dataset name; the named dataset's validation split is used")
-    dataset_path: str = opt("", "a .txt/.jsonl file or folder; overrides the named dataset's validation split")
+    dataset_path: str = opt(
+        "", "a prepared folder, or text files or a folder of them (as training.dataset_path); overrides the named "
+        "dataset's validation split"
+    )
     local_batch_size: int = opt(8, "sequences per validation batch on each data-parallel rank")
     freq: int = opt(100, "validate every N steps")
     steps: int = opt(10, "batches per validation; -1 = the whole split")
@@ -351,6 +365,7 @@ def validate(cfg: Config) -> None:
     for c in cfg.compile.components:
         if c not in ("model", "loss"):
             raise ConfigError(f"compile.components: unknown component {c!r} (valid: model, loss){_suggest(c, ('model', 'loss'))}")
+    _validate_data(cfg)
     _validate_finetuning(cfg)
     p = cfg.parallelism
     for name in ("data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
@@ -360,6 +375,37 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"parallelism.data_parallel_shard_degree must be > 0 or -1 (got {p.data_parallel_shard_degree})"
         )
+
+
+def _validate_data(cfg: Config) -> None:
+    t, p = cfg.training, cfg.parallelism
+    if t.dataset_paths:
+        if t.dataset_path:
+            raise ConfigError("training.dataset_path and training.dataset_paths are both set; use one (a single "
+                              "source, or several to mix)")
+        if t.recipe != "pretrain":
+            raise ConfigError(f"training.dataset_paths (mixing) applies to training.recipe = pretrain (got "
+                              f"{t.recipe}); set training.dataset_path")
+        if t.dataset_weights and len(t.dataset_weights) != len(t.dataset_paths):
+            raise ConfigError(f"training.dataset_weights has {len(t.dataset_weights)} entries for "
+                              f"{len(t.dataset_paths)} training.dataset_paths")
+        if not t.dataset_weights:
+            t.dataset_weights = [1.0] * len(t.dataset_paths)
+        if not all(w > 0 and math.isfinite(w) for w in t.dataset_weights):
+            raise ConfigError(f"training.dataset_weights must be finite numbers > 0 (got {t.dataset_weights})")
+    elif t.dataset_weights:
+        raise ConfigError("training.dataset_weights is set without training.dataset_paths")
+    if t.reset_positions and not t.document_masking:
+        raise ConfigError("training.reset_positions needs training.document_masking = true")
+    if t.document_masking:
+        if t.recipe != "pretrain":
+            raise ConfigError(f"training.document_masking applies to training.recipe = pretrain (got {t.recipe}); "
+                              f"SFT masks packed conversations with sft.packing")
+        for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
+                            ("context_parallel_degree", p.context_parallel_degree)):
+            if degree > 1:
+                raise ConfigError(f"training.document_masking needs a per-token attention mask, which parallelism."
+                                  f"{key}={degree} does not pass on; set training.document_masking = false")
 
 
 def _validate_finetuning(cfg: Config) -> None:

@@ -115,7 +115,7 @@ def build_dataloaders(training: Training, sft: SFT, validation: Validation, toke
     """(train loader, validation loader or None) for the recipe."""
     if training.recipe == "pretrain":
         train = build_pretrain_dataloader(training, tokenizer, dp_rank, dp_size)
-        val = build_validation_dataloader(validation, tokenizer, training.seq_len, dp_rank, dp_size) \
+        val = build_validation_dataloader(validation, training, tokenizer, dp_rank, dp_size) \
             if validation.enable else None
     elif training.recipe == "sft":
         train = build_sft_dataloader(training, sft, tokenizer, dp_rank, dp_size)

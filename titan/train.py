@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from titan import config, hf
 from titan.checkpoint import Checkpointer, load_initial_weights
 from titan.config import DTYPES, Config, ConfigError
-from titan.data.pretrain import IGNORE_INDEX
+from titan.data.pretrain import IGNORE_INDEX, tokens_per_source
 from titan.data.tokenizer import load_tokenizer
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora
@@ -306,7 +306,8 @@ def train_steps(run: Run, profiler: Profiler, first_step: int) -> None:
         loss_sum = all_reduce_sum(loss_sum, loss_mesh)
         step_time, regions = timer.lap()  # since the previous lap, less validation
         run.metrics.step(step, loss=loss_sum, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step,
-                         step_time=step_time, data_time=regions["data"], **run.objective.metrics(token_mesh))
+                         step_time=step_time, data_time=regions["data"], **run.objective.metrics(token_mesh),
+                         **tokens_per_source(run.train_loader, cfg.training.seq_len))
         profiler.step()
         if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout
             set_train_timeout(run.mesh, cfg.comm.train_timeout_seconds)

@@ -1,6 +1,4 @@
-"""Data: tokenizers (tokenizer.py) and pre-training windows with resumable, layout-independent loaders (pretrain.py)."""
-
-from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
-from titan.data.tokenizer import Tokenizer, load_tokenizer
-
-__all__ = ["IGNORE_INDEX", "Tokenizer", "build_pretrain_dataloader", "build_validation_dataloader", "load_tokenizer"]
+"""Data: tokenizers (tokenizer.py), reading documents (documents.py), the prepared token layout (tokens.py),
+preparing a corpus (prepare.py), pre-training windows and their resumable, layout-independent loaders (pretrain.py),
+and chat/preference data (chat.py). Import the submodules: this package imports nothing itself, so a tokenizing
+worker does not load torch."""

@@ -24,7 +24,16 @@ import torch
 from torch.utils.data import Dataset
 
 from titan.config import ConfigError
-from titan.data.pretrain import IGNORE_INDEX, GlobalOrderSampler, document_positions, SequentialBlocks, _loader, _locate, jsonl_records
+from titan.data.documents import jsonl_records
+from titan.data.pretrain import (
+    IGNORE_INDEX,
+    GlobalOrderSampler,
+    SequentialBlocks,
+    collate_rows,
+    document_positions,
+    locate,
+    make_loader,
+)
 
 if TYPE_CHECKING:
     from titan.config import SFT, Training, Validation
@@ -217,10 +226,6 @@ class Rows(Dataset):
         return self.rows[i]
 
 
-def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def collate_pairs(pairs: list[dict]) -> dict[str, torch.Tensor]:
     """Chosen rows first, then rejected rows."""
     return {k: torch.stack([p["chosen"][k] for p in pairs] + [p["rejected"][k] for p in pairs])
@@ -238,7 +243,7 @@ def _truncation_note(n_cut: int, n: int, what: str, seq_len: int) -> None:
 
 
 def sft_rows(section: str, data_cfg, sft: SFT, tokenizer: Tokenizer, seq_len: int, split: str) -> list[dict]:
-    path, key = _locate(section, data_cfg.dataset, data_cfg.dataset_path, split)
+    path, key = locate(section, data_cfg.dataset, data_cfg.dataset_path, split)
     template = chat_template(tokenizer, sft.chat_template)
     rendered = [template.render(c, sft.train_on_prompt) for c in read_conversations(path, key)]
     _truncation_note(sum(len(ids) > seq_len + 1 for ids, _ in rendered), len(rendered), "conversations", seq_len)
@@ -257,7 +262,7 @@ def build_sft_dataloader(cfg: Training, sft: SFT, tokenizer: Tokenizer, dp_rank:
     """Infinite, shuffled SFT batches for this dp rank (the same global order for any dp layout)."""
     rows = Rows(sft_rows("training", cfg, sft, tokenizer, cfg.seq_len, "train"))
     sampler = GlobalOrderSampler(len(rows), cfg.local_batch_size, cfg.seed, dp_rank, dp_size)
-    return _loader(rows, sampler, collate_rows)
+    return make_loader(rows, sampler, collate_rows)
 
 
 def build_sft_validation_dataloader(cfg: Validation, sft: SFT, tokenizer: Tokenizer, seq_len: int, dp_rank: int,
@@ -267,12 +272,12 @@ def build_sft_validation_dataloader(cfg: Validation, sft: SFT, tokenizer: Tokeni
     if len(sampler) == 0:
         raise ConfigError(f"validation: {len(rows)} validation rows, fewer than validation.local_batch_size x dp = "
                           f"{cfg.local_batch_size * dp_size}")
-    return _loader(rows, sampler, collate_rows)
+    return make_loader(rows, sampler, collate_rows)
 
 
 def preference_rows(cfg: Training, sft: SFT, tokenizer: Tokenizer) -> list[dict]:
     """Each pair as {"chosen": row, "rejected": row}: prompt then reply, loss flags on the reply only."""
-    path, key = _locate("training", cfg.dataset, cfg.dataset_path, "train")
+    path, key = locate("training", cfg.dataset, cfg.dataset_path, "train")
     template = chat_template(tokenizer, sft.chat_template)
     pairs, n_cut = [], 0
     for prompt, chosen, rejected in read_preferences(path, key):
@@ -294,4 +299,4 @@ def build_preference_dataloader(cfg: Training, sft: SFT, tokenizer: Tokenizer, d
     """Infinite, shuffled batches of local_batch_size preference pairs (2 x local_batch_size rows)."""
     pairs = Rows(preference_rows(cfg, sft, tokenizer))
     sampler = GlobalOrderSampler(len(pairs), cfg.local_batch_size, cfg.seed, dp_rank, dp_size)
-    return _loader(pairs, sampler, collate_pairs)
+    return make_loader(pairs, sampler, collate_pairs)

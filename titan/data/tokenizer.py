@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tiktoken
 
-from titan.config import ConfigError
+from titan.errors import ConfigError
 
 _SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
 DEBUG_TOKENIZER = _SHIPPED / "debug.tiktoken"

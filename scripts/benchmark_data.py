@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Benchmark the pre-training data path at scale (docs/performance.md, "Data at scale").
+
+    python scripts/benchmark_data.py [--tokens 1e7 5e9] [--workdir DIR] [--batches 500] [--prepare_mb 32] [--json F]
+
+For each N in --tokens it writes a synthetic prepared dataset of N random tokens directly in the on-disk layout
+(titan/data/tokens.py; documents of 500-1500 tokens), then, in a fresh process, measures the time from building the
+loader to its first batch, the process's peak resident memory, and the loader's batches/s at the debug model's batch
+shape (8 x 256), with and without document masking. It also times one debug-model training step (same shape, CPU,
+fp32) for the loader/step ratio, and scripts/prepare_data.py's throughput on real text (the Austen corpus repeated to
+--prepare_mb MB of JSONL) with 1 and 2 workers. The synthetic datasets are deleted afterwards.
+
+Targets (issue 13): at the biggest N versus the smallest, time to first batch <= 1.5x + 1 s and peak memory
+<= 1.1x + 50 MB; the loader >= 50x faster than a training step; 2 workers >= 1.7x one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ_LEN, BATCH = 256, 8
+
+
+def write_synthetic(folder: Path, n_tokens: int, seed: int = 0) -> None:
+    """N random ids of the debug tokenizer's vocabulary, in shards of at most 2**30 tokens, as prepare_data writes."""
+    from titan.data import tokens
+    from titan.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    dtype = tokens.token_dtype(tok.vocab_size)
+    shards, left, index = [], n_tokens, 0
+    while left > 0:
+        n = min(left, 2**30)
+        name = f"shard-{index:06d}"
+        with open(folder / f"{name}.bin", "wb") as f:
+            for start in range(0, n, 2**26):
+                rng.integers(0, tok.vocab_size, size=min(2**26, n - start), dtype=np.uint16).astype(dtype).tofile(f)
+        lengths = rng.integers(500, 1500, size=n // 500 + 2)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        starts = np.concatenate([starts[starts < n], [n]]).astype(tokens.OFFSET_DTYPE)
+        starts.tofile(folder / f"{name}.idx")
+        shards.append({"name": name, "num_tokens": n, "num_documents": len(starts) - 1})
+        left, index = left - n, index + 1
+    manifest = {"format": tokens.FORMAT, "version": tokens.VERSION, "dtype": dtype.name, "plan": "synthetic",
+                "tokenizer": {"path": "debug", "sha256": tok.identity, "vocab_size": tok.vocab_size},
+                "num_tokens": n_tokens, "num_documents": sum(s["num_documents"] for s in shards),
+                "shards": shards, "inputs": []}
+    tokens.write_atomically(folder / tokens.MANIFEST, tokens.json_bytes(manifest))
+
+
+LOADER_PROBE = """
+import json, resource, sys, time
+from titan.config import Training
+from titan.data.pretrain import build_pretrain_dataloader
+from titan.data.tokenizer import load_tokenizer
+path, batches, masking = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+tok = load_tokenizer()
+start = time.perf_counter()
+loader = build_pretrain_dataloader(Training(dataset_path=path, seq_len=%d, local_batch_size=%d,
+                                            document_masking=masking), tok, 0, 1)
+it = iter(loader)
+next(it)
+first = time.perf_counter() - start
+start = time.perf_counter()
+for _ in range(batches):
+    next(it)
+rate = batches / (time.perf_counter() - start)
+print(json.dumps({"first_batch_s": first, "batches_per_s": rate,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""" % (SEQ_LEN, BATCH)
+
+
+def probe_loader(path: Path, batches: int, masking: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", LOADER_PROBE, str(path), str(batches), "1" if masking else "0"],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def train_step_seconds(steps: int = 3) -> float:
+    """Median time of a debug-model training step (forward, backward, AdamW) at the loader's batch shape."""
+    import torch
+    import torch.nn.functional as F
+
+    from titan.models.llama import Transformer, model_args
+
+    torch.manual_seed(0)
+    model = Transformer(model_args("debugmodel", vocab_size=4096, max_seq_len=SEQ_LEN))
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 4096, (BATCH, SEQ_LEN + 1))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def prepare_throughput(workdir: Path, megabytes: float) -> dict:
+    from titan.data.prepare import prepare
+
+    paragraphs = [p for p in (REPO / "titan/assets/data/austen/train.txt").read_text().split("\n\n") if p.strip()]
+    lines = "".join(json.dumps({"text": p}) + "\n" for p in paragraphs)
+    corpus = workdir / "text.jsonl"
+    with open(corpus, "w") as f:
+        while f.tell() < megabytes * 1e6:
+            f.write(lines)
+    size = corpus.stat().st_size
+    result = {"input_mb": size / 1e6}
+    for workers in (1, 2):
+        out = workdir / f"prepared-{workers}"
+        start = time.perf_counter()
+        prepare([str(corpus)], str(out), workers=workers, shard_mb=size / 2**20 / 16, log=lambda *_: None)
+        seconds = time.perf_counter() - start
+        result[f"workers_{workers}_mb_per_s"] = size / 1e6 / seconds
+        shutil.rmtree(out)
+    result["speedup_2_over_1"] = result["workers_2_mb_per_s"] / result["workers_1_mb_per_s"]
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=float, nargs="+", default=[1e7, 5e9])
+    p.add_argument("--workdir", help="where the synthetic datasets go (default: a temporary folder)")
+    p.add_argument("--batches", type=int, default=500)
+    p.add_argument("--prepare_mb", type=float, default=32.0)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="titan-bench-data-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(workdir).free
+    results = {"loader": {}, "batch_shape": [BATCH, SEQ_LEN]}
+    try:
+        for n in map(int, args.tokens):
+            if n * 2 > free * 0.8:
+                n = int(free * 0.8 // 2 // 10**8 * 10**8)
+                print(f"not enough free disk for {args.tokens}; using N = {n:.3g}", file=sys.stderr)
+            folder = workdir / f"synthetic-{n}"
+            start = time.perf_counter()
+            write_synthetic(folder, n)
+            write_s = time.perf_counter() - start
+            row = {"write_s": write_s, "plain": probe_loader(folder, args.batches, False),
+                   "document_masking": probe_loader(folder, args.batches, True)}
+            results["loader"][str(n)] = row
+            print(f"N = {n:.3g} tokens (written in {write_s:.1f} s): first batch {row['plain']['first_batch_s']:.3f} s, "
+                  f"peak RSS {row['plain']['peak_rss_mb']:.0f} MB, {row['plain']['batches_per_s']:,.0f} batches/s "
+                  f"({row['document_masking']['batches_per_s']:,.0f} with document masking)", flush=True)
+            shutil.rmtree(folder)
+        step = train_step_seconds()
+        results["train_step_s"] = step
+        slowest = min(r[k]["batches_per_s"] for r in results["loader"].values() for k in ("plain", "document_masking"))
+        results["loader_over_step"] = slowest * step
+        print(f"debug-model training step {step * 1000:.0f} ms: the slowest loader is {slowest * step:,.0f}x faster",
+              flush=True)
+        results["prepare"] = prepare_throughput(workdir, args.prepare_mb)
+        print(f"prepare_data on {results['prepare']['input_mb']:.0f} MB of JSONL: "
+              f"{results['prepare']['workers_1_mb_per_s']:.2f} MB/s with 1 worker, "
+              f"{results['prepare']['workers_2_mb_per_s']:.2f} MB/s with 2 "
+              f"({results['prepare']['speedup_2_over_1']:.2f}x)", flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    sizes = sorted(results["loader"], key=int)
+    small, big = results["loader"][sizes[0]]["plain"], results["loader"][sizes[-1]]["plain"]
+    print(f"big vs small N: first batch {big['first_batch_s']:.3f} s vs {small['first_batch_s']:.3f} s "
+          f"(target <= 1.5x + 1 s), peak RSS {big['peak_rss_mb']:.0f} MB vs {small['peak_rss_mb']:.0f} MB "
+          f"(target <= 1.1x + 50 MB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

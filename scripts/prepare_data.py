@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Tokenize a corpus once into memory-mapped token shards that training reads with constant memory and start-up
+time (`--training.dataset_path DIR`). See docs/data.md for the formats, the layout and the options.
+
+    python scripts/prepare_data.py --input corpus/ more/*.jsonl.gz --output data/corpus [--tokenizer PATH]
+        [--workers N] [--text_key text] [--shard_mb 256] [--num_shards K --shard_index I]
+
+Inputs: files, folders (searched recursively) and globs of .txt (one document per file), .jsonl / .jsonl.gz /
+.jsonl.zst (one document per line, in its --text_key field) and .parquet (one per row; .zst and .parquet need
+`pip install -e ".[data]"`). The output is the same, byte for byte, whatever --workers is; an interrupted run keeps
+its finished shards and resumes. With --num_shards K --shard_index I, each of K jobs (a Slurm array, say:
+scripts/prepare_data.sbatch) prepares its part into the same --output, and the last to finish writes the manifest.
+Bad input: one line naming the file (and line), exit code 2, nothing of yours deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from titan.config import ConfigError
+from titan.data.prepare import prepare
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or globs")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder to write (new, empty, or an unfinished "
+                   "preparation of the same inputs)")
+    p.add_argument("--tokenizer", default="", help="what model.tokenizer_path takes; empty = the shipped debug one")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
+    p.add_argument("--text_key", default="text", help="JSONL field / parquet column holding the text")
+    p.add_argument("--shard_mb", type=float, default=256.0, help="input MB per shard (default 256)")
+    p.add_argument("--num_shards", type=int, default=1, help="split the input into K parts (one job each)")
+    p.add_argument("--shard_index", type=int, default=0, help="the part this job prepares, 0 <= I < K")
+    args = p.parse_args(argv)
+    try:
+        prepare(args.input, args.output, args.tokenizer, args.workers, args.text_key, args.shard_mb,
+                args.num_shards, args.shard_index)
+    except ConfigError as e:
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nprepare_data: interrupted; finished shards are kept: run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

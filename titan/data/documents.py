@@ -1,0 +1,211 @@
+"""Raw documents: finding the input files, and reading their documents (plain strings), for the in-memory training
+path (titan/data/pretrain.py) and for scripts/prepare_data.py (titan/data/prepare.py) alike, so both see the same
+documents in the same order.
+
+Formats: `.txt` (the whole file is one document); `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object per line, the
+document in its `text_key` field); `.parquet` (one row per document, the `text_key` column; needs pyarrow, the
+`data` extra). Every bad input is a ConfigError naming `key`, the file and, for JSONL, the line. Not tokenizing, not
+the layout of prepared data.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from titan.errors import ConfigError
+
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
+def suffix(path: Path) -> str | None:
+    """The document format of `path` (one of SUFFIXES), or None."""
+    name = path.name.lower()
+    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+def expand(patterns: list[str], key: str) -> list[Path]:
+    """Files named by `patterns` (files, folders searched recursively, globs), each once, in a fixed order: the
+    order of the patterns, and within a folder or glob sorted by path. Files of other formats inside folders are
+    skipped; named explicitly they are an error."""
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            if suffix(path) is None:
+                raise ConfigError(f"{key}: {path} is not one of {', '.join(SUFFIXES)}")
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) is not None)
+            if not found:
+                raise ConfigError(f"{key}: folder {path} has no {', '.join(SUFFIXES)} files")
+        elif glob.has_magic(pattern):
+            found = sorted(p for p in map(Path, glob.glob(pattern, recursive=True))
+                           if p.is_file() and suffix(p) is not None)
+            if not found:
+                raise ConfigError(f"{key}: {pattern!r} matches no {', '.join(SUFFIXES)} files")
+        else:
+            raise ConfigError(f"{key}: {path} does not exist")
+        files += [f for f in found if f not in files]
+    return files
+
+
+def _fail(key: str, path: Path, what: str) -> ConfigError:
+    return ConfigError(f"{key}: {path} {what}".replace("\n", " "))
+
+
+def _open_text_stream(path: Path, key: str):
+    """A binary stream of the decompressed JSONL file."""
+    fmt = suffix(path)
+    raw = open(path, "rb")
+    if fmt == ".jsonl.gz":
+        return gzip.GzipFile(fileobj=raw)
+    if fmt == ".jsonl.zst":
+        try:
+            import zstandard
+        except ImportError:
+            raw.close()
+            raise ConfigError(f"{key}: reading {path} needs the zstandard package: pip install -e \".[data]\"") \
+                from None
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return raw
+
+
+def _record_text(line: bytes, key: str, path: Path, lineno, text_key: str) -> str:
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        raise _fail(key, path, f"line {lineno()} is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise _fail(key, path, f"line {lineno()} is not JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+        raise _fail(key, path, f"line {lineno()} has no string {text_key!r} field")
+    return record[text_key]
+
+
+def jsonl_documents(path: Path, key: str, text_key: str = "text", start: int = 0, end: int | None = None,
+                    progress=None) -> Iterator[str]:
+    """The documents of the lines whose first byte lies in [start, end) (plain .jsonl; compressed files are read
+    whole). `progress(n_bytes)` is called as bytes are consumed."""
+    try:
+        stream = _open_text_stream(path, key)
+    except OSError as e:
+        raise _fail(key, path, f"cannot be read ({e.strerror or e})") from None
+    with stream:
+        pos = start
+        if start > 0:  # a line belongs to the piece holding its first byte: finish the one in progress
+            stream.seek(start - 1)
+            if stream.read(1) != b"\n":
+                pos += len(stream.readline())
+        reader = io.BufferedReader(stream, 1 << 20) if not isinstance(stream, io.BufferedReader) else stream
+        while end is None or pos < end:
+            try:
+                line = reader.readline()
+            except (OSError, EOFError) as e:  # a truncated or corrupt .gz / .zst
+                raise _fail(key, path, f"cannot be read past byte {pos} of its decompressed text ({e})") from None
+            if not line:
+                break
+            line_start, pos = pos, pos + len(line)
+            if progress is not None:
+                progress(len(line))
+            if line.strip():
+                yield _record_text(line, key, path, lambda: _line_number(path, key, line_start), text_key)
+
+
+def _line_number(path: Path, key: str, offset: int) -> int:
+    """1-based number of the line starting at decompressed byte `offset` (counted only when reporting an error)."""
+    count = 0
+    with _open_text_stream(path, key) as stream:
+        while offset > 0:
+            chunk = stream.read(min(offset, 1 << 24))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            offset -= len(chunk)
+    return count + 1
+
+
+def txt_document(path: Path, key: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(key, path, f"cannot be read ({e})") from None
+    if not text.strip():
+        raise _fail(key, path, "is empty")
+    return text
+
+
+def parquet_file(path: Path, key: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"{key}: reading {path} needs pyarrow: pip install -e \".[data]\"") from None
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        raise _fail(key, path, f"is not a readable parquet file ({e})") from None
+
+
+def parquet_documents(path: Path, key: str, text_key: str = "text", start: int = 0, end: int | None = None,
+                      progress=None) -> Iterator[str]:
+    """The `text_key` column of row groups [start, end)."""
+    pf = parquet_file(path, key)
+    if text_key not in pf.schema_arrow.names:
+        raise _fail(key, path, f"has no {text_key!r} column (columns: {', '.join(pf.schema_arrow.names)})")
+    end = pf.num_row_groups if end is None else end
+    for group in range(start, end):
+        column = pf.read_row_group(group, columns=[text_key]).column(0)
+        if progress is not None:
+            progress(pf.metadata.row_group(group).total_byte_size)
+        for row, text in enumerate(column.to_pylist()):
+            if not isinstance(text, str):
+                raise _fail(key, path, f"row group {group} row {row}: {text_key!r} is not a string")
+            yield text
+
+
+def documents(path: Path, key: str, text_key: str = "text", start: int = 0, end: int | None = None,
+              progress=None) -> Iterator[str]:
+    """The documents of `path` (of the byte range [start, end) of a .jsonl, or row groups of a .parquet)."""
+    fmt = suffix(path)
+    if fmt == ".txt":
+        text = txt_document(path, key)
+        if progress is not None:
+            progress(path.stat().st_size)
+        yield text
+    elif fmt == ".parquet":
+        yield from parquet_documents(path, key, text_key, start, end, progress)
+    else:
+        yield from jsonl_documents(path, key, text_key, start, end, progress)
+
+
+def read_documents(files: list[Path], key: str, text_key: str = "text") -> Iterator[str]:
+    """Every document of `files` in order; a file that holds none is an error naming it."""
+    for path in files:
+        n = 0
+        for n, text in enumerate(documents(path, key, text_key), 1):
+            yield text
+        if n == 0:
+            raise _fail(key, path, "is empty")
+
+
+def jsonl_records(path: Path, key: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file (chat and preference data); a line that is
+    not JSON is an error naming `key`, the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(key, path, f"cannot be read ({e})") from None
+    records = []
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and friends, which splitlines() breaks on.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise _fail(key, path, f"line {lineno} is not JSON ({e.msg})") from None
+    return records
