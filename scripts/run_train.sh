@@ -6,14 +6,32 @@
 # Several nodes: run the same command on every node, pointing at one node's address (torchrun's c10d rendezvous
 # assigns the ranks; no node is special except the one hosting the endpoint):
 #   NNODES=2 NGPU=8 RDZV_ENDPOINT=node0:29500 CONFIG_FILE=train_configs/llama3_70b.toml ./scripts/run_train.sh
+# Automatic recovery: `--max_restarts N` (or MAX_RESTARTS=N) relaunches torchrun up to N times after a crash (a killed
+# or failed worker); with checkpoint.enable each relaunch resumes from the newest complete checkpoint. Failures that
+# would only repeat (bad config: exit 2, too many skipped steps: 3, a failed save: 4) and stop signals are not
+# retried. torchrun's own --max-restarts does not recover on gloo in torch 2.13 (restarted workers cannot create
+# their process subgroups), a fresh torchrun does.
 set -euo pipefail
 
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
 NNODES=${NNODES:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 if [ -z "${NGPU:-}" ]; then
   NGPU=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
   [ "$NGPU" -gt 0 ] || NGPU=1
 fi
+
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --max_restarts) MAX_RESTARTS=${2:?--max_restarts needs a number}; shift 2 ;;
+    --max_restarts=*) MAX_RESTARTS=${1#*=}; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+case "$MAX_RESTARTS" in
+  ''|*[!0-9]*) echo "run_train.sh: error: --max_restarts must be a number >= 0 (got '$MAX_RESTARTS')" >&2; exit 2 ;;
+esac
 
 if [ "$NNODES" -eq 1 ]; then
   rdzv=(--standalone)
@@ -21,6 +39,39 @@ else
   : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port (the same on every node) for a multi-node run}"
   rdzv=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-titan}")
 fi
-
+# torchrun passes these signals on to the workers (its default list lacks SIGUSR1, which would kill torchrun, and
+# with it the workers, before they could save).
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 # titan itself logs on global rank 0 only (other ranks print warnings and errors).
-exec torchrun "${rdzv[@]}" --nproc_per_node="$NGPU" -m titan.train --config "$CONFIG_FILE" "$@"
+launch=(torchrun "${rdzv[@]}" --nproc_per_node="$NGPU" -m titan.train --config "$CONFIG_FILE" ${args[@]+"${args[@]}"})
+
+if [ "$MAX_RESTARTS" -eq 0 ]; then
+  exec "${launch[@]}"
+fi
+
+# titan writes the exit code of a failure worth no retry here (torchrun reports every worker failure as 1).
+TITAN_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/titan-exit.XXXXXX")
+export TITAN_EXIT_FILE
+trap 'rm -f "$TITAN_EXIT_FILE"' EXIT
+stopping=0
+for ((attempt = 0; ; attempt++)); do
+  : >"$TITAN_EXIT_FILE"
+  "${launch[@]}" &
+  pid=$!
+  # Signals for the job go to torchrun, which passes them to the workers (they save and stop); no relaunch then.
+  trap 'stopping=1; kill -TERM $pid 2>/dev/null || true' TERM
+  trap 'stopping=1; kill -INT $pid 2>/dev/null || true' INT
+  trap 'stopping=1; kill -USR1 $pid 2>/dev/null || true' USR1
+  status=0
+  while :; do
+    wait "$pid" && status=0 || status=$?
+    kill -0 "$pid" 2>/dev/null || break  # wait returns early when a trapped signal arrives
+  done
+  trap - TERM INT USR1
+  [ "$status" -eq 0 ] && exit 0
+  code=$(cat "$TITAN_EXIT_FILE" 2>/dev/null || true)
+  if [ -n "$code" ] || [ "$stopping" -eq 1 ] || [ "$attempt" -ge "$MAX_RESTARTS" ]; then
+    exit "${code:-$status}"
+  fi
+  echo "run_train.sh: torchrun exited with $status; relaunch $((attempt + 1)) of $MAX_RESTARTS" >&2
+done

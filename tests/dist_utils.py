@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def _set_torchrun_env(rank: int, world_size: int, port: int) -> None:
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str) -> None:
+def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str, expected: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # N processes share 2 cores
@@ -53,14 +54,16 @@ def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str) -> N
     for i, argv in enumerate(runs):
         _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
         code = main(argv)
-        if code != 0:
-            raise SystemExit(f"rank {rank}: titan.train.main({argv}) returned {code}")
+        if code != expected:
+            raise SystemExit(f"rank {rank}: titan.train.main({argv}) returned {code}, not {expected}")
 
 
-def run_layouts(world_size: int, runs: list[list[str]]) -> None:
-    """Run each argv list in turn on `world_size` spawned gloo processes; raises if any run fails."""
+def run_layouts(world_size: int, runs: list[list[str]], expected: int = 0) -> None:
+    """Run each argv list in turn on `world_size` spawned gloo processes; raises if a run does not end with exit
+    code `expected` on every rank."""
     with tempfile.TemporaryDirectory() as folder:
-        mp.start_processes(_worker, args=(world_size, runs, folder), nprocs=world_size, start_method="spawn")
+        mp.start_processes(_worker, args=(world_size, runs, folder, expected), nprocs=world_size,
+                           start_method="spawn")
 
 
 def _env_worker(rank: int, world_size: int, folder: str, fn, args) -> None:
@@ -95,6 +98,20 @@ def spawn_gloo(fn, world_size: int, *args) -> None:
     module-level function (it is pickled) and raise to fail the test."""
     mp.start_processes(_gloo_worker, args=(world_size, free_port(), fn, args), nprocs=world_size,
                        start_method="spawn")
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (`pgrep -P`; Linux): torchrun's workers, for tests that kill them."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split() if running(int(p))]
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie that nobody reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def read_metrics(dump_folder: str | Path, validation: bool = False) -> list[dict]:

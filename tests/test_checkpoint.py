@@ -222,25 +222,26 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)][-2:] == [step + 1, step + 2]
 
 
-def _signal_rank1_at_step3(rank, world_size, argv):
-    """Run titan.train.main with rank 1 (only) sending itself SIGUSR1 during step 3."""
-    from titan.checkpoint import Checkpointer
+def _signal_at_step3(rank, world_size, argv):
+    """Run titan.train.main with rank 1 sending itself SIGINT (Ctrl-C) and rank 0 SIGUSR1 during step 3."""
+    from titan.lifecycle import StopRequests
     from titan.train import main
 
-    original = Checkpointer.end_of_step
+    original, polls = StopRequests.poll, []
 
-    def end_of_step(self, step, tokens):
-        if rank == 1 and step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)  # the handler was installed at the end of step 1
-        return original(self, step, tokens)
+    def poll(self):
+        polls.append(1)
+        if len(polls) == 3:  # the end of step 3; the handlers were installed at the first poll
+            os.kill(os.getpid(), signal.SIGINT if rank == 1 else signal.SIGUSR1)
+        return original(self)
 
-    Checkpointer.end_of_step = end_of_step
+    StopRequests.poll = poll
     assert main(argv) == 0
 
 
 def test_signal_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     argv = ["--config", TINY, "--job.dump_folder", str(tmp_path), "--checkpoint.enable", "--training.steps", "50"]
-    spawn_torchrun_env(_signal_rank1_at_step3, 2, argv)
+    spawn_torchrun_env(_signal_at_step3, 2, argv)
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-3"]
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
@@ -276,14 +277,21 @@ def test_errors_name_the_path(tmp_path, saved, capsys):
     line = _error_line(capsys, _single(saved, "--checkpoint.load_step", "3"))
     assert str(folder / "step-3") in line and "complete steps: 2, 4" in line
 
+    # A checkpoint named by load_step that fails its integrity check is an error (no fallback from a choice).
     (folder / "step-4" / ".metadata").write_bytes(b"garbage")
-    line = _error_line(capsys, _single(saved, "--training.steps", "6"))
-    assert str(folder / "step-4") in line
+    line = _error_line(capsys, _single(saved, "--training.steps", "6", "--checkpoint.load_step", "4"))
+    assert f"{folder / 'step-4' / '.metadata'} has 7 bytes" in line and "integrity" in line
 
     data = next((folder / "step-2").glob("*.distcp"))
     data.write_bytes(data.read_bytes()[:1000])  # torn data file under a valid .metadata
     line = _error_line(capsys, _single(saved, "--training.steps", "6", "--checkpoint.load_step", "2"))
-    assert str(folder / "step-2") in line
+    assert str(data) in line
+    # Without a manifest (a checkpoint from before titan wrote them) the torn file is found by DCP's load instead.
+    (folder / "step-2" / "manifest.json").unlink()
+    line = _error_line(capsys, _single(saved, "--training.steps", "6", "--checkpoint.load_step", "2",
+                                       "--checkpoint.branch"))
+    assert f"cannot load {folder / 'step-2'}" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2", "step-4"]  # a failed load moves nothing
 
     line = _error_line(capsys, ["--config", TINY, "--job.dump_folder", str(tmp_path / "x"),
                                 "--checkpoint.initial_load_path", str(tmp_path / "missing")])
@@ -343,3 +351,122 @@ def test_seed_checkpoint_and_model_only_export(tmp_path):
     assert {m.properties.dtype for m in meta.values()} == {torch.bfloat16}
     assert main(["--config", TINY, "--job.dump_folder", str(tmp_path / "from_export"), "--training.steps", "1",
                  "--checkpoint.initial_load_path", str(export / "checkpoint" / "step-2")]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integrity, history and atomic commits (single process, in-process)
+
+
+def _stdout(capsys) -> str:
+    return capsys.readouterr().out
+
+
+def test_corrupted_shard_is_detected_and_the_previous_checkpoint_used(saved, capsys):
+    folder = saved / "checkpoint"
+    shard = next((folder / "step-4").glob("*.distcp"))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:  # 8 KiB of garbage inside the shard, its size unchanged
+        f.seek(size // 2)
+        f.write(os.urandom(8192))
+    assert shard.stat().st_size == size
+    _stdout(capsys)
+    assert main(_single(saved, "--training.steps", "6", "--checkpoint.interval", "2")) == 0
+    out = _stdout(capsys)
+    assert f"{shard} has CRC-32" in out and "fails its integrity check" in out
+    assert "continuing at step 3" in out
+    # The bad copy is kept for inspection, out of the folder's history; the run saved its own step-4 and step-6.
+    (moved,) = (folder / "superseded").iterdir()
+    assert (moved / "step-4" / shard.name).is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2", "step-4", "step-6", "superseded"]
+    records = read_metrics(saved)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 3, 4, 5, 6]
+    assert [r["loss"] for r in records[4:6]] == [r["loss"] for r in records[2:4]]  # step 3 on from step-2's state
+
+
+def test_branched_resume_keeps_its_own_saves_and_is_what_the_next_start_continues(saved, capsys):
+    folder = saved / "checkpoint"
+    branch = _single(saved, "--checkpoint.load_step", "2", "--training.steps", "3", "--checkpoint.interval", "1",
+                     "--checkpoint.keep_latest_k", "2", "--optimizer.lr", "1e-4")
+    line = _error_line(capsys, branch)  # step-4 is newer: resuming from step-2 starts a second history
+    assert "checkpoint.load_step=2 is older than step-4" in line and "checkpoint.branch = true" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2", "step-4"]
+
+    assert main([*branch, "--checkpoint.branch"]) == 0
+    out = _stdout(capsys)
+    # The old step-4 moved out of the way; retention kept the branch's parent and its own save (keep_latest_k 2);
+    # before, it kept the two highest step numbers (3 and 4) and deleted the parent, and the next start resumed step-4.
+    assert "moved step-4 to" in out
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2", "step-3", "superseded"]
+    assert main(_single(saved, "--training.steps", "4", "--optimizer.lr", "1e-4", "--checkpoint.keep_latest_k",
+                        "2")) == 0
+    out = _stdout(capsys)
+    assert f"from {folder / 'step-3'}" in out and "continuing at step 4" in out
+    # Retention deletes only this lineage's own older checkpoints: never one outside it, like the moved step-4.
+    assert sorted(p.name for p in folder.iterdir()) == ["step-3", "step-4", "superseded"]
+    assert len(list((folder / "superseded").glob("*/step-4"))) == 1
+
+
+def test_retention_follows_the_lineage(tmp_path):
+    from titan.checkpoint_store import lineage_after, purge, write_manifest
+
+    def checkpoint(step, run, lineage, manifest=True):
+        path = tmp_path / f"step-{step}"
+        path.mkdir()
+        if manifest:
+            write_manifest(path, {"step": step, "run": run, "lineage": lineage}, {})
+
+    a = [["A", None]]
+    for step in (10, 20, 30):
+        checkpoint(step, "A", a)
+    checkpoint(5, "X", [["X", None]])  # copied in from another run
+    checkpoint(1, None, None, manifest=False)  # from before manifests
+    # Run B resumed from A's step 20 with the step count restarted (exclude train_state): its saves 2 and 4 are the
+    # newest of its lineage although their numbers are small.
+    b = lineage_after({"run": "A", "lineage": a}, 20, "B")
+    assert b == [["A", 20], ["B", None]]
+    for step in (2, 4):
+        checkpoint(step, "B", b)
+    purge(tmp_path, 2, b, 4)
+    # Kept: B's two saves; A's step-30 (a later step of A, another branch), X's and the manifest-less one.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1", "step-2", "step-30", "step-4", "step-5"]
+
+
+_PUBLISH = "import sys; from pathlib import Path; from titan.checkpoint_store import publish; " \
+           "publish(Path(sys.argv[1]), Path(sys.argv[2]))"
+
+
+def test_a_kill_at_every_point_of_a_resave_recovers(tmp_path, capsys):
+    """A re-save of step-0 (create_seed_checkpoint again, seed 1) SIGKILLed at each point of its commit: after the
+    manifest is written, after the old copy is renamed aside, after the new one is renamed in. Each next start
+    recovers the newest complete copy. Before, the old copy was deleted before the rename, and a kill between left
+    a torn step-0 that the next start failed on."""
+    from titan.checkpoint_store import read_manifest
+
+    first = tmp_path / "first"
+    assert main(["--config", TINY, "--job.dump_folder", str(first), "--checkpoint.create_seed_checkpoint"]) == 0
+    resave = [sys.executable, "-m", "titan.train", "--config", TINY, "--job.dump_folder", str(first),
+              "--checkpoint.create_seed_checkpoint", "--training.seed", "1"]
+    out = subprocess.run(resave, cwd=REPO, env={**_env(), "TITAN_TEST_KILL_AT": "commit:written"}, timeout=300)
+    assert out.returncode == -signal.SIGKILL
+    ckpt = first / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-0", "step-0.tmp"]
+    new_files = read_manifest(ckpt / "step-0.tmp")["files"]
+    assert new_files != read_manifest(ckpt / "step-0")["files"]
+
+    states = {"commit:written": ["step-0", "step-0.tmp"], "publish:aside": ["step-0.old", "step-0.tmp"],
+              "publish:renamed": ["step-0", "step-0.old"]}
+    for point, left in states.items():
+        dump = tmp_path / point.replace(":", "_")
+        shutil.copytree(first, dump)
+        if point != "commit:written":
+            folder = dump / "checkpoint"
+            killed = subprocess.run([sys.executable, "-c", _PUBLISH, str(folder / "step-0.tmp"),
+                                     str(folder / "step-0")], cwd=REPO, env={**_env(), "TITAN_TEST_KILL_AT": point})
+            assert killed.returncode == -signal.SIGKILL
+        assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == left, point
+        _stdout(capsys)
+        assert main(_single(dump, "--training.steps", "1", "--validation.enable", "false")) == 0
+        out = _stdout(capsys)
+        assert f"from {dump / 'checkpoint' / 'step-0'}" in out, out
+        assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-0", "step-1"], point
+        assert read_manifest(dump / "checkpoint" / "step-0")["files"] == new_files, point

@@ -1,32 +1,36 @@
 """Checkpoints: the training state saved and restored with torch.distributed.checkpoint (DCP), synchronously or in
-the background; retention; the seed checkpoint; stopping cleanly on SIGTERM / SIGUSR1.
+the background; which checkpoint a run resumes from; the seed checkpoint.
 
-Owns the folder layout `<job.dump_folder>/<checkpoint.folder>/step-<N>` and when a checkpoint counts as complete. It
-does not own the Hugging Face format (titan/hf.py) nor the loop (titan/train.py calls `end_of_step` once per step).
+Owns what goes into a checkpoint and which rank does what when. The folder on disk (manifests with checksums and
+lineage, the commit, recovery from an interrupted one, retention) is titan/checkpoint_store.py's; stopping on a
+signal is titan/lifecycle.py's; the loop (titan/train.py) calls `end_of_step` once per step.
 
-Crash safety: a save is written to `step-<N>.tmp` and renamed to `step-<N>` by rank 0 once DCP has finished on every
-rank (DCP's coordinator writes `.metadata` only after gathering every rank's write results). A folder named
-`step-<N>` is therefore complete; a `.tmp` one is an interrupted save, ignored with a warning when resuming and
-deleted only once a newer checkpoint is complete.
+Crash safety: a save is written to `step-<N>.tmp`; once DCP has finished on every rank (its coordinator writes
+`.metadata` only after gathering every rank's write results), every rank checksums its own files, rank 0 writes
+`manifest.json` and renames the folder to `step-<N>`. A `step-<N>` folder is therefore complete, and its manifest says
+what its files must hold: at start the chosen checkpoint is verified and one that fails is passed over, with a warning,
+for the newest one that passes. An interrupted save (`.tmp` without a manifest) is ignored and deleted once a newer
+checkpoint is complete; an interrupted commit is finished at the next start.
+
+One history per folder: a run resumes from the newest checkpoint, or from `load_step`; checkpoints newer than that
+would make a second history and must be moved out of the way on purpose (`checkpoint.branch`). Retention deletes
+only older checkpoints of this run's own lineage (see `checkpoint_store.purge`).
 
 What is saved, each under its own top-level key (names as in torchtitan, usable in `exclude_from_loading`):
   model, optimizer  sharded as they live (DTensors), so a resume at another FSDP/TP layout reshards on load
   lr_scheduler      LambdaLR state (the step count)
   dataloader        the loader's state; its `position` counts global samples and is the same on every rank, so DCP
                     keeps one copy (it de-duplicates identical non-sharded keys) and any dp size can continue it
-  train_state       step, tokens seen, the RNG state of rank 0
+  train_state       step, tokens seen, skipped steps, the tokenizer's identity, the run's resolved config (so a
+                    resume can say what changed), the RNG state of rank 0
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-import signal
-import threading
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,13 +45,31 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
+from titan.checkpoint_store import (
+    MANIFEST,
+    checksums,
+    data_files,
+    kill_point,
+    lineage_after,
+    new_run_id,
+    owner,
+    publish,
+    purge,
+    read_manifest,
+    recover,
+    scan,
+    supersede,
+    verify,
+    write_manifest,
+)
 from titan.config import CHECKPOINT_STATES, DTYPES, Checkpoint, ConfigError
+from titan.lifecycle import EXIT_SAVE_FAILED, RunFailed, agree, os_error
 from titan.models.lora import is_adapter
 
 logger = logging.getLogger("titan")
-
-_STEP_DIR = re.compile(r"^step-(\d+)(\.tmp)?$")
+MiB = 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,47 +136,63 @@ class OptimizerState:
 
 
 class TrainState:
-    """Progress counters and the RNG state (dropout-free Llama draws no randoms while training; kept for
-    extensions). The RNG state is rank 0's: DCP keeps one copy of a non-sharded key."""
+    """Progress counters, what the run was trained with (its tokenizer, its resolved config), and the RNG state
+    (dropout-free Llama draws no randoms while training; kept for extensions). The RNG state is rank 0's: DCP keeps
+    one copy of a non-sharded key."""
 
-    def __init__(self):
-        self.step, self.tokens_seen = 0, 0
+    def __init__(self, tokenizer: str = "", tokenizer_name: str = "", run_config: str = ""):
+        self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
+        self.identity = {"tokenizer": tokenizer, "tokenizer_name": tokenizer_name, "config": run_config}
+        self.loaded: dict[str, str] = {}  # those three as the loaded checkpoint recorded them ("" if it did not)
+        self.stored: set[str] | None = None  # the keys the checkpoint being loaded has (older ones lack some)
 
     def state_dict(self) -> dict:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "rng": torch.get_rng_state()}
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                 **self.identity, "rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        return state
+        return state if self.stored is None else {k: v for k, v in state.items() if k in self.stored}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.loaded = {k: state.get(k, "") for k in self.identity}
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
+        self.stored = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Folder scanning
 
 
-def scan(folder: Path) -> tuple[dict[int, Path], dict[int, Path]]:
-    """({step: complete checkpoint}, {step: interrupted `.tmp` save}) in `folder` (empty if it does not exist)."""
-    complete, partial = {}, {}
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and p.is_dir():
-                (partial if m.group(2) else complete)[int(m.group(1))] = p
-    return complete, partial
-
-
 def _read_keys(path: Path, what: str) -> set[str]:
     """Top-level state names stored in a DCP checkpoint; ConfigError naming `path` if it is not one."""
+    return {key.split(".", 1)[0] for key in _stored_keys(path, what)}
+
+
+def _stored_keys(path: Path, what: str) -> set[str]:
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - missing file, unpickling garbage, ...: all mean "not a checkpoint"
         raise ConfigError(f"{what}: {path} is not a readable checkpoint ({_one_line(e)})") from None
-    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+    return set(metadata.state_dict_metadata)
+
+
+def _failure(e: BaseException) -> str:
+    """Why a save failed, in a few words: the errno of the first rank that hit an OSError if any (DCP wraps each
+    rank's exception in a CheckpointException)."""
+    failures = getattr(e, "failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        exc = getattr(failure, "exc", failure)
+        if isinstance(exc, OSError):
+            return f"{os_error(exc)}, on rank {rank}"
+    return os_error(e) if isinstance(e, OSError) else _one_line(e)
+
+
+class _SaveError(Exception):
+    """A save failed on some rank: every rank raises it with the same text (lifecycle.agree)."""
 
 
 def _one_line(e: BaseException) -> str:
@@ -170,12 +208,12 @@ def _one_line(e: BaseException) -> str:
 
 
 class Checkpointer:
-    """Loads at start (`load`), saves at `interval` and the last step (`end_of_step`), stops after a save on
-    SIGTERM/SIGUSR1, and waits for a background save at `close`. Every rank calls every method."""
+    """Loads at start (`load`), saves at `interval`, the last step and on request (`end_of_step`), and waits for a
+    background save at `close`. Every rank calls every method."""
 
     def __init__(self, cfg: Checkpoint, dump_folder: str, model_parts: list[torch.nn.Module],
                  optimizer: torch.optim.Optimizer, scheduler, dataloader, total_steps: int, hf_export=None,
-                 adapters_only: bool = False):
+                 adapters_only: bool = False, tokenizer=None, run_config: str = ""):
         self.cfg, self.total_steps, self.hf_export = cfg, total_steps, hf_export
         self.adapters_only = adapters_only  # lora.save_adapter_only: save (and resume) the adapters alone
         self.folder = Path(dump_folder) / cfg.folder
@@ -187,7 +225,7 @@ class Checkpointer:
             raise ConfigError("checkpoint.last_save_in_hf is not supported with pipeline parallelism yet (a rank holds "
                               "only its stages); convert a step folder with scripts/convert_checkpoint.py to-hf")
         self.model_parts = model_parts
-        self.train_state = TrainState()
+        self.train_state = TrainState(getattr(tokenizer, "identity", ""), getattr(tokenizer, "name", ""), run_config)
         self.states = {"model": ModelState(model_parts, "adapters" if adapters_only else None),
                        "lr_scheduler": scheduler, "dataloader": dataloader,
                        "train_state": self.train_state}
@@ -196,46 +234,152 @@ class Checkpointer:
         # Saves run their collectives on a gloo group of their own: a background save on the default group would
         # interleave with the training loop's collectives (gloo aborts: "data size doesn't match", torch 2.13).
         self._pg = dist.new_group(backend="gloo") if cfg.enable else None
-        self._signal_pg = dist.new_group(backend="gloo") if cfg.enable and self.world_size > 1 else None
-        self._pending: Future | None = None  # the background write + commit of the last async save
+        self._pending: tuple[Future, int, Path] | None = None  # the background write + commit of the last async save
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="titan-ckpt") if cfg.async_mode != "disabled" \
             else None
         self._stager = self._pinned_stager() if cfg.enable and cfg.async_mode == "async_with_pinned_mem" else None
-        self._signal: int | None = None
-        self._old_handlers = None  # installed when the first step ends, restored by close()
+        self.run_id = new_run_id()  # only rank 0's is written anywhere
+        self.parent: dict | None = None  # {"step", "run"} of the checkpoint this run resumed from
+        self.lineage = [[self.run_id, None]]  # see checkpoint_store.lineage_after
+        self.newest: Path | None = None  # the newest committed checkpoint of this run's history
+        self._owed = False  # a save fell due at a skipped step: the next updated step makes it
 
     @property
     def step(self) -> int:
         """The last completed step (0 before training); the loop continues at step + 1."""
         return self.train_state.step
 
+    @property
+    def resumed(self) -> bool:
+        return self.parent is not None
+
     # -- loading ----------------------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Resume from the newest complete checkpoint (or `load_step`); else start from `initial_load_path`'s
-        weights if set; else keep the initialised weights."""
+        """Resume from the newest complete checkpoint that passes its integrity check (or `load_step`); else start
+        from `initial_load_path`'s weights if set; else keep the initialised weights."""
         cfg = self.cfg
         if cfg.create_seed_checkpoint:
             return
-        complete, partial = scan(self.folder) if cfg.enable else ({}, {})
-        for step, path in sorted(partial.items()):
+        if not cfg.enable:
+            load_initial_weights(self.model_parts, cfg, self._pg)
+            return
+        if cfg.load_step != -1 and not self.folder.is_dir():
+            raise ConfigError(f"checkpoint.load_step={cfg.load_step}: checkpoint folder {self.folder} does not exist")
+        self._check_folder()
+        if self.rank == 0:
+            for note in recover(self.folder):
+                logger.warning(f"checkpoint: {note}")
+        self._barrier()
+        complete, partial = scan(self.folder)
+        for path in sorted(partial.values()):
             if self.rank == 0:
                 logger.warning(f"checkpoint: ignoring incomplete {path} (interrupted save)")
-        if cfg.enable and cfg.load_step != -1:
-            if not self.folder.is_dir():
-                raise ConfigError(f"checkpoint.load_step={cfg.load_step}: checkpoint folder {self.folder} does not "
-                                  f"exist")
-            if cfg.load_step not in complete:
-                have = ", ".join(map(str, sorted(complete))) or "none"
-                raise ConfigError(f"checkpoint.load_step={cfg.load_step}: no complete checkpoint "
-                                  f"{self.folder / f'step-{cfg.load_step}'} (complete steps: {have})")
-            self._load_base_for_adapters()
-            self._load(complete[cfg.load_step], f"checkpoint.load_step={cfg.load_step}")
-        elif complete:
-            self._load_base_for_adapters()
-            self._load(complete[max(complete)], "checkpoint.folder")
-        else:
+        if cfg.load_step != -1 and cfg.load_step not in complete:
+            have = ", ".join(map(str, sorted(complete))) or "none"
+            raise ConfigError(f"checkpoint.load_step={cfg.load_step}: no complete checkpoint "
+                              f"{self.folder / f'step-{cfg.load_step}'} (complete steps: {have})")
+        chosen, rejected = self._choose(complete)
+        if chosen is None:
             load_initial_weights(self.model_parts, cfg, self._pg)
+            return
+        step = next(s for s, p in complete.items() if p == chosen)
+        what = f"checkpoint.load_step={cfg.load_step}" if cfg.load_step != -1 else "checkpoint.folder"
+        ahead = self._ahead(step, complete, rejected)
+        self._load_base_for_adapters()
+        self._load(chosen, what)
+        self._settle(step, chosen, rejected + ahead)
+
+    def _check_folder(self) -> None:
+        """Fail before step 1 rather than at the first save: every rank can write to the folder, and it has room for
+        one more checkpoint (rough: parameters plus AdamW's two moments, times the ranks of this node)."""
+        error = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".write-test-{self.rank}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            free, need = shutil.disk_usage(self.folder).free, self._estimated_bytes()
+            if free < need:
+                error = (f"checkpoint.folder: {self.folder} has {free / MiB:.1f} MiB free, less than one checkpoint "
+                         f"(about {need / MiB:.1f} MiB from this node's ranks)")
+        except OSError as e:
+            error = f"checkpoint.folder: cannot write to {self.folder} ({os_error(e)})"
+        agree(error, self._pg)
+
+    def _estimated_bytes(self) -> int:
+        local = [p.to_local() if isinstance(p, DTensor) else p for part in self.model_parts for p in part.parameters()]
+        weights = sum(p.numel() * p.element_size() for p in local)
+        moments = 2 * sum(p.numel() * p.element_size() for p in local if p.requires_grad)
+        return (weights + (moments if "optimizer" in self.states else 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+    def _choose(self, complete: dict[int, Path]) -> tuple[Path | None, list[Path]]:
+        """(the checkpoint to resume from or None, newer ones that failed their integrity check)."""
+        explicit = self.cfg.load_step != -1
+        candidates = [self.cfg.load_step] if explicit else sorted(complete, reverse=True)
+        rejected = []
+        for step in candidates:
+            problems = self._verify(complete[step])
+            if not problems:
+                return complete[step], rejected
+            detail = problems[0] + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
+            if explicit:
+                raise ConfigError(f"checkpoint.load_step={step}: {complete[step]} fails its integrity check ({detail})")
+            if self.rank == 0:
+                logger.warning(f"checkpoint: {complete[step]} fails its integrity check ({detail}); passing over it "
+                               f"for an older checkpoint")
+            rejected.append(complete[step])
+        if rejected:
+            raise ConfigError(f"checkpoint.folder: no checkpoint in {self.folder} passes its integrity check (see the "
+                              f"warnings); choose one with checkpoint.load_step or move them away")
+        return None, []
+
+    def _verify(self, path: Path) -> list[str]:
+        """Every rank checks the files it owns against the manifest; all ranks get every problem found."""
+        try:
+            manifest = read_manifest(path)
+        except ValueError as e:
+            problems = [f"{path / MANIFEST}: {e}"]
+        else:
+            if manifest is None:
+                if self.rank == 0:
+                    logger.warning(f"checkpoint: {path} has no {MANIFEST} (saved before titan wrote them, or "
+                                   f"converted); loading it unverified")
+                problems = []
+            else:
+                mine = [n for n in manifest["files"] if owner(n, self.world_size) == self.rank]
+                problems = verify(path, manifest, mine)
+        return sorted(p for rank_problems in self._gather(problems) for p in rank_problems)
+
+    def _ahead(self, step: int, complete: dict[int, Path], rejected: list[Path]) -> list[Path]:
+        """Checkpoints at or after the step this run starts with: another history, which may only be moved aside
+        on purpose (checkpoint.branch)."""
+        restart = "train_state" in self.cfg.exclude_from_loading  # the step count starts again at 1
+        first = 1 if restart else step + 1
+        ahead = [p for s, p in sorted(complete.items()) if s >= first and p not in rejected]
+        if ahead and not self.cfg.branch:
+            names = ", ".join(p.name for p in ahead)
+            why = (f"checkpoint.exclude_from_loading=train_state restarts the step count beside {names}" if restart
+                   else f"checkpoint.load_step={step} is older than {names}")
+            raise ConfigError(f"{why} in {self.folder}: training from it would mix two histories in one folder; set "
+                              f"checkpoint.branch = true to move those to {self.folder / 'superseded'}/<run id>/ and "
+                              f"train on from step-{step}")
+        return ahead
+
+    def _settle(self, step: int, path: Path, aside: list[Path]) -> None:
+        """Record where this run came from; move checkpoints that are not its history out of the folder."""
+        try:
+            manifest = read_manifest(path)
+        except ValueError:
+            manifest = None
+        self.parent = {"step": step, "run": (manifest or {}).get("run")}
+        self.lineage = lineage_after(manifest, step, self.run_id)
+        self.newest = path
+        if aside and self.rank == 0:
+            target = supersede(self.folder, aside, self.run_id)
+            logger.warning(f"checkpoint: moved {', '.join(p.name for p in aside)} to {target} (not this run's "
+                           f"history: it continues from step-{step})")
+        self._barrier()
 
     def _load_base_for_adapters(self) -> None:
         """Adapter-only checkpoints (lora.save_adapter_only) hold no base weights: they come from where the run
@@ -245,86 +389,110 @@ class Checkpointer:
 
     def _load(self, path: Path, what: str) -> None:
         start = time.perf_counter()
-        stored = _read_keys(path, what)
+        keys = _stored_keys(path, what)
+        stored = {key.split(".", 1)[0] for key in keys}
         if "model" not in stored:
             raise ConfigError(f"{what}: {path} holds no model state (keys: {', '.join(sorted(stored))})")
         names = [n for n in CHECKPOINT_STATES if n in stored and n in self.states
                  and n not in self.cfg.exclude_from_loading]
-        try:
-            dcp.load({n: self.states[n] for n in names}, checkpoint_id=str(path), process_group=self._pg)
-        # CheckpointException (a BaseException in torch 2.13) wraps whatever failed on each rank.
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - torn or garbled files: many types
-            raise ConfigError(f"{what}: cannot load {path} ({_one_line(e)})") from None
-        if "lr_scheduler" in names:
-            # The saved lr was computed by the saving run's schedule; if training.steps changed since (a run extended
-            # or shortened), the lr for the next step must come from this run's schedule: re-evaluate it.
-            scheduler = self.states["lr_scheduler"]
-            scheduler.last_epoch -= 1
-            with warnings.catch_warnings():  # "step() before optimizer.step()": intended, nothing is skipped
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
+        self.train_state.stored = {k.split(".", 1)[1] for k in keys if k.startswith("train_state.")}
+        # train_state first (it is small): a checkpoint of another tokenizer is refused before the big read.
+        for group in ([n for n in names if n == "train_state"], [n for n in names if n != "train_state"]):
+            if not group:
+                continue
+            try:
+                dcp.load({n: self.states[n] for n in group}, checkpoint_id=str(path), process_group=self._pg)
+            # CheckpointException (a BaseException in torch 2.13) wraps whatever failed on each rank.
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - torn or garbled files: many types
+                raise ConfigError(f"{what}: cannot load {path} ({_one_line(e)})") from None
+            if group == ["train_state"]:
+                self._check_tokenizer(path, what)
         skipped = [n for n in CHECKPOINT_STATES if n not in names]
         logger.info(f"checkpoint: loaded {', '.join(names)} from {path} in {time.perf_counter() - start:.2f}s"
                     + (f" (not restored: {', '.join(skipped)})" if skipped else "")
                     + f"; continuing at step {self.step + 1}")
 
+    def _check_tokenizer(self, path: Path, what: str) -> None:
+        saved, mine = self.train_state.loaded, self.train_state.identity
+        if not saved.get("tokenizer") or not mine["tokenizer"] or saved["tokenizer"] == mine["tokenizer"]:
+            return  # the same, or a checkpoint from before titan recorded it
+        text = (f"{path} was trained with the tokenizer {saved['tokenizer_name']} (sha256 {saved['tokenizer'][:16]}), "
+                f"this run has {mine['tokenizer_name']} (sha256 {mine['tokenizer'][:16]})")
+        if not self.cfg.allow_tokenizer_change:
+            raise ConfigError(f"{what}: {text}; token ids would change meaning (set checkpoint.allow_tokenizer_change "
+                              f"= true to resume anyway)")
+        if self.rank == 0:
+            logger.warning(f"checkpoint: {text}; resuming anyway (checkpoint.allow_tokenizer_change)")
+
+    @property
+    def resumed_config(self) -> str:
+        """The resolved config (TOML) of the run that saved the loaded checkpoint; "" if none was recorded."""
+        return self.train_state.loaded.get("config", "")
+
     # -- saving -----------------------------------------------------------------------------------------------
 
-    def end_of_step(self, step: int, tokens: int) -> bool:
-        """Count the step; save at `interval`, at the last step, or after a signal. True = stop now (signal)."""
+    def end_of_step(self, step: int, tokens: int, skipped_steps: int, *, updated: bool = True,
+                    force: bool = False) -> None:
+        """Count the step; save at `interval`, at the last step, or when `force`d (a stop request). A step whose
+        update was skipped is never saved: a save due then is made at the next updated step."""
         self.train_state.step = step
         self.train_state.tokens_seen += tokens
+        self.train_state.skipped_steps = skipped_steps
         if not self.cfg.enable:
-            return False
-        if self._old_handlers is None and threading.current_thread() is threading.main_thread():
-            self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-        stop = self._signalled()
+            return
         last = step == self.total_steps
-        if stop or last or step % self.cfg.interval == 0:
-            self.save(step, model_only=last and self.cfg.model_only)
+        if not (force or last or self._owed or step % self.cfg.interval == 0):
+            return
+        if not updated:
+            self._owed = True
+            if self.rank == 0:
+                logger.warning(f"checkpoint: not saving step {step}, whose update was skipped; {self.newest_text()}")
+            return
+        self._owed = False
+        self.save(step, model_only=last and self.cfg.model_only)
         if last and self.cfg.last_save_in_hf and self.hf_export is not None:
             self.export_hf(step)
-        if stop:
-            logger.info(f"checkpoint: received {signal.Signals(self._signal or signal.SIGTERM).name}; saved step "
-                        f"{step}, exiting")
-        return stop
+
+    def newest_text(self) -> str:
+        return f"the newest checkpoint is {self.newest}" if self.newest else "no checkpoint has been saved"
 
     def save(self, step: int, model_only: bool = False) -> None:
         """Write step-<N>: in the foreground, or (async) stage a copy, write it in the background, return."""
         self.wait()  # one save at a time: the next reuses the gloo group and may supersede the previous folder
         start = time.perf_counter()
         tmp = self.folder / f"step-{step}.tmp"
-        if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash at this step before the resume
-            tmp.mkdir(parents=True)
-        dist.barrier(group=self._pg)  # nobody writes into the folder before it is fresh
         if model_only:
             dtype = DTYPES[self.cfg.export_dtype]
             state = {"model": {k: v.to(dtype) for k, v in self.states["model"].state_dict().items()}}
         else:
             state = dict(self.states)
-        if self.cfg.async_mode == "disabled":
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg)
-            self._commit(step)
-            logger.info(f"checkpoint: saved {self.folder / f'step-{step}'} in {time.perf_counter() - start:.2f}s")
+        try:
+            self._fresh(tmp)
+            if self.cfg.async_mode == "disabled":
+                dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg)
+                self._commit(step, tmp)
+                logger.info(f"checkpoint: saved {self.newest} in {time.perf_counter() - start:.2f}s")
+                return
+            result = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg, async_stager=self._stager)
+            if self._stager is not None:  # AsyncSaveResponse: wait for the copy into pinned memory only
+                result.staging_completion.result()
+                result = result.upload_completion
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - OSError, or DCP's wrapper of one
+            self._failed(step, tmp, e)
             return
-        result = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg, async_stager=self._stager)
-        if self._stager is not None:  # AsyncSaveResponse: wait for the copy into pinned memory only
-            result.staging_completion.result()
-            result = result.upload_completion
-        self._pending = self._committer.submit(self._commit_when_written, result, step)
+        self._pending = (self._committer.submit(self._commit_when_written, result, step, tmp), step, tmp)
         logger.info(f"checkpoint: staged step {step} in {time.perf_counter() - start:.2f}s, writing in the background")
 
     def save_seed(self) -> None:
         """step-0: the initialised weights only, in fp32 (create_seed_checkpoint)."""
         tmp = self.folder / "step-0.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        dcp.save({"model": self.states["model"].state_dict()}, checkpoint_id=str(tmp))
-        self._commit(0)
-        logger.info(f"checkpoint: wrote seed checkpoint {self.folder / 'step-0'}")
+        try:
+            self._fresh(tmp)
+            dcp.save({"model": self.states["model"].state_dict()}, checkpoint_id=str(tmp))
+            self._commit(0, tmp)
+            logger.info(f"checkpoint: wrote seed checkpoint {self.newest}")
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            self._failed(0, tmp, e)
 
     def export_hf(self, step: int) -> None:
         """The model as a Hugging Face folder <folder>/step-<N>-hf (gathered to rank 0, which writes it)."""
@@ -336,60 +504,79 @@ class Checkpointer:
             self.hf_export(full, out, DTYPES[self.cfg.export_dtype])
             logger.info(f"checkpoint: exported {out} (Hugging Face format)")
 
-    def _commit_when_written(self, upload: Future, step: int) -> None:
+    def _fresh(self, tmp: Path) -> None:
+        """An empty `tmp` before anyone writes into it (a crash at this step may have left one)."""
+        error = None
+        if self.rank == 0:
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = os_error(e)
+        agree(error, self._pg, _SaveError)
+
+    def _commit_when_written(self, upload: Future, step: int, tmp: Path) -> None:
         start = time.perf_counter()
         upload.result()  # raises if the background write failed: no commit then
-        self._commit(step)
-        seconds = time.perf_counter() - start
-        logger.info(f"checkpoint: saved {self.folder / f'step-{step}'} (background write {seconds:.2f}s "
-                    f"after staging)")
+        self._commit(step, tmp)
+        logger.info(f"checkpoint: saved {self.newest} (background write {time.perf_counter() - start:.2f}s after "
+                    f"staging)")
 
-    def _commit(self, step: int) -> None:
-        """Rank 0 renames step-N.tmp -> step-N: from here on the checkpoint counts. Then retention."""
-        if self.rank != 0:
-            return
-        final, tmp = self.folder / f"step-{step}", self.folder / f"step-{step}.tmp"
-        if final.exists():
-            shutil.rmtree(final)  # an older save of this step (the run was resumed from before it)
-        os.replace(tmp, final)
-        fd = os.open(self.folder, os.O_RDONLY)
+    def _commit(self, step: int, tmp: Path) -> None:
+        """From here on the checkpoint counts: every rank checksums its own files, rank 0 writes the manifest,
+        renames step-N.tmp -> step-N and applies retention. All ranks learn whether it worked."""
         try:
-            os.fsync(fd)  # make the rename itself durable
-        finally:
-            os.close(fd)
-        self._purge()
+            mine, error = checksums(tmp, [n for n in data_files(tmp) if owner(n, self.world_size) == self.rank]), None
+        except OSError as e:
+            mine, error = {}, f"{os_error(e)}, on rank {self.rank}"
+        gathered = self._gather((mine, error))
+        files = {name: entry for rank_files, _ in gathered for name, entry in rank_files.items()}
+        error = next((e for _, e in gathered if e), None)
+        if self.rank == 0 and error is None:
+            try:
+                info = {"step": step, "run": self.run_id, "parent": self.parent, "lineage": self.lineage}
+                write_manifest(tmp, info, files)
+                kill_point("commit:written")
+                publish(tmp, self.folder / f"step-{step}")
+                purge(self.folder, self.cfg.keep_latest_k, self.lineage, step)
+            except OSError as e:
+                error = os_error(e)
+        agree(error, self._pg, _SaveError)
+        self.newest = self.folder / f"step-{step}"
 
-    def _purge(self) -> None:
-        """Keep the newest keep_latest_k complete checkpoints (>= 1, so never the only one) and drop interrupted
-        saves older than the newest complete one."""
-        complete, partial = scan(self.folder)
-        newest = max(complete)
-        doomed = [p for s, p in partial.items() if s < newest]
-        if self.cfg.keep_latest_k > 0:
-            doomed += [complete[s] for s in sorted(complete)[: -self.cfg.keep_latest_k]]
-        for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+    def _failed(self, step: int, tmp: Path, e: BaseException) -> None:
+        """A save that failed: remove what it wrote, say why in one line, stop the run (or go on, if configured)."""
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(e) if isinstance(e, _SaveError) else _failure(e)
+        message = f"checkpoint: cannot save step {step} to {tmp} ({reason}); removed the partial save; " \
+                  f"{self.newest_text()}"
+        if not self.cfg.continue_on_save_error:
+            raise RunFailed(message, EXIT_SAVE_FAILED) from None
+        if self.rank == 0:
+            logger.warning(message + "; training goes on (checkpoint.continue_on_save_error)")
 
     def wait(self) -> None:
-        """Block until the background save (if any) is written and committed; re-raises its error."""
+        """Block until the background save (if any) is written and committed; a failure is handled as in `save`."""
         if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+            (pending, step, tmp), self._pending = self._pending, None
+            try:
+                pending.result()
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                self._failed(step, tmp, e)
 
-    # -- signals ----------------------------------------------------------------------------------------------
+    def _gather(self, obj) -> list:
+        """`obj` of every rank (on the checkpoint group), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._pg)
+        return out
 
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signum  # acted on at the end of the current step, on every rank together
-
-    def _signalled(self) -> bool:
-        """Whether any rank got SIGTERM/SIGUSR1; all ranks must agree, so one tiny all-reduce per step (on a CPU
-        gloo group: no device sync)."""
-        flag = torch.tensor(0 if self._signal is None else self._signal)
-        if self._signal_pg is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._signal_pg)
-        if flag.item() and self._signal is None:
-            self._signal = int(flag.item())
-        return bool(flag.item())
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self._pg)
 
     def _pinned_stager(self):
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -407,8 +594,7 @@ class Checkpointer:
         finally:
             if self._committer is not None:
                 self._committer.shutdown(wait=True)
+                self._committer = None
             if self._stager is not None:
                 self._stager.close()
-            for sig, handler in (self._old_handlers or {}).items():
-                signal.signal(sig, handler)
-            self._old_handlers = None
+                self._stager = None

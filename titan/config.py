@@ -29,9 +29,51 @@ else:  # pragma: no cover
 
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A config field: its default, a one-line description for `--help`, and optionally the allowed values."""
-    meta = {"help": help, "choices": choices}
+@dataclass(frozen=True)
+class Range:
+    """The numbers a numeric key accepts (each item, for a list): finite, within [lo, hi] (open ends with lo_open /
+    hi_open; None = unbounded), or one of the sentinels in `also` (e.g. -1 = "automatic"). An int key is also held to
+    64 bits. A key declares its range with `opt(..., valid=Range(...))`; without one it must only be finite."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+
+    def accepts(self, value) -> bool:
+        if value in self.also:
+            return True
+        if not math.isfinite(value) or (isinstance(value, int) and not -INT64 <= value < INT64):
+            return False
+        below = self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))
+        above = self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))
+        return not (below or above)
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            text = "finite"
+        return text + "".join(f" or {v:g}" for v in self.also)
+
+
+INT64 = 2**63
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+AUTO = -1  # the sentinel of keys where -1 means "work it out"
+SECONDS = Range(1, 2**31 - 1)  # a timeout: timedelta and the collectives' millisecond counters take this much
+
+
+def opt(default, help: str, choices: tuple | None = None, valid: Range | None = None):
+    """A config field: its default, a one-line description for `--help`, optionally the allowed values (`choices`)
+    or, for a number, its range (`valid`; see Range)."""
+    meta = {"help": help, "choices": choices, "valid": valid}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,10 +102,10 @@ class Model:
 @dataclass
 class Optimizer:
     name: str = opt("AdamW", "optimizer", choices=("AdamW", "Adam"))
-    lr: float = opt(8e-4, "peak learning rate")
-    eps: float = opt(1e-8, "Adam epsilon")
-    weight_decay: float = opt(0.1, "weight decay (decoupled for AdamW, L2-style for Adam)")
-    betas: list[float] = opt([0.9, 0.95], "Adam beta1, beta2")
+    lr: float = opt(8e-4, "peak learning rate", valid=POSITIVE)
+    eps: float = opt(1e-8, "Adam epsilon", valid=POSITIVE)
+    weight_decay: float = opt(0.1, "weight decay (decoupled for AdamW, L2-style for Adam)", valid=NON_NEGATIVE)
+    betas: list[float] = opt([0.9, 0.95], "Adam beta1, beta2", valid=Range(0, 1, hi_open=True))
     implementation: str = opt(
         "foreach", "kernel flavour: fused (one kernel), foreach (batched), for-loop", ("fused", "foreach", "for-loop")
     )
@@ -71,12 +113,13 @@ class Optimizer:
 
 @dataclass
 class LRScheduler:
-    warmup_steps: int = opt(200, "steps of linear warm-up from ~0 to the peak lr")
+    warmup_steps: int = opt(200, "steps of linear warm-up from ~0 to the peak lr", valid=NON_NEGATIVE)
     decay_ratio: float | None = opt(
-        None, "fraction of the steps spent decaying at the end (none = decay over all steps after warm-up)"
+        None, "fraction of the steps spent decaying at the end (none = decay over all steps after warm-up)",
+        valid=FRACTION,
     )
     decay_type: str = opt("linear", "shape of the decay", choices=("linear", "sqrt", "cosine"))
-    min_lr_factor: float = opt(0.0, "lr at the end of the decay, as a fraction of the peak")
+    min_lr_factor: float = opt(0.0, "lr at the end of the decay, as a fraction of the peak", valid=FRACTION)
 
 
 RECIPES = ("pretrain", "sft", "dpo")
@@ -99,35 +142,48 @@ class Training:
     dataset_paths: list[str] = opt(
         [], "several sources (as dataset_path takes) to mix by dataset_weights; replaces dataset/dataset_path"
     )
-    dataset_weights: list[float] = opt([], "one weight per dataset_paths entry (normalised); empty = equal")
+    dataset_weights: list[float] = opt([], "one weight per dataset_paths entry (normalised); empty = equal",
+                                       valid=POSITIVE)
     document_masking: bool = opt(
         False, "pretrain: attention never crosses a document boundary inside a window (block-causal), and the "
         "label crossing one is not trained on"
     )
     reset_positions: bool = opt(False, "with document_masking: RoPE positions restart at 0 with every document")
-    local_batch_size: int = opt(8, "sequences per micro-batch on each data-parallel rank")
+    local_batch_size: int = opt(8, "sequences per micro-batch on each data-parallel rank", valid=POSITIVE)
     global_batch_size: int = opt(
-        -1, "sequences per optimizer step over all ranks; -1 = local_batch_size x dp (no accumulation)"
+        -1, "sequences per optimizer step over all ranks; -1 = local_batch_size x dp (no accumulation)",
+        valid=Range(0, lo_open=True, also=(AUTO,)),
     )
-    seq_len: int = opt(2048, "tokens per sequence")
-    steps: int = opt(10000, "optimizer steps to train")
-    max_norm: float = opt(1.0, "gradient-norm clipping threshold (<= 0 disables clipping)")
-    seed: int = opt(0, "seed for weights and data order")
+    seq_len: int = opt(2048, "tokens per sequence", valid=POSITIVE)
+    steps: int = opt(10000, "optimizer steps to train", valid=POSITIVE)
+    max_norm: float = opt(1.0, "gradient-norm clipping threshold (<= 0 disables clipping)", valid=Range())
+    seed: int = opt(0, "seed for weights and data order", valid=Range(0, 2**32 - 1))
     deterministic: bool = opt(False, "use deterministic algorithms: CPU runs become bitwise repeatable")
     mixed_precision_param: str = opt(
         "bfloat16", "compute dtype of parameters (bf16 = FSDP param dtype, or autocast without FSDP)", tuple(DTYPES)
     )
     mixed_precision_reduce: str = opt("float32", "dtype of gradient reduction under FSDP", ("float32", "bfloat16"))
     enable_cpu_offload: bool = opt(False, "keep FSDP-sharded parameters, grads and optimizer state in CPU memory")
+    max_consecutive_skips: int = opt(
+        5, "a step with a non-finite loss or gradient norm makes no update; after this many such (or spike) steps "
+        "in a row the run stops with exit code 3", valid=Range(1)
+    )
+    loss_spike_factor: float = opt(
+        0.0, "also skip a step whose loss exceeds this factor x the mean of the last loss_spike_window updated "
+        "steps (PaLM/OLMo-style spike skipping); 0 = off", valid=Range(1, lo_open=True, also=(0.0,))
+    )
+    loss_spike_window: int = opt(50, "steps in the running mean that loss_spike_factor compares with", valid=Range(1))
 
 
 @dataclass
 class Parallelism:
-    data_parallel_replicate_degree: int = opt(1, "replicas of the model (DDP-like; HSDP when sharding too)")
-    data_parallel_shard_degree: int = opt(-1, "FSDP shards; -1 = all ranks not used by other dimensions")
-    tensor_parallel_degree: int = opt(1, "tensor-parallel ranks (shards heads and FFN)")
-    pipeline_parallel_degree: int = opt(1, "pipeline stages' ranks")
-    context_parallel_degree: int = opt(1, "context-parallel ranks (shards the sequence)")
+    data_parallel_replicate_degree: int = opt(1, "replicas of the model (DDP-like; HSDP when sharding too)",
+                                              valid=POSITIVE)
+    data_parallel_shard_degree: int = opt(-1, "FSDP shards; -1 = all ranks not used by other dimensions",
+                                          valid=Range(0, lo_open=True, also=(AUTO,)))
+    tensor_parallel_degree: int = opt(1, "tensor-parallel ranks (shards heads and FFN)", valid=POSITIVE)
+    pipeline_parallel_degree: int = opt(1, "pipeline stages' ranks", valid=POSITIVE)
+    context_parallel_degree: int = opt(1, "context-parallel ranks (shards the sequence)", valid=POSITIVE)
     enable_loss_parallel: bool = opt(True, "with TP, compute the loss on vocab-sharded logits (no all-gather)")
     fsdp_reshard_after_forward: str = opt(
         "default", "free gathered weights after forward: default (yes, except the last group), always, never",
@@ -142,9 +198,11 @@ class Parallelism:
         "1F1B", "pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, "
         "DualPipeV (those the installed PyTorch offers)"
     )
-    pipeline_parallel_microbatch_size: int = opt(1, "sequences per pipeline micro-batch (divides local_batch_size)")
+    pipeline_parallel_microbatch_size: int = opt(1, "sequences per pipeline micro-batch (divides local_batch_size)",
+                                                 valid=POSITIVE)
     pipeline_parallel_layers_per_stage: int | None = opt(
-        None, "transformer blocks per stage; none = split evenly into pp x (1, or 2 for multi-stage schedules)"
+        None, "transformer blocks per stage; none = split evenly into pp x (1, or 2 for multi-stage schedules)",
+        valid=POSITIVE,
     )
     pipeline_parallel_split_points: list[str] = opt(
         [], "explicit stage boundaries as the first block of each later stage, e.g. layers.4,layers.8"
@@ -167,7 +225,8 @@ class Compile:
 
 @dataclass
 class Metrics:
-    log_freq: int = opt(10, "print and record metrics every N steps (the first step is always logged)")
+    log_freq: int = opt(10, "print and record metrics every N steps (the first step is always logged)",
+                        valid=POSITIVE)
     enable_tensorboard: bool = opt(True, "write TensorBoard scalars to <dump_folder>/tb")
 
 
@@ -179,9 +238,9 @@ class Validation:
         "", "a prepared folder, or text files or a folder of them (as training.dataset_path); overrides the named "
         "dataset's validation split"
     )
-    local_batch_size: int = opt(8, "sequences per validation batch on each data-parallel rank")
-    freq: int = opt(100, "validate every N steps")
-    steps: int = opt(10, "batches per validation; -1 = the whole split")
+    local_batch_size: int = opt(8, "sequences per validation batch on each data-parallel rank", valid=POSITIVE)
+    freq: int = opt(100, "validate every N steps", valid=POSITIVE)
+    steps: int = opt(10, "batches per validation; -1 = the whole split", valid=Range(0, lo_open=True, also=(AUTO,)))
 
 
 CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -193,13 +252,29 @@ class Checkpoint:
 
     enable: bool = opt(False, "save checkpoints, and resume from the newest complete one in `folder` at start")
     folder: str = opt("checkpoint", "checkpoint folder, under job.dump_folder; one sub-folder step-<N> per save")
-    interval: int = opt(500, "save every N steps (the last step is always saved)")
+    interval: int = opt(500, "save every N steps (the last step is always saved)", valid=POSITIVE)
     async_mode: str = opt(
         "disabled", "disabled (the loop waits for the write), async (waits only for a copy to CPU memory), "
         "async_with_pinned_mem (the copy goes to pinned memory; CUDA)", ("disabled", "async", "async_with_pinned_mem")
     )
-    keep_latest_k: int = opt(10, "keep the newest K complete checkpoints; 0 = keep all")
-    load_step: int = opt(-1, "resume from step-<N>; -1 = the newest complete checkpoint")
+    keep_latest_k: int = opt(
+        10, "keep the newest K complete checkpoints of this run's history (its own saves and what it resumed from); "
+        "0 = keep all", valid=NON_NEGATIVE
+    )
+    load_step: int = opt(
+        -1, "resume from step-<N>; -1 = the newest complete checkpoint that passes its integrity check",
+        valid=Range(0, also=(AUTO,))
+    )
+    branch: bool = opt(
+        False, "let load_step name a step older than the newest checkpoint (or exclude train_state): the later "
+        "checkpoints move to <folder>/superseded/<run id>/ and training continues from load_step"
+    )
+    continue_on_save_error: bool = opt(
+        False, "a save that fails (disk full, read-only) is reported and training goes on; default: stop (exit 4)"
+    )
+    allow_tokenizer_change: bool = opt(
+        False, "resume even if the checkpoint was trained with another tokenizer (token ids change meaning)"
+    )
     model_only: bool = opt(False, "the last step's save holds only the model weights (in export_dtype)")
     export_dtype: str = opt("float32", "dtype of model-only and Hugging Face exports", ("float32", "bfloat16"))
     exclude_from_loading: list[str] = opt(
@@ -255,9 +330,9 @@ class LoRA:
     """Low-rank adapters on frozen weights; see titan/models/lora.py."""
 
     enable: bool = opt(False, "freeze the model and train low-rank adapters on the target linears")
-    rank: int = opt(8, "adapter rank r")
-    alpha: float = opt(16.0, "adapter scale numerator: the update is (alpha / rank) * B A")
-    dropout: float = opt(0.0, "dropout on the adapters' input")
+    rank: int = opt(8, "adapter rank r", valid=POSITIVE)
+    alpha: float = opt(16.0, "adapter scale numerator: the update is (alpha / rank) * B A", valid=POSITIVE)
+    dropout: float = opt(0.0, "dropout on the adapters' input", valid=Range(0, 1, hi_open=True))
     target_modules: list[str] = opt(
         ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], "linears to adapt: wq, wk, wv, wo, w1, w2, w3, output"
     )
@@ -271,7 +346,8 @@ class LoRA:
 class DPO:
     """Direct preference optimisation; see titan/recipes.py."""
 
-    beta: float = opt(0.1, "strength of the KL-like tie to the reference model (higher = stay closer)")
+    beta: float = opt(0.1, "strength of the KL-like tie to the reference model (higher = stay closer)",
+                      valid=POSITIVE)
 
 
 @dataclass
@@ -280,7 +356,8 @@ class Profiling:
     save_traces_folder: str = opt(
         "profile_traces", "traces go to <dump_folder>/<this>/iteration_<step>/rank<r>_trace.json"
     )
-    profile_freq: int = opt(10, "profile one step out of every N (steps N, 2N, ...; the steps before it warm up)")
+    profile_freq: int = opt(10, "profile one step out of every N (steps N, 2N, ...; the steps before it warm up)",
+                            valid=POSITIVE)
     enable_memory_snapshot: bool = opt(False, "record CUDA allocator history and dump snapshots (CUDA only)")
     save_memory_snapshot_folder: str = opt(
         "memory_snapshot", "snapshots go to <dump_folder>/<this>/iteration_<step>/rank<r>_memory_snapshot.pickle"
@@ -289,8 +366,10 @@ class Profiling:
 
 @dataclass
 class Comm:
-    init_timeout_seconds: int = opt(300, "collective timeout until the first step ends (covers start-up, compile)")
-    train_timeout_seconds: int = opt(100, "collective timeout after the first step: a rank stuck this long fails")
+    init_timeout_seconds: int = opt(300, "collective timeout until the first step ends (covers start-up, compile)",
+                                    valid=SECONDS)
+    train_timeout_seconds: int = opt(100, "collective timeout after the first step: a rank stuck this long fails",
+                                     valid=SECONDS)
 
 
 @dataclass
@@ -318,46 +397,57 @@ class Config:
 # Checks that need only the config. Checks involving the world size live in titan/parallel/mesh.py.
 
 
-def _positive(section: str, obj, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not (value > 0 and math.isfinite(value)):  # written so that nan fails too
-            raise ConfigError(f"{section}.{name} must be a finite number > 0 (got {value})")
+def _check_values(cfg: Config) -> None:
+    """Every key's value against its declared kind: numbers within their Range (finite, 64-bit ints at least), text
+    that is valid Unicode (bytes a shell passed that are not UTF-8 arrive as surrogates, which no file, log line or
+    config.toml can hold)."""
+    for section, cls in sections().items():
+        obj = getattr(cfg, section)
+        for key, (tp, f) in _keys(cls).items():
+            value, base = getattr(obj, key), _unwrap_optional(tp)[0]
+            items = value if isinstance(value, list) else [value]
+            item_type = typing.get_args(base)[0] if typing.get_origin(base) is list else base
+            for item in items:
+                if item is None or item_type is bool:
+                    continue
+                if item_type in (int, float) and not (f.metadata.get("valid") or Range()).accepts(item):
+                    raise ConfigError(f"{section}.{key} must be {f.metadata.get('valid') or Range()} "
+                                      f"(got {_shown(value)})")
+                if item_type is str and not _is_text(item):
+                    raise ConfigError(f"{section}.{key} must be UTF-8 text (got {_shown(value)})")
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value) -> str:
+    """A value as an error message shows it: printable whatever it holds (ints of any size, surrogates)."""
+    text = ascii(value) if isinstance(value, (str, list)) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def validate(cfg: Config) -> None:
-    t, o, s = cfg.training, cfg.optimizer, cfg.lr_scheduler
-    _positive("training", t, "local_batch_size", "seq_len", "steps")
-    if t.global_batch_size != -1 and t.global_batch_size <= 0:
-        raise ConfigError(f"training.global_batch_size must be > 0 or -1 (got {t.global_batch_size})")
-    _positive("optimizer", o, "lr")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+    _check_values(cfg)
+    t, o = cfg.training, cfg.optimizer
+    if len(o.betas) != 2:
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1) (got {o.betas})")
-    if s.warmup_steps < 0:
-        raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0 (got {s.warmup_steps})")
-    if s.decay_ratio is not None and not 0.0 <= s.decay_ratio <= 1.0:
-        raise ConfigError(f"lr_scheduler.decay_ratio must be in [0, 1] (got {s.decay_ratio})")
-    if not 0.0 <= s.min_lr_factor <= 1.0:
-        raise ConfigError(f"lr_scheduler.min_lr_factor must be in [0, 1] (got {s.min_lr_factor})")
-    _positive("metrics", cfg.metrics, "log_freq")
-    _positive("profiling", cfg.profiling, "profile_freq")
-    _positive("comm", cfg.comm, "init_timeout_seconds", "train_timeout_seconds")
-    v = cfg.validation
-    _positive("validation", v, "freq", "local_batch_size")
-    if v.steps == 0 or v.steps < -1:
-        raise ConfigError(f"validation.steps must be > 0 or -1 (got {v.steps})")
+    for key in ("job.dump_folder", "checkpoint.folder"):
+        section, name = key.split(".")
+        if not getattr(getattr(cfg, section), name).strip():
+            raise ConfigError(f"{key} must name a folder (got an empty string)")
     c = cfg.checkpoint
-    _positive("checkpoint", c, "interval")
-    if c.keep_latest_k < 0 or c.load_step < -1:
-        raise ConfigError(f"checkpoint.keep_latest_k must be >= 0 and checkpoint.load_step >= -1 "
-                          f"(got {c.keep_latest_k}, {c.load_step})")
     for state in c.exclude_from_loading:
         if state not in CHECKPOINT_STATES:
             raise ConfigError(f"checkpoint.exclude_from_loading: unknown state {state!r} "
                               f"(valid: {', '.join(CHECKPOINT_STATES)}){_suggest(state, CHECKPOINT_STATES)}")
     ac = cfg.activation_checkpoint
     if ac.mode == "selective" and ac.selective_ac_option != "op" and not (
-        ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0
+        ac.selective_ac_option.isdigit() and 0 < int(ac.selective_ac_option) < INT64
     ):
         raise ConfigError(
             f"activation_checkpoint.selective_ac_option must be 'op' or a positive integer (got {ac.selective_ac_option!r})"
@@ -367,14 +457,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"compile.components: unknown component {c!r} (valid: model, loss){_suggest(c, ('model', 'loss'))}")
     _validate_data(cfg)
     _validate_finetuning(cfg)
-    p = cfg.parallelism
-    for name in ("data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
-                 "context_parallel_degree"):
-        _positive("parallelism", p, name)
-    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
-        raise ConfigError(
-            f"parallelism.data_parallel_shard_degree must be > 0 or -1 (got {p.data_parallel_shard_degree})"
-        )
 
 
 def _validate_data(cfg: Config) -> None:
@@ -425,12 +507,9 @@ def _validate_finetuning(cfg: Config) -> None:
         if cfg.validation.enable:
             raise ConfigError("validation.enable is not supported with training.recipe=dpo (the logged reward "
                               "accuracy and margin are the progress measures)")
-        _positive("dpo", cfg.dpo, "beta")
-    if cfg.lora.enable:
-        _positive("lora", cfg.lora, "rank", "alpha")
-        if cfg.float8.enable:
-            raise ConfigError("lora.enable and float8.enable together are not supported (float8 would convert the "
-                              "frozen base linears that LoRA wraps)")
+    if cfg.lora.enable and cfg.float8.enable:
+        raise ConfigError("lora.enable and float8.enable together are not supported (float8 would convert the "
+                          "frozen base linears that LoRA wraps)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -599,8 +678,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, bool]:
             else:
                 text, i = nxt, i + 1
         if f"--{name}" in CONFIG_FLAGS:
-            if text is None:
-                raise ConfigError(f"--{name} needs a file path")
+            if not text:  # also `--config=` or `--config ""`: an unset shell variable must not train the defaults
+                raise ConfigError(f"--{name} needs a file path" + ("" if text is None else " (got an empty string)"))
             config_path = text
             continue
         section, _, key = name.partition(".")
@@ -689,6 +768,28 @@ def _toml_value(v) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return str(v)
+
+
+def changes(saved_toml: str, cfg: Config) -> list[str]:
+    """`section.key old -> new` for each value of `cfg` that differs from a saved resolved config (config.toml of
+    the run a checkpoint came from); keys the saved one lacks (older schema) are not listed."""
+    try:
+        saved = tomllib.loads(saved_toml)
+    except tomllib.TOMLDecodeError:
+        return []
+    now = tomllib.loads(to_toml(cfg))
+    out = []
+    for section, values in now.items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value:
+                out.append(f"{section}.{key} {_toml_value(old)} -> {_toml_value(value)}")
+    known = sections()
+    for section, values in saved.items():  # a key set before and none now (TOML has no null)
+        for key, old in values.items() if section in known else ():
+            if key not in now.get(section, {}) and key in _keys(known[section]):
+                out.append(f"{section}.{key} {_toml_value(old)} -> none")
+    return out
 
 
 def to_toml(cfg: Config) -> str:

@@ -113,7 +113,7 @@ class MetricsLogger:
     resumed from a checkpoint): each run has its own dump folder and the
     file describes that run. It gets one JSON object per logged step (`step`, `loss`, `grad_norm`, `lr`, `tps`,
     `tps_per_device`, `mfu` (percent, null without a known peak), `step_time`, `data_time` (when the loop passes it),
-    `memory_gib`, extras) and `{"step", "val_loss", ...}` per validation, flushed line by line so a crash keeps what
+    `memory_gib`, extras such as `skipped_steps`) and `{"step", "val_loss", ...}` per validation, flushed line by line so a crash keeps what
     was logged.
     Non-finite values are written as NaN / Infinity, which Python's json reads back.
     """
@@ -156,16 +156,17 @@ class MetricsLogger:
     # -----------------------------------------------------------------------------------------------------------
 
     def step(self, step: int, *, loss: float, grad_norm: float, lr: float, tokens: int, step_time: float,
-             data_time: float | None = None, **extra: float) -> None:
+             data_time: float | None = None, force: bool = False, **extra: float) -> None:
         """Record one training step; `tokens` counts each token of the whole job once, `step_time` in seconds, of
-        which `data_time` waiting for the batch (averaged over the window like step_time into jsonl `data_time`)."""
+        which `data_time` waiting for the batch (averaged over the window like step_time into jsonl `data_time`).
+        `force` logs the step whatever log_freq says (the loop forces skipped steps)."""
         if self.rank != 0:
             return
         self._tokens += tokens
         self._time += step_time
         self._data_time = None if data_time is None else (self._data_time or 0.0) + data_time
         self._steps += 1
-        if self._logged_any and step % self.cfg.log_freq and step != self.total_steps:
+        if self._logged_any and step % self.cfg.log_freq and step != self.total_steps and not force:
             return
         self._logged_any = True
         # float() here, not per step: a caller may pass 0-d tensors and pay the device sync only on logged steps.

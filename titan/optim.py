@@ -24,6 +24,7 @@ torchtitan before pytorch/torchtitan#1261 (mid 2025) warmed up with (step + 1) /
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -63,7 +64,9 @@ def lr_lambda(step: int, cfg: LRScheduler, total_steps: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     decay_start = total_steps - decay
-    if step <= decay_start:  # at step == decay_start p == 0, i.e. 1.0 for every shape; also covers decay == 0
+    # At step == decay_start p == 0, i.e. 1.0 for every shape. Without a decay phase the lr stays at the peak, also
+    # past the end (a resume with fewer training.steps than its checkpoint evaluates the schedule there).
+    if step <= decay_start or decay == 0:
         return 1.0
     # Clamped so that a scheduler stepped past the end stays at the floor instead of going negative (linear) or
     # back up (cosine); steps <= total_steps are unaffected.
@@ -82,3 +85,16 @@ def lr_lambda(step: int, cfg: LRScheduler, total_steps: int) -> float:
 def build_lr_scheduler(optimizer, cfg: LRScheduler, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR following `lr_lambda`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, cfg, total_steps))
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: Optimizer) -> None:
+    """After a resume: this run's lr, betas, eps and weight decay, not the ones the optimizer state (param groups) and
+    the scheduler (base lrs) brought back, and the lr of the next step from this run's schedule (training.steps or
+    the warm-up may have changed too)."""
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.last_epoch -= 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": intended, nothing is skipped
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()

@@ -2,8 +2,9 @@
 `torchrun --nproc_per_node=N -m titan.train --config FILE` (N processes over one DeviceMesh).
 
 `build` turns the config into a model, optimizer, data and metrics; `train` is the loop, one optimizer step per
-iteration: get the step's micro-batches -> forward/backward each -> clip -> optimizer step -> LR step -> log ->
-maybe validate. Read `docs/walkthrough.md` for one step followed through the code.
+iteration: get the step's micro-batches -> forward/backward each -> clip -> optimizer step (unless the step is
+skipped) -> LR step -> log -> maybe validate -> maybe save. Read `docs/walkthrough.md` for one step followed through
+the code.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,10 +28,12 @@ from titan.checkpoint import Checkpointer, load_initial_weights
 from titan.config import DTYPES, Config, ConfigError
 from titan.data.pretrain import IGNORE_INDEX, tokens_per_source
 from titan.data.tokenizer import load_tokenizer
+from titan.guard import StepGuard
+from titan.lifecycle import EXIT_INTERRUPTED, RunFailed, RunLock, StopRequests, claim_dump_folder, tie_to_launcher
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora
 from titan.models.llama import FLAVORS, Transformer, count_params, model_args
-from titan.optim import build_lr_scheduler, build_optimizer
+from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.recipes import DPOLoss, TokenLoss, build_dataloaders
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_seq_len, shard_batch, shard_rope
@@ -117,11 +121,32 @@ class Run:
     objective: object  # (model, batch) -> summed loss, and count(batch); see titan/recipes.py
     timer: StepTimer = field(default_factory=StepTimer)  # scripts/benchmark.py swaps in a CUDA-syncing one
     checkpointer: Checkpointer | None = None
+    lock: RunLock = field(default_factory=RunLock)  # job.dump_folder's one-writer lock (held by rank 0)
+
+    def close(self) -> None:
+        """Wait for a background save, close the metrics files, release the lock (in this order)."""
+        try:
+            self.checkpointer.close()
+            self.metrics.close()
+        finally:
+            self.lock.release()
 
 
 def build(cfg: Config) -> Run:
+    """Every rank: the process group, then job.dump_folder's lock (before anything is written), then the run."""
+    device = init_distributed(cfg.training.deterministic, cfg.training.seed, cfg.comm.init_timeout_seconds)
+    lock = claim_dump_folder(cfg.job.dump_folder)
+    try:
+        run = build_run(cfg, device)
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def build_run(cfg: Config, device: torch.device) -> Run:
     t = cfg.training
-    device = init_distributed(t.deterministic, t.seed, cfg.comm.init_timeout_seconds)
     dims = ParallelDims.from_config(cfg.parallelism, dist.get_world_size())
     grad_accum = gradient_accumulation_steps(t, dims.dp)
 
@@ -167,8 +192,11 @@ def build(cfg: Config) -> Run:
     if cfg.lora.enable:  # Hugging Face gets a plain Llama: adapters merged into the weights
         export = lora.merging(export, cfg.lora.alpha / cfg.lora.rank)
     checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
-                                t.steps, export, adapters_only=cfg.lora.enable and cfg.lora.save_adapter_only)
+                                t.steps, export, adapters_only=cfg.lora.enable and cfg.lora.save_adapter_only,
+                                tokenizer=tokenizer, run_config=config.to_toml(cfg))
     checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
+    if checkpointer.resumed:
+        honour_new_settings(cfg, checkpointer, optimizer, scheduler)
 
     autocast = mixed_precision_context(t, dims, device)
     if t.recipe == "dpo":
@@ -194,6 +222,17 @@ def build(cfg: Config) -> Run:
     return Run(cfg, device, dims, mesh, model_parts, pipeline, optimizer, scheduler, train_loader, val_loader,
                metrics, grad_accum, autocast, loss_context(cfg.parallelism, dims), loss_fn, objective,
                checkpointer=checkpointer)
+
+
+def honour_new_settings(cfg: Config, checkpointer: Checkpointer, optimizer, scheduler) -> None:
+    """A resumed run trains with its own config (config.toml stays the truth): the optimizer's hyper-parameters and
+    the schedule come from it, not from the restored optimizer and scheduler state; the differences are logged."""
+    reapply_hyperparameters(optimizer, scheduler, cfg.optimizer)
+    changed = [c for c in config.changes(checkpointer.resumed_config, cfg) if not c.startswith("checkpoint.load_step")]
+    if changed:
+        logger.info(f"checkpoint: changed on resume: {', '.join(changed)}")
+    if checkpointer.step >= cfg.training.steps:
+        logger.info(f"checkpoint: step {checkpointer.step} >= training.steps={cfg.training.steps}: nothing to train")
 
 
 def parameters(model_parts: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
@@ -263,14 +302,17 @@ def forward_loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train(run: Run) -> None:
-    """The loop inside the profiler's context (a no-op unless [profiling] enables traces or memory snapshots)."""
+    """The loop inside the profiler's context (a no-op unless [profiling] enables traces or memory snapshots) and the
+    stop-signal handlers it polls once per step."""
     first_step = run.checkpointer.step + 1  # 1, or the step after a resumed checkpoint
-    with Profiler(run.cfg.profiling, run.cfg.job.dump_folder, dist.get_rank(), run.device, first_step) as prof:
-        train_steps(run, prof, first_step)
+    with Profiler(run.cfg.profiling, run.cfg.job.dump_folder, dist.get_rank(), run.device, first_step) as prof, \
+            StopRequests(run.dims.world_size) as stop:
+        train_steps(run, prof, stop, first_step)
 
 
-def train_steps(run: Run, profiler: Profiler, first_step: int) -> None:
+def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: int) -> None:
     cfg, device, timer = run.cfg, run.device, run.timer
+    guard = StepGuard(cfg.training, skipped_before=run.checkpointer.train_state.skipped_steps)
     token_mesh = run.mesh["dp_cp"]  # where the batch is split
     loss_mesh = run.mesh["pp_dp_cp"]  # where loss values live (only the last pipeline stage has them)
     batches = iter(run.train_loader)
@@ -297,28 +339,46 @@ def train_steps(run: Run, profiler: Profiler, first_step: int) -> None:
 
         with timer("optimizer"):
             grad_norm = clip_grad_norm(parameters(run.model_parts), cfg.training.max_norm, run.mesh["pp"])
+            loss_sum = all_reduce_sum(loss_sum, loss_mesh)  # before the update: every rank judges the same loss
             lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
-            run.optimizer.step()
-            float8.precompute_scales(run.model_parts, cfg.float8)  # no-op unless float8 FSDP all-gather asks
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, skipped = guard.check(step, loss_sum, grad_norm)  # non-finite or a spike: no update
+            optimizer_step(run, update=not skipped)
 
-        loss_sum = all_reduce_sum(loss_sum, loss_mesh)
         step_time, regions = timer.lap()  # since the previous lap, less validation
-        run.metrics.step(step, loss=loss_sum, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step,
-                         step_time=step_time, data_time=regions["data"], **run.objective.metrics(token_mesh),
+        run.metrics.step(step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step, step_time=step_time,
+                         data_time=regions["data"], force=skipped, **guard.metrics(),
+                         **run.objective.metrics(token_mesh),
                          **tokens_per_source(run.train_loader, cfg.training.seq_len))
         profiler.step()
         if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout
             set_train_timeout(run.mesh, cfg.comm.train_timeout_seconds)
+        if guard.stuck:  # max_consecutive_skips in a row: nothing of this state is saved
+            raise guard.failure(run.checkpointer.newest_text())
 
         if run.val_loader is not None and (step % cfg.validation.freq == 0 or step == cfg.training.steps):
             with timer("validation", in_step=False):
                 run.metrics.validation(step, loss=evaluate(run))
-        with timer("checkpoint"):  # saves at checkpoint.interval and the last step (async: only the staging)
-            stop = run.checkpointer.end_of_step(step, tokens_per_step)
-        if stop:
-            break  # SIGTERM/SIGUSR1 arrived: this step is saved, stop cleanly
+        signal_name = stop.poll()  # SIGTERM, SIGUSR1 or SIGINT on any rank: save this step and stop
+        with timer("checkpoint"):  # at checkpoint.interval, the last step and on a signal (async: only the staging)
+            run.checkpointer.end_of_step(step, tokens_per_step, guard.total, updated=not skipped,
+                                         force=signal_name is not None)
+        if signal_name:
+            logger.info(f"received {signal_name}: stopped after step {step}")
+            break
+
+
+def optimizer_step(run: Run, update: bool) -> None:
+    """The update (unless the step is skipped: then its gradients are just dropped), then the lr schedule's step,
+    which advances either way so that the lr stays a function of the step number."""
+    if update:
+        run.optimizer.step()
+        float8.precompute_scales(run.model_parts, run.cfg.float8)  # no-op unless float8 FSDP all-gather asks
+        run.scheduler.step()
+    else:
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" if step 1 is skipped: intended
+            warnings.simplefilter("ignore", UserWarning)
+            run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
 
 def clip_grad_norm(params, max_norm: float, pp_mesh) -> torch.Tensor:
@@ -402,6 +462,8 @@ def write_resolved_config(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
+    tie_to_launcher()
+    run = None
     try:
         cfg = config.load(argv)
         if cfg.job.description:
@@ -412,21 +474,37 @@ def main(argv: list[str] | None = None) -> int:
             run.checkpointer.save_seed()  # step-0 weights for later runs to start from; no training
         else:
             train(run)
-        run.checkpointer.close()  # waits for a background save to be written
-        run.metrics.close()
-    except ConfigError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"titan: error: {e}", file=sys.stderr)
-        return 2
+        run.close()  # waits for a background save to be written
+    except (ConfigError, RunFailed) as e:  # one line, no traceback
+        if run is not None:
+            with contextlib.suppress(ConfigError, RunFailed):
+                run.close()  # a background save of an earlier, good step still completes
+        return _exit(f"titan: error: {e}", e.code if isinstance(e, RunFailed) else 2)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        return _exit("titan: interrupted", EXIT_INTERRUPTED)
     except RuntimeError as e:  # DistBackendError too
         hint = timeout_hint(e)
         if hint:
             logger.error(f"rank {os.environ.get('RANK', 0)}: {hint}")
         raise
     finally:
+        if run is not None:
+            run.lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _exit(line: str, code: int) -> int:
+    """Print the line (rank 0) and return the exit code; also write it to $TITAN_EXIT_FILE, through which
+    scripts/run_train.sh tells a failure worth a relaunch (a crash) from one that would fail again (bad input,
+    divergence, a full disk): torchrun reports every worker failure as exit code 1."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+    if os.environ.get("TITAN_EXIT_FILE"):
+        with contextlib.suppress(OSError):
+            Path(os.environ["TITAN_EXIT_FILE"]).write_text(f"{code}\n")
+    return code
 
 
 if __name__ == "__main__":
