@@ -97,7 +97,7 @@ def run_titan(cfg: config.Config, args: argparse.Namespace) -> tuple[dict, list[
     else:
         run.timer = StepTimer(run.device, sync=True, keep_history=True)  # sync only acts on CUDA
     train(run)
-    run.metrics.close()
+    run.close()  # also releases job.dump_folder's lock
     t = cfg.training
     laps = run.timer.history[args.warmup:]
     steps = [lap["step"] for lap in laps]

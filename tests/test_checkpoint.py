@@ -10,10 +10,20 @@
   previous complete checkpoint) and deletes once superseded; SIGTERM saves the current step and exits 0; SIGUSR1
   on one rank stops every rank after the same step.
 - Errors (missing folder, unknown load_step, garbled files) exit 2 with one line naming the path; retention.
+- Integrity and history: a shard with 8 KiB overwritten is caught by its manifest's CRC-32 and the previous
+  checkpoint used; a branched resume (load_step older than the newest) is refused unless checkpoint.branch, which
+  moves the later checkpoints aside, and retention follows the run's lineage; a SIGKILL at each point of a re-save's
+  commit recovers.
+- Resuming with other settings: new optimizer values win (lr 1e-30 leaves the weights bitwise unchanged), fewer
+  steps than the checkpoint leave nothing to train, another tokenizer is refused.
+- Output that fails: a read-only checkpoint folder stops before step 1, a full disk (a small tmpfs, or a faked
+  ENOSPC) reports the path and errno and leaves the last checkpoint; scripts/run_train.sh --max_restarts recovers a
+  killed worker with the losses of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -109,8 +119,7 @@ def _check_resharded_load(rank, world_size, argv, saved_path, report):
         Path(f"{report}.{rank}").write_text(json.dumps({"mismatched": bad, "model": sorted(model_keys),
                                                         "optim": sorted(optim_keys), "step": run.checkpointer.step}))
         train(run)
-        run.checkpointer.close()
-        run.metrics.close()
+        run.close()
     finally:
         dist.destroy_process_group()
 
@@ -470,3 +479,190 @@ def test_a_kill_at_every_point_of_a_resave_recovers(tmp_path, capsys):
         assert f"from {dump / 'checkpoint' / 'step-0'}" in out, out
         assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-0", "step-1"], point
         assert read_manifest(dump / "checkpoint" / "step-0")["files"] == new_files, point
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming with other settings
+
+
+def _model_state(step_folder: Path, tmp_path: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(step_folder, tmp_path / "state.pt")
+    return torch.load(tmp_path / "state.pt", weights_only=False)["model"]
+
+
+def test_new_optimizer_settings_win_on_resume(saved, tmp_path, capsys):
+    from titan import config
+    from titan.train import build
+
+    new = ["--optimizer.lr", "1e-30", "--optimizer.eps", "1e-6", "--optimizer.weight_decay", "0.2",
+           "--optimizer.betas", "0.8,0.9"]
+    argv = _single(saved, "--training.steps", "6", "--checkpoint.interval", "2", *new)
+    _stdout(capsys)
+    assert main(argv) == 0
+    out = _stdout(capsys)
+    for change in ("optimizer.lr 0.003 -> 1e-30", "optimizer.eps 1e-08 -> 1e-06", "optimizer.weight_decay 0.1 -> 0.2",
+                   "optimizer.betas [0.9, 0.95] -> [0.8, 0.9]", "training.steps 4 -> 6"):
+        assert change in out, out
+    # The lr used: logged, and in the update (AdamW's step and decay both scale with it). With the restored 3e-3
+    # (the bug), steps 5 and 6 moved the weights; with 1e-30 they stay bitwise the same.
+    assert all(0 < r["lr"] <= 1e-30 for r in read_metrics(saved)[4:])
+    before, after = (_model_state(saved / "checkpoint" / f"step-{s}", tmp_path) for s in (4, 6))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    run = build(config.load([*_single(saved, "--training.steps", "8"), *new[2:], "--optimizer.lr", "2e-3"]))
+    try:
+        group = run.optimizer.param_groups[0]
+        assert (group["betas"], group["eps"], group["weight_decay"], group["initial_lr"]) == ((0.8, 0.9), 1e-6, 0.2,
+                                                                                              2e-3)
+    finally:
+        run.close()
+        torch.distributed.destroy_process_group()
+
+
+def test_fewer_steps_than_the_checkpoint_leaves_nothing_to_train(saved, capsys):
+    _stdout(capsys)
+    assert main(_single(saved, "--training.steps", "2")) == 0  # was a ZeroDivisionError in the lr schedule
+    assert "step 4 >= training.steps=2: nothing to train" in _stdout(capsys)
+    assert [r["step"] for r in read_metrics(saved)] == [1, 2, 3, 4]
+
+
+def test_resume_with_another_tokenizer_is_refused(saved, tmp_path, capsys):
+    shipped = REPO / "titan" / "assets" / "tokenizer"
+    lines = (shipped / "debug.tiktoken").read_text().splitlines()
+    (a, rank_a), (b, rank_b) = lines[300].split(), lines[301].split()
+    lines[300], lines[301] = f"{a} {rank_b}", f"{b} {rank_a}"  # two tokens swap ids: the same vocabulary size
+    other = tmp_path / "other.tiktoken"
+    other.write_text("\n".join(lines) + "\n")
+    shutil.copy(shipped / "debug.json", tmp_path / "other.json")
+    argv = _single(saved, "--training.steps", "5", "--model.tokenizer_path", str(other))
+    line = _error_line(capsys, argv)
+    assert str(shipped / "debug.tiktoken") in line and str(other) in line and "allow_tokenizer_change" in line
+    assert main([*argv, "--checkpoint.allow_tokenizer_change"]) == 0
+    assert "resuming anyway" in _stdout(capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output that fails: a read-only or full checkpoint location
+
+
+@pytest.fixture
+def tmpfs():
+    """mount(path, options) mounts a small tmpfs where this process may (root with mount rights); False where not."""
+    mounted = []
+
+    def mount(path: Path, options: str) -> bool:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                               capture_output=True).returncode:
+            return False
+        mounted.append(path)
+        return True
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_read_only_checkpoint_folder_fails_before_step_1(tmp_path, tmpfs, capsys):
+    ckpt = tmp_path / "checkpoint"
+    if not tmpfs(ckpt, "ro,size=1m"):
+        ckpt.chmod(0o555)
+        if os.access(ckpt, os.W_OK):
+            pytest.skip("cannot make a read-only folder here (root without mount rights)")
+    line = _error_line(capsys, _single(tmp_path, "--training.steps", "2"))
+    assert f"checkpoint.folder: cannot write to {ckpt} (" in line and ("EROFS" in line or "EACCES" in line), line
+    assert not (tmp_path / "metrics.jsonl").exists()  # before step 1
+
+
+class _FullDisk:
+    """A file stream whose writes fail as on a full disk."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def test_full_disk_reports_the_path_and_keeps_the_last_checkpoint(tmp_path, tmpfs, capsys, monkeypatch):
+    """A tmpfs with room for one tiny checkpoint (9 MB) and not two; where none can be mounted, DCP's file writes
+    for step 2 fail with ENOSPC. Before, the error was DCP's "unexpected pos" traceback and the partial save stayed."""
+    import contextlib
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from titan.checkpoint_store import read_manifest, verify
+
+    ckpt = tmp_path / "checkpoint"
+    real = tmpfs(ckpt, "size=14m")
+    if not real:
+        original = fs.FileSystem.create_stream
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            with original(self, path, mode) as stream:
+                yield _FullDisk(stream) if "step-2.tmp" in str(path) and "w" in mode else stream
+
+        monkeypatch.setattr(fs.FileSystem, "create_stream", create_stream)
+    argv = _single(tmp_path, "--training.steps", "3", "--checkpoint.interval", "1", "--validation.enable", "false")
+    capsys.readouterr()
+    assert main(argv) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"titan: error: checkpoint: cannot save step 2 to {ckpt / 'step-2.tmp'} "
+                                               f"(ENOSPC: No space left on device"), err
+    assert f"the newest checkpoint is {ckpt / 'step-1'}" in err[0]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-1"]  # the partial save is gone
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    manifest = read_manifest(ckpt / "step-1")
+    assert verify(ckpt / "step-1", manifest, list(manifest["files"])) == []
+    if real:  # the next start finds no room for another checkpoint: it stops before step 1
+        line = _error_line(capsys, argv)
+        assert f"checkpoint.folder: {ckpt} has" in line and "less than one checkpoint" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Automatic recovery: scripts/run_train.sh --max_restarts
+
+
+def _logged_steps(folder: Path) -> list[int]:
+    """Steps in a metrics.jsonl being written (a last line cut short is left out)."""
+    steps = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").is_file() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
+
+
+def test_relaunch_loop_recovers_a_killed_worker(fsdp2, tmp_path):
+    """SIGKILL rank 1 after step-10 is saved: torchrun fails, run_train.sh relaunches it, the relaunch resumes from
+    step-10 and the job ends with the losses of the uninterrupted run (fsdp2's, the same config on 2 processes)."""
+    from dist_utils import children, running
+
+    env = {**_env(), "NGPU": "2", "CONFIG_FILE": TINY}
+    job = subprocess.Popen(["bash", "scripts/run_train.sh", "--max_restarts", "1", "--job.dump_folder", str(tmp_path),
+                            *CKPT], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = []
+    try:
+        _wait_for(lambda: any(s > 10 for s in _logged_steps(tmp_path)), job)  # step-10 is committed by then
+        (torchrun,) = children(job.pid)
+        for worker in children(torchrun):
+            environ = dict(v.split(b"=", 1) for v in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0") if v)
+            if environ.get(b"RANK") == b"1":
+                os.kill(worker, signal.SIGKILL)
+                killed.append(worker)
+        out, _ = job.communicate(timeout=600)
+    finally:
+        job.kill()
+    assert len(killed) == 1 and not running(killed[0])
+    assert job.returncode == 0, out[-4000:]
+    assert "relaunch 1 of 1" in out and "continuing at step 11" in out
+    final = {}
+    for record in read_metrics(tmp_path):  # steps after step 10 appear twice: the last one counts
+        final[record["step"]] = record["loss"]
+    assert final == _losses(fsdp2 / "sync")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,8 @@ def cli_runs(tmp_path_factory):
         "typo": ["--config", DEBUG_TOML, "--training.stpes", "5"],
         "batch": ["--config", DEBUG_TOML, "--training.global_batch_size", "12", "--training.local_batch_size", "8",
                   "--training.steps", "1", "--job.dump_folder", dump, "--validation.enable", "false"],
+        "empty_config": ["--config=", "--training.steps", "1"],  # an unset shell variable: not the defaults
+        "non_utf8": ["--config", DEBUG_TOML, "--job.dump_folder", b"/tmp/\xff\xfe"],  # bytes a shell can pass
     }
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     procs = {name: subprocess.Popen([sys.executable, "-m", "titan.train", *argv], cwd=REPO, env=env, text=True,
@@ -309,7 +312,7 @@ def cli_runs(tmp_path_factory):
              for name, argv in commands.items()}
     results = {}
     for name, p in procs.items():
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=600)
         results[name] = (p.returncode, out, err)
     return results
 
@@ -334,6 +337,8 @@ def test_help_lists_every_key_with_type_and_default(cli_runs):
 @pytest.mark.parametrize("name, needles", [
     ("typo", ("training.stpes", "training.steps")),
     ("batch", ("training.global_batch_size",)),
+    ("empty_config", ("--config needs a file path (got an empty string)",)),
+    ("non_utf8", ("job.dump_folder must be UTF-8 text", "\\udcff")),
 ])
 def test_config_errors_exit_2_with_one_line(cli_runs, name, needles):
     rc, out, err = cli_runs[name]
@@ -342,3 +347,80 @@ def test_config_errors_exit_2_with_one_line(cli_runs, name, needles):
     assert len(err.splitlines()) == 1 and err.endswith("\n"), err
     for needle in needles:
         assert needle in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema walk: every key of the schema (as it is when the test runs, keys added later included) against the
+# values a user can type that used to reach a traceback.
+
+HOSTILE = {int: ["-1", "0", str(2**64), str(-2**64)], float: ["nan", "inf", "-inf", "-1", "0", str(2.0**64)],
+           str: ["", "\udcff\udcfe"]}  # the second: bytes that are not UTF-8, as Python decodes them from argv
+
+
+def schema() -> list[tuple[str, str, type, config.Range]]:
+    """(section, key, type of its values (of a list's items), declared Range) of every number and text key."""
+    out = []
+    for section, cls in config.sections().items():
+        for key, (tp, f) in config._keys(cls).items():
+            base = config._unwrap_optional(tp)[0]
+            item = typing.get_args(base)[0] if typing.get_origin(base) is list else base
+            if item in HOSTILE:
+                out.append((section, key, item, f.metadata.get("valid") or config.Range()))
+    return out
+
+
+def test_schema_walk_rejects_hostile_values_with_one_line_naming_the_key():
+    walked = 0
+    for section, key, item, valid in schema():
+        for text in HOSTILE[item]:
+            walked += 1
+            try:
+                load([f"--{section}.{key}", text])
+            except ConfigError as e:
+                assert f"{section}.{key}" in str(e) and "\n" not in str(e), (section, key, text, str(e))
+                str(e).encode("utf-8")  # printable whatever the value held
+                continue
+            # Accepted: only what the key's declared range admits (never nan, inf or an int beyond 64 bits), and text.
+            assert item is str or valid.accepts(float(text) if item is float else int(text)), (section, key, text)
+            assert text not in ("nan", "inf", "-inf", str(2**64), str(-2**64)), (section, key, text)
+            assert "\udcff" not in text, (section, key)
+    assert walked > 200
+
+
+def test_every_numeric_key_declares_its_range():
+    """A new number key gets `opt(..., valid=Range(...))`; without one it is only held to finite, 64-bit values."""
+    undeclared = [f"{s}.{k}" for s, k, item, _ in schema() if item is not str and
+                  not config._keys(config.sections()[s])[k][1].metadata.get("valid")]
+    assert not undeclared, f"declare a range (opt(..., valid=...)) for {', '.join(undeclared)}"
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--job.dump_folder", "{file}"], "job.dump_folder: {file} is a file"),
+    (["--job.dump_folder", "{file}/sub"], "job.dump_folder: cannot write to {file}/sub (ENOTDIR"),
+    (["--checkpoint.enable", "--checkpoint.folder", "{file}"], "checkpoint.folder: {file} is a file"),
+    (["--checkpoint.initial_load_path", "{file}"], "checkpoint.initial_load_path: {file} is not a folder"),
+    (["--checkpoint.initial_load_path", "{folder}"], "checkpoint.initial_load_path: {folder} is not a readable"),
+    (["--model.tokenizer_path", "{file}"], "model.tokenizer_path="),
+    (["--model.tokenizer_path", "{folder}"], "model.tokenizer_path="),
+    (["--training.dataset_path", "{folder}"], "training.dataset_path"),
+    (["--model.flavor", ""], "model.flavor"),
+    (["--training.dataset", ""], "training.dataset"),
+])
+def test_hostile_paths_and_names_exit_2_with_one_line(tmp_path, capsys, argv, key):
+    """Values only their user can judge (paths, names): a file where a folder is expected, an empty folder."""
+    from titan.train import main
+
+    (tmp_path / "file").write_text("not a folder\n")
+    (tmp_path / "folder").mkdir()
+    fill = {"file": str(tmp_path / "file"), "folder": str(tmp_path / "folder")}
+    argv = [a.format(**fill) for a in argv]
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = main(["--config", DEBUG_TOML, "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "1",
+                     *argv])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and key.format(**fill) in err[0], err

@@ -180,15 +180,22 @@ def _stored_keys(path: Path, what: str) -> set[str]:
     return set(metadata.state_dict_metadata)
 
 
-def _failure(e: BaseException) -> str:
-    """Why a save failed, in a few words: the errno of the first rank that hit an OSError if any (DCP wraps each
-    rank's exception in a CheckpointException)."""
-    failures = getattr(e, "failures", None) or {}
-    for rank, failure in sorted(failures.items()):
-        exc = getattr(failure, "exc", failure)
+def _failure(e: BaseException, folder: Path, needed: int) -> str:
+    """Why a save failed, in a few words: the errno of the first rank that hit an OSError (DCP wraps each rank's
+    exception, with its traceback, in a CheckpointException). A full disk does not always raise one: torch.save's
+    writer reports "unexpected pos 704 vs 598" (torch 2.13), so the free space is looked at too."""
+    failures = [(rank, f[0] if isinstance(f, tuple) else f) for rank, f in sorted(getattr(e, "failures", {}).items())]
+    for rank, exc in failures or [(None, e)]:
         if isinstance(exc, OSError):
-            return f"{os_error(exc)}, on rank {rank}"
-    return os_error(e) if isinstance(e, OSError) else _one_line(e)
+            return os_error(exc) + ("" if rank is None else f", on rank {rank}")
+    text = str(e) if isinstance(e, _SaveError) else _one_line(failures[0][1] if failures else e)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return text
+    if free < needed:
+        return f"ENOSPC: No space left on device, {free / MiB:.1f} MiB free; {text}"
+    return text
 
 
 class _SaveError(Exception):
@@ -294,17 +301,20 @@ class Checkpointer:
         """Fail before step 1 rather than at the first save: every rank can write to the folder, and it has room for
         one more checkpoint (rough: parameters plus AdamW's two moments, times the ranks of this node)."""
         error = None
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".write-test-{self.rank}"
-            probe.write_bytes(b"")
-            probe.unlink()
-            free, need = shutil.disk_usage(self.folder).free, self._estimated_bytes()
-            if free < need:
-                error = (f"checkpoint.folder: {self.folder} has {free / MiB:.1f} MiB free, less than one checkpoint "
-                         f"(about {need / MiB:.1f} MiB from this node's ranks)")
-        except OSError as e:
-            error = f"checkpoint.folder: cannot write to {self.folder} ({os_error(e)})"
+        if self.folder.exists() and not self.folder.is_dir():
+            error = f"checkpoint.folder: {self.folder} is a file, not a folder"
+        else:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                probe = self.folder / f".write-test-{self.rank}"
+                probe.write_bytes(b"")
+                probe.unlink()
+                free, need = shutil.disk_usage(self.folder).free, self._estimated_bytes()
+                if free < need:
+                    error = (f"checkpoint.folder: {self.folder} has {free / MiB:.1f} MiB free, less than one "
+                             f"checkpoint (about {need / MiB:.1f} MiB from this node's ranks)")
+            except OSError as e:
+                error = f"checkpoint.folder: cannot write to {self.folder} ({os_error(e)})"
         agree(error, self._pg)
 
     def _estimated_bytes(self) -> int:
@@ -547,9 +557,9 @@ class Checkpointer:
 
     def _failed(self, step: int, tmp: Path, e: BaseException) -> None:
         """A save that failed: remove what it wrote, say why in one line, stop the run (or go on, if configured)."""
+        reason = _failure(e, self.folder, self._estimated_bytes())
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = str(e) if isinstance(e, _SaveError) else _failure(e)
         message = f"checkpoint: cannot save step {step} to {tmp} ({reason}); removed the partial save; " \
                   f"{self.newest_text()}"
         if not self.cfg.continue_on_save_error:

@@ -433,7 +433,7 @@ def _shown(value) -> str:
 
 def validate(cfg: Config) -> None:
     _check_values(cfg)
-    t, o = cfg.training, cfg.optimizer
+    o = cfg.optimizer
     if len(o.betas) != 2:
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1) (got {o.betas})")
     for key in ("job.dump_folder", "checkpoint.folder"):

@@ -41,7 +41,7 @@ class StepGuard:
         elif self.factor and len(self.recent) == self.recent.maxlen:
             mean = sum(self.recent) / len(self.recent)
             if loss_value > self.factor * mean:
-                reason = f"loss spike (above {self.factor:g} x the mean {mean:.4f} of the last {len(self.recent)} steps)"
+                reason = f"loss spike (above {self.factor:g} x {mean:.4f}, the mean of the last {len(self.recent)})"
         if reason is None:
             self.recent.append(loss_value)
             self.in_a_row = []

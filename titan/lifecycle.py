@@ -104,6 +104,8 @@ class RunLock:
         path = Path(folder) / LOCK_FILE
         record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"job.dump_folder: {folder} is a file, not a folder")
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
             for _ in range(3):  # a stale lock is moved away and the create retried

@@ -113,8 +113,8 @@ class MetricsLogger:
     resumed from a checkpoint): each run has its own dump folder and the
     file describes that run. It gets one JSON object per logged step (`step`, `loss`, `grad_norm`, `lr`, `tps`,
     `tps_per_device`, `mfu` (percent, null without a known peak), `step_time`, `data_time` (when the loop passes it),
-    `memory_gib`, extras such as `skipped_steps`) and `{"step", "val_loss", ...}` per validation, flushed line by line so a crash keeps what
-    was logged.
+    `memory_gib`, extras such as `skipped_steps`) and `{"step", "val_loss", ...}` per validation, flushed line by
+    line so a crash keeps what was logged.
     Non-finite values are written as NaN / Infinity, which Python's json reads back.
     """
 
