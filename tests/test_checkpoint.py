@@ -263,10 +263,17 @@ def _single(folder, *extra):
     return ["--config", TINY, "--job.dump_folder", str(folder), "--checkpoint.enable", *extra]
 
 
+@pytest.fixture(scope="module")
+def saved_once(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved")
+    assert main(_single(folder, "--training.steps", "4", "--checkpoint.interval", "2")) == 0
+    return folder
+
+
 @pytest.fixture
-def saved(tmp_path):
-    """A dump folder with complete step-2 and step-4 checkpoints."""
-    assert main(_single(tmp_path, "--training.steps", "4", "--checkpoint.interval", "2")) == 0
+def saved(tmp_path, saved_once):
+    """A dump folder with complete step-2 and step-4 checkpoints (a copy: the tests change it)."""
+    shutil.copytree(saved_once, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 

@@ -286,16 +286,15 @@ class Checkpointer:
             have = ", ".join(map(str, sorted(complete))) or "none"
             raise ConfigError(f"checkpoint.load_step={cfg.load_step}: no complete checkpoint "
                               f"{self.folder / f'step-{cfg.load_step}'} (complete steps: {have})")
-        chosen, rejected = self._choose(complete)
-        if chosen is None:
+        step, rejected = self._choose(complete)
+        if step is None:
             load_initial_weights(self.model_parts, cfg, self._pg)
             return
-        step = next(s for s, p in complete.items() if p == chosen)
         what = f"checkpoint.load_step={cfg.load_step}" if cfg.load_step != -1 else "checkpoint.folder"
         ahead = self._ahead(step, complete, rejected)
         self._load_base_for_adapters()
-        self._load(chosen, what)
-        self._settle(step, chosen, rejected + ahead)
+        self._load(complete[step], what)
+        self._settle(step, complete[step], rejected + ahead)
 
     def _check_folder(self) -> None:
         """Fail before step 1 rather than at the first save: every rank can write to the folder, and it has room for
@@ -323,15 +322,15 @@ class Checkpointer:
         moments = 2 * sum(p.numel() * p.element_size() for p in local if p.requires_grad)
         return (weights + (moments if "optimizer" in self.states else 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
-    def _choose(self, complete: dict[int, Path]) -> tuple[Path | None, list[Path]]:
-        """(the checkpoint to resume from or None, newer ones that failed their integrity check)."""
+    def _choose(self, complete: dict[int, Path]) -> tuple[int | None, list[Path]]:
+        """(the step to resume from or None, newer checkpoints that failed their integrity check)."""
         explicit = self.cfg.load_step != -1
         candidates = [self.cfg.load_step] if explicit else sorted(complete, reverse=True)
         rejected = []
         for step in candidates:
             problems = self._verify(complete[step])
             if not problems:
-                return complete[step], rejected
+                return step, rejected
             detail = problems[0] + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
             if explicit:
                 raise ConfigError(f"checkpoint.load_step={step}: {complete[step]} fails its integrity check ({detail})")
