@@ -411,6 +411,8 @@ class Checkpointer:
                 continue
             try:
                 dcp.load({n: self.states[n] for n in group}, checkpoint_id=str(path), process_group=self._pg)
+            except ConfigError as e:  # a state refusing what it was given (the data loader: other data)
+                raise ConfigError(f"{what}: {path}: {e}") from None
             # CheckpointException (a BaseException in torch 2.13) wraps whatever failed on each rank.
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - torn or garbled files: many types
                 raise ConfigError(f"{what}: cannot load {path} ({_one_line(e)})") from None

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titan.config import ConfigError
+from titan.errors import ConfigError
 
 logger = logging.getLogger("titan")
 
