@@ -1,5 +1,7 @@
 """Write the shipped fine-tuning fixtures: a 4k-token chat tokenizer (the debug tokenizer with ChatML and Llama 3
-special tokens) and two tiny synthetic datasets, tiny_chat (SFT) and tiny_preferences (DPO), about arithmetic.
+special tokens) and tiny synthetic datasets about arithmetic: tiny_chat (SFT, "messages" records), tiny_preferences
+(DPO), and one more SFT set written in each of the other record formats titan reads: tiny_alpaca, tiny_sharegpt and
+tiny_prompt_completion hold the same single-turn conversations, so they render to the same tokens.
 
     python scripts/make_chat_fixtures.py        # rewrites titan/assets/...; the output is deterministic
 
@@ -59,6 +61,39 @@ def preference(rng: random.Random) -> dict:
     return {"prompt": question, "chosen": f"{expr} = {answer}.", "rejected": rejected}
 
 
+INSTRUCTIONS = ["Compute the following.", "Work this out.", "Give the result."]
+
+
+def alpaca(rng: random.Random) -> dict:
+    """One single-turn exchange as an Alpaca record: the sum in the instruction, or in the optional input."""
+    question, answer, expr = problem(rng)
+    record = {"instruction": question, "output": f"{expr} = {answer}."}
+    if rng.random() < 0.4:
+        record = {"instruction": rng.choice(INSTRUCTIONS), "input": expr, "output": record["output"]}
+    if rng.random() < 0.3:
+        record["system"] = rng.choice(SYSTEMS)
+    return record
+
+
+def as_messages(record: dict) -> list[dict]:
+    """The messages an Alpaca record stands for (titan's reading: instruction, a blank line, the input)."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return system + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def as_sharegpt(record: dict) -> dict:
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in as_messages(record)]}
+
+
+def as_prompt_completion(record: dict) -> dict:
+    """A string prompt when there is no system message, else the prompt as messages."""
+    messages = as_messages(record)
+    prompt = messages[0]["content"] if len(messages) == 2 else messages[:-1]
+    return {"prompt": prompt, "completion": messages[-1]["content"]}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -71,6 +106,12 @@ def main() -> None:
     write_jsonl(data / "tiny_chat" / "train.jsonl", [conversation(rng) for _ in range(400)])
     write_jsonl(data / "tiny_chat" / "validation.jsonl", [conversation(rng) for _ in range(40)])
     write_jsonl(data / "tiny_preferences" / "train.jsonl", [preference(rng) for _ in range(200)])
+    rng = random.Random(1)  # a stream of its own: the sets above stay as they were
+    splits = {"train": [alpaca(rng) for _ in range(200)], "validation": [alpaca(rng) for _ in range(20)]}
+    for name, convert in (("tiny_alpaca", dict), ("tiny_sharegpt", as_sharegpt),
+                          ("tiny_prompt_completion", as_prompt_completion)):
+        for split, records in splits.items():
+            write_jsonl(data / name / f"{split}.jsonl", [convert(r) for r in records])
     print(f"wrote fixtures under {ASSETS}")
 
 

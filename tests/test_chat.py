@@ -1,7 +1,9 @@
-"""Fine-tuning data and objectives: chat templates (exact text, target flags), JSONL errors, label masking, padding
-and packing, the SFT/preference loaders, and two acceptance checks on a tiny fp32 model: prompt and padding tokens
-get exactly zero gradient, and packed rows (with document ids) give the same per-conversation losses and gradients
-as one conversation per row. Then DPO's loss and statistics against a hand computation."""
+"""Fine-tuning data and objectives: chat templates (exact text, target flags), JSONL errors, the SFT record formats
+(the same conversation in each renders to the same tokens and loss mask; bad records name file, line and field),
+label masking, padding and packing, the SFT/preference loaders, and two acceptance checks on a tiny fp32 model:
+prompt and padding tokens get exactly zero gradient, and packed rows (with document ids) give the same
+per-conversation losses and gradients as one conversation per row. Then every preference loss (DPO, IPO, SimPO,
+ORPO) and its statistics against a re-computation from its paper's formula."""
 
 import copy
 import json
@@ -13,13 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from titan.config import SFT, ConfigError, Training, Validation
+from titan.config import DPO, SFT, ConfigError, Training, Validation
 from titan.data.chat import (
     build_preference_dataloader,
     build_sft_dataloader,
     build_sft_validation_dataloader,
     chat_template,
     collate_rows,
+    detect_format,
     example,
     pack_rows,
     pad_rows,
@@ -29,7 +32,7 @@ from titan.data.chat import (
 from titan.data.pretrain import DATASETS, IGNORE_INDEX, document_positions
 from titan.data.tokenizer import load_tokenizer
 from titan.models.llama import Transformer, document_mask, model_args
-from titan.recipes import DPOLoss, TokenLoss
+from titan.recipes import DPOLoss, TokenLoss, preference_loss
 from dist_utils import REPO, rel_error
 
 CHAT_TOKENIZER = REPO / "titan" / "assets" / "tokenizer" / "debug_chat.tiktoken"
@@ -183,7 +186,7 @@ def expect_error(fn, *fragments) -> str:
 @pytest.mark.parametrize("content, line, fragment", [
     (GOOD + "\n{not json\n", 2, "is not JSON"),
     ("\n\n" + GOOD + "\n" + json.dumps([GOOD]) + "\n", 4, "is not a JSON object"),
-    (json.dumps({"text": "no messages"}) + "\n", 1, '"messages" must be a non-empty list'),
+    (json.dumps({"text": "no messages"}) + "\n", 1, "no known SFT format"),
     (GOOD + "\n" + json.dumps({"messages": []}), 2, '"messages" must be a non-empty list'),
     (GOOD + "\n" + json.dumps({"messages": [msg("user", "hi"), msg("bot", "hello")]}), 2, "system|user|assistant"),
     (json.dumps({"messages": [msg("user", "hi"), {"role": "assistant", "content": 5}]}), 1, "must be a non-empty"),
@@ -269,6 +272,106 @@ def test_prompt_as_string_or_as_messages(tmp_path, tok):
     system.write_text(json.dumps({"prompt": [msg("system", "Terse."), msg("user", "1 + 1?")], "chosen": "2",
                                   "rejected": "two"}))
     assert read_preferences(system, KEY) == [([msg("system", "Terse."), msg("user", "1 + 1?")], "2", "two")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT record formats
+
+
+def as_format(fmt: str, messages: list[dict]) -> dict:
+    """A conversation (optional system, one user turn, one reply) as a record of `fmt`, written by hand here."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    user, reply = (m["content"] for m in messages if m["role"] != "system")
+    if fmt == "messages":
+        return {"messages": messages}
+    if fmt == "alpaca":
+        instruction, _, extra = user.partition("\n\n")
+        return {"instruction": instruction, **({"input": extra} if extra else {}), "output": reply,
+                **({"system": system[0]} if system else {})}
+    if fmt == "sharegpt":
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
+    return {"prompt": messages[:-1] if system else user, "completion": reply}
+
+
+SFT_FORMAT_NAMES = ("messages", "alpaca", "sharegpt", "prompt_completion")
+SAME_CONVERSATIONS = [
+    [msg("user", "What is 2 + 2?"), msg("assistant", "2 + 2 = 4.")],
+    [msg("system", "Be brief."), msg("user", "Compute this.\n\n17 - 5"), msg("assistant", "12.")],
+    [msg("user", "Add them.\n\n3 and 4"), msg("assistant", "3 + 4 = 7.")],
+]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_same_conversations_in_every_format_give_the_same_rows(tmp_path, tok, packing):
+    rows = {}
+    for fmt in SFT_FORMAT_NAMES:
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text("".join(json.dumps(as_format(fmt, c)) + "\n" for c in SAME_CONVERSATIONS))
+        assert read_conversations(path, KEY) == SAME_CONVERSATIONS  # auto-detected
+        assert read_conversations(path, KEY, fmt) == SAME_CONVERSATIONS
+        cfg = Training(dataset_path=str(path), seq_len=48, local_batch_size=1)
+        rows[fmt] = build_sft_dataloader(cfg, SFT(packing=packing), tok, 0, 1).dataset.rows
+    reference = rows.pop("messages")
+    assert reference and any((r["label"] != IGNORE_INDEX).any() for r in reference)
+    for fmt, got in rows.items():
+        assert same(got, reference), fmt  # token ids, loss mask (labels), document ids and positions
+
+
+def test_shipped_format_fixtures_hold_the_same_conversations(tok):
+    """tiny_alpaca, tiny_sharegpt and tiny_prompt_completion (scripts/make_chat_fixtures.py) are one set of
+    conversations in three formats: each split loads to identical rows."""
+    for split, section in (("train", "training"), ("validation", "validation")):
+        loaded = {}
+        for name in ("tiny_alpaca", "tiny_sharegpt", "tiny_prompt_completion"):
+            conversations = read_conversations(DATASETS[name][split], f"{section}.dataset")
+            assert {detect_format(json.loads(line)) for line in DATASETS[name][split].read_text().splitlines()} \
+                == {name.removeprefix("tiny_")}
+            loaded[name] = conversations
+        first = loaded.pop("tiny_alpaca")
+        assert len(first) >= 20 and any(c[0]["role"] == "system" for c in first)
+        assert any("\n\n" in c[-2]["content"] for c in first)  # some records have an Alpaca "input"
+        assert all(c == first for c in loaded.values())
+    cfg = Training(dataset="tiny_sharegpt", seq_len=64, local_batch_size=2)
+    shared = build_sft_dataloader(cfg, SFT(packing=True), tok, 0, 1).dataset.rows
+    alpaca = build_sft_dataloader(replace(cfg, dataset="tiny_alpaca"), SFT(packing=True), tok, 0, 1).dataset.rows
+    assert same(shared, alpaca)
+
+
+BAD_RECORDS = {  # format: [(record after a good first one, the field the error names)]
+    "messages": [({"messages": [msg("user", "hi"), {"role": "bot", "content": "x"}]}, '"messages"'),
+                 ({"conversations": [{"from": "human", "value": "hi"}]}, '"messages"')],  # mixed formats
+    "alpaca": [({"instruction": "hi"}, '"output"'), ({"instruction": 3, "output": "x"}, '"instruction"'),
+               ({"instruction": "hi", "input": ["x"], "output": "y"}, '"input"'),
+               ({"instruction": "hi", "output": "y", "system": 1}, '"system"'),
+               ({"messages": [msg("user", "hi"), msg("assistant", "x")]}, '"instruction"')],
+    "sharegpt": [({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}]},
+                  '"conversations"'),
+                 ({"conversations": [{"from": "human", "value": "hi"}]}, "has no assistant message"),
+                 ({"conversations": []}, '"conversations"')],
+    "prompt_completion": [({"prompt": "hi"}, '"completion"'), ({"prompt": "hi", "completion": 5}, '"completion"'),
+                          ({"prompt": [msg("narrator", "x")], "completion": "y"}, '"prompt"')],
+}
+
+
+@pytest.mark.parametrize("fmt, record, field", [(f, r, k) for f, cases in BAD_RECORDS.items() for r, k in cases])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_bad_records_of_every_format_name_file_line_and_field(tmp_path, fmt, record, field, explicit):
+    path = tmp_path / "data.jsonl"
+    good = as_format(fmt, SAME_CONVERSATIONS[1])
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")
+    origin = "sft.format" if explicit else "detected from line 1"
+    expect_error(lambda: read_conversations(path, KEY, fmt if explicit else "auto"), KEY, path, "line 3", field,
+                 *([] if "assistant" in field else [f"{fmt} format", origin]))
+
+
+def test_each_file_of_a_folder_has_its_own_format(tmp_path):
+    for i, fmt in enumerate(SFT_FORMAT_NAMES):
+        (tmp_path / f"{i}.jsonl").write_text(json.dumps(as_format(fmt, SAME_CONVERSATIONS[i % 3])) + "\n")
+    assert read_conversations(tmp_path, KEY) == [SAME_CONVERSATIONS[i % 3] for i in range(4)]
+    # With the format set, every file must be in it.
+    expect_error(lambda: read_conversations(tmp_path, KEY, "sharegpt"), tmp_path / "0.jsonl", "line 1",
+                 '"conversations"', "sft.format")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -700,7 +803,7 @@ def test_dpo_loss_matches_hand_computation(mesh):
     batch, policy_logits, ref_logits = dpo_batch(pairs)
     ref_logits.requires_grad_(True)
     model = FixedLogits(policy_logits)
-    objective = DPOLoss(beta, reference=lambda b: ref_logits[b["input"][:, 0]])
+    objective = DPOLoss(DPO(beta=beta), reference=lambda b: ref_logits[b["input"][:, 0]])
     assert int(objective.count(batch)) == pairs
     loss = objective(model, batch)
     loss.backward()
@@ -743,9 +846,98 @@ def test_dpo_against_itself_is_log2(mesh):
     pairs = 3
     batch, policy_logits, _ = dpo_batch(pairs)
     model = FixedLogits(policy_logits)
-    objective = DPOLoss(0.1, reference=lambda b: model(b["input"]))
+    objective = DPOLoss(DPO(beta=0.1), reference=lambda b: model(b["input"]))
     loss = objective(model, batch)
     assert torch.equal(loss, -F.logsigmoid(torch.zeros(pairs)).sum())  # every margin exactly 0
     torch.testing.assert_close(loss, torch.tensor(pairs * math.log(2)), rtol=1e-6, atol=0)
     assert objective.metrics(mesh) == {"reward_margin": 0.0, "reward_accuracy": 0.0, "chosen_reward": 0.0,
                                        "rejected_reward": 0.0}
+
+
+def paper_loss(name: str, cfg: DPO, pi, ref, n):
+    """Each loss as its paper writes it, in float64, from summed log-probs pi / ref and reply lengths n (chosen
+    rows first): (per-pair losses, chosen rewards, rejected rewards)."""
+    (pc, pr), (nc, nr) = pi.chunk(2), n.double().chunk(2)
+    if name in ("sigmoid", "ipo"):
+        (rc, rr) = ref.chunk(2)
+        h = torch.log(torch.exp(pc) * torch.exp(rr) / (torch.exp(pr) * torch.exp(rc)))  # IPO's h, DPO's ratio
+        if name == "sigmoid":  # Rafailov et al. 2023, eq. 7
+            return -torch.log(torch.sigmoid(cfg.beta * h)), cfg.beta * (pc - rc), cfg.beta * (pr - rr)
+        return (h - 1 / (2 * cfg.beta)) ** 2, cfg.beta * (pc - rc), cfg.beta * (pr - rr)  # Azar et al. 2023, eq. 17
+    if name == "simpo":  # Meng et al. 2024, eq. 6
+        rc, rr = cfg.beta / nc * pc, cfg.beta / nr * pr
+        return -torch.log(torch.sigmoid(rc - rr - cfg.simpo_gamma)), rc, rr
+    p_c, p_r = torch.exp(pc / nc), torch.exp(pr / nr)  # Hong et al. 2024, eqs. 3-7
+    odds_c, odds_r = p_c / (1 - p_c), p_r / (1 - p_r)
+    l_or = -torch.log(torch.sigmoid(torch.log(odds_c / odds_r)))
+    return -pc / nc + cfg.orpo_lambda * l_or, torch.log(odds_c), torch.log(odds_r)
+
+
+LOSS_CFGS = {"sigmoid": DPO(loss="sigmoid", beta=0.3), "ipo": DPO(loss="ipo", beta=0.3),
+             "simpo": DPO(loss="simpo", beta=2.0, simpo_gamma=0.7), "orpo": DPO(loss="orpo", orpo_lambda=0.4)}
+
+
+def make_objective(cfg, ref_logits):
+    reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else (lambda b: ref_logits[b["input"][:, 0]])
+    return DPOLoss(cfg, reference=reference)
+
+
+@pytest.mark.parametrize("name", list(LOSS_CFGS))
+def test_preference_loss_equals_its_papers_formula(mesh, name):
+    cfg, pairs = LOSS_CFGS[name], 6
+    batch, policy_logits, ref_logits = dpo_batch(pairs, seq=9)
+    # Short rows: log-probs of a few tokens, so that ORPO's per-token probabilities are not ~0.
+    batch["label"][:, :5] = IGNORE_INDEX
+    policy_logits = policy_logits * 0.2
+    model = FixedLogits(policy_logits)
+    objective = make_objective(cfg, ref_logits)
+    loss = objective(model, batch)
+    loss.backward()
+
+    leaf = policy_logits.double().requires_grad_(True)
+    n = (batch["label"] != IGNORE_INDEX).sum(dim=1)
+    pi, ref = logps_by_hand(leaf, batch["label"]), logps_by_hand(ref_logits, batch["label"])
+    losses, chosen, rejected = paper_loss(name, cfg, pi, ref, n)
+    losses.sum().backward()
+    torch.testing.assert_close(loss.double(), losses.sum().detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(model.logits.grad.double(), leaf.grad, rtol=1e-5, atol=1e-7)
+    chosen, rejected = chosen.detach(), rejected.detach()
+    margin = chosen - rejected
+    assert (margin > 0).any() and (margin < 0).any()
+    stats = objective.metrics(mesh)
+    assert stats["reward_accuracy"] == pytest.approx(float((margin > 0).double().mean()), abs=1e-7)
+    assert stats["reward_margin"] == pytest.approx(float(margin.mean()), rel=1e-5)
+    assert stats["chosen_reward"] == pytest.approx(float(chosen.mean()), rel=1e-5)
+    assert stats["rejected_reward"] == pytest.approx(float(rejected.mean()), rel=1e-5)
+    # The function the objective uses, on the same fixed log-probs.
+    got = preference_loss(cfg, pi.detach().float(), ref.float(), n)[0]
+    torch.testing.assert_close(got.double(), losses.detach(), rtol=1e-5, atol=0)
+
+
+def test_preference_losses_at_the_start(mesh):
+    """A policy equal to its reference (DPO, IPO), or a pair whose two replies it cannot tell apart (the
+    reference-free SimPO and ORPO): the value each formula gives there."""
+    pairs = 3
+    batch, policy_logits, _ = dpo_batch(pairs)
+    model = FixedLogits(policy_logits)
+    twins = {k: torch.cat([v[:pairs], v[:pairs]]) for k, v in batch.items()}  # rejected rows = chosen rows
+    nll = -(logps_by_hand(policy_logits, batch["label"]) / (batch["label"] != IGNORE_INDEX).sum(1))[:pairs]
+    expected = {"sigmoid": torch.full((pairs,), math.log(2)),
+                "ipo": torch.full((pairs,), (1 / (2 * 0.3)) ** 2),
+                "simpo": torch.full((pairs,), math.log1p(math.exp(0.7))),
+                "orpo": nll + 0.4 * math.log(2)}
+    for name, cfg in LOSS_CFGS.items():
+        reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else (lambda b: model(b["input"]))
+        objective = DPOLoss(cfg, reference=reference)
+        data = batch if reference is not None else twins
+        torch.testing.assert_close(objective(model, data).double(), expected[name].double().sum(), rtol=1e-6,
+                                   atol=0, msg=name)
+        stats = objective.metrics(mesh)
+        assert stats["reward_margin"] == 0.0 and stats["reward_accuracy"] == 0.0, (name, stats)
+
+
+def test_reference_free_losses_take_no_reference_model():
+    with pytest.raises(ValueError, match="takes no reference"):
+        DPOLoss(DPO(loss="simpo"), reference=lambda b: b)
+    with pytest.raises(ValueError, match="needs"):
+        DPOLoss(DPO(loss="ipo"))

@@ -318,6 +318,10 @@ class SFT:
         "auto", "how conversations become tokens: auto picks from the tokenizer's special tokens",
         ("auto", "chatml", "llama3"),
     )
+    format: str = opt(
+        "auto", "record format of the SFT JSONL: auto detects it per file from the first record; see "
+        "docs/fine_tuning.md", ("auto", "messages", "alpaca", "sharegpt", "prompt_completion"),
+    )
     train_on_prompt: bool = opt(False, "also train on system/user tokens (default: loss on assistant replies only)")
     packing: bool = opt(
         False, "pack several conversations per sequence, each attending only to itself (not with pipeline or "
@@ -340,14 +344,34 @@ class LoRA:
         False, "checkpoints hold only the adapters (and their optimizer state); the base comes from "
         "checkpoint.initial_load_path on resume"
     )
+    quantize_base: str = opt(
+        "none", "QLoRA: hold the frozen base weights of the adapted linears in 4-bit NF4 (torchao); checkpoints then "
+        "hold only the adapters", ("none", "nf4"),
+    )
+    nf4_scaler_block_size: int = opt(
+        256, "NF4 blocks (of 64 weights) per block of their int8 scale factors; must divide every adapted weight's "
+        "block count (per FSDP shard)", valid=POSITIVE
+    )
+
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
 
 
 @dataclass
 class DPO:
-    """Direct preference optimisation; see titan/recipes.py."""
+    """Preference optimisation (training.recipe = "dpo"); see titan/recipes.py and docs/fine_tuning.md."""
 
-    beta: float = opt(0.1, "strength of the KL-like tie to the reference model (higher = stay closer)",
-                      valid=POSITIVE)
+    loss: str = opt(
+        "sigmoid", "preference loss: sigmoid (DPO), ipo, simpo, orpo; simpo and orpo need no reference model",
+        PREFERENCE_LOSSES,
+    )
+    beta: float = opt(
+        0.1, "sigmoid/ipo: strength of the tie to the reference model (higher = stay closer; IPO's tau); simpo: "
+        "scale of its length-normalised reward (the paper uses 2 to 2.5); unused by orpo", valid=POSITIVE
+    )
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin gamma", valid=NON_NEGATIVE)
+    orpo_lambda: float = opt(0.1, "orpo: weight lambda of the odds-ratio term added to the chosen reply's NLL",
+                             valid=POSITIVE)
 
 
 @dataclass
@@ -510,6 +534,26 @@ def _validate_finetuning(cfg: Config) -> None:
     if cfg.lora.enable and cfg.float8.enable:
         raise ConfigError("lora.enable and float8.enable together are not supported (float8 would convert the "
                           "frozen base linears that LoRA wraps)")
+    _validate_qlora(cfg)
+
+
+def _validate_qlora(cfg: Config) -> None:
+    q = cfg.lora
+    if q.quantize_base == "none":
+        return
+    if not q.enable:
+        raise ConfigError(f"lora.quantize_base={q.quantize_base} quantizes the frozen base under LoRA adapters: set "
+                          f"lora.enable = true")
+    p = cfg.parallelism
+    if p.tensor_parallel_degree > 1:
+        raise ConfigError(f"lora.quantize_base={q.quantize_base} does not support parallelism.tensor_parallel_degree="
+                          f"{p.tensor_parallel_degree} (torchao's NF4 weights have no tensor-parallel matmul); "
+                          f"shard with FSDP instead")
+    if cfg.training.enable_cpu_offload:
+        raise ConfigError(f"lora.quantize_base={q.quantize_base} with training.enable_cpu_offload is not supported")
+    if cfg.checkpoint.create_seed_checkpoint:
+        raise ConfigError(f"checkpoint.create_seed_checkpoint with lora.quantize_base={q.quantize_base}: a seed "
+                          f"checkpoint holds full-precision weights; write it without lora.quantize_base")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from titan.recipes import DPOLoss, TokenLoss, build_dataloaders
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_seq_len, shard_batch, shard_rope
 from titan.parallel.mesh import ParallelDims, check_model_fits
-from titan.parallel.parallelize import materialize, parallelize
+from titan.parallel.parallelize import materialize, parallelize, quantize_base
 from titan.parallel.pipeline import Pipeline
 from titan.profiling import Profiler
 
@@ -191,16 +191,23 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     export = hf.exporter(args, tokenizer, cfg.model.tokenizer_path)
     if cfg.lora.enable:  # Hugging Face gets a plain Llama: adapters merged into the weights
         export = lora.merging(export, cfg.lora.alpha / cfg.lora.rank)
+    # QLoRA checkpoints hold the adapters only: the base is checkpoint.initial_load_path's, quantized again.
+    adapters_only = cfg.lora.enable and (cfg.lora.save_adapter_only or cfg.lora.quantize_base != "none")
     checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
-                                t.steps, export, adapters_only=cfg.lora.enable and cfg.lora.save_adapter_only,
-                                tokenizer=tokenizer, run_config=config.to_toml(cfg))
+                                t.steps, export, adapters_only=adapters_only, tokenizer=tokenizer,
+                                run_config=config.to_toml(cfg))
     checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
     if checkpointer.resumed:
         honour_new_settings(cfg, checkpointer, optimizer, scheduler)
+    if cfg.lora.quantize_base != "none":  # the base weights are final now: quantize them (QLoRA)
+        log_quantized(cfg.lora, [quantize_base(part, cfg.lora, DTYPES[t.mixed_precision_param])
+                                 for part in model_parts])
 
     autocast = mixed_precision_context(t, dims, device)
     if t.recipe == "dpo":
-        objective = DPOLoss(cfg.dpo.beta, dpo_reference(model_parts, cfg, build_part, args), autocast)
+        reference = None if cfg.dpo.loss in DPOLoss.REFERENCE_FREE else dpo_reference(model_parts, cfg, build_part,
+                                                                                      args)
+        objective = DPOLoss(cfg.dpo, reference, autocast)
     else:
         objective = TokenLoss(loss_fn, autocast)
 
@@ -212,11 +219,12 @@ def build_run(cfg: Config, device: torch.device) -> Run:
         append=checkpointer.step > 0,  # a resumed run continues its metrics.jsonl
     )
     logger.info(f"model: llama3 {cfg.model.flavor}, {n_params:,} parameters ({n_emb:,} in the embedding), "
-                f"vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}")
+                f"vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}{recipe_detail(cfg)}")
     if cfg.lora.enable:
         n_local = sum(p.numel() for p in trainable)
         logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}; "
-                    f"training {n_local:,} adapter parameters on this rank, the rest frozen")
+                    f"training {n_local:,} adapter parameters on this rank, the rest frozen; all weights take "
+                    f"{weight_bytes(model_parts) / 2**20:,.2f} MiB on this rank")
     logger.info(f"batch: {t.local_batch_size} sequences/rank x {dims.dp} dp ranks x {grad_accum} accumulation "
                 f"steps = {t.local_batch_size * dims.dp * grad_accum} sequences/step")
     return Run(cfg, device, dims, mesh, model_parts, pipeline, optimizer, scheduler, train_loader, val_loader,
@@ -233,6 +241,25 @@ def honour_new_settings(cfg: Config, checkpointer: Checkpointer, optimizer, sche
         logger.info(f"checkpoint: changed on resume: {', '.join(changed)}")
     if checkpointer.step >= cfg.training.steps:
         logger.info(f"checkpoint: step {checkpointer.step} >= training.steps={cfg.training.steps}: nothing to train")
+
+
+def weight_bytes(model_parts: list[torch.nn.Module]) -> int:
+    """Bytes of this rank's parameters (its shards under FSDP; NF4 weights at their packed size)."""
+    return sum(lora.nbytes(p.to_local() if isinstance(p, DTensor) else p) for p in parameters(model_parts))
+
+
+def log_quantized(cfg: config.LoRA, counts: list[tuple[int, int, int]]) -> None:
+    layers, before, after = (sum(c[i] for c in counts) for i in range(3))
+    logger.info(f"lora: quantize_base={cfg.quantize_base}: {layers} base weights quantized (blocks of "
+                f"{lora.NF4_BLOCK}, scales in blocks of {cfg.nf4_scaler_block_size}); they take "
+                f"{after / 2**20:,.2f} MiB on this rank instead of {before / 2**20:,.2f} MiB")
+
+
+def recipe_detail(cfg: Config) -> str:
+    if cfg.training.recipe != "dpo":
+        return ""
+    free = cfg.dpo.loss in DPOLoss.REFERENCE_FREE
+    return f" with loss {cfg.dpo.loss} ({'no reference model' if free else 'against a frozen reference'})"
 
 
 def parameters(model_parts: list[torch.nn.Module]) -> list[torch.nn.Parameter]:

@@ -2,15 +2,19 @@
 into token ids plus "is this a target" flags, then batched by the same resumable, layout-independent loaders as
 pre-training.
 
-Owns the chat templates (ChatML, Llama 3), the JSONL formats, loss masking, and packing. A batch is
+Owns the chat templates (ChatML, Llama 3), the JSONL record formats, loss masking, and packing. A batch is
 {"input", "label"} of [local_batch_size, seq_len] with label = IGNORE_INDEX wherever no loss is wanted (prompt
 tokens, padding); packed batches add "document_ids" for the block-diagonal attention mask (see
 `titan.models.llama.document_mask`) and "positions" that restart with every conversation. Preference batches hold 2 x local_batch_size rows: the chosen
 replies first, then the rejected ones, pair i in rows i and B + i.
 
-Formats (one JSON object per line):
-  SFT:        {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
-  preference: {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}
+Formats (one JSON object per line; `sft.format`, detected per file by default):
+  SFT messages:          {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
+  SFT alpaca:            {"instruction": "...", "output": "...", "input": "...", "system": "..."}, the last two optional
+  SFT sharegpt:          {"conversations": [{"from": "system" | "human" | "gpt", "value": "..."}, ...]}
+  SFT prompt_completion: {"prompt": "..." or [messages], "completion": "..." or [messages]}
+  preference:            {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}
+Every SFT format becomes the same list of messages, so a conversation renders to the same tokens in any of them.
 """
 
 from __future__ import annotations
@@ -111,8 +115,8 @@ def chat_template(tokenizer: Tokenizer, name: str = "auto") -> ChatTemplate:
 # JSONL files
 
 
-def _records(path: Path, key: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-empty line of a .jsonl file or of a folder's .jsonl files."""
+def _records(path: Path, key: str) -> list[tuple[Path, int, dict]]:
+    """(file, line number, object) for each non-empty line of a .jsonl file or of a folder's .jsonl files."""
     if not path.exists():
         raise ConfigError(f"{key}: {path} does not exist")
     files = sorted(p for p in path.iterdir() if p.suffix == ".jsonl") if path.is_dir() else [path]
@@ -123,7 +127,7 @@ def _records(path: Path, key: str) -> list[tuple[int, dict]]:
         for lineno, record in jsonl_records(f, key):
             if not isinstance(record, dict):
                 raise ConfigError(f"{key}: {f} line {lineno} is not a JSON object")
-            out.append((f"{f} line {lineno}", record))
+            out.append((f, lineno, record))
     if not out:
         raise ConfigError(f"{key}: {path} holds no records")
     return out
@@ -138,12 +142,96 @@ def _messages(value, where: str, field: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def read_conversations(path: Path, key: str) -> list[list[dict]]:
-    conversations = []
-    for where, record in _records(path, key):
-        messages = _messages(record.get("messages"), f"{key}: {where}", "messages")
+def _text(record: dict, field: str, where: str, optional: bool = False) -> str | None:
+    value = record.get(field)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: \"{field}\" must be a string{' if present' if optional else ''}")
+    return value
+
+
+def _text_or_messages(record: dict, field: str, role: str, where: str) -> list[dict]:
+    value = record.get(field)
+    return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, where, field)
+
+
+# SFT record formats: each turns one JSON object into a list of messages (sft.format; docs/fine_tuning.md).
+
+
+def _from_messages(record: dict, where: str) -> list[dict]:
+    """{"messages": [{"role", "content"}, ...]} (OpenAI-style)."""
+    return _messages(record.get("messages"), where, "messages")
+
+
+def _from_alpaca(record: dict, where: str) -> list[dict]:
+    """{"instruction", "input" (optional), "output", "system" (optional)}: the user message is the instruction,
+    followed by a blank line and the input when there is one."""
+    instruction, output = _text(record, "instruction", where), _text(record, "output", where)
+    extra, system = _text(record, "input", where, optional=True), _text(record, "system", where, optional=True)
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def _from_sharegpt(record: dict, where: str) -> list[dict]:
+    """{"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]}."""
+    turns = record.get("conversations")
+    ok = isinstance(turns, list) and turns and all(
+        isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES and isinstance(t.get("value"), str) for t in turns)
+    if not ok:
+        raise ConfigError(f"{where}: \"conversations\" must be a non-empty list of {{\"from\": system|human|gpt, "
+                          f"\"value\": str}}")
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
+def _from_prompt_completion(record: dict, where: str) -> list[dict]:
+    """{"prompt": str or [messages], "completion": str or [messages]}: a string prompt is one user message, a
+    string completion one assistant reply."""
+    if "prompt" not in record or "completion" not in record:
+        raise ConfigError(f"{where}: needs a \"prompt\" and a \"completion\"")
+    return _text_or_messages(record, "prompt", "user", where) + \
+        _text_or_messages(record, "completion", "assistant", where)
+
+
+SFT_FORMATS = {"messages": _from_messages, "alpaca": _from_alpaca, "sharegpt": _from_sharegpt,
+               "prompt_completion": _from_prompt_completion}
+
+
+def detect_format(record: dict) -> str | None:
+    """The SFT format a record is in, by its fields (sft.format = auto); None if none fits."""
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    return None
+
+
+def read_conversations(path: Path, key: str, fmt: str = "auto") -> list[list[dict]]:
+    """Every record as a list of messages. `fmt` (sft.format) names the record format; "auto" takes each file's
+    format from its first record, and every later record of the file must be in it too."""
+    conversations, formats = [], {}
+    for f, lineno, record in _records(path, key):
+        where = f"{key}: {f} line {lineno}"
+        if f not in formats:
+            found = detect_format(record) if fmt == "auto" else fmt
+            if found is None:
+                raise ConfigError(f"{where}: sft.format=auto: no \"messages\", \"conversations\", \"instruction\" "
+                                  f"or \"prompt\" + \"completion\" field, so no known SFT format (see "
+                                  f"docs/fine_tuning.md)")
+            formats[f] = (found, f"{found} format, " + (f"detected from line {lineno}" if fmt == "auto" else
+                                                        "sft.format"))
+        name, origin = formats[f]
+        messages = SFT_FORMATS[name](record, f"{where} ({origin})")
         if not any(m["role"] == "assistant" for m in messages):
-            raise ConfigError(f"{key}: {where} has no assistant message (nothing to learn)")
+            raise ConfigError(f"{where} has no assistant message (nothing to learn)")
         conversations.append(messages)
     return conversations
 
@@ -151,13 +239,12 @@ def read_conversations(path: Path, key: str) -> list[list[dict]]:
 def read_preferences(path: Path, key: str) -> list[tuple[list[dict], str, str]]:
     """(prompt messages, chosen reply, rejected reply) per line."""
     pairs = []
-    for where, record in _records(path, key):
-        prompt = record.get("prompt")
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-            _messages(prompt, f"{key}: {where}", "prompt")
+    for f, lineno, record in _records(path, key):
+        where = f"{key}: {f} line {lineno}"
+        prompt = _text_or_messages(record, "prompt", "user", where)
         replies = [record.get(k) for k in ("chosen", "rejected")]
         if not all(isinstance(r, str) for r in replies):
-            raise ConfigError(f"{key}: {where} needs string \"chosen\" and \"rejected\" replies")
+            raise ConfigError(f"{where} needs string \"chosen\" and \"rejected\" replies")
         pairs.append((prompt, *replies))
     return pairs
 
@@ -245,7 +332,7 @@ def _truncation_note(n_cut: int, n: int, what: str, seq_len: int) -> None:
 def sft_rows(section: str, data_cfg, sft: SFT, tokenizer: Tokenizer, seq_len: int, split: str) -> list[dict]:
     path, key = locate(section, data_cfg.dataset, data_cfg.dataset_path, split)
     template = chat_template(tokenizer, sft.chat_template)
-    rendered = [template.render(c, sft.train_on_prompt) for c in read_conversations(path, key)]
+    rendered = [template.render(c, sft.train_on_prompt) for c in read_conversations(path, key, sft.format)]
     _truncation_note(sum(len(ids) > seq_len + 1 for ids, _ in rendered), len(rendered), "conversations", seq_len)
     examples = [example(ids, targets, seq_len) for ids, targets in rendered]
     # A conversation cut before its first reply has nothing to learn: a batch of only such rows would divide 0 by 0.

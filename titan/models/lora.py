@@ -6,11 +6,18 @@ back (W + scale * B A) for export. Like the model it knows nothing of distributi
 whose weight keeps its name (`layers.0.attention.wq.weight`), so Hugging Face import/export and checkpoints see the
 same names as without LoRA; the adapters are `...wq.lora_a` / `...wq.lora_b`. Tensor parallelism places them in
 titan/parallel/tensor_parallel.py.
+
+QLoRA (Dettmers et al., 2023; lora.quantize_base = "nf4"): the frozen W is held as torchao's `NF4Tensor`, 4-bit
+NormalFloat codes in blocks of 64 weights with one absmax scale each, the scales themselves quantized to int8 in
+blocks of `nf4_scaler_block_size` ("double quantization"): about 0.52 bytes per weight. `F.linear` on it dequantizes
+W on the fly in forward and backward (W gets no gradient). This module owns the per-tensor quantization and the
+checks of the block layout; titan/parallel/parallelize.py:quantize_base applies it to a built, loaded model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -18,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan.config import ConfigError, LoRA
+
+logger = logging.getLogger("titan")
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # names of the linears LoRA can adapt
 ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
@@ -108,8 +117,8 @@ def disabled(modules: list[nn.Module]):
 
 def merge(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """A full state dict with adapters folded into their base weights (W + scale * B A) and the adapter keys
-    dropped: a plain Llama, for Hugging Face export."""
-    merged = {k: v for k, v in state.items() if not is_adapter(k)}
+    dropped: a plain Llama, for Hugging Face export. NF4 base weights are dequantized first."""
+    merged = {k: dequantize(v) for k, v in state.items() if not is_adapter(k)}
     for key in state:
         if key.endswith(".lora_a"):
             base = key.removesuffix(".lora_a")
@@ -121,4 +130,76 @@ def merge(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tenso
 
 def merging(export, scale: float):
     """Wrap an exporter `(full state, folder, dtype) -> None` so that it receives merged weights."""
-    return lambda state, folder, dtype: export(merge(state, scale), folder, dtype)
+
+    def merged_export(state: dict[str, torch.Tensor], folder, dtype) -> None:
+        if any(is_nf4(v) for v in state.values()):
+            logger.info("lora: the export dequantizes the NF4 base weights and adds the adapters: the merged model "
+                        "carries NF4's rounding of the original weights (it is not the original plus the adapters)")
+        export(merge(state, scale), folder, dtype)
+
+    return merged_export
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QLoRA: NF4 base weights (torchao)
+
+NF4_BLOCK = 64  # weights per NF4 block, each with its own scale (QLoRA's and torchao's choice)
+
+
+def _nf4_module():
+    try:  # torchao >= 0.15
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError:  # older torchao
+        from torchao.dtypes import nf4tensor as nf4_tensor
+    return nf4_tensor
+
+
+def to_nf4(weight: torch.Tensor, scaler_block_size: int) -> torch.Tensor:
+    """torchao's NF4 quantization of a whole (unsharded) weight; it keeps `weight`'s dtype for dequantizing."""
+    return _nf4_module().to_nf4(weight.contiguous(), NF4_BLOCK, scaler_block_size)
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "NF4Tensor"  # by name: torchao is imported only when QLoRA is on
+
+
+def dequantize(t: torch.Tensor) -> torch.Tensor:
+    """An NF4 weight as the dense tensor it stands for; anything else unchanged."""
+    return t.get_original_weight() if is_nf4(t) else t
+
+
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: for NF4 its codes, scales, scale factors and lookup table."""
+    if is_nf4(t):
+        return sum(nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
+def nf4_misfit(shape: torch.Size, shards: int, scaler_block_size: int) -> str | None:
+    """Why a weight of `shape`, split into `shards` row blocks (FSDP), cannot hold whole NF4 scale blocks of
+    NF4_BLOCK x scaler_block_size weights in each shard (torchao quantizes and all-gathers in those units); None
+    if it can."""
+    rows, numel = shape[0], math.prod(shape)
+    unit = NF4_BLOCK * scaler_block_size
+    size = " x ".join(map(str, shape))
+    if rows % shards:
+        return f"{size}: {rows} rows do not split evenly over {shards} FSDP ranks"
+    if (numel // shards) % unit:
+        held = f"{size} in {shards} FSDP shards of {numel // shards} weights" if shards > 1 else f"{size} weights"
+        return f"{held}: not a whole number of NF4 scale blocks ({NF4_BLOCK} x {scaler_block_size} = {unit} weights)"
+    return None
+
+
+def check_nf4_layout(weights: dict[str, tuple[torch.Size, int]], cfg: LoRA) -> None:
+    """ConfigError naming lora.nf4_scaler_block_size and the first weight ({name: (shape, FSDP shards)}) that does
+    not fit, with the largest power-of-two scaler block size that fits them all."""
+    misfits = {n: nf4_misfit(shape, k, cfg.nf4_scaler_block_size) for n, (shape, k) in weights.items()}
+    name = next((n for n, why in misfits.items() if why), None)
+    if name is None:
+        return
+    size = 1 << (cfg.nf4_scaler_block_size.bit_length() - 1)
+    while size >= 1 and any(nf4_misfit(shape, k, size) for shape, k in weights.values()):
+        size //= 2
+    hint = f"lora.nf4_scaler_block_size = {size} fits every adapted weight" if size >= 1 else \
+        f"no scaler block size fits: the weights must split into whole blocks of {NF4_BLOCK}"
+    raise ConfigError(f"lora.nf4_scaler_block_size={cfg.nf4_scaler_block_size}: {name}: {misfits[name]}; {hint}")

@@ -37,3 +37,12 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype, reduce_dtyp
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+def adopt_swapped_param(old) -> None:
+    """Prepare FSDP2 to adopt a parameter that replaces `old` (a sharded DTensor parameter it manages) on its module
+    before the first forward, such as QLoRA's NF4 weight: its lazy init re-reads every parameter and its all-gather
+    extension (torch >= 2.6; "allow monkey patch after init"). Freeing `old`'s storage also makes FSDP see the swap
+    (torch 2.13's check for an unchanged shard reads storage pointers, which a wrapper subclass such as NF4Tensor
+    has none of) and returns its memory at once."""
+    old.to_local().untyped_storage().resize_(0)

@@ -1,5 +1,6 @@
 """The one place that applies the parallel axes to a model built on the meta device, in a fixed order, and then
-materialises its weights so that every layout starts from the single-process run's values.
+materialises its weights so that every layout starts from the single-process run's values (and, for QLoRA, once they
+are loaded, quantizes the frozen base the same way on every layout).
 
 Order: float8 -> tensor parallel -> context parallel -> activation checkpointing -> torch.compile -> FSDP.
   float8 first: it swaps nn.Linear modules for torchao's Float8Linear, which TP (float8 styles) and FSDP (float8
@@ -12,19 +13,23 @@ Order: float8 -> tensor parallel -> context parallel -> activation checkpointing
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan.config import DTYPES, ActivationCheckpoint, Compile, ConfigError, Float8, LoRA, Parallelism, Training
 from titan.models.llama import Transformer
+from titan.models import lora
 from titan.models.lora import apply_lora, init_adapters
 from titan.parallel.activation_checkpoint import apply_ac
 from titan.parallel.context_parallel import apply_cp
 from titan.parallel.float8 import convert as convert_to_float8
-from titan.parallel.fsdp import apply_fsdp
+from titan.parallel.fsdp import adopt_swapped_param, apply_fsdp
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.tensor_parallel import apply_tp
 
@@ -93,3 +98,46 @@ def materialize(model: Transformer, device: torch.device, seed: int, lora_cfg: L
         full = {f"{name}.{key}": value for key, value in unit.state_dict().items()}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
         unit.to_empty(device="meta")
+
+
+def _row_shards(weight: torch.Tensor) -> list[tuple[int, int]]:
+    """(mesh dim, its size) of each mesh dimension that splits `weight` by rows (FSDP's Shard(0)); a replicated
+    weight has none."""
+    if not isinstance(weight, DTensor):
+        return []
+    out = []
+    for dim, placement in enumerate(weight.placements):
+        if placement != Replicate() and placement != Shard(0):
+            raise ConfigError(f"lora.quantize_base: cannot quantize a weight placed as {weight.placements}")
+        if placement == Shard(0):
+            out.append((dim, weight.device_mesh.size(dim)))
+    return out
+
+
+@torch.no_grad()
+def quantize_base(model: nn.Module, cfg: LoRA, dtype: torch.dtype) -> tuple[int, int, int]:
+    """QLoRA: replace the frozen weight of every LoRALinear in `model` (materialised and loaded: the base weights are
+    final) by its NF4 quantization in `dtype`. Each weight is quantized whole, as a single process does it (a sharded
+    one is gathered first, one at a time), then cut into this rank's rows, so every layout holds the same codes and
+    FSDP all-gathers the 4-bit data. Returns (layers, bytes before, bytes after) of those weights on this rank."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
+    lora.check_nf4_layout({f"{name}.weight": (m.weight.shape, math.prod(size for _, size in _row_shards(m.weight)))
+                           for name, m in layers}, cfg)  # before anything changes
+    before = after = 0
+    for _, m in layers:
+        weight = m.weight
+        full = weight.full_tensor() if isinstance(weight, DTensor) else weight
+        quantized = lora.to_nf4(full.to(dtype), cfg.nf4_scaler_block_size)
+        before += lora.nbytes(weight.to_local() if isinstance(weight, DTensor) else weight)
+        if isinstance(weight, DTensor):
+            local, coordinate = quantized, weight.device_mesh.get_coordinate()
+            for dim, size in _row_shards(weight):
+                local = torch.chunk(local, size, dim=0)[coordinate[dim]]  # torchao splits the codes and scales
+            after += lora.nbytes(local)
+            quantized = DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                                           shape=weight.shape, stride=weight.stride())
+            adopt_swapped_param(weight)
+        else:
+            after += lora.nbytes(quantized)
+        m.weight = nn.Parameter(quantized, requires_grad=False)
+    return len(layers), before, after
