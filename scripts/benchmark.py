@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from titan import config
 from titan.config import ConfigError
 from titan.metrics import StepTimer
-from titan.models.llama import Transformer
+from titan.models import build_model
 from titan.parallel.parallelize import DTYPES
 from titan.train import _setup_logging, build, train
 
@@ -170,7 +170,7 @@ class MinimalLoop:
         t, o = self.cfg.training, self.cfg.optimizer
         torch.manual_seed(t.seed)
         with torch.device(self.device):
-            self.model = Transformer(self.model_args)
+            self.model = build_model(self.model_args)
             self.model.init_weights()
         if self.cfg.compile.enable and "model" in self.cfg.compile.components:
             for block in self.model.layers.values():

@@ -1,11 +1,13 @@
-"""Convert between titan's DCP checkpoints and Hugging Face Llama folders (one process, CPU; no transformers needed).
+"""Convert between titan's DCP checkpoints and Hugging Face folders of any registered family (one process, CPU; no
+transformers needed).
 
   python scripts/convert_checkpoint.py to-hf   outputs/x/checkpoint/step-100 outputs/x/hf --flavor debugmodel
-  python scripts/convert_checkpoint.py from-hf path/to/Llama-3.2-1B outputs/seed/checkpoint/step-0
+  python scripts/convert_checkpoint.py to-hf   outputs/q/checkpoint/step-100 outputs/q/hf --model qwen3 --flavor 0.6B
+  python scripts/convert_checkpoint.py from-hf path/to/Qwen3-0.6B outputs/seed/checkpoint/step-0
 
 `to-hf` reads only the model weights of a step folder (full or model-only) and writes model.safetensors (sharded
 above 5 GiB), config.json, generation_config.json and the tokenizer. `from-hf` writes a model-only DCP checkpoint
-that `checkpoint.initial_load_path` or a resume (as a seed step-0) can start from.
+that `checkpoint.initial_load_path` or a resume (as a seed step-0) can start from; the family comes from config.json.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import torch.distributed.checkpoint as dcp
 from titan import hf
 from titan.config import DTYPES, ConfigError
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
-from titan.models import lora
-from titan.models.llama import FLAVORS, Transformer, model_args
+from titan.models import FAMILIES, build_model, lora, model_args
 
 
 
@@ -29,7 +30,7 @@ def dcp_model_state(path: Path, args, lora_scale: float | None = None) -> dict[s
     """The `model` entries of a DCP checkpoint as full tensors, without a process group; LoRA adapters, if the
     checkpoint holds any, merged into their weights with `lora_scale` (the run's lora.alpha / lora.rank)."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = build_model(args)
     state = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in model.state_dict().items()}
     if args.tie_embeddings:
         state.pop("output.weight")  # DCP stores a tied tensor once, under the embedding's name
@@ -61,11 +62,11 @@ def dcp_model_state(path: Path, args, lora_scale: float | None = None) -> dict[s
 def to_hf(ns) -> None:
     tokenizer_path = str(tokenizer_file(ns.tokenizer or ""))
     tokenizer = load_tokenizer(ns.tokenizer or "")
-    args = model_args(ns.flavor, vocab_size=tokenizer.vocab_size, max_seq_len=ns.max_seq_len)
+    args = model_args(ns.model, ns.flavor, tokenizer_vocab=tokenizer.vocab_size, max_seq_len=ns.max_seq_len)
     state = dcp_model_state(Path(ns.src), args, ns.lora_scale)
     out = hf.save(state, args, ns.dst, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                   tokenizer_file=tokenizer_path, tokenizer=tokenizer, dtype=DTYPES[ns.dtype])
-    print(f"wrote {out} (Hugging Face LlamaForCausalLM, {ns.dtype})")
+    print(f"wrote {out} (Hugging Face {FAMILIES[ns.model].hf.architecture}, {ns.dtype})")
 
 
 def from_hf(ns) -> None:
@@ -81,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("to-hf", help="DCP step folder -> Hugging Face folder")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--flavor", required=True, choices=sorted(FLAVORS))
-    p.add_argument("--tokenizer", default="", help="tiktoken rank file; default: the shipped debug tokenizer")
+    p.add_argument("--model", default="llama3", choices=sorted(FAMILIES), help="the run's model.name")
+    p.add_argument("--flavor", required=True, help="the run's model.flavor (one of the family's flavors)")
+    p.add_argument("--tokenizer", default="", help="the run's model.tokenizer_path; default: the shipped debug "
+                   "tokenizer")
     p.add_argument("--max-seq-len", type=int, default=8192, help="max_position_embeddings in config.json")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--lora-scale", type=float, default=None,

@@ -1,10 +1,10 @@
-"""Generate text from a Hugging Face Llama folder or a titan checkpoint (one process, CPU by default).
+"""Generate text from a Hugging Face folder (Llama, Qwen3) or a titan checkpoint (one process, CPU by default).
 
   python scripts/generate.py --hf assets/smollm2 --chat --prompt "What is the capital of France?"
   python scripts/generate.py --checkpoint outputs/sft/checkpoint/step-200 --chat --prompt "Hello"
 
-`--hf` takes a folder with config.json, safetensors weights and titan's tokenizer files (what titan.hf.save and
-scripts/download_assets.py write). `--checkpoint` takes a step folder `<dump>/checkpoint/step-N` and rebuilds the
+`--hf` takes a folder with config.json, safetensors weights and a tokenizer (tokenizer.model, or a Hugging Face
+tokenizer.json with the hf extra): what titan.hf.save and scripts/download_assets.py write, or a Qwen3 folder. `--checkpoint` takes a step folder `<dump>/checkpoint/step-N` and rebuilds the
 model from the run's resolved config `<dump>/config.toml` (or `--config`): flavor, tokenizer, seq_len, LoRA; adapters
 are used as trained, and an adapter-only checkpoint gets its base weights from checkpoint.initial_load_path (then
 quantized to NF4 again for a QLoRA run, as training did).
@@ -40,7 +40,7 @@ def log(msg: str) -> None:
 def from_hf(folder: Path, max_seq_len: int | None):
     from titan import hf
     from titan.data.tokenizer import load_tokenizer
-    from titan.models.llama import Transformer
+    from titan.models import build_model
 
     if not (folder / "config.json").is_file():
         raise ConfigError(f"--hf {folder}: no config.json there (not a Hugging Face model folder)")
@@ -52,7 +52,7 @@ def from_hf(folder: Path, max_seq_len: int | None):
         raise ConfigError(f"--hf {folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
                           f"{args.vocab_size}")
     with torch.device("meta"):
-        model = Transformer(args)
+        model = build_model(args)
     model.to_empty(device="cpu")
     model.init_buffers()
     model.load_state_dict(state, strict=True)
@@ -96,8 +96,7 @@ def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | Non
     from titan import config as titan_config
     from titan.checkpoint import load_initial_weights
     from titan.data.tokenizer import load_tokenizer
-    from titan.models import lora
-    from titan.models.llama import FLAVORS, Transformer, model_args
+    from titan.models import build_model, lora, model_args
 
     if not step.is_dir():
         raise ConfigError(f"--checkpoint {step}: no such folder (expected <dump_folder>/checkpoint/step-N)")
@@ -105,13 +104,14 @@ def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | Non
     if not config_path.is_file():
         raise ConfigError(f"--checkpoint {step}: no run config at {config_path} (pass --config)")
     cfg = titan_config.from_dict(titan_config.load_toml(config_path), str(config_path))
-    if cfg.model.flavor not in FLAVORS:
-        raise ConfigError(f"{config_path}: model.flavor={cfg.model.flavor!r} is not one of {', '.join(FLAVORS)}")
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
-    args = model_args(cfg.model.flavor, vocab_size=tokenizer.vocab_size,
-                      max_seq_len=max_seq_len or cfg.training.seq_len)
+    try:
+        args = model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=tokenizer.vocab_size,
+                          max_seq_len=max_seq_len or cfg.training.seq_len)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
     with torch.device("meta"):
-        model = Transformer(args)
+        model = build_model(args)
         if cfg.lora.enable:
             lora.apply_lora(model, cfg.lora)
     model.to_empty(device="cpu")
@@ -164,8 +164,8 @@ def prompt_ids(ns, tokenizer) -> tuple[list[int], set[int]]:
         return ids, stop | {template.end_id}
     if ns.system:
         raise ConfigError("--system needs --chat")
-    bos_token = next(n for n, i in tokenizer.special_tokens.items() if i == tokenizer.bos_id)
-    bos = ns.bos if ns.bos is not None else bos_token not in NO_PLAIN_BOS
+    bos_token = next((n for n, i in tokenizer.special_tokens.items() if i == tokenizer.bos_id), None)
+    bos = ns.bos if ns.bos is not None else bos_token not in NO_PLAIN_BOS  # (encode adds none if there is none)
     return tokenizer.encode(ns.prompt, bos=bos), stop
 
 
@@ -210,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", help="Hugging Face Llama folder (config.json, safetensors, tokenizer.model)")
+    source.add_argument("--hf", help="Hugging Face model folder (config.json, safetensors, tokenizer.model or "
+                        "tokenizer.json)")
     source.add_argument("--checkpoint", help="titan checkpoint step folder <dump_folder>/checkpoint/step-N")
     parser.add_argument("--config", help="the run's config (default: <dump_folder>/config.toml); --checkpoint only")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the tokenizer's "
-                        "chat template (ChatML or Llama 3) and stop at the end of the reply")
+                        "chat template (ChatML, Qwen3 with thinking off, or Llama 3) and stop at the end of the reply")
     parser.add_argument("--system", default="", help="a system message (--chat). SmolLM2's own template adds "
                         "'You are a helpful AI assistant named SmolLM, trained by Hugging Face' when none is given")
     parser.add_argument("--max_new_tokens", type=int, default=100)

@@ -7,6 +7,7 @@ after another in the same processes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -66,19 +67,26 @@ def run_layouts(world_size: int, runs: list[list[str]], expected: int = 0) -> No
                            start_method="spawn")
 
 
-def _env_worker(rank: int, world_size: int, folder: str, fn, args) -> None:
+def _env_worker(rank: int, world_size: int, folder: str, fn, runs) -> None:
     import torch
 
     torch.set_num_threads(1)
-    _set_torchrun_env(rank, world_size, _shared_port(rank, folder, 0))
-    fn(rank, world_size, *args)
+    for i, args in enumerate(runs):
+        _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
+        fn(rank, world_size, *args)
 
 
 def spawn_torchrun_env(fn, world_size: int, *args) -> None:
     """Call `fn(rank, world_size, *args)` on spawned processes with the environment torchrun would set, but no
     process group yet: for tests that drive titan's own `build` / `main` with extra checks around them."""
+    spawn_torchrun_env_runs(fn, world_size, [args])
+
+
+def spawn_torchrun_env_runs(fn, world_size: int, runs: list[tuple]) -> None:
+    """`spawn_torchrun_env` for several argument tuples, one after another in the same processes (each with a fresh
+    port, as `run_layouts` does)."""
     with tempfile.TemporaryDirectory() as folder:
-        mp.start_processes(_env_worker, args=(world_size, folder, fn, args), nprocs=world_size, start_method="spawn")
+        mp.start_processes(_env_worker, args=(world_size, folder, fn, runs), nprocs=world_size, start_method="spawn")
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, fn, args) -> None:
@@ -132,3 +140,11 @@ def rel_error(got, ref) -> float:
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b) and a, (a, b)
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, to call its main() in this process (no interpreter start-up)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,8 @@
   (FSDP=2), sync and async: identical losses (==, bitwise).
 - Resharding: step-10 of an FSDP=4 run loaded at dp=2 x tp=2 and at pp=2 x dp=2 gives model and optimizer tensors
   equal to the saved ones, and steps 11-20 match the uninterrupted FSDP=4 run within 1e-5 relative (the layouts'
-  summation orders differ; test_parallel.py uses the same tolerance). Several pipeline stages per rank with
+  summation orders differ; test_parallel.py uses the same tolerance). The same for the tiny Qwen3 at dp=2 x tp=2
+  (its replicated q/k norms included), in the same processes. Several pipeline stages per rank with
   checkpointing are refused for now.
 - Crash safety: SIGKILL during an async save leaves step-N.tmp, which the next start ignores (resuming from the
   previous complete checkpoint) and deletes once superseded; SIGTERM saves the current step and exits 0; SIGUSR1
@@ -36,12 +37,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts, spawn_torchrun_env
+from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts, spawn_torchrun_env, \
+    spawn_torchrun_env_runs
 from titan.train import main
 
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "10", "--training.steps", "20"]
 ASYNC = ["--checkpoint.async_mode", "async"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
+QWEN3 = ["--model.name", "qwen3", "--model.flavor", "tiny"]
 
 
 def _argv(folder, *extra):
@@ -126,10 +129,11 @@ def _check_resharded_load(rank, world_size, argv, saved_path, report):
 
 @pytest.fixture(scope="module")
 def fsdp4(tmp_path_factory):
-    """An uninterrupted 20-step FSDP=4 run saving at steps 10 and 20: the source of both resharding tests."""
-    folder = tmp_path_factory.mktemp("fsdp4")
-    run_layouts(4, [_argv(folder)])
-    return folder
+    """Uninterrupted 20-step FSDP=4 runs (Llama, Qwen3) saving at steps 10 and 20: the sources of the resharding
+    tests."""
+    root = tmp_path_factory.mktemp("fsdp4")
+    run_layouts(4, [_argv(root / "llama3"), _argv(root / "qwen3", *QWEN3)])
+    return root
 
 
 @pytest.mark.parametrize("layout", ["dp2_tp2", "pp2_dp2"])
@@ -137,21 +141,26 @@ def test_resume_at_another_layout(tmp_path, fsdp4, layout):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     other = TP2 if layout == "dp2_tp2" else ["--parallelism.pipeline_parallel_degree", "2"]  # 1F1B
-    resumed = _resume_folder(fsdp4, tmp_path / layout)
-    saved = tmp_path / "step10.pt"
-    dcp_to_torch_save(resumed / "checkpoint" / "step-10", saved)
-    report = tmp_path / "report.json"
-    spawn_torchrun_env(_check_resharded_load, 4, _argv(resumed, *other), str(saved), str(report))
+    families = {"llama3": [], "qwen3": QWEN3} if layout == "dp2_tp2" else {"llama3": []}
+    runs = []
+    for name, extra in families.items():
+        resumed = _resume_folder(fsdp4 / name, tmp_path / name)
+        dcp_to_torch_save(resumed / "checkpoint" / "step-10", tmp_path / f"{name}_step10.pt")
+        runs.append((_argv(resumed, *other, *extra), str(tmp_path / f"{name}_step10.pt"),
+                     str(tmp_path / f"{name}_report.json")))
+    spawn_torchrun_env_runs(_check_resharded_load, 4, runs)
 
-    reports = [json.loads(Path(f"{report}.{r}").read_text()) for r in range(4)]
-    state = torch.load(saved, weights_only=False)
-    assert all(r["step"] == 10 and r["mismatched"] == [] for r in reports)
-    # Together the ranks hold every saved tensor: nothing was skipped by the comparison.
-    assert set().union(*(r["model"] for r in reports)) == set(state["model"])
-    assert set().union(*(r["optim"] for r in reports)) == set(state["optimizer"]["state"])
-    ref, res = _losses(fsdp4), _losses(resumed)
-    steps = list(range(11, 21))
-    assert max_rel_diff([res[s] for s in steps], [ref[s] for s in steps]) < 1e-5
+    for name in families:
+        reports = [json.loads(Path(f"{tmp_path / name}_report.json.{r}").read_text()) for r in range(4)]
+        state = torch.load(tmp_path / f"{name}_step10.pt", weights_only=False)
+        assert all(r["step"] == 10 and r["mismatched"] == [] for r in reports), name
+        # Together the ranks hold every saved tensor: nothing was skipped by the comparison.
+        assert set().union(*(r["model"] for r in reports)) == set(state["model"])
+        assert set().union(*(r["optim"] for r in reports)) == set(state["optimizer"]["state"])
+        assert any("q_norm" in k for k in state["model"]) == (name == "qwen3")
+        ref, res = _losses(fsdp4 / name), _losses(tmp_path / name)
+        steps = list(range(11, 21))
+        assert max_rel_diff([res[s] for s in steps], [ref[s] for s in steps]) < 1e-5, name
 
 
 # ---------------------------------------------------------------------------------------------------------------

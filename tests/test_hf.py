@@ -1,9 +1,10 @@
-"""Hugging Face export/import (titan/hf.py, scripts/convert_checkpoint.py).
+"""Hugging Face export/import (titan/hf.py, titan/models/hf_adapter.py, scripts/convert_checkpoint.py) for every family.
 
 The logits test is the one that matters: titan's model and an independent pure-torch implementation of HF's Llama
-(written here from transformers' modeling_llama.py math: rotate_half RoPE with the llama3 rope_scaling, repeat_kv,
-RMSNorm in fp32, SwiGLU; it shares no code with titan.models) reading only the exported model.safetensors and
-config.json agree within 1e-5 in fp32. `transformers` itself is not needed.
+and Qwen3 (written here from transformers' modeling_llama.py / modeling_qwen3.py math: rotate_half RoPE with the llama3
+rope_scaling, RMSNorm on each head of q and k for Qwen3, repeat_kv, RMSNorm in fp32, SwiGLU; it shares no code with
+titan.models) reading only the exported model.safetensors and config.json agree within 1e-5 in fp32. `transformers`
+itself is not needed; where it is installed, it loads the exports and its own Qwen3 checkpoints import into titan.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from dist_utils import REPO, TINY, losses, rel_error
+from dist_utils import REPO, TINY, load_script, losses, rel_error
 from titan import hf
+from titan.config import ConfigError
+from titan.models import build_model, family_of
 from titan.models.llama import ModelArgs, RopeScaling, Transformer
+from titan.models.qwen3 import Qwen3Args
 from titan.train import main
+
+QWEN3 = str(REPO / "tests" / "configs" / "tiny_qwen3.toml")
+TRANSFORMERS = "needs Hugging Face transformers (pip install transformers); titan itself does not"
 
 ARGS = {
     # GQA, llama3 frequency scaling with a short original context (so that every band of the scaling is used).
@@ -31,19 +38,24 @@ ARGS = {
                                                         original_max_position_embeddings=32)),
     "tied": ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=3, vocab_size=257, multiple_of=16,
                       rope_theta=500000.0, max_seq_len=64, tie_embeddings=True),
+    # Qwen3: QK-norm, head_dim != dim / n_heads (4 x 16 on dim 48), theta 1e6; and tied (2 x 64 on dim 64).
+    "qwen3_head_dim": Qwen3Args(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden_dim=80,
+                                vocab_size=300, max_seq_len=64),
+    "qwen3_tied": Qwen3Args(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=64, ffn_hidden_dim=96,
+                            vocab_size=257, max_seq_len=64, tie_embeddings=True),
 }
 
 
-def _model(args: ModelArgs) -> Transformer:
+def _model(args) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(args)
+    model = build_model(args)
     model.init_weights()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # non-trivial norm weights, so a swapped norm would show
                 p.add_(0.1 * torch.randn_like(p))
-            if "wq" in name or "wk" in name:  # sharp attention, so that RoPE (and its layout) changes the logits
-                p.mul_(10)
+            if "wq" in name or "wk" in name or "q_norm" in name or "k_norm" in name:
+                p.mul_(10)  # sharp attention, so that RoPE (and its layout) changes the logits
     return model.eval()
 
 
@@ -97,6 +109,9 @@ def hf_reference_logits(folder, tokens: torch.Tensor) -> torch.Tensor:
         x = _rms_norm(h, w[p + "input_layernorm.weight"], eps)
         q = (x @ w[p + "self_attn.q_proj.weight"].T).view(bsz, seq, n_h, d).transpose(1, 2)
         k = (x @ w[p + "self_attn.k_proj.weight"].T).view(bsz, seq, n_kv, d).transpose(1, 2)
+        if cfg["model_type"] == "qwen3":  # RMSNorm over each head's channels, before RoPE
+            q = _rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
+            k = _rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
         v = (x @ w[p + "self_attn.v_proj.weight"].T).view(bsz, seq, n_kv, d).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k = k.repeat_interleave(n_h // n_kv, dim=1)  # repeat_kv
@@ -131,11 +146,12 @@ def test_logits_match_hf_reference(tmp_path, name):
 
 
 def hf_reference_logits_unpermuted(folder, tokens, args, model):
-    """Control: the reference fed titan's q/k rows as they are (no rotate-half permutation)."""
+    """Control: the reference fed titan's q/k rows (and q/k norm weights) as they are (no rotate-half permutation)."""
     w = load_file(str(folder / "model.safetensors"))
     state = model.state_dict()
     for i in range(args.n_layers):
-        for t, h in (("wq", "q_proj"), ("wk", "k_proj")):
+        for t, h in (("wq", "q_proj"), ("wk", "k_proj")) + ((("q_norm", "q_norm"), ("k_norm", "k_norm"))
+                                                             if args.qk_norm else ()):
             w[f"model.layers.{i}.self_attn.{h}.weight"] = state[f"layers.{i}.attention.{t}.weight"]
     other = folder / "unpermuted"
     other.mkdir()
@@ -164,7 +180,9 @@ def test_export_import_roundtrip_and_config(tmp_path, name):
             assert getattr(got_args, field) == getattr(args, field), field
 
     cfg = json.loads((tmp_path / "one" / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    adapter = family_of(args).hf
+    assert cfg["architectures"] == [adapter.architecture] and cfg["model_type"] == adapter.model_type
+    assert cfg["head_dim"] == args.head_dim and cfg["num_attention_heads"] == args.n_heads
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (7, 8)
     assert cfg["tie_word_embeddings"] == args.tie_embeddings
     assert ("lm_head.weight" in load_file(str(tmp_path / "one" / "model.safetensors"))) == (not args.tie_embeddings)
@@ -269,3 +287,114 @@ def test_transformers_loads_the_export(tmp_path):
         assert rel_error(theirs, ours) < 1e-5, extra
         hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Families: detection from config.json, and Qwen3 against transformers
+
+
+def _write_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_model_type_picks_the_family_and_unsupported_ones_are_one_line(tmp_path):
+    args = ARGS["qwen3_head_dim"]
+    state = _model(args).state_dict()
+    hf.save(state, args, tmp_path, bos_id=None, eos_id=2)
+    got_args, _ = hf.load(tmp_path)
+    assert type(got_args) is Qwen3Args and got_args == args
+    llama = ARGS["scaled_untied"]
+    with pytest.raises(ConfigError, match=r"config.json describes a qwen3 model \(Qwen3ForCausalLM\), the run builds "
+                                          r"model.name=llama3"):
+        hf.check_compatible(llama, got_args, "checkpoint.initial_load_path=x")
+    # transformers >= 5 writes rope_parameters instead of rope_theta; both spellings read the same.
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    _write_config(tmp_path, rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg_v5 = {k: v for k, v in json.loads((tmp_path / "config.json").read_text()).items() if k != "rope_theta"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg_v5))
+    assert hf.load(tmp_path)[0] == args
+    for changes, expect in (({"model_type": "mistral"}, "model_type 'mistral' is not supported (titan reads llama, "
+                                                        "qwen3)"),
+                            ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+                            ({"use_sliding_window": True}, "use_sliding_window=true"),
+                            ({"attention_bias": True}, "attention_bias=True is not supported")):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **changes}))
+        with pytest.raises(ConfigError) as e:
+            hf.load(tmp_path)
+        assert expect in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["qwen3_head_dim", "qwen3_tied"])
+def test_transformers_loads_the_qwen3_export(tmp_path, name):
+    """titan -> transformers: the exported folder loads as Qwen3ForCausalLM and gives titan's logits."""
+    transformers = pytest.importorskip("transformers", reason=TRANSFORMERS)
+    args = ARGS[name]
+    model = _model(args)
+    folder = hf.save(model.state_dict(), args, tmp_path, bos_id=None, eos_id=2)
+    theirs_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert type(theirs_model).__name__ == "Qwen3ForCausalLM"
+    tokens = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(tokens), theirs_model(tokens).logits
+    assert rel_error(theirs, ours) < 1e-4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformers_qwen3_checkpoint_imports_into_titan(tmp_path, tied):
+    """transformers -> titan: a randomly initialised Qwen3ForCausalLM (head_dim 16 on 4 heads of dim 48) saved with
+    save_pretrained imports through titan.hf.load and gives transformers' logits."""
+    transformers = pytest.importorskip("transformers", reason=TRANSFORMERS)
+    config = transformers.Qwen3Config(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    theirs_model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in theirs_model.named_parameters():
+            if "norm" in name:  # non-trivial (and per-channel distinct) norm weights, so a wrong permutation shows
+                p.add_(0.3 * torch.randn_like(p))
+    theirs_model.save_pretrained(str(tmp_path))
+    args, state = hf.load(tmp_path)
+    assert (type(args), args.head_dim, args.n_heads, args.dim, args.tie_embeddings) == (Qwen3Args, 16, 4, 48, tied)
+    model = build_model(args)
+    model.load_state_dict(state)
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model.eval()(tokens), theirs_model(tokens).logits
+    assert rel_error(ours, theirs) < 1e-4
+
+
+def test_qwen3_training_export_import_convert_and_generate(tmp_path, capsys, one_thread):
+    """For Qwen3 as for Llama: last_save_in_hf writes a Qwen3ForCausalLM folder; a run started from it
+    (initial_load_in_hf) trains exactly like one started from the same weights through DCP; convert_checkpoint.py
+    to-hf --model qwen3 writes the same tensors; generate.py --hf continues a prompt from the folder as the model
+    read back through DCP does."""
+    base = ["--config", QWEN3, "--training.steps", "1", "--validation.enable", "false"]
+    first = tmp_path / "first"
+    assert main([*base, "--job.dump_folder", str(first), "--checkpoint.enable", "--checkpoint.last_save_in_hf"]) == 0
+    exported = first / "checkpoint" / "step-1-hf"
+    assert json.loads((exported / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    assert main([*base, "--job.dump_folder", str(tmp_path / "from_hf"), "--checkpoint.initial_load_path",
+                 str(exported), "--checkpoint.initial_load_in_hf"]) == 0
+    assert main([*base, "--job.dump_folder", str(tmp_path / "from_dcp"), "--checkpoint.initial_load_path",
+                 str(first / "checkpoint" / "step-1")]) == 0
+    assert losses(tmp_path / "from_hf") == losses(tmp_path / "from_dcp") != losses(first)
+    # A Llama run cannot start from it: one line naming the path and both families.
+    assert main(["--config", TINY, "--job.dump_folder", str(tmp_path / "llama"), "--checkpoint.initial_load_path",
+                 str(exported), "--checkpoint.initial_load_in_hf"]) == 2
+
+    convert = load_script("convert_checkpoint")
+    assert convert.main(["to-hf", str(first / "checkpoint/step-1"), str(tmp_path / "converted"), "--model", "qwen3",
+                         "--flavor", "tiny", "--max-seq-len", "32", "--dtype", "float32"]) == 0
+    assert "Qwen3ForCausalLM" in capsys.readouterr().out
+    a, b = load_file(str(exported / "model.safetensors")), load_file(str(tmp_path / "converted" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    generate = load_script("generate")
+    for source in (["--hf", str(exported)], ["--checkpoint", str(first / "checkpoint" / "step-1")]):
+        assert generate.main([*source, "--prompt", "Emma Woodhouse", "--max_new_tokens", "8", "--max_seq_len",
+                              "32"]) == 0
+    from_hf, from_dcp = capsys.readouterr().out.splitlines()
+    assert from_hf == from_dcp and from_hf.strip()

@@ -1,5 +1,7 @@
 """Every parallel layout trains exactly like one process: for 6 steps of the tiny Llama (fp32, deterministic, gloo on
-CPU) the per-step loss and gradient norm of each layout match the single-process run within 1e-5 relative.
+CPU) the per-step loss and gradient norm of each layout match the single-process run within 1e-5 relative. The
+`qwen3_*` layouts do the same for the tiny Qwen3 (QK-norm, head_dim apart from dim / n_heads) against its own
+single-process run: FSDP with AC and compile, HSDP, TP (+SP, loss parallel), PP (1F1B and Interleaved1F1B), CP.
 
 The global batch (8 sequences) and seed are fixed, so every layout sees the same samples per step and starts from
 the same weights (titan.parallel.parallelize.materialize); only the split of work over ranks differs.
@@ -7,9 +9,11 @@ the same weights (titan.parallel.parallelize.materialize); only the split of wor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from dist_utils import TINY, max_rel_diff, read_metrics, run_layouts
+from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts
 from titan.parallel.pipeline import schedule_names
 from titan.train import main
 
@@ -63,37 +67,54 @@ LAYOUTS = {
     "cp2_pp2_fsdp2": (8, 2, CP + PP + _schedule("Interleaved1F1B")),
     "pp2_fsdp2_tp2_1F1B": (8, 2, PP + TP + _schedule("1F1B")),
     "pp2_fsdp2_tp2_Interleaved1F1B": (8, 2, PP + TP + _schedule("Interleaved1F1B")),
+    # Qwen3, grouped into the same launches (compared to "qwen3_reference").
+    "qwen3_fsdp2_ac_compile": (2, 2, ["--activation_checkpoint.mode", "selective", "--compile.enable"]),
+    "qwen3_tp2": (2, 1, TP),
+    "qwen3_pp2_1F1B": (2, 1, PP + _schedule("1F1B")),
+    "qwen3_pp2_Interleaved1F1B": (2, 1, PP + _schedule("Interleaved1F1B")),
+    "qwen3_cp2": (2, 1, CP),
+    "qwen3_hsdp2x2": (4, 4, ["--parallelism.data_parallel_replicate_degree", "2"]),
 }
+QWEN3 = str(REPO / "tests" / "configs" / "tiny_qwen3.toml")
 
 
 STEPS = ["--training.steps", "6", "--validation.freq", "6"]  # 6 steps keep 35 layouts affordable on 2 cores
 
 
 def _argv(folder, extra=()):
-    return ["--config", TINY, "--job.dump_folder", str(folder), *STEPS, *extra]
+    config = QWEN3 if Path(folder).name.startswith("qwen3") else TINY
+    return ["--config", config, "--job.dump_folder", str(folder), *STEPS, *extra]
+
+
+def _reference(layout: str) -> str:
+    return "qwen3_reference" if layout.startswith("qwen3") else "reference"
+
+
+def _is_cp(layout: str) -> bool:
+    return layout.removeprefix("qwen3_").startswith("cp")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Metrics of the single-process reference and of every layout (grouped by world size: one spawn each)."""
     root = tmp_path_factory.mktemp("layouts")
-    assert main(_argv(root / "reference")) == 0
+    assert main(_argv(root / "reference")) == 0 and main(_argv(root / "qwen3_reference")) == 0
     # One spawn per world size runs its layouts one after another; context-parallel layouts get processes of their
     # own: after an FSDP x TP run, a CP x TP run in the same processes finds a destroyed process group through
     # DeviceMesh state that outlives destroy_process_group (torch 2.13; a real run builds one mesh per process).
-    groups = sorted({(w, n.startswith("cp")) for n, (w, _, _) in LAYOUTS.items()})
+    groups = sorted({(w, _is_cp(n)) for n, (w, _, _) in LAYOUTS.items()})
     for world, cp in groups:
-        names = [n for n, (w, _, _) in LAYOUTS.items() if w == world and n.startswith("cp") == cp]
+        names = [n for n, (w, _, _) in LAYOUTS.items() if w == world and _is_cp(n) == cp]
         if world == 1:
             assert all(main(_argv(root / n, LAYOUTS[n][2])) == 0 for n in names)
         else:
             run_layouts(world, [_argv(root / n, LAYOUTS[n][2]) for n in names])
-    return {n: read_metrics(root / n, validation=True) for n in ["reference", *LAYOUTS]}
+    return {n: read_metrics(root / n, validation=True) for n in ["reference", "qwen3_reference", *LAYOUTS]}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(runs, layout):
-    ref, got = runs["reference"], runs[layout]
+    ref, got = runs[_reference(layout)], runs[layout]
     train_ref, train_got = [r for r in ref if "loss" in r], [r for r in got if "loss" in r]
     assert [r["step"] for r in train_got] == list(range(1, 7))
     assert max_rel_diff([r["loss"] for r in train_got], [r["loss"] for r in train_ref]) < TOL
@@ -104,10 +125,11 @@ def test_layout_matches_single_process(runs, layout):
         assert max_rel_diff(val_got, val_ref) < TOL
 
 
-def test_reference_is_learning(runs):
+@pytest.mark.parametrize("reference", ["reference", "qwen3_reference"])
+def test_reference_is_learning(runs, reference):
     # Guards against a vacuous comparison (e.g. every layout frozen at the initial loss).
-    losses = [r["loss"] for r in runs["reference"] if "loss" in r]
-    assert losses[-1] < losses[0] - 0.1  # 8.82 -> 8.68 over the 6 steps
+    losses = [r["loss"] for r in runs[reference] if "loss" in r]
+    assert losses[-1] < losses[0] - 0.1  # Llama: 8.82 -> 8.68 over the 6 steps
 
 
 @pytest.mark.slow

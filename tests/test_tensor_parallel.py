@@ -1,6 +1,7 @@
 """Layer-level tensor parallelism: one transformer block (and the embedding/output ends) under the TP plan of
 titan.parallel.tensor_parallel, on 2 gloo ranks, against the same unsharded modules: forward output and every
-parameter's gradient agree within fp32 rounding."""
+parameter's gradient agree within fp32 rounding, for Llama and for Qwen3 (whose per-head q/k norm weights stay whole
+on each rank while the heads are split, and get the gradient summed over both ranks' heads)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,25 @@ def _assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 def _check_tp(rank: int, world_size: int, loss_parallel: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    for family in ("llama3", "qwen3"):
+        _check_family(mesh, family, loss_parallel)
+
+
+def _check_family(mesh, family: str, loss_parallel: bool) -> None:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_ctx
 
-    from titan.models.llama import Transformer, model_args
+    from titan.models import build_model, model_args
     from titan.parallel.parallelize import materialize
     from titan.parallel.tensor_parallel import apply_tp
 
-    args = model_args("tiny", n_layers=2, vocab_size=256, max_seq_len=16)
-    ref = Transformer(args)
+    args = model_args(family, "tiny", n_layers=2, vocab_size=256, max_seq_len=16)
+    ref = build_model(args)
     materialize(ref, torch.device("cpu"), seed=3)
     with torch.device("meta"):
-        tp_model = Transformer(args)
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+        tp_model = build_model(args)
     apply_tp(tp_model, mesh["tp"], loss_parallel=loss_parallel, async_tp=False)
     materialize(tp_model, torch.device("cpu"), seed=3)
 
@@ -55,8 +62,10 @@ def _check_tp(rank: int, world_size: int, loss_parallel: bool) -> None:
         sharded += any(pl.is_shard() for pl in p.placements)
         torch.testing.assert_close(p.full_tensor(), ref_params[name], atol=0, rtol=0, msg=name)
         _assert_close(p.grad.full_tensor(), ref_params[name].grad, f"grad of {name}")
-    # q/k/v/o and w1/w2/w3 of each block, the embedding and the output are split; only the norms are replicated.
+    # q/k/v/o and w1/w2/w3 of each block, the embedding and the output are split; only the norms are replicated
+    # (Qwen3's q/k norms among them).
     assert sharded == 7 * args.n_layers + 2
+    assert (tp_model.layers["0"].attention.q_norm is not None) == (family == "qwen3")
 
 
 def test_tp_block_forward_and_grads_match_unsharded():

@@ -1,7 +1,9 @@
-"""Tokenizer: the shipped debug tokenizer, sidecar-described rank files, the Llama 3 scheme, and error messages."""
+"""Tokenizer: the shipped debug tokenizer, sidecar-described rank files, the Llama 3 scheme, Hugging Face tokenizer.json
+files (against the `tokenizers` library itself), and error messages."""
 
 import base64
 import json
+import sys
 
 import pytest
 import torch
@@ -188,3 +190,113 @@ def test_bad_sidecar(tmp_path, sidecar, expect):
     path.write_bytes(DEBUG_TOKENIZER.read_bytes())
     (tmp_path / "bad.json").write_text(sidecar)
     assert expect in _error(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (the `tokenizers` package; the tests that run it skip without it)
+
+NEEDS_TOKENIZERS = 'needs the tokenizers package (pip install -e ".[hf]")'
+EDGE_CASES = ["", " ", "\n\n", "😀👍🏽🇫🇷 emoji", "mixed: English, Ελληνικά, русский, 日本語, 한국어, العربية, हिन्दी",
+              UNICODE, "  leading and trailing spaces  ", "digits 1234567890 and tabs\t\t"]
+
+
+@pytest.fixture(scope="module")
+def hf_debug(tmp_path_factory):
+    """The shipped debug tokenizer as tokenizer.json + tokenizer_config.json (titan.hf's conversion)."""
+    pytest.importorskip("tokenizers", reason=NEEDS_TOKENIZERS)
+    from titan import hf
+
+    folder = tmp_path_factory.mktemp("hf_debug")
+    hf.write_tokenizer(load_tokenizer(), folder, max_seq_len=256)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_trained(tmp_path_factory):
+    """A byte-level BPE trained by `tokenizers` on Austen, laid out like Qwen3's: ChatML special tokens, <think> and
+    </think> as added tokens that are not special, no BOS, EOS <|im_end|>, pad <|endoftext|>."""
+    tk = pytest.importorskip("tokenizers", reason=NEEDS_TOKENIZERS)
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=1000, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                     special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                     show_progress=False)
+    tok.train_from_iterator([DATASETS["austen"]["train"].read_text()[:200_000]], trainer=trainer)
+    tok.add_tokens([tk.AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    folder = tmp_path_factory.mktemp("hf_trained")
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|endoftext|>"}}))  # tokenizer_config.json wins
+    return folder
+
+
+@pytest.mark.parametrize("which", ["hf_debug", "hf_trained"])
+def test_tokenizer_json_round_trips_as_the_library_does(request, which):
+    import tokenizers
+
+    folder = request.getfixturevalue(which)
+    ours = load_tokenizer(str(folder))  # a folder with tokenizer.json and no tokenizer.model
+    lib = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    texts = [DATASETS["austen"][split].read_text()[:20_000] for split in ("train", "validation")] + EDGE_CASES
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == lib.encode(text, add_special_tokens=False).ids, text[:40]
+        assert ours.decode(ids) == lib.decode(ids, skip_special_tokens=False) == text
+    assert ours.decode(torch.tensor(ours.encode("Emma"))) == "Emma"
+    assert ours.vocab_size == max(lib.get_vocab(with_added_tokens=True).values()) + 1
+    assert ours.identity and ours.name == str(folder / "tokenizer.json") and ours.source
+
+
+def test_tokenizer_json_special_tokens_come_from_the_config(hf_trained):
+    import tokenizers
+
+    tok, lib = load_tokenizer(str(hf_trained)), tokenizers.Tokenizer.from_file(str(hf_trained / "tokenizer.json"))
+    sp = tok.special_tokens
+    assert {"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"} == set(sp)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, sp["<|im_end|>"], sp["<|endoftext|>"])
+    assert tok.encode("Emma", bos=True, eos=True) == tok.encode("Emma") + [sp["<|im_end|>"]]  # no BOS to add
+    # A special token written in the text stays text (the library itself would turn it into the control token);
+    # added tokens that are not special match in text, as the library does.
+    assert sp["<|im_end|>"] in lib.encode("a <|im_end|> b", add_special_tokens=False).ids
+    assert sp["<|im_end|>"] not in tok.encode("a <|im_end|> b") and tok.decode(tok.encode("a <|im_end|> b")) == \
+        "a <|im_end|> b"
+    assert sp["<think>"] in tok.encode("<think>\n\n</think>\n\n")
+
+
+def test_tokenizer_json_matches_tiktoken_and_a_run_trains_from_it(hf_debug, tmp_path, tok):
+    """The converted debug tokenizer encodes Austen exactly as the tiktoken one, so a run from the tokenizer.json
+    folder trains exactly like the default run (same token stream, same losses)."""
+    from dist_utils import TINY, losses
+    from titan.train import main
+
+    hf_tok = load_tokenizer(str(hf_debug / "tokenizer.json"))
+    text = DATASETS["austen"]["validation"].read_text()
+    assert hf_tok.encode(text, bos=True, eos=True) == tok.encode(text, bos=True, eos=True)
+    assert (hf_tok.bos_id, hf_tok.eos_id, hf_tok.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
+    base = ["--config", TINY, "--training.steps", "3", "--validation.enable", "false",  # 120 kB: quick to tokenize
+            "--training.dataset_path", str(DATASETS["austen"]["validation"])]
+    assert main([*base, "--job.dump_folder", str(tmp_path / "tiktoken")]) == 0
+    assert main([*base, "--job.dump_folder", str(tmp_path / "hf"), "--model.tokenizer_path", str(hf_debug)]) == 0
+    assert losses(tmp_path / "hf") == losses(tmp_path / "tiktoken") and len(losses(tmp_path / "hf")) == 3
+
+
+def test_tokenizer_json_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
+    assert 'pip install -e ".[hf]"' in _error(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("config, expect", [
+    ({"bos_token": None}, "no eos_token"),
+    ({"eos_token": "<|nope|>"}, "eos_token '<|nope|>' (tokenizer_config.json) is not a token"),
+    ("{broken", "cannot read"),
+])
+def test_bad_tokenizer_config(hf_trained, tmp_path, config, expect):
+    import shutil
+
+    shutil.copyfile(hf_trained / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    assert expect in _error(tmp_path / "tokenizer.json")

@@ -91,11 +91,14 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = opt("llama3", "model family", choices=("llama3",))
-    flavor: str = opt("debugmodel", "size preset from the family's flavors table (e.g. debugmodel, 1B, 8B, 70B)")
+    # The choices are the keys of titan.models.FAMILIES (tests/test_models.py checks that they agree).
+    name: str = opt("llama3", "model family (see docs/models.md)", choices=("llama3", "qwen3"))
+    flavor: str = opt("debugmodel", "size preset from the family's flavors table (e.g. debugmodel, 1B, 8B, 70B; "
+                      "qwen3: 0.6B ... 32B)")
     tokenizer_path: str = opt(
-        "", "tiktoken rank file (e.g. a Llama 3 tokenizer.model) or a folder holding tokenizer.model; empty = the "
-        "shipped 4k-token debug tokenizer, debug_chat = the same with chat tokens"
+        "", "tiktoken rank file (e.g. a Llama 3 tokenizer.model), a Hugging Face tokenizer.json (needs the hf "
+        "extra), or a folder holding either; empty = the shipped 4k-token debug tokenizer, debug_chat = the same "
+        "with chat tokens"
     )
 
 
@@ -316,8 +319,8 @@ class SFT:
     """Supervised fine-tuning data: chat JSONL rendered with a chat template; see titan/data/chat.py."""
 
     chat_template: str = opt(
-        "auto", "how conversations become tokens: auto picks from the tokenizer's special tokens",
-        ("auto", "chatml", "llama3"),
+        "auto", "how conversations become tokens: auto picks from the tokenizer's special tokens (qwen3 = ChatML "
+        "with an empty <think> block opening the replies)", ("auto", "chatml", "qwen3", "llama3"),
     )
     format: str = opt(
         "auto", "record format of the SFT JSONL: auto detects it per file from the first record; see "

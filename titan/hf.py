@@ -1,11 +1,10 @@
-"""Hugging Face Llama checkpoints: export titan weights as a `LlamaForCausalLM` folder (safetensors + config.json +
-generation_config.json + tokenizer) and import such a folder as initial weights. Pure torch + safetensors: no
+"""Hugging Face checkpoints of every registered family: export titan weights as a `LlamaForCausalLM` /
+`Qwen3ForCausalLM` / ... folder (safetensors + config.json + generation_config.json + tokenizer) and import such a
+folder as initial weights, the family found from config.json's `model_type`. Pure torch + safetensors: no
 `transformers` needed.
 
-Owns the name mapping and the q/k row permutation. titan (like Meta's reference code) applies RoPE to consecutive
-channel pairs (2i, 2i+1) of each head; Hugging Face's `rotate_half` pairs channel i with i + head_dim/2. Exporting
-permutes each head's wq/wk output rows from [x0, y0, x1, y1, ...] to [x0, x1, ..., y0, y1, ...] (exactly what
-transformers' convert_llama_weights_to_hf.py does); importing undoes it. Both models then compute the same logits.
+Owns the folders (files, shards, the tokenizer that goes along) and the dispatch to the family's `DecoderAdapter`
+(titan/models/hf_adapter.py), which owns the tensor names, the RoPE permutation and the config.json fields.
 """
 
 from __future__ import annotations
@@ -18,167 +17,51 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from titan.config import ConfigError
-from titan.models.llama import ModelArgs, RopeScaling
+from titan.data.tokenizer import HF_TOKENIZER_FILES, tokenizer_file
+from titan.models import FAMILIES, family_of
+from titan.models.layers import TransformerArgs
 from titan.models.lora import is_adapter
 
 SHARD_BYTES = 5 * 2**30  # above this, weights go to several files plus model.safetensors.index.json (HF's default)
-TRANSFORMERS_VERSION = "4.46.0"  # the schema written; older and newer transformers read it too
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Names and the RoPE permutation
+# Tensors and config.json, through the family's adapter
 
 
-def _layer_names(i: int) -> dict[str, str]:
-    t, h = f"layers.{i}.", f"model.layers.{i}."
-    return {
-        t + "attention.wq.weight": h + "self_attn.q_proj.weight",
-        t + "attention.wk.weight": h + "self_attn.k_proj.weight",
-        t + "attention.wv.weight": h + "self_attn.v_proj.weight",
-        t + "attention.wo.weight": h + "self_attn.o_proj.weight",
-        t + "feed_forward.w1.weight": h + "mlp.gate_proj.weight",
-        t + "feed_forward.w3.weight": h + "mlp.up_proj.weight",
-        t + "feed_forward.w2.weight": h + "mlp.down_proj.weight",
-        t + "attention_norm.weight": h + "input_layernorm.weight",
-        t + "ffn_norm.weight": h + "post_attention_layernorm.weight",
-    }
-
-
-def name_map(args: ModelArgs) -> dict[str, str]:
-    """titan name -> HF name (without lm_head when the embeddings are tied: HF then has no such tensor)."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    for i in range(args.n_layers):
-        names.update(_layer_names(i))
-    if not args.tie_embeddings:
-        names["output.weight"] = "lm_head.weight"
-    return names
-
-
-def to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q/k projection, per head, from interleaved pairs to halves (titan -> HF)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def from_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of `to_rotate_half` (HF -> titan)."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _heads(name: str, args: ModelArgs) -> int | None:
-    if name.endswith("attention.wq.weight"):
-        return args.n_heads
-    if name.endswith("attention.wk.weight"):
-        return args.n_kv_heads
-    return None
-
-
-def to_hf(state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def to_hf(state: dict[str, torch.Tensor], args: TransformerArgs,
+          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """titan full state dict -> HF tensors (contiguous, in `dtype` if given)."""
-    out = {}
-    for name, hf_name in name_map(args).items():
-        if name not in state:
-            raise KeyError(f"state dict has no {name!r}")
-        w = state[name]
-        heads = _heads(name, args)
-        if heads is not None:
-            w = to_rotate_half(w, heads)
-        out[hf_name] = (w if dtype is None else w.to(dtype)).contiguous()
-    return out
+    return family_of(args).hf.to_hf(state, args, dtype)
 
 
-def from_hf(tensors: dict[str, torch.Tensor], args: ModelArgs, where: str = "") -> dict[str, torch.Tensor]:
+def from_hf(tensors: dict[str, torch.Tensor], args: TransformerArgs, where: str = "") -> dict[str, torch.Tensor]:
     """HF tensors -> titan full state dict; a missing tensor is a ConfigError naming it."""
-    state = {}
-    for name, hf_name in name_map(args).items():
-        if hf_name not in tensors:
-            raise ConfigError(f"{where}: no tensor {hf_name!r} (does config.json match?)")
-        w = tensors[hf_name]
-        heads = _heads(name, args)
-        state[name] = from_rotate_half(w, heads) if heads is not None else w
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return state
+    return family_of(args).hf.from_hf(tensors, args, where)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# config.json
+def hf_config(args: TransformerArgs, bos_id: int | None, eos_id: int, dtype: torch.dtype) -> dict:
+    return family_of(args).hf.hf_config(args, bos_id, eos_id, dtype)
 
 
-def hf_config(args: ModelArgs, bos_id: int, eos_id: int, dtype: torch.dtype) -> dict:
-    """config.json for transformers' LlamaForCausalLM (the fields its LlamaConfig reads)."""
-    s = args.rope_scaling
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": args.dim,
-        "initializer_range": 0.02,
-        "intermediate_size": args.ffn_hidden_dim,
-        "max_position_embeddings": args.max_seq_len,
-        "mlp_bias": False,
-        "num_attention_heads": args.n_heads,
-        "num_hidden_layers": args.n_layers,
-        "num_key_value_heads": args.n_kv_heads,
-        "pretraining_tp": 1,
-        "rms_norm_eps": args.norm_eps,
-        "rope_scaling": None if s is None else {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        },
-        "rope_theta": args.rope_theta,
-        "tie_word_embeddings": args.tie_embeddings,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "transformers_version": TRANSFORMERS_VERSION,
-        "use_cache": True,
-        "vocab_size": args.vocab_size,
-    }
+def args_from_hf_config(config: dict, where: str) -> TransformerArgs:
+    """The model arguments of a config.json, by the family whose adapter reads its `model_type` (absent: llama, as
+    in the oldest Llama conversions)."""
+    model_type = config.get("model_type", "llama")
+    readers = {fam.hf.model_type: fam for fam in FAMILIES.values()}
+    if model_type not in readers:
+        raise ConfigError(f"{where}: model_type {model_type!r} is not supported (titan reads "
+                          f"{', '.join(sorted(readers))})")
+    return readers[model_type].hf.args(config, where)
 
 
-def args_from_hf_config(config: dict, where: str) -> ModelArgs:
-    """ModelArgs from an HF Llama config.json (the shapes; multiple_of / ffn_dim_multiplier are replaced by an
-    explicit hidden size check)."""
-    try:
-        if config.get("model_type", "llama") != "llama":
-            raise ConfigError(f"{where}: model_type {config['model_type']!r} is not llama")
-        s = config.get("rope_scaling")
-        scaling = None
-        if s is not None:
-            if s.get("rope_type", s.get("type")) != "llama3":
-                raise ConfigError(f"{where}: rope_scaling type {s.get('rope_type', s.get('type'))!r} is not llama3")
-            scaling = RopeScaling(float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"]),
-                                  int(s["original_max_position_embeddings"]))
-        dim, hidden = config["hidden_size"], config["intermediate_size"]
-        # titan derives the SwiGLU width from (multiple_of, ffn_dim_multiplier); rounding up to a multiple of
-        # `hidden` itself gives exactly `hidden` whenever the unrounded width is in (0, hidden].
-        unrounded = int(8 * dim / 3)
-        args = ModelArgs(
-            dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"], multiple_of=hidden,
-            ffn_dim_multiplier=None if unrounded <= hidden else hidden / unrounded,
-            norm_eps=config["rms_norm_eps"], rope_theta=float(config.get("rope_theta", 10000.0)),
-            rope_scaling=scaling, max_seq_len=config.get("max_position_embeddings", 8192),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-        if args.ffn_hidden_dim != hidden or config.get("head_dim", args.head_dim) != args.head_dim:
-            raise ConfigError(f"{where}: intermediate_size={hidden} / head_dim={config.get('head_dim')} cannot be "
-                              f"expressed as a titan Llama")
-        return args
-    except KeyError as e:
-        raise ConfigError(f"{where}: config.json has no {e.args[0]!r}") from None
-
-
-def check_compatible(args: ModelArgs, hf: ModelArgs, where: str) -> None:
-    """The model titan built must have the shapes of the HF checkpoint (RoPE table length may differ)."""
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings",
-                  "rope_theta", "norm_eps", "rope_scaling"):
+def check_compatible(args: TransformerArgs, hf: TransformerArgs, where: str) -> None:
+    """The model titan built must be of the HF checkpoint's family and have its shapes (the RoPE table length may
+    differ)."""
+    if args.family != hf.family:
+        raise ConfigError(f"{where}: config.json describes a {hf.family} model ({family_of(hf).hf.architecture}), "
+                          f"the run builds model.name={args.family}")
+    for field in args.SHAPE_FIELDS:
         if getattr(args, field) != getattr(hf, field):
             raise ConfigError(f"{where}: config.json has {field}={getattr(hf, field)!r}, the model built from "
                               f"model.flavor has {getattr(args, field)!r}")
@@ -273,40 +156,49 @@ def write_tokenizer(tokenizer, folder: Path, max_seq_len: int) -> None:
 # Folders
 
 
-def save(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | Path, *, bos_id: int, eos_id: int,
-         tokenizer_file: str | Path | None = None, tokenizer=None, dtype: torch.dtype = torch.float32,
+def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Path, *, bos_id: int | None,
+         eos_id: int, tokenizer_file: str | Path | None = None, tokenizer=None, dtype: torch.dtype = torch.float32,
          shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write a full titan state dict as an HF Llama folder; returns the folder. With `tokenizer` (a titan
-    Tokenizer) also tokenizer.json + tokenizer_config.json; with `tokenizer_file` a copy of the tiktoken file."""
+    """Write a full titan state dict as an HF folder of its family; returns the folder. With `tokenizer` also its
+    Hugging Face files: a tiktoken one converted (tokenizer.json + tokenizer_config.json), an HF one (or a tiktoken
+    tokenizer.model that came in an HF folder) copied from `tokenizer_file`'s folder; with a tiktoken
+    `tokenizer_file` also a copy of it as tokenizer.model."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf(state, args, dtype)
+    adapter = family_of(args).hf
+    tensors = adapter.to_hf(state, args, dtype)
     _write_safetensors(tensors, folder, shard_bytes)
-    (folder / "config.json").write_text(json.dumps(hf_config(args, bos_id, eos_id, dtype), indent=2) + "\n")
-    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "transformers_version": TRANSFORMERS_VERSION}
+    (folder / "config.json").write_text(json.dumps(adapter.hf_config(args, bos_id, eos_id, dtype), indent=2) + "\n")
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id,
+                  "transformers_version": adapter.transformers_version}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if tokenizer_file is not None:
-        tokenizer_file = Path(tokenizer_file)
+    source = None if tokenizer_file is None else Path(tokenizer_file)
+    if source is not None and source.suffix != ".json":
         # A tiktoken rank file is what Meta ships as tokenizer.model; its sidecar (pattern, specials) goes along.
-        shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
+        shutil.copyfile(source, folder / "tokenizer.model")
         # In an HF folder the sidecar is tokenizer_tiktoken.json (tokenizer.json there is Hugging Face's own).
-        for sidecar in (tokenizer_file.with_name(tokenizer_file.stem + "_tiktoken.json"),
-                        tokenizer_file.with_suffix(".json")):
+        for sidecar in (source.with_name(source.stem + "_tiktoken.json"), source.with_suffix(".json")):
             if sidecar.is_file() and _is_tiktoken_sidecar(sidecar):
                 shutil.copyfile(sidecar, folder / "tokenizer_tiktoken.json")
                 break
     if tokenizer is not None:
-        source = Path(tokenizer_file).parent if tokenizer_file is not None else None
-        hf_files = ("tokenizer.json", "tokenizer_config.json")
-        if source is not None and Path(tokenizer_file).name == "tokenizer.model" and source.resolve() != \
-                folder.resolve() and all((source / f).is_file() for f in hf_files):
-            # The tokenizer came from an HF folder (e.g. scripts/download_assets.py smollm2): keep that model's own
-            # tokenizer.json / tokenizer_config.json (its pre-tokenizer, BOS rule and chat template).
-            for f in hf_files:
-                shutil.copyfile(source / f, folder / f)
+        hf_json = source if source is not None and source.suffix == ".json" else \
+            source.parent / "tokenizer.json" if source is not None and source.name == "tokenizer.model" else None
+        if hf_json is not None and hf_json.is_file():
+            # The model's own Hugging Face tokenizer (a Qwen3 folder, or SmolLM2's from scripts/download_assets.py):
+            # keep its files (pre-tokenizer, BOS rule, chat template) rather than a conversion.
+            _copy_new(hf_json, folder / "tokenizer.json")
+            for name in HF_TOKENIZER_FILES[1:]:
+                if (hf_json.parent / name).is_file():
+                    _copy_new(hf_json.parent / name, folder / name)
         else:
             write_tokenizer(tokenizer, folder, args.max_seq_len)
     return folder
+
+
+def _copy_new(src: Path, dst: Path) -> None:
+    if src.resolve() != dst.resolve():  # exporting into the tokenizer's own folder
+        shutil.copyfile(src, dst)
 
 
 def _is_tiktoken_sidecar(path: Path) -> bool:
@@ -353,8 +245,8 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{folder}: cannot read the safetensors weights ({type(e).__name__}: {e})".replace("\n", " "))
 
 
-def load(folder: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(ModelArgs from config.json, titan full state dict) of an HF Llama folder."""
+def load(folder: str | Path) -> tuple[TransformerArgs, dict[str, torch.Tensor]]:
+    """(model arguments from config.json, titan full state dict) of an HF folder of any registered family."""
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -379,10 +271,8 @@ def load_into(model_parts: list[torch.nn.Module], folder: str | Path) -> None:
                              options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def exporter(args: ModelArgs, tokenizer, tokenizer_path: str):
+def exporter(args: TransformerArgs, tokenizer, tokenizer_path: str):
     """The callback the checkpointer uses for `last_save_in_hf`: (full state dict, folder, dtype) -> None."""
-    from titan.data.tokenizer import tokenizer_file
-
     def export(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> None:
         save(state, args, folder, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
              tokenizer_file=tokenizer_file(tokenizer_path), tokenizer=tokenizer, dtype=dtype)

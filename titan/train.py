@@ -1,4 +1,4 @@
-"""Train a Llama model: `python -m titan.train --config FILE` (one process) or
+"""Train a model of any registered family (titan/models/__init__.py): `python -m titan.train --config FILE` (one process) or
 `torchrun --nproc_per_node=N -m titan.train --config FILE` (N processes over one DeviceMesh).
 
 `build` turns the config into a model, optimizer, data and metrics; `train` is the loop, one optimizer step per
@@ -31,8 +31,9 @@ from titan.data.tokenizer import load_tokenizer
 from titan.guard import StepGuard
 from titan.lifecycle import EXIT_INTERRUPTED, RunFailed, RunLock, StopRequests, claim_dump_folder, tie_to_launcher
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
+from titan import models
 from titan.models import lora
-from titan.models.llama import FLAVORS, Transformer, count_params, model_args
+from titan.models.layers import count_params
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.recipes import DPOLoss, TokenLoss, build_dataloaders
 from titan.parallel import float8
@@ -151,9 +152,8 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     grad_accum = gradient_accumulation_steps(t, dims.dp)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
-    if cfg.model.flavor not in FLAVORS:
-        raise ConfigError(f"model.flavor={cfg.model.flavor!r} is not one of {', '.join(FLAVORS)}")
-    args = model_args(cfg.model.flavor, vocab_size=tokenizer.vocab_size, max_seq_len=t.seq_len)
+    args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=tokenizer.vocab_size,
+                             max_seq_len=t.seq_len)
     check_model_fits(dims, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.n_layers, args.tie_embeddings)
     check_seq_len(t.seq_len, dims.cp, dims.tp)
     mesh = dims.build_mesh(device.type)
@@ -161,12 +161,12 @@ def build_run(cfg: Config, device: torch.device) -> Run:
 
     # Built on the meta device, so even a 405B model costs nothing until it is sharded and materialised.
     with torch.device("meta"):
-        model = Transformer(args)
+        model = models.build_model(args)
     n_params, n_emb = count_params(model)
     compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
     loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
 
-    def build_part(part: Transformer, adapters: bool = cfg.lora.enable) -> Transformer:
+    def build_part(part: torch.nn.Module, adapters: bool = cfg.lora.enable) -> torch.nn.Module:
         """The same for a whole model and for a pipeline stage: LoRA adapters, parallel axes, then real weights."""
         if adapters:
             lora.apply_lora(part, cfg.lora)
@@ -189,7 +189,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
     train_loader, val_loader = build_dataloaders(t, cfg.sft, cfg.validation, tokenizer, dp_rank, dims.dp)
     export = hf.exporter(args, tokenizer, cfg.model.tokenizer_path)
-    if cfg.lora.enable:  # Hugging Face gets a plain Llama: adapters merged into the weights
+    if cfg.lora.enable:  # Hugging Face gets a plain model: adapters merged into the weights
         export = lora.merging(export, cfg.lora.alpha / cfg.lora.rank)
     # QLoRA checkpoints hold the adapters only: the base is checkpoint.initial_load_path's, quantized again.
     adapters_only = cfg.lora.enable and (cfg.lora.save_adapter_only or cfg.lora.quantize_base != "none")
@@ -218,7 +218,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
         peak_flops=peak_flops(device, float8.mfu_dtype(cfg.float8, DTYPES[t.mixed_precision_param])),
         append=checkpointer.step > 0,  # a resumed run continues its metrics.jsonl
     )
-    logger.info(f"model: llama3 {cfg.model.flavor}, {n_params:,} parameters ({n_emb:,} in the embedding), "
+    logger.info(f"model: {cfg.model.name} {cfg.model.flavor}, {n_params:,} parameters ({n_emb:,} in the embedding), "
                 f"vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}{recipe_detail(cfg)}")
     if cfg.lora.enable:
         n_local = sum(p.numel() for p in trainable)
@@ -276,7 +276,7 @@ def dpo_reference(model_parts: list[torch.nn.Module], cfg: Config, build_part, a
                 return policy(batch["input"])
         return reference
     with torch.device("meta"):
-        frozen = Transformer(args)
+        frozen = models.build_model(args)
     frozen = build_part(frozen, adapters=False).eval().requires_grad_(False)
     load_initial_weights([frozen], cfg.checkpoint)  # the policy's starting point (seeded init if none is set)
     return lambda batch: frozen(batch["input"])

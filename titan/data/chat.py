@@ -2,7 +2,7 @@
 into token ids plus "is this a target" flags, then batched by the same resumable, layout-independent loaders as
 pre-training.
 
-Owns the chat templates (ChatML, Llama 3), the JSONL record formats, loss masking, and packing. A batch is
+Owns the chat templates (ChatML, Qwen3, Llama 3), the JSONL record formats, loss masking, and packing. A batch is
 {"input", "label"} of [local_batch_size, seq_len] with label = IGNORE_INDEX wherever no loss is wanted (prompt
 tokens, padding); packed batches add "document_ids" for the block-diagonal attention mask (see
 `titan.models.llama.document_mask`) and "positions" that restart with every conversation. Preference batches hold 2 x local_batch_size rows: the chosen
@@ -55,7 +55,9 @@ ROLES = ("system", "user", "assistant")
 @dataclass
 class ChatTemplate:
     """How a conversation becomes tokens. Each message is header + content + end (+ separator); for assistant
-    messages the content and the end token are targets (the model learns to say them and to stop)."""
+    messages the content and the end token are targets (the model learns to say them and to stop). `think` (Qwen3):
+    the replies after the last user message open with their reasoning in a <think> block (empty when the message
+    has none), earlier replies lose theirs, and the generation prompt carries an empty block (thinking off)."""
 
     name: str
     tokenizer: Tokenizer
@@ -64,6 +66,7 @@ class ChatTemplate:
     header_suffix: str  # text after the role (and the closing special, if any)
     end_id: int  # ends a message; generation stops at it
     separator: str  # text after the end token
+    think: bool = False
 
     def _header(self, role: str) -> list[int]:
         ids = [self.header_special[0]] + self.tokenizer.encode(role)
@@ -71,42 +74,59 @@ class ChatTemplate:
             ids.append(self.header_special[1])
         return ids + self.tokenizer.encode(self.header_suffix)
 
+    def _content(self, messages: list[dict], i: int) -> str:
+        content = messages[i]["content"]
+        if not (self.think and messages[i]["role"] == "assistant"):
+            return content
+        reasoning = ""
+        if "</think>" in content:
+            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+            content = content.split("</think>")[-1].lstrip("\n")
+        last_user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        if i > last_user and (i == len(messages) - 1 or reasoning):
+            return f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+        return content
+
     def render(self, messages: list[dict], train_on_prompt: bool = False,
                add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         """(token ids, target flags): flag i says token i is something the loss should teach."""
         ids, targets = list(self.begin), [train_on_prompt] * len(self.begin)
         sep = self.tokenizer.encode(self.separator)
-        for m in messages:
+        for i, m in enumerate(messages):
             header = self._header(m["role"])
-            body = self.tokenizer.encode(m["content"]) + [self.end_id]
+            body = self.tokenizer.encode(self._content(messages, i)) + [self.end_id]
             learn = m["role"] == "assistant"
             ids += header + body + sep
             targets += [train_on_prompt] * len(header) + [learn or train_on_prompt] * len(body) \
                 + [train_on_prompt] * len(sep)
         if add_generation_prompt:
-            header = self._header("assistant")
+            header = self._header("assistant") + (self.tokenizer.encode("<think>\n\n</think>\n\n") if self.think
+                                                  else [])
             ids += header
             targets += [False] * len(header)
         return ids, targets
 
 
 def chat_template(tokenizer: Tokenizer, name: str = "auto") -> ChatTemplate:
-    """The template `name` (sft.chat_template); "auto" = ChatML if the tokenizer has <|im_start|>, else Llama 3 if
-    it has <|start_header_id|>."""
+    """The template `name` (sft.chat_template); "auto" = Qwen3's if the tokenizer has <|im_start|> and <think>, else
+    ChatML if it has <|im_start|>, else Llama 3 if it has <|start_header_id|>."""
     sp = tokenizer.special_tokens
     if name == "auto":
-        name = "chatml" if "<|im_start|>" in sp else "llama3" if "<|start_header_id|>" in sp else ""
+        name = ("qwen3" if "<think>" in sp else "chatml") if "<|im_start|>" in sp else \
+            "llama3" if "<|start_header_id|>" in sp else ""
         if not name:
             raise ConfigError("sft.chat_template=auto: the tokenizer (model.tokenizer_path) has neither ChatML "
                               "(<|im_start|>) nor Llama 3 (<|start_header_id|>) special tokens; use a chat "
                               "tokenizer such as titan/assets/tokenizer/debug_chat.tiktoken")
-    needed = {"chatml": ("<|im_start|>", "<|im_end|>"),
+    chatml = ("<|im_start|>", "<|im_end|>")
+    needed = {"chatml": chatml, "qwen3": chatml,
               "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}[name]
     missing = [t for t in needed if t not in sp]
     if missing:
         raise ConfigError(f"sft.chat_template={name}: the tokenizer (model.tokenizer_path) has no {missing[0]} token")
-    if name == "chatml":
-        return ChatTemplate("chatml", tokenizer, [], (sp["<|im_start|>"],), "\n", sp["<|im_end|>"], "\n")
+    if name in ("chatml", "qwen3"):
+        return ChatTemplate(name, tokenizer, [], (sp["<|im_start|>"],), "\n", sp["<|im_end|>"], "\n",
+                            think=name == "qwen3")
     return ChatTemplate("llama3", tokenizer, [sp["<|begin_of_text|>"]],
                         (sp["<|start_header_id|>"], sp["<|end_header_id|>"]), "\n\n", sp["<|eot_id|>"], "")
 

@@ -1,8 +1,11 @@
-"""Tokenizers: tiktoken BPE encodings built from local rank files only (never the network, never a cache).
+"""Tokenizers from local files only (never the network, never a cache): tiktoken BPE encodings (the default, and the
+format of the shipped tokenizers), and any Hugging Face `tokenizer.json` through the optional `tokenizers` package.
 
 A rank file (`base64(token) rank` per line) is described by a sidecar `<name>.json` next to it (pattern, special
-tokens, bos/eos); a Llama 3 `tokenizer.model` needs none and is recognised by its 128,000 ranks. This module does not
-know about datasets or chat templates.
+tokens, bos/eos); a Llama 3 `tokenizer.model` needs none and is recognised by its 128,000 ranks. A `tokenizer.json`
+takes its BOS/EOS/pad from the `tokenizer_config.json` (or `special_tokens_map.json`) beside it. Both kinds offer the
+same interface (`encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `vocab_size`, `special_tokens`, `source`,
+`identity`, `name`). This module does not know about datasets or chat templates.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)
         self.bos_id = self.special_tokens[bos_token]
         self.eos_id = self.special_tokens[eos_token]
+        self.pad_id = self.eos_id  # tiktoken sidecars name no pad token; padding is never a target anyway
         self.unk_id = self.special_tokens[unk_token] if unk_token else None
         self.vocab_size = encoding.max_token_value + 1
         # Byte values with no token of their own (SmolLM2 lacks 21): tiktoken panics on text containing them.
@@ -146,19 +150,24 @@ def _read_sidecar(path: Path) -> dict | None:
 
 
 def tokenizer_file(path: str = "") -> Path:
-    """The rank file model.tokenizer_path names: a shipped tokenizer's name ("" = "debug"), a file, or a folder's
-    tokenizer.model."""
+    """The file model.tokenizer_path names: a shipped tokenizer's name ("" = "debug"), a file, or in a folder its
+    tokenizer.model (tiktoken) or, failing that, its tokenizer.json (Hugging Face)."""
     file = SHIPPED_TOKENIZERS.get(path or "debug", Path(path))
-    return file / "tokenizer.model" if file.is_dir() else file
+    if file.is_dir():
+        tiktoken_file, hf_file = file / "tokenizer.model", file / "tokenizer.json"
+        return hf_file if hf_file.is_file() and not tiktoken_file.is_file() else tiktoken_file
+    return file
 
 
-def load_tokenizer(path: str = "") -> Tokenizer:
+def load_tokenizer(path: str = "") -> Tokenizer | HFTokenizer:
     """The tokenizer at `path` (model.tokenizer_path); "" = the shipped 4096-token debug tokenizer, "debug_chat" the
-    same with ChatML and Llama 3 chat tokens. A folder (e.g. a Hugging Face model folder written by titan) means its
-    `tokenizer.model`."""
+    same with ChatML and Llama 3 chat tokens. A folder (e.g. a Hugging Face model folder) means its
+    `tokenizer.model` if it has one, else its `tokenizer.json`; a `.json` file is a Hugging Face tokenizer.json."""
     path = tokenizer_file(path)
     if not path.is_file():
-        raise _fail(path, "no such tokenizer file")
+        raise _fail(path, "no such tokenizer file (a folder needs tokenizer.model or tokenizer.json)")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
     ranks = _read_ranks(path)
     meta = _read_sidecar(path)
     if meta is None:
@@ -182,12 +191,15 @@ def load_tokenizer(path: str = "") -> Tokenizer:
         raise _fail(path, f"cannot build the encoding: {e}") from None
     missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
     tokenizer = Tokenizer(encoding, specials, meta["bos_token"], meta["eos_token"], missing, meta.get("unk_token"))
-    files = [f for f in (path, _sidecar_path(path)) if f.is_file()]
+    _identify(tokenizer, path, [f for f in (path, _sidecar_path(path)) if f.is_file()])
+    return tokenizer
+
+
+def _identify(tokenizer, path: Path, files: list[Path]) -> None:
     # Identifies these files as they are now: lets data loaders reuse a token stream within one process.
     tokenizer.source = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
     tokenizer.identity = files_sha256(files)
     tokenizer.name = str(path)
-    return tokenizer
 
 
 def files_sha256(files: list[Path]) -> str:
@@ -197,3 +209,76 @@ def files_sha256(files: list[Path]) -> str:
         data = f.read_bytes()
         digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json run by the `tokenizers` library, with `Tokenizer`'s interface. `special_tokens`
+    lists every added token (name -> id). `encode` never turns text into a *special* added token (as tiktoken's
+    encode_ordinary: data cannot inject control tokens); added tokens not marked special (e.g. Qwen3's <think>) are
+    matched in text, exactly as `tokenizers` does."""
+
+    def __init__(self, path: Path):
+        try:
+            import tokenizers
+        except ImportError:
+            raise _fail(path, 'a Hugging Face tokenizer.json needs the tokenizers package: pip install -e ".[hf]"') \
+                from None
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions for bad JSON and bad models
+            raise _fail(path, f"cannot read the Hugging Face tokenizer ({e})") from None
+        self._tok.encode_special_tokens = True
+        self.special_tokens = {t.content: i for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        names = _hf_special_token_names(path)
+        if names.get("eos_token") is None:
+            raise _fail(path, f"no eos_token in {path.parent / 'tokenizer_config.json'} or special_tokens_map.json")
+        self.bos_id = self._id(path, names, "bos_token")  # None for tokenizers without one (Qwen)
+        self.eos_id = self._id(path, names, "eos_token")
+        pad = self._id(path, names, "pad_token")
+        self.pad_id = self.eos_id if pad is None else pad
+        self.unk_id = self._id(path, names, "unk_token")
+        self.source, self.identity, self.name = None, "", ""
+        _identify(self, path, [path.parent / f for f in HF_TOKENIZER_FILES if (path.parent / f).is_file()])
+
+    def _id(self, path: Path, names: dict, key: str) -> int | None:
+        name = names.get(key)
+        if name is None:
+            return None
+        token_id = self._tok.token_to_id(name)
+        if token_id is None:
+            raise _fail(path, f"{key} {name!r} (tokenizer_config.json) is not a token of tokenizer.json")
+        return token_id
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def _hf_special_token_names(path: Path) -> dict:
+    """bos/eos/pad/unk token names from tokenizer_config.json, else special_tokens_map.json (each may hold a name or
+    an {"content": name, ...} object)."""
+    names = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
+        f = path.parent / file
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _fail(path, f"cannot read {f}: {e}") from None
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if key in data:
+                value = data[key]
+                names[key] = value.get("content") if isinstance(value, dict) else value
+    return names

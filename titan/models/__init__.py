@@ -1,0 +1,66 @@
+"""The model registry: `model.name` -> the family's flavors, model class and Hugging Face mapping, in one explicit
+dict. The loop (titan/train.py), the parallel axes, checkpoints, Hugging Face import/export (titan/hf.py) and the
+scripts find a model's pieces here or through its arguments (`args.family`), and never import a family directly.
+
+A family is a short module (titan/models/llama.py, qwen3.py) declaring an args dataclass of the shared decoder
+(titan/models/layers.py), a flavors table and a `DecoderAdapter`; docs/models.md shows how to add one. Nothing here
+knows about distribution: the parallel axes follow the model's module names (titan/parallel/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from titan.config import ConfigError
+from titan.models import llama, qwen3
+from titan.models.hf_adapter import DecoderAdapter
+from titan.models.layers import Transformer, TransformerArgs
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # model.name; also the `family` of its args class
+    description: str  # for the start-up log line
+    flavors: dict[str, TransformerArgs]  # model.flavor -> sizes
+    model: type[nn.Module]  # model(args); built on the meta device by the caller
+    hf: DecoderAdapter  # config.json `model_type`, tensor names and permutations, config.json both ways
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "llama3": ModelFamily("llama3", "Llama 3", llama.FLAVORS, Transformer, llama.HF),
+    "qwen3": ModelFamily("qwen3", "Qwen3", qwen3.FLAVORS, Transformer, qwen3.HF),
+}
+
+
+def family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ConfigError(f"model.name={name!r} is not one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(args: TransformerArgs) -> ModelFamily:
+    """The family a model's arguments belong to (every model keeps its args as `model.args`)."""
+    return FAMILIES[args.family]
+
+
+def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, **overrides) -> TransformerArgs:
+    """The arguments of model.name's `flavor`, with the vocabulary set from the tokenizer (where the flavor takes it
+    from there; else the tokenizer must fit in the flavor's) and other fields replaced by `overrides`."""
+    fam = family(name)
+    if flavor not in fam.flavors:
+        raise ConfigError(f"model.flavor={flavor!r} is not one of {', '.join(fam.flavors)} (model.name={name})")
+    args = fam.flavors[flavor]
+    if tokenizer_vocab is not None:
+        if args.vocab_from_tokenizer:
+            overrides = {"vocab_size": tokenizer_vocab, **overrides}
+        elif tokenizer_vocab > args.vocab_size:
+            raise ConfigError(f"model.tokenizer_path: the tokenizer has {tokenizer_vocab} tokens, more than the "
+                              f"{args.vocab_size} rows of {name} {flavor}'s embedding")
+    return replace(args, **overrides)
+
+
+def build_model(args: TransformerArgs) -> nn.Module:
+    """The family's model for `args` (on the current default device: call under `torch.device("meta")`)."""
+    return family_of(args).model(args)

@@ -1,54 +1,44 @@
-"""Llama 3 for a single device: RMSNorm, RoPE (with Llama 3.1 frequency scaling), grouped-query attention through
-`scaled_dot_product_attention`, SwiGLU feed-forward, optional tied embeddings, and a table of flavors.
+"""Llama 3 (3, 3.1, 3.2): the shared decoder of titan/models/layers.py with Meta's sizing rule for the SwiGLU width,
+Llama 3.1 RoPE frequency scaling, a table of flavors, and its Hugging Face mapping (`LlamaForCausalLM`).
 
-Nothing here knows about processes or meshes: tensor, pipeline and context parallelism, FSDP, activation
-checkpointing and compile are applied from outside by `titan.parallel`. Layers live in a `ModuleDict` keyed by
-their index so that pipeline stages can drop layers and keep the names (and checkpoints) of the whole model.
+The family's entry in the registry is in titan/models/__init__.py. The layer classes are re-exported here, so
+`titan.models.llama.Transformer` is the model Llama flavors build.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from titan.config import ConfigError
+from titan.models.hf_adapter import DecoderAdapter, decoder_sizes, rope_settings
+from titan.models.layers import (  # noqa: F401 - re-exported: the Llama model is the shared decoder
+    SDPA,
+    Attention,
+    FeedForward,
+    RMSNorm,
+    RopeScaling,
+    Transformer,
+    TransformerArgs,
+    TransformerBlock,
+    apply_rotary_emb,
+    count_params,
+    document_mask,
+    rope_frequencies,
+)
 
 
 @dataclass
-class RopeScaling:
-    """Llama 3.1 long-context frequency scaling (applied to the RoPE frequencies, not to positions)."""
+class ModelArgs(TransformerArgs):
+    family: ClassVar[str] = "llama3"
 
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = None  # None = n_heads (no grouping)
-    vocab_size: int = 128256
     multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    rope_scaling: RopeScaling | None = None
-    max_seq_len: int = 8192  # length of the RoPE table; set from training.seq_len
-    tie_embeddings: bool = False
-    depth_init: bool = True  # output-projection init std shrinks with the layer's depth (torchtitan's default)
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+        super().__post_init__()
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
 
     @property
     def head_dim(self) -> int:
@@ -92,214 +82,46 @@ def model_args(flavor: str, **overrides) -> ModelArgs:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rotary position embedding
+# Hugging Face: LlamaForCausalLM
 
 
-def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
-    """Complex rotations e^{i * pos * freq}, shape (max_seq_len, head_dim // 2)."""
-    dim = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64)[: dim // 2] / dim))
-    if args.rope_scaling is not None:
-        freqs = _scale_frequencies(freqs, args.rope_scaling)
-    pos = torch.arange(args.max_seq_len, device=device, dtype=torch.float64)
-    angles = torch.outer(pos, freqs).float()
-    return torch.polar(torch.ones_like(angles), angles)
+def _hf_config(args: ModelArgs) -> dict:
+    s = args.rope_scaling
+    return {
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "rope_scaling": None if s is None else {
+            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        },
+    }
 
 
-def _scale_frequencies(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
-    # Llama 3.1: wavelengths longer than the original context are slowed by `factor`, short ones kept, and the band
-    # in between interpolated smoothly.
-    wavelen = 2 * math.pi / freqs
-    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
-    mid = (1 - smooth) * freqs / s.factor + smooth * freqs
-    return torch.where(wavelen < high_freq_wavelen, freqs, torch.where(wavelen > low_freq_wavelen, freqs / s.factor, mid))
+def _args_from_hf(config: dict, where: str) -> ModelArgs:
+    """The shapes of a Llama config.json; multiple_of / ffn_dim_multiplier are chosen to give its hidden size."""
+    sizes = decoder_sizes(config, where)
+    s = rope_settings(config)[1]
+    scaling = None
+    if s is not None:
+        if s.get("rope_type", s.get("type")) != "llama3":
+            raise ConfigError(f"{where}: rope_scaling type {s.get('rope_type', s.get('type'))!r} is not llama3")
+        scaling = RopeScaling(float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"]),
+                              int(s["original_max_position_embeddings"]))
+    try:
+        hidden = config["intermediate_size"]
+    except KeyError:
+        raise ConfigError(f"{where}: config.json has no 'intermediate_size'") from None
+    # titan derives the SwiGLU width from (multiple_of, ffn_dim_multiplier); rounding up to a multiple of `hidden`
+    # itself gives exactly `hidden` whenever the unrounded width is in (0, hidden].
+    unrounded = int(8 * sizes["dim"] / 3)
+    args = ModelArgs(**sizes, multiple_of=hidden, rope_scaling=scaling,
+                     ffn_dim_multiplier=None if unrounded <= hidden else hidden / unrounded)
+    if args.ffn_hidden_dim != hidden or config.get("head_dim", args.head_dim) != args.head_dim:
+        raise ConfigError(f"{where}: intermediate_size={hidden} / head_dim={config.get('head_dim')} cannot be "
+                          f"expressed as a titan Llama")
+    return args
 
 
-def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate (batch, seq, heads, head_dim) q and k; consecutive pairs of channels form one complex number
-    (Meta's layout; Hugging Face's rotate-half layout differs by a permutation of the q/k projection rows).
-    `freqs_cis` is the table (positions 0, 1, ...) or, for packed sequences, one row per token (batch, seq, ...)."""
-    seqlen = xq.shape[1]
-    if freqs_cis.dim() == 2:
-        freqs = freqs_cis[:seqlen].view(1, seqlen, 1, -1)
-    else:
-        freqs = freqs_cis[:, :seqlen].unsqueeze(2)
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    xq_out = torch.view_as_real(xq_ * freqs).flatten(3)
-    xk_out = torch.view_as_real(xk_ * freqs).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Layers
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
-
-    def init_weights(self):
-        nn.init.ones_(self.weight)
-
-
-class SDPA(nn.Module):
-    """Causal attention over (batch, heads, seq, head_dim). A module of its own so that context parallelism can
-    replace it from outside without touching `Attention`. `mask` (batch, seq, seq), True = may attend, replaces the
-    causal mask for packed sequences; an explicit boolean mask because FlexAttention's backward fails on CPU."""
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.head_dim = args.head_dim
-        self.n_rep = args.n_heads // args.n_kv_heads
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.sdpa = SDPA()
-
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        bs, seqlen, _ = x.shape
-        # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads.
-        q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
-        k = self.wk(x).view(bs, seqlen, -1, self.head_dim)
-        v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
-        q, k = apply_rotary_emb(q, k, freqs_cis)
-        # Grouped-query attention: each K/V head serves n_rep query heads.
-        k = k.repeat_interleave(self.n_rep, dim=2)
-        v = v.repeat_interleave(self.n_rep, dim=2)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
-
-    def init_weights(self, init_std: float):
-        for w in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(w.weight, mean=0.0, std=0.02)
-        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-    def init_weights(self, init_std: float):
-        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
-        for w in (self.w2, self.w3):
-            nn.init.trunc_normal_(w.weight, mean=0.0, std=init_std)
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
-        super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
-        depth = layer_id + 1 if args.depth_init else args.n_layers
-        self.init_std = 0.02 / (2 * depth) ** 0.5
-
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # mask by keyword: tensor parallel's input preparation of `attention` covers the positional inputs only.
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-    def init_weights(self):
-        self.attention_norm.init_weights()
-        self.ffn_norm.init_weights()
-        self.attention.init_weights(self.init_std)
-        self.feed_forward.init_weights(self.init_std)
-
-
-class Transformer(nn.Module):
-    """Token ids (batch, seq) -> logits (batch, seq, vocab). Pipeline stages set some of tok_embeddings, norm and
-    output to None; then the stage takes or returns hidden states instead."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        # Not persistent: derived from args, so checkpoints hold only learned weights.
-        self.register_buffer("freqs_cis", rope_frequencies(args), persistent=False)
-
-    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`document_ids` (batch, seq): for packed sequences, which document each token belongs to; every document
-        then attends only within itself. `positions` (batch, seq): each token's RoPE position (default 0, 1, ...),
-        e.g. restarting at 0 with every document, as if it were alone."""
-        mask = None if document_ids is None else document_mask(document_ids)
-        freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, freqs_cis, mask)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
-
-    def to_empty(self, *, device, recurse: bool = True):
-        # Leaving the meta device, nn.Module gives each module its own new Parameter (torch 2.13: no in-place set_data
-        # from meta), which would untie the output from the embedding; DTensor parameters are swapped and stay tied.
-        super().to_empty(device=device, recurse=recurse)
-        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
-            self.output.weight = self.tok_embeddings.weight
-        return self
-
-    def init_buffers(self, device: torch.device | None = None):
-        self.freqs_cis = rope_frequencies(self.args, device=device)
-
-    @torch.no_grad()
-    def init_weights(self):
-        """Initialise every parameter (on whatever device the parameters are; meta parameters are skipped)."""
-        out_std = self.args.dim**-0.5
-        if self.tok_embeddings is not None:
-            if self.args.tie_embeddings:  # the shared matrix is also the output projection: use its scale
-                nn.init.trunc_normal_(self.tok_embeddings.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
-            else:
-                nn.init.normal_(self.tok_embeddings.weight)
-        for layer in self.layers.values():
-            layer.init_weights()
-        if self.norm is not None:
-            self.norm.init_weights()
-        if self.output is not None and not self.args.tie_embeddings:
-            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
-
-
-def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask (batch, seq, seq): a token sees the earlier tokens of its own document only."""
-    seqlen = document_ids.shape[1]
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
-    return (document_ids.unsqueeze(2) == document_ids.unsqueeze(1)) & causal
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, embedding parameters), counting tied weights once."""
-    total = sum(p.numel() for p in model.parameters())
-    emb = model.tok_embeddings.weight.numel() if getattr(model, "tok_embeddings", None) is not None else 0
-    return total, emb
+HF = DecoderAdapter(model_type="llama", architecture="LlamaForCausalLM", config=_hf_config, args=_args_from_hf,
+                    transformers_version="4.46.0")

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from titan.models.llama import Transformer
+from titan.models.layers import Transformer
 
 _SAVE_OPS = {
     torch.ops.aten.mm.default,

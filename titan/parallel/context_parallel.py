@@ -33,7 +33,7 @@ from torch.distributed._functional_collectives import all_gather_tensor_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan.config import ConfigError
-from titan.models.llama import Transformer
+from titan.models.layers import Transformer
 
 
 def positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from titan.models.llama import Transformer
+from titan.models.layers import Transformer
 
 
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype, reduce_dtype, reshard: str,

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan.config import DTYPES, ActivationCheckpoint, Compile, ConfigError, Float8, LoRA, Parallelism, Training
-from titan.models.llama import Transformer
-from titan.models import lora
+from titan.models import build_model, lora
+from titan.models.layers import Transformer
 from titan.models.lora import apply_lora, init_adapters
 from titan.parallel.activation_checkpoint import apply_ac
 from titan.parallel.context_parallel import apply_cp
@@ -86,7 +86,7 @@ def materialize(model: Transformer, device: torch.device, seed: int, lora_cfg: L
     model.to_empty(device=device)
     model.init_buffers(device)
     with torch.device("meta"):
-        reference = Transformer(model.args)
+        reference = build_model(model.args)  # (type(model) is FSDP's subclass once sharded)
         if lora_cfg is not None:
             apply_lora(reference, lora_cfg)
     for name in _init_units(model):

@@ -1,7 +1,10 @@
 """Tensor parallelism (Megatron-style) with sequence parallelism, as a DTensor plan over the `tp` mesh dim.
 
 What it shards: attention heads (wq/wk/wv column-wise, wo row-wise), the FFN hidden dim (w1/w3 column-wise, w2
-row-wise), the embedding table by rows (vocab) and the output projection by columns (vocab). Between blocks the
+row-wise), the embedding table by rows (vocab) and the output projection by columns (vocab). A per-head q/k norm
+(Qwen3's QK-norm) keeps its one head_dim weight whole on every rank and normalises the rank's own heads; its
+gradient is summed over tp (DTensor's reduction of a replicated weight). The plan follows the module names of
+titan/models/layers.py, so every family built from those layers gets it. Between blocks the
 activations are split along the sequence (sequence parallel), so norms and residuals cost 1/tp of the memory.
 Collectives added per block: all-gather of the sequence before attention and before the FFN, reduce-scatter after
 wo and after w2 (forward; the mirror in backward). With loss parallel the logits stay sharded by vocab and the
@@ -25,7 +28,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from titan.config import ConfigError
-from titan.models.llama import Transformer
+from titan.models.layers import Transformer
 from titan.models.lora import LoRALinear
 from titan.parallel.float8 import TPStyles, allow_float8_all_gather_on_gloo, tp_styles
 
@@ -96,7 +99,7 @@ def _block_plan(block, float8: bool) -> dict:
         module = block.get_submodule(name)
         return LORA_STYLES if isinstance(module, LoRALinear) else tp_styles(module, float8)
 
-    return {
+    plan = {
         "attention_norm": SequenceParallel(),
         # The block input arrives split along the sequence; attention needs all of it (freqs_cis is left alone).
         "attention": styles("attention").prepare_input(
@@ -114,6 +117,12 @@ def _block_plan(block, float8: bool) -> dict:
         "feed_forward.w2": styles("feed_forward.w2").rowwise(output_layouts=Shard(1)),
         "feed_forward.w3": styles("feed_forward.w3").colwise(),
     }
+    if block.attention.q_norm is not None:
+        # q/k arrive as this rank's heads (batch, seq, heads/tp, head_dim): the norm sees them as a DTensor split on
+        # dim 2, so the replicated weight's gradient is all-reduced over tp; plain tensors go on to attention.
+        for name in ("attention.q_norm", "attention.k_norm"):
+            plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
 
 
 def enable_async_tp(tp_mesh: DeviceMesh) -> None:

@@ -1,0 +1,294 @@
+"""The decoder every family is built from, for a single device: RMSNorm, RoPE (with Llama 3.1 frequency scaling),
+grouped-query attention through `scaled_dot_product_attention` (optionally with a per-head RMSNorm on q and k, and a
+head size independent of dim / n_heads), SwiGLU feed-forward, the transformer block and the stack, with optional
+tied embeddings.
+
+A family (titan/models/llama.py, qwen3.py) is a flavors table of `TransformerArgs`; it does not fork these layers.
+Nothing here knows about processes or meshes: tensor, pipeline and context parallelism, FSDP, activation
+checkpointing and compile are applied from outside by `titan.parallel`, which finds its way by these module names.
+Layers live in a `ModuleDict` keyed by their index so that pipeline stages can drop layers and keep the names (and
+checkpoints) of the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RopeScaling:
+    """Llama 3.1 long-context frequency scaling (applied to the RoPE frequencies, not to positions)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class TransformerArgs:
+    """The sizes the shared decoder reads. A family's args dataclass derives from it, names its family and provides
+    `head_dim` and `ffn_hidden_dim`, as fields or as properties (Llama derives them from dim, Qwen3 states them)."""
+
+    family: ClassVar[str] = ""  # the registry key (model.name) of the family these arguments belong to
+    # What a Hugging Face checkpoint must agree on with the model built from model.flavor (titan/hf.py).
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_hidden_dim", "tie_embeddings",
+        "qk_norm", "rope_theta", "norm_eps", "rope_scaling")
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (no grouping)
+    vocab_size: int = 128256
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 8192  # length of the RoPE table; set from training.seq_len
+    tie_embeddings: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    depth_init: bool = True  # output-projection init std shrinks with the layer's depth (torchtitan's default)
+    # True: the vocabulary is the tokenizer's (set at build). False: the flavor's, which a pretrained checkpoint's
+    # embedding has (Qwen3 pads 151,669 tokens to 151,936 rows); the tokenizer must fit in it.
+    vocab_from_tokenizer: bool = True
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_frequencies(args: TransformerArgs, device=None) -> torch.Tensor:
+    """Complex rotations e^{i * pos * freq}, shape (max_seq_len, head_dim // 2)."""
+    dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64)[: dim // 2] / dim))
+    if args.rope_scaling is not None:
+        freqs = _scale_frequencies(freqs, args.rope_scaling)
+    pos = torch.arange(args.max_seq_len, device=device, dtype=torch.float64)
+    angles = torch.outer(pos, freqs).float()
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def _scale_frequencies(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    # Llama 3.1: wavelengths longer than the original context are slowed by `factor`, short ones kept, and the band
+    # in between interpolated smoothly.
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    mid = (1 - smooth) * freqs / s.factor + smooth * freqs
+    return torch.where(wavelen < high_freq_wavelen, freqs, torch.where(wavelen > low_freq_wavelen, freqs / s.factor, mid))
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (batch, seq, heads, head_dim) q and k; consecutive pairs of channels form one complex number
+    (Meta's layout; Hugging Face's rotate-half layout differs by a permutation of each head's channels, see
+    titan/models/hf_adapter.py). `freqs_cis` is the table (positions 0, 1, ...) or, for packed sequences, one row per
+    token (batch, seq, ...)."""
+    seqlen = xq.shape[1]
+    if freqs_cis.dim() == 2:
+        freqs = freqs_cis[:seqlen].view(1, seqlen, 1, -1)
+    else:
+        freqs = freqs_cis[:, :seqlen].unsqueeze(2)
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    xq_out = torch.view_as_real(xq_ * freqs).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+    def init_weights(self):
+        nn.init.ones_(self.weight)
+
+
+class SDPA(nn.Module):
+    """Causal attention over (batch, heads, seq, head_dim). A module of its own so that context parallelism can
+    replace it from outside without touching `Attention`. `mask` (batch, seq, seq), True = may attend, replaces the
+    causal mask for packed sequences; an explicit boolean mask because FlexAttention's backward fails on CPU."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.n_rep = args.n_heads // args.n_kv_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # QK-norm: one weight of head_dim shared by all heads, so that it is whole on every tensor-parallel rank.
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.sdpa = SDPA()
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        bs, seqlen, _ = x.shape
+        # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bs, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_emb(q, k, freqs_cis)
+        # Grouped-query attention: each K/V head serves n_rep query heads.
+        k = k.repeat_interleave(self.n_rep, dim=2)
+        v = v.repeat_interleave(self.n_rep, dim=2)
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+    def init_weights(self, init_std: float):
+        for w in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(w.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.init_weights()
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, init_std: float):
+        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        for w in (self.w2, self.w3):
+            nn.init.trunc_normal_(w.weight, mean=0.0, std=init_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: TransformerArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = self.build_feed_forward(layer_id, args)
+        depth = layer_id + 1 if args.depth_init else args.n_layers
+        self.init_std = 0.02 / (2 * depth) ** 0.5
+
+    def build_feed_forward(self, layer_id: int, args: TransformerArgs) -> nn.Module:
+        """The dense SwiGLU; a family with another feed-forward (e.g. Mixture-of-Experts) overrides this."""
+        return FeedForward(args.dim, args.ffn_hidden_dim)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # mask by keyword: tensor parallel's input preparation of `attention` covers the positional inputs only.
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self):
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(self.init_std)
+        self.feed_forward.init_weights(self.init_std)
+
+
+class Transformer(nn.Module):
+    """Token ids (batch, seq) -> logits (batch, seq, vocab). Pipeline stages set some of tok_embeddings, norm and
+    output to None; then the stage takes or returns hidden states instead."""
+
+    block_class: ClassVar[type[nn.Module]] = TransformerBlock  # a family with another block subclasses and sets it
+
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): self.block_class(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not persistent: derived from args, so checkpoints hold only learned weights.
+        self.register_buffer("freqs_cis", rope_frequencies(args), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`document_ids` (batch, seq): for packed sequences, which document each token belongs to; every document
+        then attends only within itself. `positions` (batch, seq): each token's RoPE position (default 0, 1, ...),
+        e.g. restarting at 0 with every document, as if it were alone."""
+        mask = None if document_ids is None else document_mask(document_ids)
+        freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, freqs_cis, mask)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    def to_empty(self, *, device, recurse: bool = True):
+        # Leaving the meta device, nn.Module gives each module its own new Parameter (torch 2.13: no in-place set_data
+        # from meta), which would untie the output from the embedding; DTensor parameters are swapped and stay tied.
+        super().to_empty(device=device, recurse=recurse)
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
+    def init_buffers(self, device: torch.device | None = None):
+        self.freqs_cis = rope_frequencies(self.args, device=device)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise every parameter (on whatever device the parameters are; meta parameters are skipped)."""
+        out_std = self.args.dim**-0.5
+        if self.tok_embeddings is not None:
+            if self.args.tie_embeddings:  # the shared matrix is also the output projection: use its scale
+                nn.init.trunc_normal_(self.tok_embeddings.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+            else:
+                nn.init.normal_(self.tok_embeddings.weight)
+        for layer in self.layers.values():
+            layer.init_weights()
+        if self.norm is not None:
+            self.norm.init_weights()
+        if self.output is not None and not self.args.tie_embeddings:
+            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask (batch, seq, seq): a token sees the earlier tokens of its own document only."""
+    seqlen = document_ids.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
+    return (document_ids.unsqueeze(2) == document_ids.unsqueeze(1)) & causal
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, embedding parameters), counting tied weights once."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.tok_embeddings.weight.numel() if getattr(model, "tok_embeddings", None) is not None else 0
+    return total, emb
