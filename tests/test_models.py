@@ -134,7 +134,8 @@ def test_qwen3_chat_template(chat_tok):
     text, learned = _render(chat_tok, conversation)
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                     "<|im_start|>assistant\nHello!<|im_end|>\n"  # an earlier reply loses its reasoning
-                    "<|im_start|>user\nName?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nEmma.<|im_end|>\n")
+                    "<|im_start|>user\nName?<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n\n</think>\n\nEmma.<|im_end|>\n")
     assert learned == "Hello!<|im_end|><think>\n\n</think>\n\nEmma.<|im_end|>"
     # Reasoning of the final reply is kept; the generation prompt has an empty block (thinking off).
     text, _ = _render(chat_tok, [{"role": "user", "content": "2+2?"},

@@ -1,6 +1,6 @@
 """Every preset in train_configs/ (globbed, so new ones are covered): it loads and validates, names an existing
-flavor and dataset, its parallel degrees fit a plausible world size and the model's shapes, and its batch sizes give
-a whole number of accumulation steps. Nothing is built beyond the meta device."""
+family, flavor and dataset, its parallel degrees fit a plausible world size and the model's shapes, and its batch
+sizes give a whole number of accumulation steps. Nothing is built beyond the meta device."""
 
 import tomllib
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 
 from titan import config
 from titan.data.pretrain import DATASETS
-from titan.models.llama import FLAVORS, model_args
+from titan.models import FAMILIES, model_args
 from titan.parallel.mesh import ParallelDims, check_model_fits
 from titan.train import gradient_accumulation_steps
 
@@ -18,7 +18,8 @@ PRESETS = sorted((Path(__file__).resolve().parents[1] / "train_configs").glob("*
 
 def test_the_glob_finds_the_presets():
     names = {p.name for p in PRESETS}
-    assert {"debug_model.toml", "llama3_8b.toml", "llama3_70b.toml", "llama3_405b.toml"} <= names
+    assert {"debug_model.toml", "llama3_8b.toml", "llama3_70b.toml", "llama3_405b.toml", "qwen3_debug.toml",
+            "qwen3_0.6b.toml", "qwen3_8b.toml"} <= names
 
 
 def world_sizes(p: config.Parallelism) -> list[int]:
@@ -34,9 +35,10 @@ def world_sizes(p: config.Parallelism) -> list[int]:
 def test_preset(path):
     cfg = config.load(["--config", str(path)])
     config.validate(cfg)
-    assert cfg.model.flavor in FLAVORS, f"{path.name}: model.flavor={cfg.model.flavor!r} is not in FLAVORS"
+    flavors = FAMILIES[cfg.model.name].flavors
+    assert cfg.model.flavor in flavors, f"{path.name}: {cfg.model.flavor!r} is not a {cfg.model.name} flavor"
     assert cfg.training.dataset in DATASETS or cfg.training.dataset_path, path.name
-    args = model_args(cfg.model.flavor, max_seq_len=cfg.training.seq_len)
+    args = model_args(cfg.model.name, cfg.model.flavor, max_seq_len=cfg.training.seq_len)
 
     for world in world_sizes(cfg.parallelism):
         dims = ParallelDims.from_config(cfg.parallelism, world)

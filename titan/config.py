@@ -319,8 +319,8 @@ class SFT:
     """Supervised fine-tuning data: chat JSONL rendered with a chat template; see titan/data/chat.py."""
 
     chat_template: str = opt(
-        "auto", "how conversations become tokens: auto picks from the tokenizer's special tokens (qwen3 = ChatML "
-        "with an empty <think> block opening the replies)", ("auto", "chatml", "qwen3", "llama3"),
+        "auto", "how conversations become tokens: auto picks from the tokenizer's special tokens (qwen3: ChatML "
+        "whose replies open with a think block; see docs/models.md)", ("auto", "chatml", "qwen3", "llama3"),
     )
     format: str = opt(
         "auto", "record format of the SFT JSONL: auto detects it per file from the first record; see "

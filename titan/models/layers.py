@@ -90,7 +90,8 @@ def _scale_frequencies(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
         s.high_freq_factor - s.low_freq_factor
     )
     mid = (1 - smooth) * freqs / s.factor + smooth * freqs
-    return torch.where(wavelen < high_freq_wavelen, freqs, torch.where(wavelen > low_freq_wavelen, freqs / s.factor, mid))
+    return torch.where(wavelen < high_freq_wavelen, freqs,
+                       torch.where(wavelen > low_freq_wavelen, freqs / s.factor, mid))
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
