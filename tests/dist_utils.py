@@ -46,6 +46,12 @@ def _set_torchrun_env(rank: int, world_size: int, port: int) -> None:
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def torchrun_env(rank: int, world_size: int, folder: str, run: int) -> None:
+    """The environment torchrun would set for the `run`-th process group of a series in the same processes (each
+    gets a fresh port: a re-used one can still be held by the previous group's store)."""
+    _set_torchrun_env(rank, world_size, _shared_port(rank, folder, run))
+
+
 def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str, expected: int) -> None:
     import torch
 
@@ -53,7 +59,7 @@ def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str, expe
     from titan.train import main
 
     for i, argv in enumerate(runs):
-        _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
+        torchrun_env(rank, world_size, folder, i)
         code = main(argv)
         if code != expected:
             raise SystemExit(f"rank {rank}: titan.train.main({argv}) returned {code}, not {expected}")
@@ -71,20 +77,14 @@ def _env_worker(rank: int, world_size: int, folder: str, fn, runs) -> None:
     import torch
 
     torch.set_num_threads(1)
-    for i, args in enumerate(runs):
-        _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
-        fn(rank, world_size, *args)
+    torchrun_env(rank, world_size, folder, 0)
+    fn(rank, world_size, *args)
 
 
 def spawn_torchrun_env(fn, world_size: int, *args) -> None:
     """Call `fn(rank, world_size, *args)` on spawned processes with the environment torchrun would set, but no
-    process group yet: for tests that drive titan's own `build` / `main` with extra checks around them."""
-    spawn_torchrun_env_runs(fn, world_size, [args])
-
-
-def spawn_torchrun_env_runs(fn, world_size: int, runs: list[tuple]) -> None:
-    """`spawn_torchrun_env` for several argument tuples, one after another in the same processes (each with a fresh
-    port, as `run_layouts` does)."""
+    process group yet: for tests that drive titan's own `build` / `main` with extra checks around them. A second
+    process group in the same processes needs `torchrun_env(rank, world_size, folder, run)` first."""
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(_env_worker, args=(world_size, folder, fn, runs), nprocs=world_size, start_method="spawn")
 

@@ -703,16 +703,40 @@ def _parse_cli_value(key: str, tp, text: str):
         raise ConfigError(f"--{key} expects {type_name(tp)} (got {text!r})") from None
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, dict, bool]:
-    """Split argv into (config path, {section: {key: value}} overrides, wants help)."""
+@dataclass
+class RunFlags:
+    """Options of `python -m titan.train` that are not config keys: `--help`, and the dry run's (titan/dry_run.py)."""
+
+    help: bool = False
+    dry_run: bool = False
+    world_size: int | None = None  # the job to simulate; default: the smallest world the degrees allow
+    device_memory_gib: float | None = None  # per device; default: titan.dry_run.DEFAULT_DEVICE_MEMORY_GIB
+
+    def check(self) -> None:
+        for name in ("world_size", "device_memory_gib"):
+            value = getattr(self, name)
+            if value is not None and not self.dry_run:
+                raise ConfigError(f"--{name} only applies with --dry_run")
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"--{name} must be a finite number > 0 (got {value})")
+
+
+_RUN_FLAGS = {"--world_size": int, "--device_memory_gib": float}
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, dict, RunFlags]:
+    """Split argv into (config path, {section: {key: value}} overrides, the options that are not config keys)."""
     known = sections()
-    config_path, overrides, want_help = None, {}, False
+    config_path, overrides, flags = None, {}, RunFlags()
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg in ("-h", "--help"):
-            want_help = True
+            flags.help = True
+            continue
+        if arg == "--dry_run":
+            flags.dry_run = True
             continue
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key value")
@@ -730,10 +754,18 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, bool]:
                 raise ConfigError(f"--{name} needs a file path" + ("" if text is None else " (got an empty string)"))
             config_path = text
             continue
+        if f"--{name}" in _RUN_FLAGS:
+            kind = _RUN_FLAGS[f"--{name}"]
+            try:
+                setattr(flags, name, kind(text))
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{name} expects {kind.__name__} (got {text!r})") from None
+            continue
         section, _, key = name.partition(".")
         keys = _keys(known[section]) if section in known else {}
         if key not in keys:
             options = [f"--{s}.{k}" for s in known for k in _keys(known[s])] + list(CONFIG_FLAGS)
+            options += ["--dry_run", *_RUN_FLAGS]
             raise ConfigError(f"unknown option --{name}{_suggest('--' + name, options)}")
         tp, f = keys[key]
         if bool_flag:
@@ -743,7 +775,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, bool]:
         else:
             value = _parse_cli_value(name, tp, text)
         overrides.setdefault(section, {})[key] = value
-    return config_path, overrides, want_help
+    flags.check()
+    return config_path, overrides, flags
 
 
 def _is_number(text: str) -> bool:
@@ -757,11 +790,19 @@ def _is_number(text: str) -> bool:
 def load(argv: list[str] | None = None) -> Config:
     """Config from `--config FILE` (with `extends`) plus `--section.key value` overrides, validated.
 
-    Raises SystemExit(0) after printing the help for `--help`.
+    Raises SystemExit(0) after printing the help for `--help`; the dry run's options are `load_run`'s.
     """
+    cfg, flags = load_run(argv)
+    if flags.dry_run:
+        raise ConfigError("--dry_run is an option of `python -m titan.train`")
+    return cfg
+
+
+def load_run(argv: list[str] | None = None) -> tuple[Config, RunFlags]:
+    """`load`, also returning the options of `python -m titan.train` that are not config keys (`--dry_run` ...)."""
     argv = sys.argv[1:] if argv is None else argv
-    config_path, overrides, want_help = parse_args(argv)
-    if want_help:
+    config_path, overrides, flags = parse_args(argv)
+    if flags.help:
         print(help_text())
         raise SystemExit(0)
     data = load_toml(config_path) if config_path else {}
@@ -773,17 +814,20 @@ def load(argv: list[str] | None = None) -> Config:
         for key, value in values.items():
             setattr(getattr(cfg, section), key, value)
     validate(cfg)
-    return cfg
+    return cfg, flags
 
 
 def help_text() -> str:
     lines = [
         "usage: python -m titan.train [--config FILE.toml] [--section.key VALUE ...]",
         "       torchrun --nproc_per_node=N -m titan.train --config FILE.toml [...]",
+        "       python -m titan.train --config FILE.toml --dry_run [--world_size N] [--device_memory_gib M]",
         "",
         "--config FILE (alias --job.config_file): a TOML file; `extends = \"base.toml\"` at its top inherits another.",
         "Every key below can be set in the file under [section] or on the command line as --section.key VALUE",
         "(or --section.key=VALUE; lists are comma-separated; a bool flag alone means true).",
+        "--dry_run: check the config for an N-rank job in this one CPU process and estimate every rank's memory on",
+        "a device of M GiB, without allocating the model (docs/planning.md).",
     ]
     for section, cls in sections().items():
         lines.append(f"\n[{section}]")

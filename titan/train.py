@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from titan import config, hf
@@ -33,7 +35,7 @@ from titan.lifecycle import EXIT_INTERRUPTED, RunFailed, RunLock, StopRequests, 
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan import models
 from titan.models import lora
-from titan.models.layers import count_params
+from titan.models.layers import Transformer, TransformerArgs, count_params
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.recipes import DPOLoss, TokenLoss, build_dataloaders
 from titan.parallel import float8
@@ -107,19 +109,19 @@ class Run:
     cfg: Config
     device: torch.device
     dims: ParallelDims
-    mesh: dict  # name -> DeviceMesh (see ParallelDims.build_mesh)
+    mesh: dict[str, DeviceMesh]  # name -> DeviceMesh (see ParallelDims.build_mesh)
     model_parts: list[torch.nn.Module]  # the whole model, or this rank's pipeline stages
     pipeline: Pipeline | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_loader: object
-    val_loader: object | None
+    train_loader: Iterable[dict[str, torch.Tensor]]
+    val_loader: Iterable[dict[str, torch.Tensor]] | None
     metrics: MetricsLogger
     grad_accum: int
-    autocast: object  # () -> context for the forward pass
-    loss_context: object  # () -> context for loss + backward
-    loss_fn: object  # (logits, labels) -> summed token loss; what the pipeline's last stage computes
-    objective: object  # (model, batch) -> summed loss, and count(batch); see titan/recipes.py
+    autocast: Callable[[], contextlib.AbstractContextManager]  # context for the forward pass
+    loss_context: Callable[[], contextlib.AbstractContextManager]  # context for loss + backward
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # summed token loss; the last pipeline stage's
+    objective: TokenLoss | DPOLoss  # (model, batch) -> summed loss, and count(batch); see titan/recipes.py
     timer: StepTimer = field(default_factory=StepTimer)  # scripts/benchmark.py swaps in a CUDA-syncing one
     checkpointer: Checkpointer | None = None
     lock: RunLock = field(default_factory=RunLock)  # job.dump_folder's one-writer lock (held by rank 0)
@@ -131,6 +133,22 @@ class Run:
             self.metrics.close()
         finally:
             self.lock.release()
+
+
+@dataclass
+class ModelParts:
+    """The model as this rank holds it: the whole model, or its pipeline stages, with every parallel axis applied."""
+
+    parts: list[torch.nn.Module]
+    pipeline: Pipeline | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    build_part: Callable[..., Transformer]  # (meta-device model or stage, adapters=...) -> the same, parallelised
+    n_params: int  # of the whole model, tied weights once
+    n_embedding: int
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in parameters(self.parts) if p.requires_grad]  # all, or LoRA's adapters
 
 
 def build(cfg: Config) -> Run:
@@ -147,18 +165,56 @@ def build(cfg: Config) -> Run:
 
 
 def build_run(cfg: Config, device: torch.device) -> Run:
+    """Config -> a `Run`: the mesh, the model (meta device, parallel axes, then real weights),
+    optimizer, data, checkpoint (resumed or initial weights), objective and metrics. `titan.dry_run` goes through
+    the same checks and the same `build_model` without the weights."""
     t = cfg.training
     dims = ParallelDims.from_config(cfg.parallelism, dist.get_world_size())
     grad_accum = gradient_accumulation_steps(t, dims.dp)
-
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
-    args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=tokenizer.vocab_size,
-                             max_seq_len=t.seq_len)
-    check_model_fits(dims, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.n_layers, args.tie_embeddings)
-    check_seq_len(t.seq_len, dims.cp, dims.tp)
+    args = build_model_args(cfg, dims, tokenizer.vocab_size)
     mesh = dims.build_mesh(device.type)
-    dp_rank = mesh["dp"].get_local_rank()
+    model = build_model(cfg, args, mesh, dims, device)
+    optimizer = build_optimizer(model.trainable, cfg.optimizer)
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
+    train_loader, val_loader = build_dataloaders(t, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(),
+                                                 dims.dp)
+    checkpointer = build_checkpointer(cfg, args, tokenizer, model.parts, optimizer, scheduler, train_loader)
+    checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
+    if checkpointer.resumed:
+        honour_new_settings(cfg, checkpointer, optimizer, scheduler)
+    if cfg.lora.quantize_base != "none":  # the base weights are final now: quantize them (QLoRA)
+        log_quantized(cfg.lora, [quantize_base(part, cfg.lora, DTYPES[t.mixed_precision_param])
+                                 for part in model.parts])
+    autocast = mixed_precision_context(t, dims, device)
+    if t.recipe == "dpo":
+        free = cfg.dpo.loss in DPOLoss.REFERENCE_FREE
+        objective = DPOLoss(cfg.dpo, None if free else dpo_reference(model, args, cfg.lora, cfg.checkpoint), autocast)
+    else:
+        objective = TokenLoss(model.loss_fn, autocast)
+    metrics = build_metrics(cfg, args, model, dims, device, append=checkpointer.step > 0)
+    log_summary(cfg, args, model, dims, grad_accum)
+    return Run(cfg=cfg, device=device, dims=dims, mesh=mesh, model_parts=model.parts, pipeline=model.pipeline,
+               optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
+               metrics=metrics, grad_accum=grad_accum, autocast=autocast,
+               loss_context=loss_context(cfg.parallelism, dims), loss_fn=model.loss_fn, objective=objective,
+               checkpointer=checkpointer)
 
+
+def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> TransformerArgs:
+    """The family's flavor with the tokenizer's vocabulary, checked against the parallel degrees."""
+    args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=vocab_size,
+                             max_seq_len=cfg.training.seq_len)
+    check_model_fits(dims, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.n_layers, args.tie_embeddings)
+    check_seq_len(cfg.training.seq_len, dims.cp, dims.tp)
+    return args
+
+
+def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh], dims: ParallelDims, device: torch.device,
+                weights: bool = True) -> ModelParts:
+    """This rank's model parts with every parallel axis applied; with `weights=False` (the dry run) they stay on the
+    meta device: every layout check runs and every local shard has its real shape, but nothing is allocated."""
+    t = cfg.training
     # Built on the meta device, so even a 405B model costs nothing until it is sharded and materialised.
     with torch.device("meta"):
         model = models.build_model(args)
@@ -171,65 +227,59 @@ def build_run(cfg: Config, device: torch.device) -> Run:
         if adapters:
             lora.apply_lora(part, cfg.lora)
         parallelize(part, mesh, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, t, cfg.float8)
-        materialize(part, device, t.seed, cfg.lora if adapters else None)
-        if dims.cp > 1:
-            shard_rope(part, mesh["cp"])
+        if weights:
+            materialize(part, device, t.seed, cfg.lora if adapters else None)
+            if dims.cp > 1:
+                shard_rope(part, mesh["cp"])
         return part.train()
 
     if dims.pp > 1:
         pipeline = Pipeline(model, mesh["pp"], cfg.parallelism, t.local_batch_size, loss_fn, build_part, device,
                             validation=cfg.validation.enable)
-        model_parts = pipeline.parts
         logger.info(pipeline.description)
+        parts = pipeline.parts
     else:
-        pipeline, model_parts = None, [build_part(model)]
+        pipeline, parts = None, [build_part(model)]
+    return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb)
 
-    trainable = [p for p in parameters(model_parts) if p.requires_grad]  # all, or LoRA's adapters
-    optimizer = build_optimizer(trainable, cfg.optimizer)
-    scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
-    train_loader, val_loader = build_dataloaders(t, cfg.sft, cfg.validation, tokenizer, dp_rank, dims.dp)
+
+def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_parts: list[torch.nn.Module], optimizer,
+                       scheduler, train_loader) -> Checkpointer:
     export = hf.exporter(args, tokenizer, cfg.model.tokenizer_path)
     if cfg.lora.enable:  # Hugging Face gets a plain model: adapters merged into the weights
         export = lora.merging(export, cfg.lora.alpha / cfg.lora.rank)
     # QLoRA checkpoints hold the adapters only: the base is checkpoint.initial_load_path's, quantized again.
     adapters_only = cfg.lora.enable and (cfg.lora.save_adapter_only or cfg.lora.quantize_base != "none")
-    checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
-                                t.steps, export, adapters_only=adapters_only, tokenizer=tokenizer,
-                                run_config=config.to_toml(cfg))
-    checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
-    if checkpointer.resumed:
-        honour_new_settings(cfg, checkpointer, optimizer, scheduler)
-    if cfg.lora.quantize_base != "none":  # the base weights are final now: quantize them (QLoRA)
-        log_quantized(cfg.lora, [quantize_base(part, cfg.lora, DTYPES[t.mixed_precision_param])
-                                 for part in model_parts])
+    return Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
+                        cfg.training.steps, export, adapters_only=adapters_only, tokenizer=tokenizer,
+                        run_config=config.to_toml(cfg))
 
-    autocast = mixed_precision_context(t, dims, device)
-    if t.recipe == "dpo":
-        reference = None if cfg.dpo.loss in DPOLoss.REFERENCE_FREE else dpo_reference(model_parts, cfg, build_part,
-                                                                                      args)
-        objective = DPOLoss(cfg.dpo, reference, autocast)
-    else:
-        objective = TokenLoss(loss_fn, autocast)
 
-    flops = num_flops_per_token(n_params, n_emb, args.n_layers, args.n_heads, args.head_dim, t.seq_len)
-    metrics = MetricsLogger(
+def build_metrics(cfg: Config, args: TransformerArgs, model: ModelParts, dims: ParallelDims, device: torch.device,
+                  append: bool) -> MetricsLogger:
+    """`append`: a resumed run continues its metrics.jsonl."""
+    t = cfg.training
+    flops = num_flops_per_token(model.n_params, model.n_embedding, args.n_layers, args.n_heads, args.head_dim,
+                                t.seq_len)
+    return MetricsLogger(
         cfg.metrics, cfg.job.dump_folder, rank=dist.get_rank(), world_size=dims.world_size, device=device,
         flops_per_token=flops, total_steps=t.steps, extra_header=float8.metrics_header(cfg.float8),
-        peak_flops=peak_flops(device, float8.mfu_dtype(cfg.float8, DTYPES[t.mixed_precision_param])),
-        append=checkpointer.step > 0,  # a resumed run continues its metrics.jsonl
+        peak_flops=peak_flops(device, float8.mfu_dtype(cfg.float8, DTYPES[t.mixed_precision_param])), append=append,
     )
-    logger.info(f"model: {cfg.model.name} {cfg.model.flavor}, {n_params:,} parameters ({n_emb:,} in the embedding), "
-                f"vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}{recipe_detail(cfg)}")
+
+
+def log_summary(cfg: Config, args: TransformerArgs, model: ModelParts, dims: ParallelDims, grad_accum: int) -> None:
+    """The model, adapter and batch lines every run prints at start (the dry run too)."""
+    t = cfg.training
+    logger.info(f"model: {cfg.model.name} {cfg.model.flavor}, {model.n_params:,} parameters ({model.n_embedding:,} in the "
+                f"embedding), vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}{recipe_detail(cfg)}")
     if cfg.lora.enable:
-        n_local = sum(p.numel() for p in trainable)
+        n_local = sum(p.numel() for p in model.trainable)
         logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}; "
                     f"training {n_local:,} adapter parameters on this rank, the rest frozen; all weights take "
-                    f"{weight_bytes(model_parts) / 2**20:,.2f} MiB on this rank")
+                    f"{weight_bytes(model.parts) / 2**20:,.2f} MiB on this rank")
     logger.info(f"batch: {t.local_batch_size} sequences/rank x {dims.dp} dp ranks x {grad_accum} accumulation "
                 f"steps = {t.local_batch_size * dims.dp * grad_accum} sequences/step")
-    return Run(cfg, device, dims, mesh, model_parts, pipeline, optimizer, scheduler, train_loader, val_loader,
-               metrics, grad_accum, autocast, loss_context(cfg.parallelism, dims), loss_fn, objective,
-               checkpointer=checkpointer)
 
 
 def honour_new_settings(cfg: Config, checkpointer: Checkpointer, optimizer, scheduler) -> None:
@@ -266,19 +316,25 @@ def parameters(model_parts: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     return [p for part in model_parts for p in part.parameters()]
 
 
-def dpo_reference(model_parts: list[torch.nn.Module], cfg: Config, build_part, args):
-    """batch -> the frozen reference model's logits. With LoRA: the policy with its adapters switched off (the base
-    weights never change). Else a second model, built and sharded like the policy, holding the initial weights."""
-    policy = model_parts[0]
-    if cfg.lora.enable:
-        def reference(batch):
-            with lora.disabled(model_parts):
-                return policy(batch["input"])
-        return reference
+def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:
+    """DPO's reference without LoRA: a second model, built and sharded like the policy, frozen (weights still to
+    load)."""
     with torch.device("meta"):
         frozen = models.build_model(args)
-    frozen = build_part(frozen, adapters=False).eval().requires_grad_(False)
-    load_initial_weights([frozen], cfg.checkpoint)  # the policy's starting point (seeded init if none is set)
+    return model.build_part(frozen, adapters=False).eval().requires_grad_(False)
+
+
+def dpo_reference(model: ModelParts, args: TransformerArgs, lora_cfg: config.LoRA, checkpoint: config.Checkpoint):
+    """batch -> the frozen reference model's logits. With LoRA: the policy with its adapters switched off (the base
+    weights never change). Else a second model holding the initial weights."""
+    policy = model.parts[0]
+    if lora_cfg.enable:
+        def reference(batch):
+            with lora.disabled(model.parts):
+                return policy(batch["input"])
+        return reference
+    frozen = frozen_reference(model, args)
+    load_initial_weights([frozen], checkpoint)  # the policy's starting point (seeded init if none is set)
     return lambda batch: frozen(batch["input"])
 
 
@@ -492,9 +548,13 @@ def main(argv: list[str] | None = None) -> int:
     tie_to_launcher()
     run = None
     try:
-        cfg = config.load(argv)
+        cfg, flags = config.load_run(argv)
         if cfg.job.description:
             logger.info(cfg.job.description)
+        if flags.dry_run:
+            from titan import dry_run  # imports this module
+
+            return dry_run.main(cfg, flags)
         run = build(cfg)
         write_resolved_config(cfg)
         if cfg.checkpoint.create_seed_checkpoint:

@@ -102,24 +102,42 @@ def prune(model: Transformer, layers: list[int], first: bool, last: bool) -> Tra
     return stage
 
 
+def check(cfg: Parallelism, tied_embeddings: bool, local_batch_size: int, validation: bool) -> None:
+    """What pipelining cannot do with this config (the schedule's own checks come with `build_schedule`)."""
+    if validation and cfg.pipeline_parallel_schedule in _V_SHAPED:
+        # torch 2.13: schedule.eval() of the V-shaped schedules asserts in backward bookkeeping.
+        raise ConfigError(f"validation.enable is not supported with parallelism.pipeline_parallel_schedule="
+                          f"{cfg.pipeline_parallel_schedule} (its eval() fails in this PyTorch); pick another "
+                          "schedule or disable validation")
+    if tied_embeddings:
+        raise ConfigError("parallelism.pipeline_parallel_degree > 1 is not supported with tied embeddings "
+                          "(the embedding and the output live on different stages)")
+    micro = cfg.pipeline_parallel_microbatch_size
+    if micro <= 0 or local_batch_size % micro:
+        raise ConfigError(f"parallelism.pipeline_parallel_microbatch_size={micro} does not divide "
+                          f"training.local_batch_size={local_batch_size}")
+
+
+def build_schedule(stages: list[PipelineStage], cfg: Parallelism, n_microbatches: int, loss_fn):
+    """The schedule running this rank's `stages`; what it rejects (too few micro-batches) becomes a ConfigError."""
+    cls = _schedule_class(cfg.pipeline_parallel_schedule)
+    try:
+        # scale_grads=False: the loss is already divided by the global token count.
+        return cls(stages[0] if issubclass(cls, PipelineScheduleSingle) else stages, n_microbatches,
+                   loss_fn=loss_fn, scale_grads=False)
+    except ValueError as e:
+        raise ConfigError(f"parallelism.pipeline_parallel_schedule={cfg.pipeline_parallel_schedule} with "
+                          f"{n_microbatches} micro-batches (training.local_batch_size / "
+                          f"pipeline_parallel_microbatch_size) on {stages[0].num_stages} stages: {e}") from None
+
+
 class Pipeline:
     """The stages this rank holds and the schedule that runs them; `step`/`eval` stand in for the model's
     forward (+ backward) on one batch."""
 
     def __init__(self, model: Transformer, pp_mesh: DeviceMesh, cfg: Parallelism, local_batch_size: int,
                  loss_fn, build_stage, device: torch.device, validation: bool = False):
-        if validation and cfg.pipeline_parallel_schedule in _V_SHAPED:
-            # torch 2.13: schedule.eval() of the V-shaped schedules asserts in backward bookkeeping.
-            raise ConfigError(f"validation.enable is not supported with parallelism.pipeline_parallel_schedule="
-                              f"{cfg.pipeline_parallel_schedule} (its eval() fails in this PyTorch); pick another "
-                              "schedule or disable validation")
-        if model.args.tie_embeddings:
-            raise ConfigError("parallelism.pipeline_parallel_degree > 1 is not supported with tied embeddings "
-                              "(the embedding and the output live on different stages)")
-        micro = cfg.pipeline_parallel_microbatch_size
-        if micro <= 0 or local_batch_size % micro:
-            raise ConfigError(f"parallelism.pipeline_parallel_microbatch_size={micro} does not divide "
-                              f"training.local_batch_size={local_batch_size}")
+        check(cfg, model.args.tie_embeddings, local_batch_size, validation)
         pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
         layers = stage_layers(model.args.n_layers, pp, cfg)
         num_stages = len(layers)
@@ -128,18 +146,10 @@ class Pipeline:
         self.parts = [build_stage(prune(model, layers[s], s == 0, s == num_stages - 1)) for s in self.stage_ids]
         stages = [PipelineStage(part, s, num_stages, device, group=pp_mesh.get_group())
                   for part, s in zip(self.parts, self.stage_ids)]
-
-        cls = _schedule_class(cfg.pipeline_parallel_schedule)
+        micro = cfg.pipeline_parallel_microbatch_size
         n_microbatches = local_batch_size // micro
         self.loss_fn, self.divisor = loss_fn, 1.0
-        try:
-            # scale_grads=False: the loss is already divided by the global token count.
-            self.schedule = cls(stages[0] if issubclass(cls, PipelineScheduleSingle) else stages, n_microbatches,
-                                loss_fn=self._loss, scale_grads=False)
-        except ValueError as e:
-            raise ConfigError(f"parallelism.pipeline_parallel_schedule={cfg.pipeline_parallel_schedule} with "
-                              f"{n_microbatches} micro-batches (training.local_batch_size / "
-                              f"pipeline_parallel_microbatch_size) on {num_stages} stages: {e}") from None
+        self.schedule = build_schedule(stages, cfg, n_microbatches, self._loss)
         self.description = (f"pipeline: {cfg.pipeline_parallel_schedule}, {num_stages} stages "
                             f"{[f'{l[0]}-{l[-1]}' for l in layers]}, {n_microbatches} micro-batches of {micro}; "
                             f"this rank holds stages {self.stage_ids}")

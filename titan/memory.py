@@ -1,0 +1,379 @@
+"""The memory of one training rank, estimated: what `titan.dry_run` reports and `scripts/plan.py` ranks layouts by.
+
+Owns the activation estimate (bytes one micro-batch leaves saved for backward, per transformer block and for the ends
+of the model, per activation-checkpointing mode, after Korthikanti et al. 2022 but counted for titan's own Llama),
+the pipeline's in-flight micro-batches (replayed from a schedule's action list), FSDP's gathered-weight and gradient
+buffers, the per-shard state sizes of a layout (for the planner; a test holds them equal to the real shards the dry
+run reads), and the total with its verdict. It builds no model and no process group. docs/planning.md derives every
+formula and lists what the estimate leaves out.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from titan import config
+from titan.config import DTYPES
+from titan.models.layers import TransformerArgs
+from titan.parallel.mesh import ParallelDims
+
+GiB = 2**30
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of what a rank holds."""
+
+    compute: int  # matmul outputs (bf16: 2, fp32: 4)
+    residual: int  # the residual stream between blocks: compute under FSDP (weights cast), fp32 under autocast
+    autocast: bool  # bf16 without FSDP: each linear saves a cast copy of its input and of its weight
+    gathered: int  # FSDP's all-gathered weights (mixed_precision_param)
+    reduce: int  # FSDP's gradient reduce-scatter (mixed_precision_reduce)
+    state: int = FP32  # stored parameters, gradients and Adam moments (titan keeps them fp32)
+
+
+def precision(training: config.Training, fsdp: bool) -> Precision:
+    """What titan's mixed precision (train.mixed_precision_context, parallel.fsdp) makes of the config."""
+    compute = DTYPES[training.mixed_precision_param].itemsize
+    autocast = compute != FP32 and not fsdp
+    return Precision(compute=compute, residual=FP32 if autocast else compute, autocast=autocast, gathered=compute,
+                     reduce=DTYPES[training.mixed_precision_reduce].itemsize)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch on one rank, and how the layout splits its tokens."""
+
+    rows: int  # sequences (a DPO pair is two)
+    seq_len: int  # of a whole sequence
+    tp: int = 1
+    cp: int = 1
+    cp_method: str = "allgather"
+    loss_parallel: bool = True
+
+    @property
+    def tokens(self) -> int:
+        """Tokens this rank computes on inside attention and the FFN (the sequence is split by cp)."""
+        return self.rows * self.seq_len // self.cp
+
+    @property
+    def tokens_between(self) -> int:
+        """Tokens this rank holds between blocks, in the norms and residuals (sequence parallel splits them by tp)."""
+        return self.tokens // self.tp
+
+
+def _widths(args: TransformerArgs, tp: int) -> tuple[int, int, int, int]:
+    """This rank's query width, K/V width, query heads and FFN width."""
+    return (args.n_heads * args.head_dim // tp, args.n_kv_heads * args.head_dim // tp, args.n_heads // tp,
+            args.ffn_hidden_dim // tp)
+
+
+def norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, consumers: int) -> int:
+    """RMSNorm saves its input in fp32, the normalised value (x's dtype) and 1/rms (fp32) for the weight's product;
+    the linears after it save that product (gathered to the whole sequence under TP), or under autocast one bf16
+    copy per linear."""
+    t, h = m.tokens_between, args.dim
+    product = consumers * p.compute if p.autocast else p.residual
+    return (FP32 + p.residual) * t * h + FP32 * t + product * m.tokens * h
+
+
+def attention_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
+    """Scaled dot-product attention (flash/efficient kernels: no score matrix) saves q after RoPE, K and V repeated
+    to every query head, the output and the log-sum-exp; context parallelism changes what it attends to."""
+    t, e = m.tokens, p.compute
+    q_width, _, heads, _ = _widths(args, m.tp)
+    lse = FP32 * t * heads
+    if m.cp == 1:
+        return 4 * e * t * q_width + lse
+    if m.cp_method == "ring":
+        # _RingAttention saves q, k, v and its fp32 output; wo then saves the output re-laid (and cast) for its input.
+        cast = e * t * q_width if e != FP32 else 0
+        return 3 * e * t * q_width + FP32 * t * q_width + cast + e * t * q_width + lse
+    # allgather: K and V of the whole sequence, and the boolean causal mask of this rank's queries against all keys.
+    local, full = m.seq_len // m.cp, m.seq_len
+    return 2 * e * t * q_width + 2 * e * t * m.cp * q_width + lse + local * full
+
+
+def block_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, mode: str) -> int:
+    """Bytes one transformer block saves for backward: `none` everything, `full` only its input (it recomputes the
+    rest), `op` (selective) its input and the outputs of its matmuls, attention and TP reduce-scatters."""
+    t, ts, h, e = m.tokens, m.tokens_between, args.dim, p.compute
+    q_width, kv_width, heads, ffn = _widths(args, m.tp)
+    block_input = p.residual * ts * h
+    if mode == "full":
+        return block_input
+    if mode == "op":
+        # wq wk wv, wo and w2 (before the reduce-scatter: the whole width), w1 w3; attention's output and lse.
+        matmuls = e * t * (q_width + 2 * kv_width + 2 * h + 2 * ffn)
+        sdpa = 0 if m.cp > 1 and m.cp_method == "ring" else e * t * q_width + FP32 * t * heads
+        scatters = 2 * e * ts * h if m.tp > 1 else 0
+        return block_input + matmuls + sdpa + scatters
+    # SwiGLU saves w1's and w3's outputs, silu(w1 x) and the product w2 reads.
+    ffn_bytes = 4 * e * t * ffn
+    return norm_bytes(args, m, p, 3) + attention_bytes(args, m, p) + norm_bytes(args, m, p, 2) + ffn_bytes
+
+
+def block_modes(layer_ids: list[int], ac: config.ActivationCheckpoint) -> list[str]:
+    """The mode each block runs under (titan.parallel.activation_checkpoint.apply_ac)."""
+    if ac.mode == "none":
+        return ["none"] * len(layer_ids)
+    if ac.mode == "full":
+        return ["full"] * len(layer_ids)
+    if ac.selective_ac_option == "op":
+        return ["op"] * len(layer_ids)
+    every = int(ac.selective_ac_option)
+    return ["full" if i % every == 0 else "none" for i in layer_ids]
+
+
+def linear_weights(args: TransformerArgs, tp: int) -> int:
+    """Elements of one block's linear weights on a TP rank (what autocast copies)."""
+    q_width, kv_width, _, ffn = _widths(args, tp)
+    return args.dim * (2 * q_width + 2 * kv_width + 3 * ffn)
+
+
+def local_vocab(args: TransformerArgs, m: MicroBatch) -> int:
+    """Logit columns on this rank: split by TP under loss parallel, else gathered whole."""
+    return args.vocab_size // m.tp if m.tp > 1 and m.loss_parallel else args.vocab_size
+
+
+@dataclass(frozen=True)
+class StageActivations:
+    """One micro-batch through one stage (or the whole model): saved bytes and the transients around them."""
+
+    saved: int  # held from its forward until its backward
+    logits: int  # the logits and their fp32 copy, alive around the loss (last stage)
+    recompute: int  # a checkpointed block's activations, rebuilt during its backward
+
+
+def stage_activations(args: TransformerArgs, m: MicroBatch, p: Precision, ac: config.ActivationCheckpoint,
+                      layer_ids: list[int], first: bool, last: bool) -> StageActivations:
+    """The blocks `layer_ids`, plus the embedding's token ids on the first stage, the final norm and the log-softmax
+    the loss saves on the last, and what a pipeline stage keeps of its input and output on the others."""
+    modes = collections.Counter(block_modes(layer_ids, ac))  # blocks of a mode are alike: compute each mode once
+    per_block = {mode: block_bytes(args, m, p, mode) for mode in modes}
+    saved = sum(n * per_block[mode] for mode, n in modes.items())
+    if p.autocast:
+        saved += len(layer_ids) * p.compute * linear_weights(args, m.tp)
+    between = p.residual * m.tokens_between * args.dim
+    logits = 0
+    if first:
+        saved += 8 * m.tokens  # int64 token ids
+    elif p.residual != FP32:
+        saved += between  # the stage's input; in fp32 it is the first norm's saved input itself
+    if last:
+        vocab = local_vocab(args, m)
+        saved += norm_bytes(args, m, p, 1) + FP32 * m.tokens * vocab
+        saved += p.compute * vocab * args.dim if p.autocast else 0
+        logits = (p.compute + (FP32 if p.compute != FP32 else 0)) * m.tokens * vocab
+    else:
+        saved += between  # the stage's output, kept by the schedule until its gradient comes back
+    rebuilt = max((block_bytes(args, m, p, "none") - per_block[mode] for mode in modes), default=0)
+    return StageActivations(saved, logits, rebuilt)
+
+
+def schedule_profile(actions) -> tuple[tuple[int, ...], set[tuple[int, ...]]]:
+    """Replay a pipeline rank's schedule (`schedule.pipeline_order[rank]`): a forward of stage s holds one more
+    micro-batch of s's activations; its full backward (B), or the weight half of a split one (W, after I), frees
+    it. Returns (the rank's stages, every distinct vector of micro-batches held per stage along the way)."""
+    flat = list(_flat(actions))
+    stages = tuple(sorted({a.stage_index for a in flat}))
+    held, seen = dict.fromkeys(stages, 0), set()
+    for action in flat:
+        kind = action.computation_type.value
+        if kind == "F":
+            held[action.stage_index] += 1
+        elif kind in ("B", "W"):
+            held[action.stage_index] -= 1
+        seen.add(tuple(held[s] for s in stages))
+    return stages, seen
+
+
+def peak_in_flight(profile: tuple[tuple[int, ...], set[tuple[int, ...]]], stage_bytes: dict[int, int]
+                   ) -> tuple[int, float]:
+    """(peak bytes, micro-batches then held in whole-rank units) of a `schedule_profile` weighted by each stage's
+    bytes per micro-batch."""
+    stages, seen = profile
+    weights = [stage_bytes[s] for s in stages]
+    peak = max(seen, key=lambda held: sum(n * w for n, w in zip(held, weights)))
+    return sum(n * w for n, w in zip(peak, weights)), sum(peak) / len(stages)
+
+
+def _flat(actions):
+    for action in actions:
+        if action is None:
+            continue
+        if action.sub_actions:
+            yield from _flat(action.sub_actions)
+        else:
+            yield action
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP
+
+
+@dataclass(frozen=True)
+class Units:
+    """FSDP's units on a rank (titan.parallel.fsdp), as element counts before FSDP's sharding (TP-local)."""
+
+    embedding: int  # 0 when absent or tied (then it is part of the root)
+    blocks: list[int]
+    head: int  # final norm + output (+ the tied embedding)
+
+
+def fsdp_buffers(units: Units, p: Precision, reshard: str, pipeline: bool) -> int:
+    """Gathered weights and gradient buffers at the step's peak (the start of backward): units that keep their
+    gathered weights after forward (blocks under `never` or pipelining, the head unless `always`), the
+    all-gathers in flight (the unit computing and the one prefetched), and one unit's unsharded gradient with its
+    reduce-scatter input."""
+    reshard_blocks = {"default": not pipeline, "always": True, "never": False}[reshard]
+    body = [u for u in [units.embedding, *units.blocks] if u]
+    kept = (0 if reshard_blocks else sum(body)) + (units.head if reshard != "always" else 0)
+    resharded = sorted((body if reshard_blocks else []) + ([units.head] if reshard == "always" else []))
+    in_flight = sum(resharded[-2:])
+    largest = max([*body, units.head], default=0)
+    return p.gathered * (kept + in_flight) + (p.gathered + p.reduce) * largest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The total
+
+
+def reserve_bytes(device_bytes: int) -> int:
+    """What a device loses outside the estimate: the CUDA context and NCCL's buffers (about 1 GiB) and the caching
+    allocator's fragmentation (about 5 %)."""
+    return GiB + device_bytes // 20
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One rank's memory at the peak of a step, in bytes."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int  # saved for backward by the micro-batches in flight
+    logits: int
+    recompute: int
+    fsdp_buffers: int
+    reserve: int
+    in_flight: float = 1.0  # micro-batches whose activations are held together (pipelining)
+
+    LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
+              "activations": "activations", "logits": "logits (transient)", "recompute": "recomputed block",
+              "fsdp_buffers": "FSDP buffers", "reserve": "reserve"}
+
+    def parts(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "in_flight"}
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts().values())
+
+    def dominant(self) -> str:
+        parts = {k: v for k, v in self.parts().items() if k != "reserve"}
+        return self.LABELS[max(parts, key=parts.get)]
+
+    def fits(self, device_bytes: int) -> bool:
+        return self.total <= device_bytes
+
+    def verdict(self, device_bytes: int) -> str:
+        spare = (device_bytes - self.total) / GiB
+        if spare >= 0:
+            return f"fits with {spare:.1f} GiB to spare"
+        return f"does not fit by {-spare:.1f} GiB; the largest part is {self.dominant()}"
+
+
+def optimizer_bytes(trainable_bytes: int, name: str) -> int:
+    """Adam and AdamW keep two moments (exp_avg, exp_avg_sq) shaped like each trainable parameter's local shard
+    (their step counters are scalars, left out)."""
+    return 2 * trainable_bytes if name in ("Adam", "AdamW") else 0
+
+
+def micro_batch(cfg: config.Config, dims: ParallelDims) -> MicroBatch:
+    """What one forward pass holds: a pipeline micro-batch, or the whole local batch (DPO rows come in pairs)."""
+    t, p = cfg.training, cfg.parallelism
+    rows = p.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
+    rows *= 2 if t.recipe == "dpo" else 1
+    return MicroBatch(rows, t.seq_len, dims.tp, dims.cp, p.context_parallel_rotate_method, p.enable_loss_parallel)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A model part a rank holds: pipeline stage `index` (0 without pipelining) with blocks `layers`."""
+
+    index: int
+    layers: list[int]
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm and output (and computes the loss)
+
+
+def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims, stages: list[Stage], profile,
+                  param_bytes: int, trainable_bytes: int, units: Units, device_bytes: int
+                  ) -> tuple[Estimate, list[StageActivations]]:
+    """One rank's estimate from what it holds: its stages, its schedule's `schedule_profile` (None without
+    pipelining), its local parameter bytes (all, and trainable) and its FSDP units. The dry run passes the real shards' figures, the
+    planner those from shapes; the activations of one micro-batch per stage come back too."""
+    prec = precision(cfg.training, dims.fsdp_enabled)
+    m = micro_batch(cfg, dims)
+    acts = [stage_activations(args, m, prec, cfg.activation_checkpoint, s.layers, s.first, s.last) for s in stages]
+    if profile is None:
+        saved, in_flight = acts[0].saved, 1.0
+    else:
+        saved, in_flight = peak_in_flight(profile, {s.index: a.saved for s, a in zip(stages, acts)})
+    buffers = fsdp_buffers(units, prec, cfg.parallelism.fsdp_reshard_after_forward, dims.pp > 1) \
+        if dims.fsdp_enabled else 0
+    estimate = Estimate(params=param_bytes, grads=trainable_bytes,
+                        optimizer=optimizer_bytes(trainable_bytes, cfg.optimizer.name), activations=saved,
+                        logits=max(a.logits for a in acts), recompute=max(a.recompute for a in acts),
+                        fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes), in_flight=in_flight)
+    return estimate, acts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-shard sizes from shapes (the planner's; tests hold them equal to the dry run's real shards)
+
+# Which dimension tensor parallelism splits (titan.parallel.tensor_parallel): column-wise linears and the embedding
+# rows split dim 0, row-wise linears dim 1; the norms are replicated.
+_TP_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 0, "output": 0}
+
+
+def shard_numel(shape: tuple[int, ...], name: str, tp: int, fsdp: int) -> tuple[int, int]:
+    """(elements of a parameter's shard on rank 0, elements before FSDP's sharding): split by TP where the plan
+    splits it, then FSDP's dim-0 chunk (rank 0's is the largest, rounded up, as DTensor's and FSDP's)."""
+    shape = list(shape)
+    leaf = name.split(".")[-2] if name.endswith(".weight") else name
+    if tp > 1 and leaf in _TP_DIM:
+        shape[_TP_DIM[leaf]] = -(-shape[_TP_DIM[leaf]] // tp)
+    tp_local = math.prod(shape)
+    if fsdp > 1:
+        shape[0] = -(-shape[0] // fsdp)
+    return math.prod(shape), tp_local
+
+
+def state_from_shapes(named_shapes: list[tuple[str, tuple[int, ...]]], tp: int, fsdp: int,
+                      tied: bool = False) -> tuple[int, Units]:
+    """(parameter elements on rank 0, FSDP units) of a stage's (or the whole model's) parameters, by name; FSDP
+    shards over `fsdp` ranks (1: no FSDP). A tied embedding belongs to the head's unit (the root)."""
+    total, embedding, blocks, head = 0, 0, {}, 0
+    for name, shape in named_shapes:
+        local, tp_local = shard_numel(shape, name, tp, fsdp)
+        total += local
+        if name.startswith("tok_embeddings") and not tied:
+            embedding += tp_local
+        elif name.startswith("layers."):
+            block = name.split(".")[1]
+            blocks[block] = blocks.get(block, 0) + tp_local
+        else:
+            head += tp_local
+    return total, Units(embedding, list(blocks.values()), head)
+
+
+def named_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, global shape) of each parameter, tied ones once."""
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
