@@ -31,7 +31,8 @@ from titan.dry_run import fake_process_group, tokenizer_or_vocab
 from titan.dry_run import run as dry_run
 from titan.memory import GiB
 from titan.metrics import num_flops_per_token
-from titan.models.llama import ModelArgs, Transformer, count_params
+from titan import models
+from titan.models.layers import TransformerArgs, count_params
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.pipeline import build_schedule, stage_layers, stages_of_rank
 from titan.parallel.pipeline import check as check_pipeline
@@ -73,6 +74,14 @@ class Layout:
     @property
     def world(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @classmethod
+    def of(cls, cfg: config.Config, world: int) -> Layout:
+        """The layout a config asks for on `world` ranks (default pipeline split, `op` selective checkpointing)."""
+        p, dims = cfg.parallelism, ParallelDims.from_config(cfg.parallelism, world)
+        micro = p.pipeline_parallel_microbatch_size if dims.pp > 1 else cfg.training.local_batch_size
+        return cls(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp, cfg.activation_checkpoint.mode,
+                   cfg.training.local_batch_size, micro, p.pipeline_parallel_schedule, p.fsdp_reshard_after_forward)
 
     def apply(self, cfg: config.Config, global_batch: int) -> config.Config:
         p = dataclasses.replace(
@@ -116,7 +125,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def families(args: ModelArgs, world: int, global_batch: int, hw: Hardware):
+def families(args: TransformerArgs, world: int, global_batch: int, hw: Hardware):
     """Every layout worth estimating, as a function (micro-batch, AC mode) -> Layout or None for each choice of
     degrees, schedule, reshard policy and pipeline micro-batches per step; titan's own checks reject more later."""
     for tp in divisors(world):
@@ -156,18 +165,25 @@ def _family(dp_replicate: int, dp_shard: int, tp: int, pp: int, cp: int, per_ran
 class Model:
     """The parameter shapes of one model, grouped as FSDP and the pipeline split them."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: TransformerArgs):
         with torch.device("meta"):
-            model = Transformer(args)
+            model = models.build_model(args)
         self.args = args
         self.n_params, self.n_embedding = count_params(model)
         shapes = memory.named_shapes(model)
         self.block = [(n, s) for n, s in shapes if n.startswith("layers.0.")]
         self.embedding = [(n, s) for n, s in shapes if n.startswith("tok_embeddings")]
         self.head = [(n, s) for n, s in shapes if n.startswith(("norm", "output"))]
+        self._states: dict[tuple, tuple[int, memory.Units]] = {}
 
-    @functools.lru_cache(maxsize=None)
     def stage_state(self, layers: int, first: bool, last: bool, tp: int, fsdp: int) -> tuple[int, memory.Units]:
+        """(parameter elements on the stage's rank 0, FSDP units) of a stage of `layers` blocks."""
+        key = (layers, first, last, tp, fsdp)
+        if key not in self._states:
+            self._states[key] = self._stage_state(*key)
+        return self._states[key]
+
+    def _stage_state(self, layers: int, first: bool, last: bool, tp: int, fsdp: int) -> tuple[int, memory.Units]:
         shapes = [(n.replace("layers.0.", f"layers.{i}."), s) for i in range(layers) for n, s in self.block]
         shapes += (self.embedding if first else []) + (self.head if last else [])
         return memory.state_from_shapes(shapes, tp, fsdp, self.args.tie_embeddings)
@@ -328,7 +344,19 @@ def plan(cfg: config.Config, world: int, device_gib: float, hw: Hardware = Hardw
                 fits.append(Candidate(layout, used, seconds, parts))
             if fitted is False and ac == "full":
                 break
-    return sorted(fits, key=lambda c: c.step_time), global_batch
+    return sorted(fits, key=lambda c: (c.step_time, c.memory)), global_batch
+
+
+def distinct(fits: list[Candidate]) -> list[Candidate]:
+    """The fastest candidate of each combination of degrees (the rest differ only in schedule or batch split)."""
+    seen, out = set(), []
+    for c in fits:
+        l = c.layout
+        key = (l.pp, l.dp_replicate, l.dp_shard, l.cp, l.tp)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -362,12 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     if not fits:
         print("no layout fits: more devices, a shorter training.seq_len or a smaller global batch")
         return 1
-    for i, c in enumerate(fits[:ns.top], 1):
+    for i, c in enumerate(distinct(fits)[:ns.top], 1):
         l = c.layout
         mfu = 100 * hw.mfu * c.breakdown["compute"] / c.step_time / (1 + RECOMPUTE[l.ac])  # model FLOPs only
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in c.breakdown.items() if v > 0)
-        print(f"\n{i}. pp={l.pp} dp_replicate={l.dp_replicate} dp_shard={l.dp_shard} cp={l.cp} tp={l.tp}, AC {l.ac}: "
-              f"{c.memory / GiB:.1f} GiB on the fullest rank, {c.step_time:.2f} s/step ({parts}), "
+        pipeline = f" ({l.schedule}, {l.local_batch // l.micro} micro-batches of {l.micro})" if l.pp > 1 else ""
+        print(f"\n{i}. pp={l.pp}{pipeline} dp_replicate={l.dp_replicate} dp_shard={l.dp_shard} cp={l.cp} tp={l.tp}, "
+              f"AC {l.ac}: {c.memory / GiB:.1f} GiB on the fullest rank, {c.step_time:.2f} s/step ({parts}), "
               f"~{tokens / c.step_time / ns.world_size:,.0f} tokens/s/device, ~{mfu:.0f}% MFU")
         print(f"   {l.flags(global_batch)}")
         if i <= ns.verify:

@@ -46,12 +46,6 @@ def _set_torchrun_env(rank: int, world_size: int, port: int) -> None:
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def torchrun_env(rank: int, world_size: int, folder: str, run: int) -> None:
-    """The environment torchrun would set for the `run`-th process group of a series in the same processes (each
-    gets a fresh port: a re-used one can still be held by the previous group's store)."""
-    _set_torchrun_env(rank, world_size, _shared_port(rank, folder, run))
-
-
 def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str, expected: int) -> None:
     import torch
 
@@ -59,7 +53,7 @@ def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str, expe
     from titan.train import main
 
     for i, argv in enumerate(runs):
-        torchrun_env(rank, world_size, folder, i)
+        _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
         code = main(argv)
         if code != expected:
             raise SystemExit(f"rank {rank}: titan.train.main({argv}) returned {code}, not {expected}")
@@ -77,16 +71,39 @@ def _env_worker(rank: int, world_size: int, folder: str, fn, runs) -> None:
     import torch
 
     torch.set_num_threads(1)
-    torchrun_env(rank, world_size, folder, 0)
+    os.environ["TITAN_TEST_PORTS"] = folder
+    _set_torchrun_env(rank, world_size, _shared_port(rank, folder, 0))
     fn(rank, world_size, *args)
 
 
 def spawn_torchrun_env(fn, world_size: int, *args) -> None:
     """Call `fn(rank, world_size, *args)` on spawned processes with the environment torchrun would set, but no
-    process group yet: for tests that drive titan's own `build` / `main` with extra checks around them. A second
-    process group in the same processes needs `torchrun_env(rank, world_size, folder, run)` first."""
+    process group yet: for tests that drive titan's own `build` / `main` with extra checks around them. Before each
+    further process group in the same processes, `fn` calls `next_torchrun_env(run)`."""
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(_env_worker, args=(world_size, folder, fn, runs), nprocs=world_size, start_method="spawn")
+
+
+def next_torchrun_env(run: int) -> None:
+    """Ready the `run`-th (1, 2, ...) process group of a `spawn_torchrun_env` worker: a fresh port (the previous
+    group's store may still hold the old one), and DTensor's caches emptied: they key on meshes by value, so a new
+    mesh equal to a destroyed one would get the old mesh's process groups (torch 2.13)."""
+    _clear_dtensor_caches()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _set_torchrun_env(rank, world_size, _shared_port(rank, os.environ["TITAN_TEST_PORTS"], run))
+
+
+def _clear_dtensor_caches() -> None:
+    from torch.distributed.tensor import DTensor, _collective_utils, _redistribute
+    from torch.distributed.tensor._ops import single_dim_strategy
+
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    caches = [propagator.propagate_op_sharding, type(propagator)._propagate_tensor_meta_cached,
+              _redistribute._gen_transform_infos, _collective_utils.MeshTopoInfo.build_from_mesh,
+              getattr(single_dim_strategy, "_cached_create_expanded_strategy", None)]
+    for cache in caches:
+        if hasattr(cache, "cache_clear"):
+            cache.cache_clear()
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, fn, args) -> None:

@@ -26,14 +26,21 @@ from titan import memory
 from titan.checkpoint import Checkpointer
 from titan.config import Config, ConfigError, Parallelism, RunFlags
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
-from titan.memory import GiB, Estimate, Stage, StageActivations, Units
 from titan import models
+from titan.memory import Estimate, GiB, Stage, StageActivations, Units
 from titan.models.layers import TransformerArgs
 from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallel.mesh import ParallelDims
+from titan.parallel.parallelize import check_options
 from titan.recipes import build_dataloaders
-from titan.train import (ModelParts, build_model, build_model_args, frozen_reference, gradient_accumulation_steps,
-                         log_summary)
+from titan.train import (
+    ModelParts,
+    build_model,
+    build_model_args,
+    frozen_reference,
+    gradient_accumulation_steps,
+    log_summary,
+)
 
 logger = logging.getLogger("titan")
 
@@ -101,6 +108,7 @@ def run(cfg: Config, world_size: int | None = None, device_memory_gib: float | N
     grad_accum = gradient_accumulation_steps(cfg.training, dims.dp)
     tokenizer, vocab = tokenizer_or_vocab(cfg, notes)
     args = build_model_args(cfg, dims, vocab)
+    cfg = _as_gpu_job(cfg, dims, notes)
     data = tokenizer if tokenizer is not None and _data_present(cfg, notes) else None
     _note_initial_weights(cfg, notes)
     ranks = [_simulate(cfg, args, dims, rank, device_bytes, data if i == 0 else None, log=i == 0)
@@ -137,6 +145,20 @@ def _data_present(cfg: Config, notes: list[str]) -> bool:
     for what in missing:
         notes.append(f"{what} does not exist: the data is not checked")
     return not missing
+
+
+def _as_gpu_job(cfg: Config, dims: ParallelDims, notes: list[str]) -> Config:
+    """The job runs on GPUs, the simulation on a CPU mesh: the GPU-only options are checked for a GPU, then left
+    out of the build (they change where memory lives or how comms overlap, not the shards)."""
+    check_options(cfg.parallelism, cfg.compile, cfg.training, dims, "cuda")
+    if cfg.training.enable_cpu_offload:
+        notes.append("training.enable_cpu_offload: parameters, gradients and optimizer state live in host memory; "
+                     "the figures below still count them on the device")
+    if cfg.parallelism.enable_async_tensor_parallel:
+        notes.append("parallelism.enable_async_tensor_parallel: not simulated (CUDA symmetric memory)")
+    return dataclasses.replace(
+        cfg, training=dataclasses.replace(cfg.training, enable_cpu_offload=False),
+        parallelism=dataclasses.replace(cfg.parallelism, enable_async_tensor_parallel=False))
 
 
 def _note_initial_weights(cfg: Config, notes: list[str]) -> None:
@@ -272,8 +294,8 @@ def _shown(result: DryRun) -> list[RankReport]:
 
 def main(cfg: Config, flags: RunFlags) -> int:
     world = flags.world_size or smallest_world(cfg.parallelism)
-    logger.info(f"dry run: a {world}-rank job simulated in this process (fake process group, meta tensors: nothing "
-                "is allocated); memory per rank as estimated in docs/planning.md")
+    logger.info(f"dry run: {world} ranks simulated in this process (fake process group, meta tensors: nothing is "
+                "allocated); memory per rank as estimated in docs/planning.md")
     result = run(cfg, world, flags.device_memory_gib)
     for line in report(result):
         logger.info(line)

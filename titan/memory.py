@@ -328,7 +328,12 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
         saved, in_flight = peak_in_flight(profile, {s.index: a.saved for s, a in zip(stages, acts)})
     buffers = fsdp_buffers(units, prec, cfg.parallelism.fsdp_reshard_after_forward, dims.pp > 1) \
         if dims.fsdp_enabled else 0
-    estimate = Estimate(params=param_bytes, grads=trainable_bytes,
+    grads = trainable_bytes
+    if dims.tp > 1 and not dims.fsdp_enabled and not cfg.lora.enable and any(s.first for s in stages):
+        # torch 2.13: without FSDP, the gradient of the vocabulary-split embedding comes out replicated over tp
+        # (the whole table on every TP rank; FSDP's reduce-scatter re-shards it when there is one).
+        grads += prec.state * args.vocab_size * args.dim * (dims.tp - 1) // dims.tp
+    estimate = Estimate(params=param_bytes, grads=grads,
                         optimizer=optimizer_bytes(trainable_bytes, cfg.optimizer.name), activations=saved,
                         logits=max(a.logits for a in acts), recompute=max(a.recompute for a in acts),
                         fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes), in_flight=in_flight)

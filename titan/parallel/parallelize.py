@@ -33,13 +33,26 @@ from titan.parallel.fsdp import adopt_swapped_param, apply_fsdp
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.tensor_parallel import apply_tp
 
+def check_options(parallelism: Parallelism, compile: Compile, training: Training, dims: ParallelDims,
+                  device_type: str) -> None:
+    """What the GPU-only options need, for a job on `device_type` (the dry run checks a GPU job on a CPU mesh)."""
+    if parallelism.enable_async_tensor_parallel and (dims.tp == 1 or not compile.enable):
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1 and "
+                          "compile.enable = true (inductor does the overlapping)")
+    if parallelism.enable_async_tensor_parallel and device_type != "cuda":
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA (symmetric memory)")
+    if training.enable_cpu_offload and device_type == "cpu":
+        raise ConfigError("training.enable_cpu_offload needs a GPU: on a CPU run the parameters are in CPU memory "
+                          "already (and FSDP2's offload policy requires an accelerator)")
+    if training.enable_cpu_offload and not dims.fsdp_enabled:
+        raise ConfigError("training.enable_cpu_offload needs FSDP (data-parallel degree > 1)")
+
+
 def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelDims, parallelism: Parallelism,
                 ac: ActivationCheckpoint, compile: Compile, training: Training, float8: Float8 | None = None) -> None:
     """Apply float8 -> TP -> CP -> AC -> compile -> FSDP to a model or pipeline stage still on the meta device (pipeline
     splitting happens before, in titan.parallel.pipeline, so each stage gets exactly this treatment)."""
-    if parallelism.enable_async_tensor_parallel and (dims.tp == 1 or not compile.enable):
-        raise ConfigError("parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1 and "
-                          "compile.enable = true (inductor does the overlapping)")
+    check_options(parallelism, compile, training, dims, mesh["tp"].device_type)
     float8_tp = convert_to_float8(model, float8 or Float8(), dims.fsdp_enabled, mesh["tp"].device_type,
                                   compiled=compile.enable and "model" in compile.components)
     if dims.tp > 1:
@@ -53,14 +66,9 @@ def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelD
             # In place, so parameter names (and checkpoints) are the same with and without compile.
             # fullgraph, except that the ring's send/recv (context parallel) has to stay outside the graph.
             block.compile(fullgraph=not (dims.cp > 1 and parallelism.context_parallel_rotate_method == "ring"))
-    if training.enable_cpu_offload and mesh["fsdp"].device_type == "cpu":
-        raise ConfigError("training.enable_cpu_offload needs a GPU: on a CPU run the parameters are in CPU memory "
-                          "already (and FSDP2's offload policy requires an accelerator)")
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh["fsdp"], DTYPES[training.mixed_precision_param], DTYPES[training.mixed_precision_reduce],
                    parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload, pipeline=dims.pp > 1)
-    elif training.enable_cpu_offload:
-        raise ConfigError("training.enable_cpu_offload needs FSDP (data-parallel degree > 1)")
 
 
 def _init_units(model: Transformer) -> list[str]:
