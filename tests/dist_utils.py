@@ -71,15 +71,22 @@ def _env_worker(rank: int, world_size: int, folder: str, fn, runs) -> None:
     import torch
 
     torch.set_num_threads(1)
-    os.environ["TITAN_TEST_PORTS"] = folder
-    _set_torchrun_env(rank, world_size, _shared_port(rank, folder, 0))
-    fn(rank, world_size, *args)
+    os.environ["TITAN_TEST_PORTS"] = folder  # where next_torchrun_env finds its ports
+    for i, args in enumerate(runs):
+        _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
+        fn(rank, world_size, *args)
 
 
 def spawn_torchrun_env(fn, world_size: int, *args) -> None:
     """Call `fn(rank, world_size, *args)` on spawned processes with the environment torchrun would set, but no
     process group yet: for tests that drive titan's own `build` / `main` with extra checks around them. Before each
-    further process group in the same processes, `fn` calls `next_torchrun_env(run)`."""
+    further process group in the same call, `fn` calls `next_torchrun_env(run)`."""
+    spawn_torchrun_env_runs(fn, world_size, [args])
+
+
+def spawn_torchrun_env_runs(fn, world_size: int, runs: list[tuple]) -> None:
+    """`spawn_torchrun_env` for several argument tuples, one after another in the same processes (each with a fresh
+    port, as `run_layouts` does)."""
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(_env_worker, args=(world_size, folder, fn, runs), nprocs=world_size, start_method="spawn")
 

@@ -65,7 +65,8 @@ CASES = {
     "fsdp2_tp2_bf16_selective": (4, [*SHAPES, *TP, *BF16, *OP]),
     "pp2_tp2_full": (4, [*SHAPES, *PP, *TP, *FULL]),
 }
-SINGLE = {"none": [], "full": FULL, "selective": OP, "selective_every_2nd": EVERY_2ND}
+SINGLE = {"none": [], "full": FULL, "selective": OP, "selective_every_2nd": EVERY_2ND,
+          "qwen3": ["--model.name", "qwen3"]}  # QK-norm and a head_dim apart from dim / n_heads
 
 # Layouts a real run rejects (world size, overrides of tests/configs/tiny.toml: 4 layers, 4 heads, 2 KV heads).
 # GPU-only options are left out: a CPU run rejects them, a dry run checks them for a GPU.

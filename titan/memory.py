@@ -82,6 +82,16 @@ def norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, consumers: in
     return (FP32 + p.residual) * t * h + FP32 * t + product * m.tokens * h
 
 
+def qk_norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
+    """QK-norm (Qwen3) is an RMSNorm over each head of q and of k: it saves their input in fp32, the normalised value
+    (the compute dtype) and 1/rms per head and token."""
+    if not args.qk_norm:
+        return 0
+    q_width, kv_width, heads, _ = _widths(args, m.tp)
+    kv_heads = kv_width // args.head_dim
+    return (FP32 + p.compute) * m.tokens * (q_width + kv_width) + FP32 * m.tokens * (heads + kv_heads)
+
+
 def attention_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
     """Scaled dot-product attention (flash/efficient kernels: no score matrix) saves q after RoPE, K and V repeated
     to every query head, the output and the log-sum-exp; context parallelism changes what it attends to."""
@@ -115,7 +125,8 @@ def block_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, mode: str) -
         return block_input + matmuls + sdpa + scatters
     # SwiGLU saves w1's and w3's outputs, silu(w1 x) and the product w2 reads.
     ffn_bytes = 4 * e * t * ffn
-    return norm_bytes(args, m, p, 3) + attention_bytes(args, m, p) + norm_bytes(args, m, p, 2) + ffn_bytes
+    return (norm_bytes(args, m, p, 3) + qk_norm_bytes(args, m, p) + attention_bytes(args, m, p)
+            + norm_bytes(args, m, p, 2) + ffn_bytes)
 
 
 def block_modes(layer_ids: list[int], ac: config.ActivationCheckpoint) -> list[str]:
