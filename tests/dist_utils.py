@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -144,6 +145,14 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def readme_command(prefix: str) -> str:
+    """The one command in README.md's ```bash blocks that starts with `prefix`."""
+    found = [line.strip() for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+             for line in block.splitlines() if line.strip().startswith(prefix)]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def read_metrics(dump_folder: str | Path, validation: bool = False) -> list[dict]:

@@ -135,7 +135,8 @@ def test_unsupported_combinations_exit_2_with_one_line(tmp_path, capsys, extra, 
 def test_recipes_track_the_bf16_and_fp32_runs(tmp_path, capsys):
     # About 17 s on a quiet AMD EPYC (AVX2-only: bf16 matmuls without hardware support make the bf16 run the slow
     # one). On AMX Xeons the float8 runs took 45 minutes before CPU float8 matmuls were kept off oneDNN.
-    base = ["--config", str(REPO / "train_configs" / "debug_model.toml"), "--training.steps", "30",
+    # 20 steps: at step 20 the four runs are within 0.3 % of each other and all below 7.5 (measured 2026-12-01).
+    base = ["--config", str(REPO / "train_configs" / "debug_model.toml"), "--training.steps", "20",
             "--training.seq_len", "32", "--training.local_batch_size", "4", "--training.deterministic",
             "--metrics.log_freq", "10", "--metrics.enable_tensorboard", "false", *NO_VAL]
     final = {}
@@ -143,7 +144,7 @@ def test_recipes_track_the_bf16_and_fp32_runs(tmp_path, capsys):
                         ("tensorwise", F8), ("rowwise", [*F8, "--float8.recipe_name", "rowwise"])]:
         assert main([*base, "--job.dump_folder", str(tmp_path / name), *extra]) == 0
         records = read_metrics(tmp_path / name)
-        assert records[-1]["step"] == 30
+        assert records[-1]["step"] == 20
         final[name] = records[-1]["loss"]
         header = [line for line in capsys.readouterr().out.splitlines() if "metrics: every" in line]
         float8_on = name in ("tensorwise", "rowwise")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from dist_utils import REPO, TINY, free_port, losses
+from dist_utils import REPO, TINY, free_port, losses, readme_command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -24,9 +24,11 @@ def _wait(proc: subprocess.Popen, timeout: int = 300) -> str:
 
 
 def test_torchrun_fsdp_x_tp_debug_model_loss_falls(tmp_path):
+    # README.md's torchrun example, run for 6 steps (tests/test_docs.py leaves this command to this test).
+    command = readme_command("torchrun --standalone --nproc_per_node=4")
+    assert "--parallelism.tensor_parallel_degree 2" in command
     out = _wait(_torchrun([
-        "--standalone", "--nproc_per_node=4", "-m", "titan.train", "--config", "train_configs/debug_model.toml",
-        "--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2",
+        *command.split()[1:],
         "--training.steps", "6", "--lr_scheduler.warmup_steps", "2", "--validation.enable", "false",
         "--metrics.log_freq", "1",
         "--job.dump_folder", str(tmp_path),
