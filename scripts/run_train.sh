@@ -39,11 +39,20 @@ else
   : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port (the same on every node) for a multi-node run}"
   rdzv=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-titan}")
 fi
+# One process checks the config first (keys, values, degrees against the world size, tokenizer): bad input is then
+# one line and exit code 2, not one line per rank followed by torchrun's ChildFailedError traceback. --help and
+# --dry_run are one-process commands: they run as such.
+train=(-m titan.train --config "$CONFIG_FILE" ${args[@]+"${args[@]}"})
+for arg in ${args[@]+"${args[@]}"}; do
+  case "$arg" in -h|--help|--dry_run) exec python "${train[@]}" ;; esac
+done
+python "${train[@]}" --check --world_size $((NNODES * NGPU))
+
 # torchrun passes these signals on to the workers (its default list lacks SIGUSR1, which would kill torchrun, and
 # with it the workers, before they could save).
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 # titan itself logs on global rank 0 only (other ranks print warnings and errors).
-launch=(torchrun "${rdzv[@]}" --nproc_per_node="$NGPU" -m titan.train --config "$CONFIG_FILE" ${args[@]+"${args[@]}"})
+launch=(torchrun "${rdzv[@]}" --nproc_per_node="$NGPU" "${train[@]}")
 
 if [ "$MAX_RESTARTS" -eq 0 ]; then
   exec "${launch[@]}"

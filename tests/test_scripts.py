@@ -69,3 +69,39 @@ def test_benchmark_prints_table_and_writes_json(tmp_path):
 
 def test_nightly_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "nightly.sh")]).returncode == 0
+
+
+# scripts/run_train.sh checks the config in one process before torchrun starts the workers
+
+
+def test_run_train_sh_reports_a_misspelled_key_in_one_line(tmp_path):
+    """A misspelled key in the TOML file: one `titan: error:` line naming it and exit code 2, before any worker
+    starts (no torchrun ChildFailedError traceback, no per-rank copies of the line)."""
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text(f'extends = "{REPO / "tests" / "configs" / "tiny.toml"}"\n\n[training]\nstepz = 3\n')
+    dump = tmp_path / "dump"
+    out = subprocess.run(["bash", "scripts/run_train.sh", "--job.dump_folder", str(dump)], cwd=REPO,
+                         env={**ENV, "NGPU": "2", "CONFIG_FILE": str(cfg)}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stderr.splitlines() == [f"titan: error: unknown key training.stepz in {cfg} (did you mean "
+                                       "'steps'?)"], out.stderr
+    assert "Traceback" not in out.stdout + out.stderr and not dump.exists()
+
+
+def test_check_validates_degrees_against_the_world_size(tmp_path, capsys):
+    """`--check` (what run_train.sh runs) makes the run's checks for an N-rank job without a process group of N,
+    and writes nothing."""
+    from titan.train import main
+
+    argv = ["--config", str(REPO / "tests" / "configs" / "tiny.toml"), "--job.dump_folder", str(tmp_path / "d"),
+            "--check"]
+    assert main([*argv, "--world_size", "4", "--parallelism.tensor_parallel_degree", "2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--world_size", "3", "--parallelism.tensor_parallel_degree", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("titan: error: ") and "world size 3" in err[0], err
+    assert main([*argv, "--model.tokenizer_path", str(tmp_path / "none.model")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "none.model" in err[0], err
+    assert not (tmp_path / "d").exists()

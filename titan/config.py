@@ -709,14 +709,19 @@ class RunFlags:
 
     help: bool = False
     dry_run: bool = False
+    check_only: bool = False  # --check: validate the config for a --world_size job and exit (scripts/run_train.sh)
     world_size: int | None = None  # the job to simulate; default: the smallest world the degrees allow
     device_memory_gib: float | None = None  # per device; default: titan.dry_run.DEFAULT_DEVICE_MEMORY_GIB
 
     def check(self) -> None:
+        if self.dry_run and self.check_only:
+            raise ConfigError("--check and --dry_run: use one (--dry_run checks too, and estimates memory)")
+        if self.device_memory_gib is not None and not self.dry_run:
+            raise ConfigError("--device_memory_gib only applies with --dry_run")
+        if self.world_size is not None and not (self.dry_run or self.check_only):
+            raise ConfigError("--world_size only applies with --dry_run or --check")
         for name in ("world_size", "device_memory_gib"):
             value = getattr(self, name)
-            if value is not None and not self.dry_run:
-                raise ConfigError(f"--{name} only applies with --dry_run")
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"--{name} must be a finite number > 0 (got {value})")
 
@@ -737,6 +742,9 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, RunFlags]:
             continue
         if arg == "--dry_run":
             flags.dry_run = True
+            continue
+        if arg == "--check":
+            flags.check_only = True
             continue
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key value")
@@ -765,7 +773,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, RunFlags]:
         keys = _keys(known[section]) if section in known else {}
         if key not in keys:
             options = [f"--{s}.{k}" for s in known for k in _keys(known[s])] + list(CONFIG_FLAGS)
-            options += ["--dry_run", *_RUN_FLAGS]
+            options += ["--dry_run", "--check", *_RUN_FLAGS]
             raise ConfigError(f"unknown option --{name}{_suggest('--' + name, options)}")
         tp, f = keys[key]
         if bool_flag:
@@ -793,8 +801,8 @@ def load(argv: list[str] | None = None) -> Config:
     Raises SystemExit(0) after printing the help for `--help`; the dry run's options are `load_run`'s.
     """
     cfg, flags = load_run(argv)
-    if flags.dry_run:
-        raise ConfigError("--dry_run is an option of `python -m titan.train`")
+    if flags.dry_run or flags.check_only:
+        raise ConfigError(f"--{'dry_run' if flags.dry_run else 'check'} is an option of `python -m titan.train`")
     return cfg
 
 
@@ -822,12 +830,15 @@ def help_text() -> str:
         "usage: python -m titan.train [--config FILE.toml] [--section.key VALUE ...]",
         "       torchrun --nproc_per_node=N -m titan.train --config FILE.toml [...]",
         "       python -m titan.train --config FILE.toml --dry_run [--world_size N] [--device_memory_gib M]",
+        "       python -m titan.train --config FILE.toml --check [--world_size N] [...]",
         "",
         "--config FILE (alias --job.config_file): a TOML file; `extends = \"base.toml\"` at its top inherits another.",
         "Every key below can be set in the file under [section] or on the command line as --section.key VALUE",
         "(or --section.key=VALUE; lists are comma-separated; a bool flag alone means true).",
         "--dry_run: check the config for an N-rank job in this one CPU process and estimate every rank's memory on",
         "a device of M GiB, without allocating the model (docs/planning.md).",
+        "--check: only the checks a run makes before it builds the model (keys, values, the parallel degrees against",
+        "N ranks, the tokenizer, the model's shape), in this one process; scripts/run_train.sh runs it before torchrun.",
     ]
     for section, cls in sections().items():
         lines.append(f"\n[{section}]")

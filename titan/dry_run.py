@@ -292,6 +292,17 @@ def _shown(result: DryRun) -> list[RankReport]:
     return [r for r in ranks if r.rank in keep]
 
 
+def check(cfg: Config, world_size: int | None = None) -> int:
+    """`--check`: the checks `titan.train.build_run` makes before it builds anything, for a `world_size`-rank job,
+    in this one process (no process group): scripts/run_train.sh runs it before torchrun starts the workers, so that
+    bad input is one line and exit code 2 rather than one line per rank and torchrun's traceback."""
+    dims = ParallelDims.from_config(cfg.parallelism, world_size or smallest_world(cfg.parallelism))
+    gradient_accumulation_steps(cfg.training, dims.dp)
+    build_model_args(cfg, dims, load_tokenizer(cfg.model.tokenizer_path).vocab_size)
+    check_options(cfg.parallelism, cfg.compile, cfg.training, dims, "cuda" if torch.cuda.is_available() else "cpu")
+    return 0
+
+
 def main(cfg: Config, flags: RunFlags) -> int:
     world = flags.world_size or smallest_world(cfg.parallelism)
     logger.info(f"dry run: {world} ranks simulated in this process (fake process group, meta tensors: nothing is "

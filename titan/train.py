@@ -551,10 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, flags = config.load_run(argv)
         if cfg.job.description:
             logger.info(cfg.job.description)
-        if flags.dry_run:
+        if flags.dry_run or flags.check_only:
             from titan import dry_run  # imports this module
 
-            return dry_run.main(cfg, flags)
+            return dry_run.main(cfg, flags) if flags.dry_run else dry_run.check(cfg, flags.world_size)
         run = build(cfg)
         write_resolved_config(cfg)
         if cfg.checkpoint.create_seed_checkpoint:
