@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 from titan import config
 from titan.config import ConfigError
-from titan.metrics import StepTimer
+from titan.metrics import StepTimer, setup_logging
 from titan.models import build_model
 from titan.parallel.parallelize import DTYPES
-from titan.train import _setup_logging, build, train
+from titan.train import build, train
 
 REPO = Path(__file__).resolve().parent.parent
 FLOP_CONVENTION = ("6 x non-embedding parameters + 12 x n_layers x n_heads x head_dim x seq_len per token "
@@ -305,7 +305,7 @@ def table(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    _setup_logging()  # titan's usual log lines show progress; the table comes at the end
+    setup_logging()  # titan's usual log lines show progress; the table comes at the end
     try:
         cfg = load_config(args, overrides)
         titan, minimal_times, why_not = run_titan(cfg, args)

@@ -74,7 +74,7 @@ def tiny_chat():
 
 
 def ce_sum(logits, labels):
-    """titan.train.cross_entropy_sum without its DTensor branch (importing titan.train costs seconds)."""
+    """titan.recipes.cross_entropy_sum without its DTensor branch (importing titan.train costs seconds)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 

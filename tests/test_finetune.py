@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import titan.recipes
 import titan.train
 from dist_utils import REPO, max_rel_diff, read_metrics, rel_error, run_layouts
 from titan import config, hf
@@ -233,7 +234,7 @@ def test_simpo_and_orpo_build_no_reference_model(runs, tmp_path, monkeypatch, on
     def no_reference(*args):
         raise AssertionError("a reference-free loss asked for a reference model")
 
-    monkeypatch.setattr(titan.train, "dpo_reference", no_reference)
+    monkeypatch.setattr(titan.recipes, "dpo_reference", no_reference)
     for name in ("dpo_simpo", "dpo_orpo"):
         built.clear()
         argv = _argv(tmp_path / name, *RUNS[name][0])

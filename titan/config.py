@@ -70,10 +70,10 @@ AUTO = -1  # the sentinel of keys where -1 means "work it out"
 SECONDS = Range(1, 2**31 - 1)  # a timeout: timedelta and the collectives' millisecond counters take this much
 
 
-def opt(default, help: str, choices: tuple | None = None, valid: Range | None = None):
+def opt(default, description: str, choices: tuple | None = None, valid: Range | None = None):
     """A config field: its default, a one-line description for `--help`, optionally the allowed values (`choices`)
     or, for a number, its range (`valid`; see Range)."""
-    meta = {"help": help, "choices": choices, "valid": valid}
+    meta = {"help": description, "choices": choices, "valid": valid}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)

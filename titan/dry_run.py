@@ -32,15 +32,8 @@ from titan.models.layers import TransformerArgs
 from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.parallelize import check_options
-from titan.recipes import build_dataloaders
-from titan.train import (
-    ModelParts,
-    build_model,
-    build_model_args,
-    frozen_reference,
-    gradient_accumulation_steps,
-    log_summary,
-)
+from titan.recipes import build_dataloaders, frozen_reference
+from titan.train import ModelParts, build_model, build_model_args, gradient_accumulation_steps, log_summary
 
 logger = logging.getLogger("titan")
 

@@ -12,6 +12,7 @@ Exit codes of `python -m titan.train`: 0 done (or stopped by a signal, after sav
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -261,3 +262,15 @@ class StopRequests:
         if self._group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return signal.Signals(int(flag)).name if int(flag) else None
+
+
+def exit_with(line: str, code: int) -> int:
+    """Print the line (rank 0) and return the exit code; also write it to $TITAN_EXIT_FILE, through which
+    scripts/run_train.sh tells a failure worth a relaunch (a crash) from one that would fail again (bad input,
+    divergence, a full disk): torchrun reports every worker failure as exit code 1."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+    if os.environ.get("TITAN_EXIT_FILE"):
+        with contextlib.suppress(OSError):
+            Path(os.environ["TITAN_EXIT_FILE"]).write_text(f"{code}\n")
+    return code

@@ -25,6 +25,13 @@ logger = logging.getLogger("titan")
 GiB = 2**30
 
 
+def setup_logging() -> None:
+    """titan's log lines on stdout: info and up on global rank 0, warnings and errors on the other ranks."""
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(format="[titan %(asctime)s] %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True)
+
+
 def num_flops_per_token(
     num_params: int, num_embedding_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int
 ) -> float:

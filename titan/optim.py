@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule, each built from its own config section.
 
-Owns `build_optimizer` ([optimizer]) and the warm-up / stable / decay schedule ([lr_scheduler]); it does not own
-gradient clipping or when `step()` is called (that is the training loop's).
+Owns `build_optimizer` ([optimizer]), the warm-up / stable / decay schedule ([lr_scheduler]), gradient clipping
+over every shard and stage (`clip_grad_norm`) and what a resumed run takes from its own config
+(`honour_new_settings`); it does not own when `step()` is called (that is the training loop's).
 
 The schedule is torchtitan v0.2's `linear_warmup_stable_decay`, so the same settings give the same curve.
 `lr_lambda(step)` is the multiplier of the peak lr after `step` scheduler steps, i.e. the lr used by training step
@@ -23,12 +24,18 @@ torchtitan before pytorch/torchtitan#1261 (mid 2025) warmed up with (step + 1) /
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from titan.config import ConfigError, LRScheduler, Optimizer
+from titan import config
+from titan.config import Config, ConfigError, LRScheduler, Optimizer
+from titan.distributed import all_reduce_sum
+
+logger = logging.getLogger("titan")
 
 _IMPLEMENTATION = {  # config value -> torch.optim kwargs
     "fused": {"fused": True},
@@ -98,3 +105,33 @@ def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: Op
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended, nothing is skipped
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
+
+
+def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None:
+    """A resumed run trains with its own config (config.toml stays the truth): the optimizer's hyper-parameters and
+    the schedule come from it, not from the restored optimizer and scheduler state; the differences are logged."""
+    reapply_hyperparameters(optimizer, scheduler, cfg.optimizer)
+    changed = [c for c in config.changes(checkpointer.resumed_config, cfg) if not c.startswith("checkpoint.load_step")]
+    if changed:
+        logger.info(f"checkpoint: changed on resume: {', '.join(changed)}")
+    if checkpointer.step >= cfg.training.steps:
+        logger.info(f"checkpoint: step {checkpointer.step} >= training.steps={cfg.training.steps}: nothing to train")
+
+
+def clip_grad_norm(params, max_norm: float, pp_mesh) -> torch.Tensor:
+    """Total gradient norm over every rank's shards and every pipeline stage, clipped when max_norm > 0.
+
+    Computed as the root of summed squares rather than with torch's norm kernels: on CPU those accumulate fp32
+    sequentially (3.6e-5 relative error on a 262k-element gradient, torch 2.13), while `sum` uses cascade
+    summation. On sharded (DTensor) grads each sum is a partial sum that `full_tensor()` adds up across ranks.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = sum(g.float().square().sum() for g in grads)
+    if isinstance(squares, DTensor):
+        squares = squares.full_tensor()
+    if pp_mesh.size() > 1:  # each stage holds different parameters: add their squares
+        squares = all_reduce_sum(squares, pp_mesh)
+    norm = squares.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+    return norm

@@ -25,15 +25,23 @@ SimPO and ORPO need none.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from titan.config import DPO, SFT, Training, Validation
+from titan import models
+from titan.checkpoint import load_initial_weights
+from titan.config import DPO, SFT, Checkpoint, LoRA, Training, Validation
 from titan.data.chat import build_preference_dataloader, build_sft_dataloader, build_sft_validation_dataloader
 from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
+from titan.models import lora
+from titan.models.layers import Transformer, TransformerArgs
+
+if TYPE_CHECKING:
+    from titan.train import ModelParts
 
 
 MODEL_INPUTS = ("document_ids", "positions")  # besides the token ids; packed rows carry them
@@ -42,6 +50,14 @@ MODEL_INPUTS = ("document_ids", "positions")  # besides the token ids; packed ro
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keyword inputs of the model besides the token ids: document ids and positions of packed rows, if present."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed (not averaged) token loss: the caller divides by the global number of valid tokens."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    # Under loss parallel the result is a replicated DTensor; the loop works with plain tensors.
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 class TokenLoss:
@@ -148,6 +164,45 @@ class DPOLoss:
         self._sums = self._pairs = None
         means = (totals[:-1] / totals[-1]).tolist()
         return dict(zip(self.STATS, means))
+
+
+def build_objective(training: Training, dpo: DPO, lora_cfg: LoRA, checkpoint: Checkpoint, model: ModelParts,
+                    args: TransformerArgs, autocast) -> TokenLoss | DPOLoss:
+    """The recipe's objective over this rank's model (DPO's reference model, if its loss needs one, built here)."""
+    if training.recipe != "dpo":
+        return TokenLoss(model.loss_fn, autocast)
+    free = dpo.loss in DPOLoss.REFERENCE_FREE
+    return DPOLoss(dpo, None if free else dpo_reference(model, args, lora_cfg, checkpoint), autocast)
+
+
+def recipe_detail(training: Training, dpo: DPO) -> str:
+    """What the start-up line adds after the recipe's name."""
+    if training.recipe != "dpo":
+        return ""
+    free = dpo.loss in DPOLoss.REFERENCE_FREE
+    return f" with loss {dpo.loss} ({'no reference model' if free else 'against a frozen reference'})"
+
+
+def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:
+    """DPO's reference without LoRA: a second model, built and sharded like the policy, frozen (weights still to
+    load)."""
+    with torch.device("meta"):
+        frozen = models.build_model(args)
+    return model.build_part(frozen, adapters=False).eval().requires_grad_(False)
+
+
+def dpo_reference(model: ModelParts, args: TransformerArgs, lora_cfg: LoRA, checkpoint: Checkpoint):
+    """batch -> the frozen reference model's logits. With LoRA: the policy with its adapters switched off (the base
+    weights never change). Else a second model holding the initial weights."""
+    policy = model.parts[0]
+    if lora_cfg.enable:
+        def reference(batch):
+            with lora.disabled(model.parts):
+                return policy(batch["input"])
+        return reference
+    frozen = frozen_reference(model, args)
+    load_initial_weights([frozen], checkpoint)  # the policy's starting point (seeded init if none is set)
+    return lambda batch: frozen(batch["input"])
 
 
 def build_dataloaders(training: Training, sft: SFT, validation: Validation, tokenizer, dp_rank: int, dp_size: int):

@@ -16,63 +16,39 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from titan import config, hf
-from titan.checkpoint import Checkpointer, load_initial_weights
+from titan import config, hf, models
+from titan.checkpoint import Checkpointer
 from titan.config import DTYPES, Config, ConfigError
-from titan.data.pretrain import IGNORE_INDEX, tokens_per_source
+from titan.data.pretrain import tokens_per_source
 from titan.data.tokenizer import load_tokenizer
+from titan.distributed import all_reduce_sum, init_distributed, set_train_timeout, timeout_hint
 from titan.guard import StepGuard
-from titan.lifecycle import EXIT_INTERRUPTED, RunFailed, RunLock, StopRequests, claim_dump_folder, tie_to_launcher
-from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
-from titan import models
+from titan.lifecycle import (EXIT_INTERRUPTED, RunFailed, RunLock, StopRequests, claim_dump_folder, exit_with,
+                             tie_to_launcher)
+from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops, setup_logging
 from titan.models import lora
 from titan.models.layers import Transformer, TransformerArgs, count_params
-from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
-from titan.recipes import DPOLoss, TokenLoss, build_dataloaders
+from titan.optim import build_lr_scheduler, build_optimizer, clip_grad_norm, honour_new_settings
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_seq_len, shard_batch, shard_rope
 from titan.parallel.mesh import ParallelDims, check_model_fits
-from titan.parallel.parallelize import materialize, parallelize, quantize_base
+from titan.parallel.parallelize import materialize, parallelize, quantize_bases
 from titan.parallel.pipeline import Pipeline
+from titan.parallel.tensor_parallel import loss_parallel_context
 from titan.profiling import Profiler
+from titan.recipes import DPOLoss, TokenLoss, build_dataloaders, build_objective, cross_entropy_sum, recipe_detail
 
 logger = logging.getLogger("titan")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up
-
-
-def init_distributed(deterministic: bool, seed: int, timeout_s: int = 300) -> torch.device:
-    """One process group for every launch (a single process gets a group of one), CUDA + NCCL when there is a GPU,
-    else CPU + gloo. `timeout_s` ([comm] init_timeout_seconds) bounds each collective until `set_train_timeout`."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; it reads this variable when it first starts.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    if "RANK" in os.environ:  # launched by torchrun
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None,
-                                timeout=timedelta(seconds=timeout_s))
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(seconds=timeout_s))
-    torch.manual_seed(seed)
-    return device
 
 
 def gradient_accumulation_steps(cfg: config.Training, dp: int) -> int:
@@ -93,13 +69,6 @@ def mixed_precision_context(cfg: config.Training, dims: ParallelDims, device: to
         return contextlib.nullcontext
     dtype = DTYPES[cfg.mixed_precision_param]
     return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def loss_context(cfg: config.Parallelism, dims: ParallelDims):
-    """Wraps loss and backward: with loss parallel, cross-entropy runs on vocab-sharded logits."""
-    if dims.tp > 1 and cfg.enable_loss_parallel:
-        return torch.distributed.tensor.parallel.loss_parallel
-    return contextlib.nullcontext
 
 
 @dataclass
@@ -184,20 +153,15 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     if checkpointer.resumed:
         honour_new_settings(cfg, checkpointer, optimizer, scheduler)
     if cfg.lora.quantize_base != "none":  # the base weights are final now: quantize them (QLoRA)
-        log_quantized(cfg.lora, [quantize_base(part, cfg.lora, DTYPES[t.mixed_precision_param])
-                                 for part in model.parts])
+        quantize_bases(model.parts, cfg.lora, DTYPES[t.mixed_precision_param])
     autocast = mixed_precision_context(t, dims, device)
-    if t.recipe == "dpo":
-        free = cfg.dpo.loss in DPOLoss.REFERENCE_FREE
-        objective = DPOLoss(cfg.dpo, None if free else dpo_reference(model, args, cfg.lora, cfg.checkpoint), autocast)
-    else:
-        objective = TokenLoss(model.loss_fn, autocast)
+    objective = build_objective(t, cfg.dpo, cfg.lora, cfg.checkpoint, model, args, autocast)
     metrics = build_metrics(cfg, args, model, dims, device, append=checkpointer.step > 0)
     log_summary(cfg, args, model, dims, grad_accum)
     return Run(cfg=cfg, device=device, dims=dims, mesh=mesh, model_parts=model.parts, pipeline=model.pipeline,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                metrics=metrics, grad_accum=grad_accum, autocast=autocast,
-               loss_context=loss_context(cfg.parallelism, dims), loss_fn=model.loss_fn, objective=objective,
+               loss_context=loss_parallel_context(cfg.parallelism, dims), loss_fn=model.loss_fn, objective=objective,
                checkpointer=checkpointer)
 
 
@@ -272,7 +236,7 @@ def log_summary(cfg: Config, args: TransformerArgs, model: ModelParts, dims: Par
     """The model, adapter and batch lines every run prints at start (the dry run too)."""
     t = cfg.training
     logger.info(f"model: {cfg.model.name} {cfg.model.flavor}, {model.n_params:,} parameters ({model.n_embedding:,} in the "
-                f"embedding), vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}{recipe_detail(cfg)}")
+                f"embedding), vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}{recipe_detail(t, cfg.dpo)}")
     if cfg.lora.enable:
         n_local = sum(p.numel() for p in model.trainable)
         logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}; "
@@ -282,72 +246,17 @@ def log_summary(cfg: Config, args: TransformerArgs, model: ModelParts, dims: Par
                 f"steps = {t.local_batch_size * dims.dp * grad_accum} sequences/step")
 
 
-def honour_new_settings(cfg: Config, checkpointer: Checkpointer, optimizer, scheduler) -> None:
-    """A resumed run trains with its own config (config.toml stays the truth): the optimizer's hyper-parameters and
-    the schedule come from it, not from the restored optimizer and scheduler state; the differences are logged."""
-    reapply_hyperparameters(optimizer, scheduler, cfg.optimizer)
-    changed = [c for c in config.changes(checkpointer.resumed_config, cfg) if not c.startswith("checkpoint.load_step")]
-    if changed:
-        logger.info(f"checkpoint: changed on resume: {', '.join(changed)}")
-    if checkpointer.step >= cfg.training.steps:
-        logger.info(f"checkpoint: step {checkpointer.step} >= training.steps={cfg.training.steps}: nothing to train")
-
-
 def weight_bytes(model_parts: list[torch.nn.Module]) -> int:
     """Bytes of this rank's parameters (its shards under FSDP; NF4 weights at their packed size)."""
     return sum(lora.nbytes(p.to_local() if isinstance(p, DTensor) else p) for p in parameters(model_parts))
-
-
-def log_quantized(cfg: config.LoRA, counts: list[tuple[int, int, int]]) -> None:
-    layers, before, after = (sum(c[i] for c in counts) for i in range(3))
-    logger.info(f"lora: quantize_base={cfg.quantize_base}: {layers} base weights quantized (blocks of "
-                f"{lora.NF4_BLOCK}, scales in blocks of {cfg.nf4_scaler_block_size}); they take "
-                f"{after / 2**20:,.2f} MiB on this rank instead of {before / 2**20:,.2f} MiB")
-
-
-def recipe_detail(cfg: Config) -> str:
-    if cfg.training.recipe != "dpo":
-        return ""
-    free = cfg.dpo.loss in DPOLoss.REFERENCE_FREE
-    return f" with loss {cfg.dpo.loss} ({'no reference model' if free else 'against a frozen reference'})"
 
 
 def parameters(model_parts: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     return [p for part in model_parts for p in part.parameters()]
 
 
-def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:
-    """DPO's reference without LoRA: a second model, built and sharded like the policy, frozen (weights still to
-    load)."""
-    with torch.device("meta"):
-        frozen = models.build_model(args)
-    return model.build_part(frozen, adapters=False).eval().requires_grad_(False)
-
-
-def dpo_reference(model: ModelParts, args: TransformerArgs, lora_cfg: config.LoRA, checkpoint: config.Checkpoint):
-    """batch -> the frozen reference model's logits. With LoRA: the policy with its adapters switched off (the base
-    weights never change). Else a second model holding the initial weights."""
-    policy = model.parts[0]
-    if lora_cfg.enable:
-        def reference(batch):
-            with lora.disabled(model.parts):
-                return policy(batch["input"])
-        return reference
-    frozen = frozen_reference(model, args)
-    load_initial_weights([frozen], checkpoint)  # the policy's starting point (seeded init if none is set)
-    return lambda batch: frozen(batch["input"])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed (not averaged) token loss: the caller divides by the global number of valid tokens."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    # Under loss parallel the result is a replicated DTensor; the loop works with plain tensors.
-    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -355,11 +264,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     if device.type != "cuda":
         return batch
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def all_reduce_sum(x: torch.Tensor, mesh) -> torch.Tensor:
-    dist.all_reduce(x, group=mesh.get_group())
-    return x
 
 
 def forward_backward(run: Run, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> torch.Tensor:
@@ -380,7 +284,7 @@ def forward_loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with run.loss_context():
         if run.pipeline is not None:
             with run.autocast():
-                return run.pipeline.eval(batch["input"], batch["label"])
+                return run.pipeline.forward_loss(batch["input"], batch["label"])
         return run.objective(run.model_parts[0], batch)
 
 
@@ -464,74 +368,28 @@ def optimizer_step(run: Run, update: bool) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def clip_grad_norm(params, max_norm: float, pp_mesh) -> torch.Tensor:
-    """Total gradient norm over every rank's shards and every pipeline stage, clipped when max_norm > 0.
-
-    Computed as the root of summed squares rather than with torch's norm kernels: on CPU those accumulate fp32
-    sequentially (3.6e-5 relative error on a 262k-element gradient, torch 2.13), while `sum` uses cascade
-    summation. On sharded (DTensor) grads each sum is a partial sum that `full_tensor()` adds up across ranks.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    squares = sum(g.float().square().sum() for g in grads)
-    if isinstance(squares, DTensor):
-        squares = squares.full_tensor()
-    if pp_mesh.size() > 1:  # each stage holds different parameters: add their squares
-        squares = all_reduce_sum(squares, pp_mesh)
-    norm = squares.sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
-    return norm
-
-
-def set_train_timeout(mesh: dict, seconds: int) -> None:
-    """[comm] train_timeout_seconds for the default group and every mesh group, as torchtitan does after step 1.
-    The barrier first: a rank still finishing step 1 under the long timeout must not make a faster one time out."""
-    dist.barrier()
-    # torch >= 2.14 has the public set_timeout (and deprecates _set_pg_timeout with a FutureWarning); 2.13 has not.
-    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
-    groups = {None} | {m.get_group(d) for m in mesh.values() for d in range(m.ndim)}
-    for group in groups:
-        set_timeout(timedelta(seconds=seconds), group)
-
-
-def timeout_hint(error: BaseException) -> str | None:
-    """Advice for a collective that timed out (gloo raises here; NCCL's watchdog aborts with its own message)."""
-    text = str(error).lower()
-    if "timed out" not in text and "timeout" not in text:
-        return None
-    return ("a collective timed out (after comm.init_timeout_seconds until step 1 ends, comm.train_timeout_seconds "
-            "after it): another rank is stuck or died, see its log; if a step legitimately takes that long (a slow "
-            "checkpoint save, compilation), raise the timeout")
-
-
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean token loss over `validation.steps` batches (or the whole split) on every data-parallel rank."""
+    """Mean loss per item (token) over `validation.steps` batches (or the whole split) on every data-parallel rank."""
     for part in run.model_parts:
         part.eval()
     loss_sum = torch.zeros((), device=run.device)
-    n_tokens = torch.zeros((), device=run.device)
+    n_items = torch.zeros((), device=run.device)
     for i, batch in enumerate(run.val_loader):
         if run.cfg.validation.steps != -1 and i >= run.cfg.validation.steps:
             break
         batch = to_device(shard_batch(batch, run.mesh["cp"]), run.device)
         loss_sum += forward_loss(run, batch)
-        n_tokens += run.objective.count(batch)
+        n_items += run.objective.count(batch)
     for part in run.model_parts:
         part.train()
     loss_sum = all_reduce_sum(loss_sum, run.mesh["pp_dp_cp"])
-    n_tokens = all_reduce_sum(n_tokens, run.mesh["dp_cp"])
-    return (loss_sum / n_tokens).item()
+    n_items = all_reduce_sum(n_items, run.mesh["dp_cp"])
+    return (loss_sum / n_items).item()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
-
-
-def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(format="[titan %(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True)
 
 
 def write_resolved_config(cfg: Config) -> None:
@@ -544,7 +402,7 @@ def write_resolved_config(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _setup_logging()
+    setup_logging()
     tie_to_launcher()
     run = None
     try:
@@ -566,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             with contextlib.suppress(ConfigError, RunFailed):
                 run.close()  # a background save of an earlier, good step still completes
-        return _exit(f"titan: error: {e}", e.code if isinstance(e, RunFailed) else 2)
+        return exit_with(f"titan: error: {e}", e.code if isinstance(e, RunFailed) else 2)
     except KeyboardInterrupt:  # a second Ctrl-C
-        return _exit("titan: interrupted", EXIT_INTERRUPTED)
+        return exit_with("titan: interrupted", EXIT_INTERRUPTED)
     except RuntimeError as e:  # DistBackendError too
         hint = timeout_hint(e)
         if hint:
@@ -580,18 +438,6 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
-
-def _exit(line: str, code: int) -> int:
-    """Print the line (rank 0) and return the exit code; also write it to $TITAN_EXIT_FILE, through which
-    scripts/run_train.sh tells a failure worth a relaunch (a crash) from one that would fail again (bad input,
-    divergence, a full disk): torchrun reports every worker failure as exit code 1."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(line, file=sys.stderr)
-    if os.environ.get("TITAN_EXIT_FILE"):
-        with contextlib.suppress(OSError):
-            Path(os.environ["TITAN_EXIT_FILE"]).write_text(f"{code}\n")
-    return code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Order: float8 -> tensor parallel -> context parallel -> activation checkpointing
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 
@@ -33,10 +34,12 @@ from titan.parallel.fsdp import adopt_swapped_param, apply_fsdp
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.tensor_parallel import apply_tp
 
-def check_options(parallelism: Parallelism, compile: Compile, training: Training, dims: ParallelDims,
+logger = logging.getLogger("titan")
+
+def check_options(parallelism: Parallelism, compile_cfg: Compile, training: Training, dims: ParallelDims,
                   device_type: str) -> None:
     """What the GPU-only options need, for a job on `device_type` (the dry run checks a GPU job on a CPU mesh)."""
-    if parallelism.enable_async_tensor_parallel and (dims.tp == 1 or not compile.enable):
+    if parallelism.enable_async_tensor_parallel and (dims.tp == 1 or not compile_cfg.enable):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1 and "
                           "compile.enable = true (inductor does the overlapping)")
     if parallelism.enable_async_tensor_parallel and device_type != "cuda":
@@ -49,19 +52,19 @@ def check_options(parallelism: Parallelism, compile: Compile, training: Training
 
 
 def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelDims, parallelism: Parallelism,
-                ac: ActivationCheckpoint, compile: Compile, training: Training, float8: Float8 | None = None) -> None:
+                ac: ActivationCheckpoint, compile_cfg: Compile, training: Training, float8: Float8 | None = None) -> None:
     """Apply float8 -> TP -> CP -> AC -> compile -> FSDP to a model or pipeline stage still on the meta device (pipeline
     splitting happens before, in titan.parallel.pipeline, so each stage gets exactly this treatment)."""
-    check_options(parallelism, compile, training, dims, mesh["tp"].device_type)
+    check_options(parallelism, compile_cfg, training, dims, mesh["tp"].device_type)
     float8_tp = convert_to_float8(model, float8 or Float8(), dims.fsdp_enabled, mesh["tp"].device_type,
-                                  compiled=compile.enable and "model" in compile.components)
+                                  compiled=compile_cfg.enable and "model" in compile_cfg.components)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], parallelism.enable_loss_parallel, parallelism.enable_async_tensor_parallel,
                  float8_tp)
     if dims.cp > 1:
         apply_cp(model, mesh["cp"], parallelism.context_parallel_rotate_method)
     apply_ac(model, ac.mode, ac.selective_ac_option)
-    if compile.enable and "model" in compile.components:
+    if compile_cfg.enable and "model" in compile_cfg.components:
         for block in model.layers.values():
             # In place, so parameter names (and checkpoints) are the same with and without compile.
             # fullgraph, except that the ring's send/recv (context parallel) has to stay outside the graph.
@@ -120,6 +123,15 @@ def _row_shards(weight: torch.Tensor) -> list[tuple[int, int]]:
         if placement == Shard(0):
             out.append((dim, weight.device_mesh.size(dim)))
     return out
+
+
+def quantize_bases(parts: list[nn.Module], cfg: LoRA, dtype: torch.dtype) -> None:
+    """`quantize_base` on each of this rank's model parts, and the line that says what it saved."""
+    counts = [quantize_base(part, cfg, dtype) for part in parts]
+    layers, before, after = (sum(c[i] for c in counts) for i in range(3))
+    logger.info(f"lora: quantize_base={cfg.quantize_base}: {layers} base weights quantized (blocks of "
+                f"{lora.NF4_BLOCK}, scales in blocks of {cfg.nf4_scaler_block_size}); they take "
+                f"{after / 2**20:,.2f} MiB on this rank instead of {before / 2**20:,.2f} MiB")
 
 
 @torch.no_grad()

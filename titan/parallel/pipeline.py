@@ -132,8 +132,8 @@ def build_schedule(stages: list[PipelineStage], cfg: Parallelism, n_microbatches
 
 
 class Pipeline:
-    """The stages this rank holds and the schedule that runs them; `step`/`eval` stand in for the model's
-    forward (+ backward) on one batch."""
+    """The stages this rank holds and the schedule that runs them; `step`/`forward_loss` stand in for the
+    model's forward (+ backward) on one batch."""
 
     def __init__(self, model: Transformer, pp_mesh: DeviceMesh, cfg: Parallelism, local_batch_size: int,
                  loss_fn, build_stage, device: torch.device, validation: bool = False):
@@ -164,11 +164,11 @@ class Pipeline:
         # Only the last stage sees the loss; elsewhere contribute zero to the sum over pp ranks.
         return torch.stack(losses).sum() if self.has_last else torch.zeros((), device=inputs.device)
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of all micro-batches; returns sum(token losses) / n_tokens (0 off the last stage)."""
-        return self._run(self.schedule.step, inputs, labels, n_tokens, return_outputs=False).detach()
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, n_items: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of all micro-batches; returns sum(token losses) / n_items (0 off the last stage)."""
+        return self._run(self.schedule.step, inputs, labels, n_items, return_outputs=False).detach()
 
     @torch.no_grad()
-    def eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward only; returns the summed token loss (0 off the last stage)."""
         return self._run(self.schedule.eval, inputs, labels, 1.0)

@@ -15,6 +15,8 @@ follow their base weight's split (`LoRAColwiseParallel` / `LoRARowwiseParallel`)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch import nn
@@ -24,13 +26,23 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
+    loss_parallel,
     parallelize_module,
 )
 
-from titan.config import ConfigError
+from titan.config import ConfigError, Parallelism
 from titan.models.layers import Transformer
 from titan.models.lora import LoRALinear
-from titan.parallel.float8 import TPStyles, allow_float8_all_gather_on_gloo, tp_styles
+from titan.parallel.float8 import TPStyles, tp_styles
+from titan.parallel.float8_cpu import allow_float8_all_gather_on_gloo
+from titan.parallel.mesh import ParallelDims
+
+
+def loss_parallel_context(cfg: Parallelism, dims: ParallelDims):
+    """Wraps loss and backward: with loss parallel, cross-entropy runs on vocab-sharded logits."""
+    if dims.tp > 1 and cfg.enable_loss_parallel:
+        return loss_parallel
+    return contextlib.nullcontext
 
 
 def _distribute(module: nn.Module, mesh: DeviceMesh, src_data_rank, **placements) -> None:

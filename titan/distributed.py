@@ -1,0 +1,62 @@
+"""The process group of a run: how it starts (NCCL on GPUs, gloo on CPUs, a group of one for a single process), its
+timeouts (a long one for start-up and compilation, a shorter one once step 1 is done) and the one sum the loop
+reduces by hand. The mesh over it is titan/parallel/mesh.py's; what runs on it is everybody else's.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(deterministic: bool, seed: int, timeout_s: int = 300) -> torch.device:
+    """One process group for every launch (a single process gets a group of one), CUDA + NCCL when there is a GPU,
+    else CPU + gloo. `timeout_s` ([comm] init_timeout_seconds) bounds each collective until `set_train_timeout`."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it reads this variable when it first starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None,
+                                timeout=timedelta(seconds=timeout_s))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
+    torch.manual_seed(seed)
+    return device
+
+
+def all_reduce_sum(x: torch.Tensor, mesh) -> torch.Tensor:
+    dist.all_reduce(x, group=mesh.get_group())
+    return x
+
+
+def set_train_timeout(mesh: dict, seconds: int) -> None:
+    """[comm] train_timeout_seconds for the default group and every mesh group, as torchtitan does after step 1.
+    The barrier first: a rank still finishing step 1 under the long timeout must not make a faster one time out."""
+    dist.barrier()
+    # torch >= 2.14 has the public set_timeout (and deprecates _set_pg_timeout with a FutureWarning); 2.13 has not.
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    groups = {None} | {m.get_group(d) for m in mesh.values() for d in range(m.ndim)}
+    for group in groups:
+        set_timeout(timedelta(seconds=seconds), group)
+
+
+def timeout_hint(error: BaseException) -> str | None:
+    """Advice for a collective that timed out (gloo raises here; NCCL's watchdog aborts with its own message)."""
+    text = str(error).lower()
+    if "timed out" not in text and "timeout" not in text:
+        return None
+    return ("a collective timed out (after comm.init_timeout_seconds until step 1 ends, comm.train_timeout_seconds "
+            "after it): another rank is stuck or died, see its log; if a step legitimately takes that long (a slow "
+            "checkpoint save, compilation), raise the timeout")
