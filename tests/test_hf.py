@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from dist_utils import REPO, TINY, load_script, losses, rel_error
 from titan import hf
 from titan.config import ConfigError
+from titan.data import tokenizer_formats
 from titan.models import build_model, family_of
 from titan.models.llama import ModelArgs, RopeScaling, Transformer
 from titan.models.qwen3 import Qwen3Args
@@ -193,6 +194,10 @@ def test_export_import_roundtrip_and_config(tmp_path, name):
         assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["rope_scaling"]["factor"] == 8.0
     gen = json.loads((tmp_path / "one" / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (7, 8)
+    # Weights get the mode of the folder's other files (safetensors alone would make them 0600, owner-only).
+    for folder in ("one", "sharded"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / folder).iterdir()}
+        assert set(modes.values()) == {modes["config.json"]}, modes
 
 
 def test_training_export_and_hf_initial_load(tmp_path):
@@ -235,7 +240,7 @@ def _hf_bpe_encode(tok: dict, text: str) -> list[int]:
 
     model, (split, _) = tok["model"], tok["pre_tokenizer"]["pretokenizers"]
     merge_rank = {tuple(m.split(" ")): i for i, m in enumerate(model["merges"])}
-    byte_chars = hf._bytes_to_unicode()
+    byte_chars = tokenizer_formats.bytes_to_unicode()
     ids = []
     for piece in regex.findall(split["pattern"]["Regex"], text):
         word = [byte_chars[b] for b in piece.encode("utf-8")]
@@ -253,7 +258,7 @@ def test_tokenizer_json_encodes_like_tiktoken(tmp_path):
     from titan.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("")
-    hf.write_tokenizer(tokenizer, tmp_path, max_seq_len=256)
+    tokenizer_formats.write_tokenizer_json(tokenizer, tmp_path, max_seq_len=256)
     tok = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     assert len(tok["model"]["vocab"]) + len(tok["added_tokens"]) == tokenizer.vocab_size
     assert {t["content"]: t["id"] for t in tok["added_tokens"]} == tokenizer.special_tokens

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from titan.config import ConfigError
+from titan.data import tokenizer_formats
 from titan.data.pretrain import DATASETS
 from titan.data.tokenizer import DEBUG_TOKENIZER, LLAMA3_PATTERN, load_tokenizer
 
@@ -202,12 +203,10 @@ EDGE_CASES = ["", " ", "\n\n", "😀👍🏽🇫🇷 emoji", "mixed: English, Ε
 
 @pytest.fixture(scope="module")
 def hf_debug(tmp_path_factory):
-    """The shipped debug tokenizer as tokenizer.json + tokenizer_config.json (titan.hf's conversion)."""
+    """The shipped debug tokenizer as tokenizer.json + tokenizer_config.json (what titan.hf exports)."""
     pytest.importorskip("tokenizers", reason=NEEDS_TOKENIZERS)
-    from titan import hf
-
     folder = tmp_path_factory.mktemp("hf_debug")
-    hf.write_tokenizer(load_tokenizer(), folder, max_seq_len=256)
+    tokenizer_formats.write_tokenizer_json(load_tokenizer(), folder, max_seq_len=256)
     return folder
 
 
@@ -300,3 +299,26 @@ def test_bad_tokenizer_config(hf_trained, tmp_path, config, expect):
     shutil.copyfile(hf_trained / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     assert expect in _error(tmp_path / "tokenizer.json")
+
+
+def test_tokenizer_formats_round_trip(tmp_path):
+    """tiktoken -> tokenizer.json -> (byte-level BPE tokens and merges) -> tiktoken gives back the same encoding:
+    both directions of titan/data/tokenizer_formats.py, no `tokenizers` needed. A vocabulary whose merges are not in
+    id order is refused with a ConfigError naming the merge."""
+    original = load_tokenizer("")
+    tok = tokenizer_formats.tokenizer_json(original.encoding._mergeable_ranks, original.encoding._pat_str,
+                                           original.special_tokens, "<|begin_of_text|>")
+    tokens = [None] * original.vocab_size
+    for token, i in [*tok["model"]["vocab"].items(), *((a["content"], a["id"]) for a in tok["added_tokens"])]:
+        tokens[i] = token
+    tokenizer_formats.check_merge_order(tokens, tok["model"]["merges"])
+    bos, eos = (next(n for n, i in original.special_tokens.items() if i == t) for t in (original.bos_id, original.eos_id))
+    rank_file = tokenizer_formats.write_tiktoken(tokens, sorted(original.special_tokens.values()), tmp_path, bos, eos,
+                                                 original.encoding._pat_str)
+    again = load_tokenizer(str(rank_file))
+    text = (DEBUG_TOKENIZER.parent.parent / "data" / "austen" / "validation.txt").read_text()[:2000] + " naïve ✓ 日本語"
+    assert again.encode(text) == original.encode(text) and again.special_tokens == original.special_tokens
+    assert (again.bos_id, again.eos_id) == (original.bos_id, original.eos_id)
+    with pytest.raises(ConfigError, match="merge 1 "):
+        tokenizer_formats.check_merge_order(tokens, list(reversed(tok["model"]["merges"][:2])))
+

@@ -169,10 +169,12 @@ class TrainState:
 
 def _read_keys(path: Path, what: str) -> set[str]:
     """Top-level state names stored in a DCP checkpoint; ConfigError naming `path` if it is not one."""
-    return {key.split(".", 1)[0] for key in _stored_keys(path, what)}
+    return {key.split(".", 1)[0] for key in stored_keys(path, what)}
 
 
-def _stored_keys(path: Path, what: str) -> set[str]:
+def stored_keys(path: Path, what: str) -> set[str]:
+    """Every state name stored in a DCP checkpoint (`model.layers.0...`, `optimizer...`); ConfigError naming `path`
+    (as `what`) if it is not one."""
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - missing file, unpickling garbage, ...: all mean "not a checkpoint"
@@ -398,7 +400,7 @@ class Checkpointer:
 
     def _load(self, path: Path, what: str) -> None:
         start = time.perf_counter()
-        keys = _stored_keys(path, what)
+        keys = stored_keys(path, what)
         stored = {key.split(".", 1)[0] for key in keys}
         if "model" not in stored:
             raise ConfigError(f"{what}: {path} holds no model state (keys: {', '.join(sorted(stored))})")

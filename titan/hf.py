@@ -10,6 +10,7 @@ Owns the folders (files, shards, the tokenizer that goes along) and the dispatch
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from titan.config import ConfigError
 from titan.data.tokenizer import HF_TOKENIZER_FILES, tokenizer_file
+from titan.data.tokenizer_formats import write_tokenizer_json
 from titan.models import FAMILIES, family_of
 from titan.models.layers import TransformerArgs
 from titan.models.lora import is_adapter
@@ -68,91 +70,6 @@ def check_compatible(args: TransformerArgs, hf: TransformerArgs, where: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer: tiktoken ranks -> a Hugging Face byte-level BPE tokenizer.json
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which HF byte-level BPE vocabularies are written in."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _merge_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """tiktoken's BPE on `token` using only merges ranked below `max_rank`: the two halves it was built from."""
-    parts = [bytes([b]) for b in token]
-    while True:
-        best = None
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < max_rank and (best is None or rank < best[0]):
-                best = (rank, i)
-        if best is None:
-            return parts
-        i = best[1]
-        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
-
-
-def tokenizer_json(ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int], bos_token: str) -> dict:
-    """The tokenizer.json of a tiktoken encoding: same vocabulary ids, merges in rank order (what transformers'
-    TikTokenConverter derives), the same pre-tokenizer split, BOS added by the post-processor as Llama 3 does.
-    Pure Python: 0.04 s for the 4k-rank debug tokenizer."""
-    enc = _bytes_to_unicode()
-    text = {token: "".join(enc[b] for b in token) for token in ranks}
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) > 1:
-            parts = _merge_parts(ranks, token, rank)
-            if len(parts) == 2:
-                merges.append(f"{text[parts[0]]} {text[parts[1]]}")
-    bos = special_tokens[bos_token]
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for name, i in sorted(special_tokens.items(),
-                                                                                       key=lambda kv: kv[1])],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        ]},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos_token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos_token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos_token, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos_token: {"id": bos_token, "ids": [bos], "tokens": [bos_token]}},
-        },
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {text[t]: r for t, r in ranks.items()}, "merges": merges},
-    }
-
-
-def write_tokenizer(tokenizer, folder: Path, max_seq_len: int) -> None:
-    """tokenizer.json + tokenizer_config.json for a titan Tokenizer (a tiktoken encoding)."""
-    encoding = tokenizer.encoding
-    bos_token = next(n for n, i in tokenizer.special_tokens.items() if i == tokenizer.bos_id)
-    eos_token = next(n for n, i in tokenizer.special_tokens.items() if i == tokenizer.eos_id)
-    # tiktoken keeps its ranks and pattern in private attributes (tiktoken 0.14); they are the tokenizer's data.
-    data = tokenizer_json(encoding._mergeable_ranks, encoding._pat_str, tokenizer.special_tokens, bos_token)
-    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
-    config = {"bos_token": bos_token, "eos_token": eos_token, "clean_up_tokenization_spaces": True,
-              "model_input_names": ["input_ids", "attention_mask"], "model_max_length": max_seq_len,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Folders
 
 
@@ -192,7 +109,7 @@ def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Pa
                 if (hf_json.parent / name).is_file():
                     _copy_new(hf_json.parent / name, folder / name)
         else:
-            write_tokenizer(tokenizer, folder, args.max_seq_len)
+            write_tokenizer_json(tokenizer, folder, args.max_seq_len)
     return folder
 
 
@@ -208,11 +125,18 @@ def _is_tiktoken_sidecar(path: Path) -> bool:
         return False
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})  # transformers checks for the metadata
+    # safetensors creates its files with mode 0600 (0.8); the folder's other files get the usual 0666 less the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
-    metadata = {"format": "pt"}  # transformers checks for it
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total <= shard_bytes:
-        save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
+        _save_file(tensors, folder / "model.safetensors")
         return
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
@@ -226,7 +150,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, shard_byt
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata=metadata)
+        _save_file(shard, folder / file)
         weight_map.update({name: file for name in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
