@@ -230,9 +230,6 @@ class Checkpointer:
         if cfg.create_seed_checkpoint and self.world_size > 1:
             raise ConfigError(f"checkpoint.create_seed_checkpoint runs on one process (got {self.world_size}); the "
                               f"weights do not depend on the layout")
-        if cfg.last_save_in_hf and sum(len(p.layers) for p in model_parts) != model_parts[0].args.n_layers:
-            raise ConfigError("checkpoint.last_save_in_hf is not supported with pipeline parallelism yet (a rank holds "
-                              "only its stages); convert a step folder with scripts/convert_checkpoint.py to-hf")
         self.model_parts = model_parts
         self.train_state = TrainState(getattr(tokenizer, "identity", ""), getattr(tokenizer, "name", ""), run_config)
         self.states = {"model": ModelState(model_parts, "adapters" if adapters_only else None),
@@ -508,13 +505,21 @@ class Checkpointer:
             self._failed(0, tmp, e)
 
     def export_hf(self, step: int) -> None:
-        """The model as a Hugging Face folder <folder>/step-<N>-hf (gathered to rank 0, which writes it)."""
+        """The model as a Hugging Face folder <folder>/step-<N>-hf: gathered to rank 0, which writes it; under
+        pipeline parallelism (a rank holds only its stages) every rank gathers its stages' tensors and DCP's
+        Hugging Face writer puts them together."""
         self.wait()
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        out = self.folder / f"step-{step}-hf"
+        dtype = DTYPES[self.cfg.export_dtype]
+        staged = sum(len(p.layers) for p in self.model_parts) != self.model_parts[0].args.n_layers
+        # Without cpu_offload every rank gets the full tensors (with it, only global rank 0 would).
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not staged)
         full = {k: v for part in self.model_parts for k, v in get_model_state_dict(part, options=options).items()}
+        if staged:
+            self.hf_export({k: v.cpu() for k, v in full.items()}, out, dtype, process_group=self._pg)
+        elif self.rank == 0:
+            self.hf_export(full, out, dtype)
         if self.rank == 0:
-            out = self.folder / f"step-{step}-hf"
-            self.hf_export(full, out, DTYPES[self.cfg.export_dtype])
             logger.info(f"checkpoint: exported {out} (Hugging Face format)")
 
     def _fresh(self, tmp: Path) -> None:

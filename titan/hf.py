@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from titan.config import ConfigError
@@ -75,16 +76,25 @@ def check_compatible(args: TransformerArgs, hf: TransformerArgs, where: str) -> 
 
 def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Path, *, bos_id: int | None,
          eos_id: int, tokenizer_file: str | Path | None = None, tokenizer=None, dtype: torch.dtype = torch.float32,
-         shard_bytes: int = SHARD_BYTES) -> Path:
+         shard_bytes: int = SHARD_BYTES, process_group=None) -> Path:
     """Write a full titan state dict as an HF folder of its family; returns the folder. With `tokenizer` also its
     Hugging Face files: a tiktoken one converted (tokenizer.json + tokenizer_config.json), an HF one (or a tiktoken
     tokenizer.model that came in an HF folder) copied from `tokenizer_file`'s folder; with a tiktoken
-    `tokenizer_file` also a copy of it as tokenizer.model."""
+    `tokenizer_file` also a copy of it as tokenizer.model.
+
+    With a `process_group`, every rank of it calls this with the full tensors it holds (under pipeline parallelism,
+    its stages'): DCP's HuggingFaceStorageWriter writes each rank's tensors (a tensor several ranks hold, once) and
+    consolidates them into model-00001-of-00001.safetensors + index; rank 0 writes the other files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     adapter = family_of(args).hf
-    tensors = adapter.to_hf(state, args, dtype)
-    _write_safetensors(tensors, folder, shard_bytes)
+    tensors = adapter.to_hf(state, args, dtype, partial=process_group is not None)
+    if process_group is None:
+        _write_safetensors(tensors, folder, shard_bytes)
+    else:
+        _write_distributed(tensors, set(adapter.names(args).values()), folder, process_group)
+        if dist.get_rank(process_group) != 0:
+            return folder
     (folder / "config.json").write_text(json.dumps(adapter.hf_config(args, bos_id, eos_id, dtype), indent=2) + "\n")
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id,
                   "transformers_version": adapter.transformers_version}
@@ -156,6 +166,23 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, shard_byt
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _write_distributed(tensors: dict[str, torch.Tensor], names: set[str], folder: Path, process_group) -> None:
+    """This rank's part of the weights through DCP's Hugging Face writer, consolidated into one file; the names the
+    ranks wrote together must be the model's (a missing stage would otherwise go unnoticed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=dict.fromkeys(names, 1),
+                                      save_distributed=True, enable_consolidation=True)
+    dcp.save(tensors, storage_writer=writer, process_group=process_group)
+    if dist.get_rank(process_group) == 0:
+        shutil.rmtree(folder / "sharded", ignore_errors=True)  # each rank's file, before consolidation
+        written = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+        if written != names:
+            raise RuntimeError(f"Hugging Face export to {folder}: {len(names - written)} tensors missing, e.g. "
+                               f"{sorted(names - written)[:1]}")
+
+
 def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder (one model.safetensors, or the shards its index names)."""
     folder = Path(folder)
@@ -196,9 +223,11 @@ def load_into(model_parts: list[torch.nn.Module], folder: str | Path) -> None:
 
 
 def exporter(args: TransformerArgs, tokenizer, tokenizer_path: str):
-    """The callback the checkpointer uses for `last_save_in_hf`: (full state dict, folder, dtype) -> None."""
-    def export(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> None:
+    """The callback the checkpointer uses for `last_save_in_hf`: (full state dict, folder, dtype, process_group=None)
+    -> None (with a process group: called on every rank with its part, see `save`)."""
+    def export(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype, process_group=None) -> None:
         save(state, args, folder, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-             tokenizer_file=tokenizer_file(tokenizer_path), tokenizer=tokenizer, dtype=dtype)
+             tokenizer_file=tokenizer_file(tokenizer_path), tokenizer=tokenizer, dtype=dtype,
+             process_group=process_group)
 
     return export

@@ -87,11 +87,15 @@ class DecoderAdapter:
             return 1  # one head_dim vector, shared by all heads
         return None
 
-    def to_hf(self, state: dict[str, torch.Tensor], args, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """titan full state dict -> HF tensors (contiguous, in `dtype` if given)."""
+    def to_hf(self, state: dict[str, torch.Tensor], args, dtype: torch.dtype | None = None,
+              partial: bool = False) -> dict[str, torch.Tensor]:
+        """titan full state dict -> HF tensors (contiguous, in `dtype` if given); `partial`: the state holds some
+        of the model's tensors (a pipeline stage's), and only those are converted."""
         out = {}
         for name, hf_name in self.names(args).items():
             if name not in state:
+                if partial:
+                    continue
                 raise KeyError(f"state dict has no {name!r}")
             w = state[name]
             heads = self._heads(name, args)

@@ -131,11 +131,11 @@ def merge(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tenso
 def merging(export, scale: float):
     """Wrap an exporter `(full state, folder, dtype) -> None` so that it receives merged weights."""
 
-    def merged_export(state: dict[str, torch.Tensor], folder, dtype) -> None:
+    def merged_export(state: dict[str, torch.Tensor], folder, dtype, **kwargs) -> None:
         if any(is_nf4(v) for v in state.values()):
             logger.info("lora: the export dequantizes the NF4 base weights and adds the adapters: the merged model "
                         "carries NF4's rounding of the original weights (it is not the original plus the adapters)")
-        export(merge(state, scale), folder, dtype)
+        export(merge(state, scale), folder, dtype, **kwargs)
 
     return merged_export
 

@@ -1,0 +1,62 @@
+"""Hugging Face export under pipeline parallelism: with checkpoint.last_save_in_hf, a PP=2 run on 2 gloo processes
+writes step-N-hf through DCP's HuggingFaceStorageWriter (each rank its stage's tensors, consolidated into one file)
+and it holds the same weights as the single-process run's export (training agrees to fp32 rounding: 1e-5 relative);
+transformers (optional: skipped without it) loads it and its logits match the single-process export's. The files are
+group/world-readable like the folder's others (mode 0666 less the umask)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dist_utils import TINY, rel_error, run_layouts
+from titan import hf
+
+STEPS = 1
+BASE = ["--config", TINY, "--training.steps", str(STEPS), "--validation.enable", "false", "--checkpoint.enable",
+        "--checkpoint.interval", "100", "--checkpoint.last_save_in_hf", "--checkpoint.model_only"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """{"single": folder, "pp2": folder}: the step-N-hf folders of a single-process and a PP=2 run."""
+    from titan.train import main
+
+    root = tmp_path_factory.mktemp("hf_export")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*BASE, "--job.dump_folder", str(root / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run_layouts(2, [[*BASE, "--job.dump_folder", str(root / "pp2"), "--parallelism.pipeline_parallel_degree", "2"]])
+    return {name: root / name / "checkpoint" / f"step-{STEPS}-hf" for name in ("single", "pp2")}
+
+
+def test_pp_export_holds_the_single_process_weights(exports):
+    single, pp = hf.read_safetensors(exports["single"]), hf.read_safetensors(exports["pp2"])
+    assert set(pp) == set(single)
+    worst = max(rel_error(pp[k], single[k]) for k in single)
+    assert worst < 1e-5, worst
+    assert not (exports["pp2"] / "sharded").exists()  # the per-rank files are gone after consolidation
+    assert json.loads((exports["pp2"] / "config.json").read_text()) == \
+        json.loads((exports["single"] / "config.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in exports.values():
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+        assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_transformers_loads_the_pp_export(exports):
+    transformers = pytest.importorskip("transformers")
+    ids = torch.arange(1, 30).unsqueeze(0)
+    logits = {}
+    for name, folder in exports.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+    assert rel_error(logits["pp2"], logits["single"]) < 1e-5
