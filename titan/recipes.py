@@ -7,7 +7,8 @@
 
 Every objective returns a *summed* loss plus `count(batch)`, the number of items it summed over (valid tokens, or
 preference pairs). The loop divides by the count over the whole global batch, so the gradient does not depend on how
-the batch is split over ranks and micro-steps. This module does not own the loop, the model or parallelism.
+the batch is split over ranks and micro-steps. `build_objective` picks the objective (and builds DPO's reference
+model through the same `build_part` as the policy); this module does not own the loop, the model or parallelism.
 
 The preference losses (`dpo.loss`), per pair, from the policy's summed log-probabilities of the chosen and the
 rejected reply pi_c, pi_r (over the reply's tokens; n_c, n_r tokens) and, for the first two, the reference model's
