@@ -200,7 +200,7 @@ def test_dpo_and_ipo_start_where_their_formulas_say(runs):
 
 
 def _built_transformers(monkeypatch) -> list:
-    """Every Transformer titan.train builds from here on (the policy, and DPO's frozen reference copy)."""
+    """Every Transformer titan builds from here on (the policy, and DPO's frozen reference copy)."""
     built = []
 
     class Counted(Transformer):
@@ -208,7 +208,11 @@ def _built_transformers(monkeypatch) -> list:
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(titan.train, "Transformer", Counted)
+    # titan.train (the policy) and titan.recipes (the reference) call models.build_model; parallelize.materialize's
+    # throw-away init copies hold their own reference to it and are not counted.
+    from titan import models
+
+    monkeypatch.setattr(models, "build_model", Counted)
     return built
 
 
