@@ -234,7 +234,7 @@ def hf_trained(tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["hf_debug", "hf_trained"])
 def test_tokenizer_json_round_trips_as_the_library_does(request, which):
-    import tokenizers
+    tokenizers = pytest.importorskip("tokenizers", reason=NEEDS_TOKENIZERS)
 
     folder = request.getfixturevalue(which)
     ours = load_tokenizer(str(folder))  # a folder with tokenizer.json and no tokenizer.model
