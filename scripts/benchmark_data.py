@@ -11,15 +11,14 @@ fp32) for the loader/step ratio, and scripts/prepare_data.py's throughput on rea
 --prepare_mb MB of JSONL) with 1 and 2 workers. The synthetic datasets are deleted afterwards.
 
 Targets (issue 13): at the biggest N versus the smallest, time to first batch <= 1.5x + 1 s and peak memory
-<= 1.1x + 50 MB (peak resident memory above what the imports alone take: that part varies
-by tens of MB between processes on a loaded machine); the loader >= 50x faster than a training step; 2 workers >= 1.7x one worker.
+<= 1.1x + 50 MB (peak resident memory above what the imports alone take: that part varies by tens of MB between
+processes on a loaded machine); the loader >= 50x faster than a training step; 2 workers >= 1.7x one worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -160,9 +159,10 @@ def main(argv=None) -> int:
             row = {"write_s": write_s, "plain": probe_loader(folder, args.batches, False),
                    "document_masking": probe_loader(folder, args.batches, True)}
             results["loader"][str(n)] = row
-            print(f"N = {n:.3g} tokens (written in {write_s:.1f} s): first batch {row['plain']['first_batch_s']:.3f} s, "
-                  f"peak RSS {row['plain']['peak_rss_mb']:.0f} MB "
-                  f"(+{row['plain']['peak_rss_mb'] - row['plain']['base_rss_mb']:.0f} MB over the imports), {row['plain']['batches_per_s']:,.0f} batches/s "
+            plain = row["plain"]
+            print(f"N = {n:.3g} tokens (written in {write_s:.1f} s): first batch {plain['first_batch_s']:.3f} s, "
+                  f"peak RSS {plain['peak_rss_mb']:.0f} MB (+{plain['peak_rss_mb'] - plain['base_rss_mb']:.0f} MB over "
+                  f"the imports), {plain['batches_per_s']:,.0f} batches/s "
                   f"({row['document_masking']['batches_per_s']:,.0f} with document masking)", flush=True)
             shutil.rmtree(folder)
         step = train_step_seconds()

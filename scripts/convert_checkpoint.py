@@ -25,7 +25,6 @@ from titan.data.tokenizer import load_tokenizer, tokenizer_file
 from titan.models import FAMILIES, build_model, lora, model_args
 
 
-
 def dcp_model_state(path: Path, args, lora_scale: float | None = None) -> dict[str, torch.Tensor]:
     """The `model` entries of a DCP checkpoint as full tensors, without a process group; LoRA adapters, if the
     checkpoint holds any, merged into their weights with `lora_scale` (the run's lora.alpha / lora.rank)."""

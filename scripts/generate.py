@@ -4,7 +4,8 @@
   python scripts/generate.py --checkpoint outputs/sft/checkpoint/step-200 --chat --prompt "Hello"
 
 `--hf` takes a folder with config.json, safetensors weights and a tokenizer (tokenizer.model, or a Hugging Face
-tokenizer.json with the hf extra): what titan.hf.save and scripts/download_assets.py write, or a Qwen3 folder. `--checkpoint` takes a step folder `<dump>/checkpoint/step-N` and rebuilds the
+tokenizer.json with the hf extra): what titan.hf.save and scripts/download_assets.py write, or a Qwen3 folder.
+`--checkpoint` takes a step folder `<dump>/checkpoint/step-N` and rebuilds the
 model from the run's resolved config `<dump>/config.toml` (or `--config`): flavor, tokenizer, seq_len, LoRA; adapters
 are used as trained, and an adapter-only checkpoint gets its base weights from checkpoint.initial_load_path (then
 quantized to NF4 again for a QLoRA run, as training did).

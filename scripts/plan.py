@@ -25,13 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.pipelining import PipelineStage
 
-from titan import config, memory
+from titan import config, memory, models
 from titan.config import ConfigError
 from titan.dry_run import fake_process_group, tokenizer_or_vocab
 from titan.dry_run import run as dry_run
 from titan.memory import GiB
 from titan.metrics import num_flops_per_token
-from titan import models
 from titan.models.layers import TransformerArgs, count_params
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.pipeline import build_schedule, stage_layers, stages_of_rank

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import REPO, read_metrics
+
 from titan import hf
 from titan.data.chat import chat_template
 from titan.data.tokenizer import load_tokenizer

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dist_utils import REPO, rel_error
 
 from titan.config import DPO, SFT, ConfigError, Training, Validation
 from titan.data.chat import (
@@ -33,7 +34,6 @@ from titan.data.pretrain import DATASETS, IGNORE_INDEX, document_positions
 from titan.data.tokenizer import load_tokenizer
 from titan.models.llama import Transformer, document_mask, model_args
 from titan.recipes import DPOLoss, TokenLoss, preference_loss
-from dist_utils import REPO, rel_error
 
 CHAT_TOKENIZER = REPO / "titan" / "assets" / "tokenizer" / "debug_chat.tiktoken"
 KEY = "training.dataset_path"
@@ -223,8 +223,8 @@ def test_empty_missing_and_wrong_kind_of_path(tmp_path, tok):
     empty.write_text("")
     blank.write_text("\n   \n")
     for path in (empty, blank):
-        expect_error(lambda: read_conversations(path, KEY), KEY, path, "holds no records")
-        expect_error(lambda: read_preferences(path, KEY), KEY, path, "holds no records")
+        expect_error(lambda path=path: read_conversations(path, KEY), KEY, path, "holds no records")
+        expect_error(lambda path=path: read_preferences(path, KEY), KEY, path, "holds no records")
     missing = tmp_path / "nope.jsonl"
     expect_error(lambda: read_conversations(missing, KEY), KEY, missing, "does not exist")
     cfg = Training(dataset_path=str(missing), seq_len=32)

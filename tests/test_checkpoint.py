@@ -36,9 +36,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts, spawn_torchrun_env, spawn_torchrun_env_runs
 
-from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts, spawn_torchrun_env, \
-    spawn_torchrun_env_runs
 from titan.train import main
 
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "10", "--training.steps", "20"]
@@ -100,8 +99,7 @@ def _check_resharded_load(rank, world_size, argv, saved_path, report):
     """Build at another layout (which loads the checkpoint), compare every rank's gathered state (its pipeline
     stages' part of it) to the saved one, then train on."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     from titan import config
     from titan.train import build, train

@@ -7,11 +7,11 @@ import logging
 import os
 import subprocess
 import sys
-import tomllib
 import typing
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from titan import config
 from titan.config import Config, ConfigError, from_dict, load, to_toml

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import rel_error, spawn_gloo
 
 REL = 1e-5

@@ -64,7 +64,8 @@ def test_windows_are_stream_slices(corpus, tok):
     path, stream, index = corpus
     dl = loader(corpus, tok)
     n = len(index)
-    assert dl.dataset.stream.read(0, len(stream)).tolist() == stream and len(dl.dataset) == n == (len(stream) - 1) // SEQ
+    assert dl.dataset.stream.read(0, len(stream)).tolist() == stream
+    assert len(dl.dataset) == n == (len(stream) - 1) // SEQ
     sampler = dl.batch_sampler
     order = [sampler.sample_at(g) for g in range(4 * 2)]
     for k, batch in enumerate(take(iter(dl), 4)):

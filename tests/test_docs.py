@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dist_utils import REPO, read_metrics
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -17,12 +17,12 @@ import sys
 
 import pytest
 import torch
+from dist_utils import REPO, max_rel_diff, read_metrics, rel_error, run_layouts
 from safetensors.torch import load_file
 from torch import nn
 
 import titan.recipes
 import titan.train
-from dist_utils import REPO, max_rel_diff, read_metrics, rel_error, run_layouts
 from titan import config, hf
 from titan.config import ConfigError, LoRA
 from titan.models import lora
@@ -288,7 +288,8 @@ def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(t
         assert rel_error(exported[f"{name}.weight"], expected) < 1e-6
 
     # scripts/convert_checkpoint.py merges the same way, and refuses to drop adapters silently.
-    convert = [sys.executable, "scripts/convert_checkpoint.py", "to-hf", str(tmp_path / "full" / "checkpoint" / "step-6"),
+    convert = [sys.executable, "scripts/convert_checkpoint.py", "to-hf",
+               str(tmp_path / "full" / "checkpoint" / "step-6"),
                str(tmp_path / "converted"), "--flavor", "tiny", "--tokenizer", "debug_chat", "--dtype", "float32"]
     out = subprocess.run(convert, cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and "--lora-scale" in out.stderr, out.stderr

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts
 from torch import nn
 
-from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts
 from titan.config import ConfigError, Float8
 from titan.models.llama import Transformer, model_args
 from titan.parallel import float8

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-
 from dist_utils import REPO, TINY
+
 from titan import hf
 from titan.config import LoRA
 from titan.data.chat import chat_template

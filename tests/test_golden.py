@@ -17,8 +17,8 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-
 from dist_utils import REPO
+
 from titan.data.pretrain import Permutation
 from titan.models.llama import Transformer
 

@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import REPO, TINY, load_script, losses, rel_error
 from safetensors.torch import load_file
 
-from dist_utils import REPO, TINY, load_script, losses, rel_error
 from titan import hf
 from titan.config import ConfigError
 from titan.data import tokenizer_formats

@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
-
 from dist_utils import TINY, rel_error, run_layouts
+
 from titan import hf
 
 STEPS = 1

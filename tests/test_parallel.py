@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts
+
 from titan.parallel.pipeline import schedule_names
 from titan.train import main
 

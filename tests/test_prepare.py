@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import REPO, TINY, losses, max_rel_diff, read_metrics, rel_error, run_layouts
 from torch.utils.data import Dataset
 
-from dist_utils import REPO, TINY, losses, max_rel_diff, read_metrics, rel_error, run_layouts
 from titan.config import ConfigError, Training, Validation
 from titan.data import documents, tokens
 from titan.data.prepare import prepare

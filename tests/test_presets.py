@@ -2,10 +2,10 @@
 family, flavor and dataset, its parallel degrees fit a plausible world size and the model's shapes, and its batch
 sizes give a whole number of accumulation steps. Nothing is built beyond the meta device."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from titan import config
 from titan.data.pretrain import DATASETS

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from dist_utils import TINY, read_metrics, spawn_gloo
+
 from titan.metrics import StepTimer
 from titan.train import main
 

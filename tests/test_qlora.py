@@ -14,8 +14,8 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_utils import REPO, read_metrics, rel_error
+
 from titan import config, hf
 from titan.models import lora
 from titan.train import build, main, train
@@ -139,7 +139,7 @@ def test_log_states_the_base_weight_bytes(debug_runs):
     line = next(x for x in debug_runs["qlora_log"] if "quantize_base=nf4" in x)
     n_weights = sum(w.numel() for w in debug_runs["weights"].values())
     nf4_mib, fp32_mib = debug_runs["before"]["weight_bytes"] / 2**20, 4 * n_weights / 2**20
-    assert f"42 base weights quantized" in line and f"take {nf4_mib:,.2f} MiB" in line, line
+    assert "42 base weights quantized" in line and f"take {nf4_mib:,.2f} MiB" in line, line
     assert f"instead of {fp32_mib:,.2f} MiB" in line, line
     assert 7.5 < fp32_mib / nf4_mib < 8  # 4 bits per weight plus the scales: about 0.52 bytes instead of 4
     lora_total, qlora_total = (float(next(x for x in debug_runs[k] if "all weights take" in x).split(

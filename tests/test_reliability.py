@@ -21,8 +21,8 @@ import time
 
 import pytest
 import torch
-
 from dist_utils import REPO, TINY, children, read_metrics, run_layouts, running
+
 from titan.config import ConfigError, load
 from titan.guard import StepGuard
 from titan.lifecycle import LOCK_FILE, STALE_SECONDS, RunLock

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from dist_utils import REPO
 
 CONFIG = str(REPO / "tests" / "configs" / "golden.toml")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from dist_utils import rel_error, spawn_gloo
 
 REL = 1e-5  # ||got - ref|| / ||ref|| per tensor: scale-free, so tiny gradients are held to the same standard

@@ -99,7 +99,8 @@ def test_bytes_without_a_token_become_the_unknown_token(tmp_path, tok):
     ids = holes.encode("Emma\x04Woodhouse \x04")
     assert ids.count(4094) == 2 and ids[-1] == 4094
     first = ids.index(4094)
-    assert holes.decode(ids[:first]) == "Emma" and holes.decode(ids).replace("<|unk|>", "\x04") == "Emma\x04Woodhouse \x04"
+    assert holes.decode(ids[:first]) == "Emma"
+    assert holes.decode(ids).replace("<|unk|>", "\x04") == "Emma\x04Woodhouse \x04"
     del meta["unk_token"]
     (tmp_path / "holes.json").write_text(json.dumps(meta))
     assert load_tokenizer(str(tmp_path / "holes.tiktoken")).decode(
@@ -269,6 +270,7 @@ def test_tokenizer_json_matches_tiktoken_and_a_run_trains_from_it(hf_debug, tmp_
     """The converted debug tokenizer encodes Austen exactly as the tiktoken one, so a run from the tokenizer.json
     folder trains exactly like the default run (same token stream, same losses)."""
     from dist_utils import TINY, losses
+
     from titan.train import main
 
     hf_tok = load_tokenizer(str(hf_debug / "tokenizer.json"))
@@ -312,7 +314,8 @@ def test_tokenizer_formats_round_trip(tmp_path):
     for token, i in [*tok["model"]["vocab"].items(), *((a["content"], a["id"]) for a in tok["added_tokens"])]:
         tokens[i] = token
     tokenizer_formats.check_merge_order(tokens, tok["model"]["merges"])
-    bos, eos = (next(n for n, i in original.special_tokens.items() if i == t) for t in (original.bos_id, original.eos_id))
+    bos, eos = (next(n for n, i in original.special_tokens.items() if i == t)
+                for t in (original.bos_id, original.eos_id))
     rank_file = tokenizer_formats.write_tiktoken(tokens, sorted(original.special_tokens.values()), tmp_path, bos, eos,
                                                  original.encoding._pat_str)
     again = load_tokenizer(str(rank_file))

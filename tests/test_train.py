@@ -7,11 +7,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
-
+import tomllib
 from dist_utils import REPO, TINY, losses, max_rel_diff, read_metrics
+
 from titan.train import main
 
 

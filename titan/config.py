@@ -478,11 +478,13 @@ def validate(cfg: Config) -> None:
         ac.selective_ac_option.isdigit() and 0 < int(ac.selective_ac_option) < INT64
     ):
         raise ConfigError(
-            f"activation_checkpoint.selective_ac_option must be 'op' or a positive integer (got {ac.selective_ac_option!r})"
+            "activation_checkpoint.selective_ac_option must be 'op' or a positive integer "
+            f"(got {ac.selective_ac_option!r})"
         )
     for c in cfg.compile.components:
         if c not in ("model", "loss"):
-            raise ConfigError(f"compile.components: unknown component {c!r} (valid: model, loss){_suggest(c, ('model', 'loss'))}")
+            raise ConfigError(f"compile.components: unknown component {c!r} (valid: model, loss)"
+                              f"{_suggest(c, ('model', 'loss'))}")
     _validate_data(cfg)
     _validate_finetuning(cfg)
 
@@ -619,7 +621,8 @@ def _coerce(key: str, tp, value, choices):
         raise ConfigError(f"{key} must be {type_name(tp)} (got {value!r})")
     value = float(value) if base is float else value
     if choices is not None and value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))} (got {value!r}){_suggest(value, choices)}")
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))} (got {value!r})"
+                          f"{_suggest(value, choices)}")
     return value
 
 
@@ -838,7 +841,8 @@ def help_text() -> str:
         "--dry_run: check the config for an N-rank job in this one CPU process and estimate every rank's memory on",
         "a device of M GiB, without allocating the model (docs/planning.md).",
         "--check: only the checks a run makes before it builds the model (keys, values, the parallel degrees against",
-        "N ranks, the tokenizer, the model's shape), in this one process; scripts/run_train.sh runs it before torchrun.",
+        "N ranks, the tokenizer, the model's shape), in this one process; scripts/run_train.sh runs it before",
+        "torchrun.",
     ]
     for section, cls in sections().items():
         lines.append(f"\n[{section}]")

@@ -22,11 +22,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from titan import memory
+from titan import memory, models
 from titan.checkpoint import Checkpointer
 from titan.config import Config, ConfigError, Parallelism, RunFlags
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
-from titan import models
 from titan.memory import Estimate, GiB, Stage, StageActivations, Units
 from titan.models.layers import TransformerArgs
 from titan.optim import build_lr_scheduler, build_optimizer

@@ -193,7 +193,8 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
             return {k: v for f in files for k, v in load_file(str(folder / f)).items()}
         return load_file(str(folder / "model.safetensors"))
     except Exception as e:  # noqa: BLE001 - missing, truncated, bad JSON: all "not a readable HF folder"
-        raise ConfigError(f"{folder}: cannot read the safetensors weights ({type(e).__name__}: {e})".replace("\n", " "))
+        raise ConfigError(f"{folder}: cannot read the safetensors weights ({type(e).__name__}: {e})"
+                          .replace("\n", " ")) from e
 
 
 def load(folder: str | Path) -> tuple[TransformerArgs, dict[str, torch.Tensor]]:

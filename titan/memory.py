@@ -328,8 +328,8 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
                   param_bytes: int, trainable_bytes: int, units: Units, device_bytes: int
                   ) -> tuple[Estimate, list[StageActivations]]:
     """One rank's estimate from what it holds: its stages, its schedule's `schedule_profile` (None without
-    pipelining), its local parameter bytes (all, and trainable) and its FSDP units. The dry run passes the real shards' figures, the
-    planner those from shapes; the activations of one micro-batch per stage come back too."""
+    pipelining), its local parameter bytes (all, and trainable) and its FSDP units. The dry run passes the real
+    shards' figures, the planner those from shapes; the activations of one micro-batch per stage come back too."""
     prec = precision(cfg.training, dims.fsdp_enabled)
     m = micro_batch(cfg, dims)
     acts = [stage_activations(args, m, prec, cfg.activation_checkpoint, s.layers, s.first, s.last) for s in stages]

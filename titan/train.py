@@ -1,10 +1,8 @@
-"""Train a model of any registered family (titan/models/__init__.py): `python -m titan.train --config FILE` (one process) or
-`torchrun --nproc_per_node=N -m titan.train --config FILE` (N processes over one DeviceMesh).
-
-`build` turns the config into a model, optimizer, data and metrics; `train` is the loop, one optimizer step per
-iteration: get the step's micro-batches -> forward/backward each -> clip -> optimizer step (unless the step is
-skipped) -> LR step -> log -> maybe validate -> maybe save. Read `docs/walkthrough.md` for one step followed through
-the code.
+"""Train a model of any registered family (titan/models/__init__.py): `python -m titan.train --config FILE` (one
+process) or `torchrun --nproc_per_node=N -m titan.train --config FILE` (N processes over one DeviceMesh). `build`
+turns the config into a model, optimizer, data and metrics; `train` is the loop, one optimizer step per iteration:
+get the step's micro-batches -> forward/backward each -> clip -> optimizer step (unless the step is skipped) -> LR
+step -> log -> maybe validate -> maybe save. Read `docs/walkthrough.md` for one step followed through the code.
 """
 
 from __future__ import annotations
@@ -30,8 +28,15 @@ from titan.data.pretrain import tokens_per_source
 from titan.data.tokenizer import load_tokenizer
 from titan.distributed import all_reduce_sum, init_distributed, set_train_timeout, timeout_hint
 from titan.guard import StepGuard
-from titan.lifecycle import (EXIT_INTERRUPTED, RunFailed, RunLock, StopRequests, claim_dump_folder, exit_with,
-                             tie_to_launcher)
+from titan.lifecycle import (
+    EXIT_INTERRUPTED,
+    RunFailed,
+    RunLock,
+    StopRequests,
+    claim_dump_folder,
+    exit_with,
+    tie_to_launcher,
+)
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops, setup_logging
 from titan.models import lora
 from titan.models.layers import Transformer, TransformerArgs, count_params
@@ -174,8 +179,8 @@ def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> Transf
     return args
 
 
-def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh], dims: ParallelDims, device: torch.device,
-                weights: bool = True) -> ModelParts:
+def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh], dims: ParallelDims,
+                device: torch.device, weights: bool = True) -> ModelParts:
     """This rank's model parts with every parallel axis applied; with `weights=False` (the dry run) they stay on the
     meta device: every layout check runs and every local shard has its real shape, but nothing is allocated."""
     t = cfg.training
@@ -235,8 +240,9 @@ def build_metrics(cfg: Config, args: TransformerArgs, model: ModelParts, dims: P
 def log_summary(cfg: Config, args: TransformerArgs, model: ModelParts, dims: ParallelDims, grad_accum: int) -> None:
     """The model, adapter and batch lines every run prints at start (the dry run too)."""
     t = cfg.training
-    logger.info(f"model: {cfg.model.name} {cfg.model.flavor}, {model.n_params:,} parameters ({model.n_embedding:,} in the "
-                f"embedding), vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}{recipe_detail(t, cfg.dpo)}")
+    logger.info(f"model: {cfg.model.name} {cfg.model.flavor}, {model.n_params:,} parameters ({model.n_embedding:,} "
+                f"in the embedding), vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}"
+                + recipe_detail(t, cfg.dpo))
     if cfg.lora.enable:
         n_local = sum(p.numel() for p in model.trainable)
         logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}; "

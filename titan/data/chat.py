@@ -5,8 +5,8 @@ pre-training.
 Owns the chat templates (ChatML, Qwen3, Llama 3), the JSONL record formats, loss masking, and packing. A batch is
 {"input", "label"} of [local_batch_size, seq_len] with label = IGNORE_INDEX wherever no loss is wanted (prompt
 tokens, padding); packed batches add "document_ids" for the block-diagonal attention mask (see
-`titan.models.llama.document_mask`) and "positions" that restart with every conversation. Preference batches hold 2 x local_batch_size rows: the chosen
-replies first, then the rejected ones, pair i in rows i and B + i.
+`titan.models.llama.document_mask`) and "positions" that restart with every conversation. Preference batches hold
+2 x local_batch_size rows: the chosen replies first, then the rejected ones, pair i in rows i and B + i.
 
 Formats (one JSON object per line; `sft.format`, detected per file by default):
   SFT messages:          {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}

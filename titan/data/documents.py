@@ -113,7 +113,7 @@ def jsonl_documents(path: Path, key: str, text_key: str = "text", start: int = 0
             if progress is not None:
                 progress(len(line))
             if line.strip():
-                yield _record_text(line, key, path, lambda: _line_number(path, key, line_start), text_key)
+                yield _record_text(line, key, path, lambda start=line_start: _line_number(path, key, start), text_key)
 
 
 def _line_number(path: Path, key: str, offset: int) -> int:
@@ -185,10 +185,11 @@ def documents(path: Path, key: str, text_key: str = "text", start: int = 0, end:
 def read_documents(files: list[Path], key: str, text_key: str = "text") -> Iterator[str]:
     """Every document of `files` in order; a file that holds none is an error naming it."""
     for path in files:
-        n = 0
-        for n, text in enumerate(documents(path, key, text_key), 1):
+        empty = True
+        for text in documents(path, key, text_key):
+            empty = False
             yield text
-        if n == 0:
+        if empty:
             raise _fail(key, path, "is empty")
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from titan.errors import ConfigError
 from titan.data import documents, tokens
+from titan.errors import ConfigError
 
 KEY = "--input"  # what bad input is blamed on
 OUR_FILES = ("manifest.json",)

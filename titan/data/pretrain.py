@@ -34,11 +34,15 @@ _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
 DATASETS: dict[str, dict[str, Path]] = {
     "austen": {"train": _ASSETS / "austen" / "train.txt", "validation": _ASSETS / "austen" / "validation.txt"},
     # Fine-tuning fixtures (titan/data/chat.py formats), made by scripts/make_chat_fixtures.py.
-    "tiny_chat": {"train": _ASSETS / "tiny_chat" / "train.jsonl", "validation": _ASSETS / "tiny_chat" / "validation.jsonl"},
+    "tiny_chat": {"train": _ASSETS / "tiny_chat" / "train.jsonl",
+                 "validation": _ASSETS / "tiny_chat" / "validation.jsonl"},
     "tiny_preferences": {"train": _ASSETS / "tiny_preferences" / "train.jsonl"},
-    "tiny_alpaca": {"train": _ASSETS / "tiny_alpaca" / "train.jsonl", "validation": _ASSETS / "tiny_alpaca" / "validation.jsonl"},
-    "tiny_sharegpt": {"train": _ASSETS / "tiny_sharegpt" / "train.jsonl", "validation": _ASSETS / "tiny_sharegpt" / "validation.jsonl"},
-    "tiny_prompt_completion": {"train": _ASSETS / "tiny_prompt_completion" / "train.jsonl", "validation": _ASSETS / "tiny_prompt_completion" / "validation.jsonl"},
+    "tiny_alpaca": {"train": _ASSETS / "tiny_alpaca" / "train.jsonl",
+                   "validation": _ASSETS / "tiny_alpaca" / "validation.jsonl"},
+    "tiny_sharegpt": {"train": _ASSETS / "tiny_sharegpt" / "train.jsonl",
+                     "validation": _ASSETS / "tiny_sharegpt" / "validation.jsonl"},
+    "tiny_prompt_completion": {"train": _ASSETS / "tiny_prompt_completion" / "train.jsonl",
+                              "validation": _ASSETS / "tiny_prompt_completion" / "validation.jsonl"},
 }
 
 

@@ -19,9 +19,9 @@ import zlib
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titan.config import DTYPES, ActivationCheckpoint, Compile, ConfigError, Float8, LoRA, Parallelism, Training
 from titan.models import build_model, lora
@@ -52,7 +52,8 @@ def check_options(parallelism: Parallelism, compile_cfg: Compile, training: Trai
 
 
 def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelDims, parallelism: Parallelism,
-                ac: ActivationCheckpoint, compile_cfg: Compile, training: Training, float8: Float8 | None = None) -> None:
+                ac: ActivationCheckpoint, compile_cfg: Compile, training: Training,
+                float8: Float8 | None = None) -> None:
     """Apply float8 -> TP -> CP -> AC -> compile -> FSDP to a model or pipeline stage still on the meta device (pipeline
     splitting happens before, in titan.parallel.pipeline, so each stage gets exactly this treatment)."""
     check_options(parallelism, compile_cfg, training, dims, mesh["tp"].device_type)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
