@@ -95,10 +95,10 @@ def train_step_seconds(steps: int = 3) -> float:
     import torch
     import torch.nn.functional as F
 
-    from titan.models.llama import Transformer, model_args
+    from titan import models
 
     torch.manual_seed(0)
-    model = Transformer(model_args("debugmodel", vocab_size=4096, max_seq_len=SEQ_LEN))
+    model = models.build_model(models.model_args("llama3", "debugmodel", tokenizer_vocab=4096, max_seq_len=SEQ_LEN))
     model.init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 4096, (BATCH, SEQ_LEN + 1))
