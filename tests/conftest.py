@@ -1,9 +1,31 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and how the suite shares the machine's cores.
+
+README's test command runs two pytest workers (`-n 2 --dist loadfile`, pytest-xdist): a file's tests stay together
+in one worker, so its module fixtures (shared reference runs) are computed once. Each worker then uses one intra-op
+thread, also in the processes it starts: two workers with two threads each on 2 cores run several times slower.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+# The longest files first, so that neither worker is left with one of them at the end (about their share of the
+# suite: tests/test_parallel.py a fifth).
+LONGEST_FIRST = ["test_parallel.py", "test_checkpoint.py", "test_docs.py", "test_train.py", "test_finetune.py",
+                 "test_launch.py", "test_dry_run.py", "test_float8.py", "test_reliability.py", "test_prepare.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: order within a file kept
 
 
 @pytest.fixture

@@ -54,6 +54,7 @@ def _worker(rank: int, world_size: int, runs: list[list[str]], folder: str, expe
     from titan.train import main
 
     for i, argv in enumerate(runs):
+        _clear_dtensor_caches()  # see next_torchrun_env
         _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
         code = main(argv)
         if code != expected:
@@ -74,6 +75,7 @@ def _env_worker(rank: int, world_size: int, folder: str, fn, runs) -> None:
     torch.set_num_threads(1)
     os.environ["TITAN_TEST_PORTS"] = folder  # where next_torchrun_env finds its ports
     for i, args in enumerate(runs):
+        _clear_dtensor_caches()  # see next_torchrun_env
         _set_torchrun_env(rank, world_size, _shared_port(rank, folder, i))
         fn(rank, world_size, *args)
 

@@ -134,20 +134,30 @@ def fsdp4(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("layout", ["dp2_tp2", "pp2_dp2"])
-def test_resume_at_another_layout(tmp_path, fsdp4, layout):
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]  # 1F1B
+RESHARD = {"dp2_tp2": (TP2, {"llama3": [], "qwen3": QWEN3}), "pp2_dp2": (PP2, {"llama3": []})}
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory, fsdp4):
+    """Each RESHARD layout x family resumed from fsdp4's step-10 and trained to step 20, all in one spawn."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    other = TP2 if layout == "dp2_tp2" else ["--parallelism.pipeline_parallel_degree", "2"]  # 1F1B
-    families = {"llama3": [], "qwen3": QWEN3} if layout == "dp2_tp2" else {"llama3": []}
+    root = tmp_path_factory.mktemp("resharded")
     runs = []
-    for name, extra in families.items():
-        resumed = _resume_folder(fsdp4 / name, tmp_path / name)
-        dcp_to_torch_save(resumed / "checkpoint" / "step-10", tmp_path / f"{name}_step10.pt")
-        runs.append((_argv(resumed, *other, *extra), str(tmp_path / f"{name}_step10.pt"),
-                     str(tmp_path / f"{name}_report.json")))
+    for layout, (other, families) in RESHARD.items():
+        for name, extra in families.items():
+            folder = root / layout / name
+            resumed = _resume_folder(fsdp4 / name, folder)
+            dcp_to_torch_save(resumed / "checkpoint" / "step-10", f"{folder}_step10.pt")
+            runs.append((_argv(resumed, *other, *extra), f"{folder}_step10.pt", f"{folder}_report.json"))
     spawn_torchrun_env_runs(_check_resharded_load, 4, runs)
+    return root
 
+
+@pytest.mark.parametrize("layout", list(RESHARD))
+def test_resume_at_another_layout(resharded, fsdp4, layout):
+    tmp_path, families = resharded / layout, RESHARD[layout][1]
     for name in families:
         reports = [json.loads(Path(f"{tmp_path / name}_report.json.{r}").read_text()) for r in range(4)]
         state = torch.load(tmp_path / f"{name}_step10.pt", weights_only=False)

@@ -1,5 +1,7 @@
 """Docs never drift: every titan command in a ```bash block of README.md or docs/*.md runs (with a tiny step count
-appended), and .ci/run installs and tests exactly as the README's second set-up command says.
+appended), and .ci/run installs and tests exactly as the README's second set-up command says. A `torchrun ... -m
+titan.train` command's arguments run in tests/test_parallel.py's spawns of as many gloo processes (see
+torchrun_commands); tests/test_launch.py runs torchrun itself.
 
 Commands that need GPUs or downloaded assets are shown in ```text blocks instead and are not run here; the presets
 they use are parsed and validated by tests/test_presets.py.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,11 @@ RUN_ELSEWHERE = {
     "--parallelism.data_parallel_shard_degree 2 --parallelism.tensor_parallel_degree 2":
         ("test_launch.py", "readme_command(\"torchrun --standalone --nproc_per_node=4\")"),
 }
+
+
+# `torchrun [options] --nproc_per_node=N [options] -m titan.train ARGS`: run as ARGS on N spawned processes (below).
+TORCHRUN_TRAIN = re.compile(r"^torchrun (?:--\S+ )*--nproc_per_node=(\d+) (?:--\S+ )*-m titan\.train (.*)$")
+STEPS = "--training.steps 2"
 
 
 def bash_blocks(path: Path) -> list[str]:
@@ -62,6 +70,18 @@ def test_docs_have_runnable_commands():
     assert {"README.md", "getting_started.md", "config.md", "parallelism.md"} <= pages
 
 
+def torchrun_commands() -> dict[str, tuple[int, list[str]]]:
+    """The pages' `torchrun ... -m titan.train` commands (but RUN_ELSEWHERE's): {command: (--nproc_per_node, its
+    titan.train arguments + STEPS)}. tests/test_parallel.py runs them in its spawns of that many gloo processes,
+    with torchrun's environment (a torchrun launch each cost 20-80 s here); tests/test_launch.py runs torchrun."""
+    found = {}
+    for page, command in doc_commands():
+        if (m := TORCHRUN_TRAIN.match(command)) and command not in RUN_ELSEWHERE:
+            assert not [c for p, c in doc_commands() if p == page and PREPARE in c], f"{page}: prepares data"
+            found[command] = (int(m[1]), [*shlex.split(m[2]), *STEPS.split()])
+    return found
+
+
 @pytest.mark.parametrize("page, command", doc_commands())
 def test_doc_command_runs(tmp_path, page, command):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -81,11 +101,14 @@ def test_doc_command_runs(tmp_path, page, command):
         output = command.split("--output", 1)[1].split()[0]
         assert (REPO / output / "manifest.json").is_file()
         return
+    if TORCHRUN_TRAIN.match(command):
+        assert command in torchrun_commands() and "torchrun_commands()" in (REPO / "tests/test_parallel.py").read_text()
+        return
     for prerequisite in [c for p, c in doc_commands() if p == page and PREPARE in c]:
         run(prerequisite)
     help_only = "--help" in command
     plans = "--dry_run" in command or "scripts/plan.py" in command  # they train nothing: check their report
-    out = run(command + ("" if help_only or plans else f" --training.steps 2 --job.dump_folder {tmp_path}"))
+    out = run(command + ("" if help_only or plans else f" {STEPS} --job.dump_folder {tmp_path}"))
     if help_only:
         assert "usage:" in out.stdout
     elif plans:

@@ -139,10 +139,10 @@ def runs(tmp_path_factory):
             assert main(_argv(root / name, *extra)) == 0
     finally:
         torch.set_num_threads(threads)
-    # Context parallel in processes of its own (see tests/test_parallel.py: mesh state outlives a process group).
-    for cp in (False, True):
-        run_layouts(2, [_argv(root / f"{name}_{layout}", *extra, *LAYOUT_ARGS[layout])
-                        for name, (extra, layouts) in RUNS.items() for layout in layouts if (layout == "cp2") == cp])
+    # One spawn; context parallel first (see tests/test_parallel.py: mesh state outlives a process group).
+    runs = [(name, extra, layout) for name, (extra, layouts) in RUNS.items() for layout in layouts]
+    run_layouts(2, [_argv(root / f"{name}_{layout}", *extra, *LAYOUT_ARGS[layout])
+                    for name, extra, layout in sorted(runs, key=lambda r: r[2] != "cp2")])
     return root
 
 

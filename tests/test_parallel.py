@@ -5,14 +5,19 @@ single-process run: FSDP with AC and compile, HSDP, TP (+SP, loss parallel), PP 
 
 The global batch (8 sequences) and seed are fixed, so every layout sees the same samples per step and starts from
 the same weights (titan.parallel.parallelize.materialize); only the split of work over ranks differs.
+
+The same spawns also run the docs' `torchrun ... -m titan.train` commands for 2 steps (tests/test_docs.py leaves
+them here: one spawn per world size instead of a torchrun launch each).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts
+from test_docs import torchrun_commands
 
 from titan.parallel.pipeline import schedule_names
 from titan.train import main
@@ -99,17 +104,25 @@ def runs(tmp_path_factory):
     """Metrics of the single-process reference and of every layout (grouped by world size: one spawn each)."""
     root = tmp_path_factory.mktemp("layouts")
     assert main(_argv(root / "reference")) == 0 and main(_argv(root / "qwen3_reference")) == 0
-    # One spawn per world size runs its layouts one after another; context-parallel layouts get processes of their
-    # own: after an FSDP x TP run, a CP x TP run in the same processes finds a destroyed process group through
-    # DeviceMesh state that outlives destroy_process_group (torch 2.13; a real run builds one mesh per process).
-    groups = sorted({(w, _is_cp(n)) for n, (w, _, _) in LAYOUTS.items()})
-    for world, cp in groups:
-        names = [n for n, (w, _, _) in LAYOUTS.items() if w == world and _is_cp(n) == cp]
-        if world == 1:
-            assert all(main(_argv(root / n, LAYOUTS[n][2])) == 0 for n in names)
-        else:
-            run_layouts(world, [_argv(root / n, LAYOUTS[n][2]) for n in names])
-    return {n: read_metrics(root / n, validation=True) for n in ["reference", "qwen3_reference", *LAYOUTS]}
+    assert all(main(_argv(root / n, extra)) == 0 for n, (w, _, extra) in LAYOUTS.items() if w == 1)
+    spawns = {}  # world size -> [(is context parallel, argv)]
+    for n, (world, _, extra) in LAYOUTS.items():
+        spawns.setdefault(world, []).append((_is_cp(n), _argv(root / n, extra)))
+    for i, (command, (world, args)) in enumerate(torchrun_commands().items()):
+        spawns[world].append((CP[0] in command, [*args, "--job.dump_folder", str(root / f"docs{i}")]))
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the docs' paths are relative to the repository; spawned processes inherit the directory
+    try:
+        for world, argvs in sorted(spawns.items()):
+            if world > 1:
+                # One spawn per world size runs its layouts one after another, context-parallel ones first: after
+                # an FSDP x TP run, a CP run in the same processes finds a destroyed process group through mesh
+                # state that outlives destroy_process_group (torch 2.13; a real run builds one mesh per process).
+                run_layouts(world, [argv for _, argv in sorted(argvs, key=lambda a: not a[0])])
+    finally:
+        os.chdir(cwd)
+    names = ["reference", "qwen3_reference", *LAYOUTS, *(f"docs{i}" for i in range(len(torchrun_commands())))]
+    return {n: read_metrics(root / n, validation=True) for n in names}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -123,6 +136,12 @@ def test_layout_matches_single_process(runs, layout):
     assert len(val_got) == ("--validation.enable" not in LAYOUTS[layout][2])
     if LAYOUTS[layout][1] == 1 and val_got:
         assert max_rel_diff(val_got, val_ref) < TOL
+
+
+@pytest.mark.parametrize("i, command", list(enumerate(torchrun_commands())),
+                         ids=[c.split("titan.train ")[1][:60] for c in torchrun_commands()])
+def test_docs_torchrun_command_trains(runs, i, command):
+    assert [r["step"] for r in runs[f"docs{i}"] if "loss" in r] == [1, 2], command
 
 
 @pytest.mark.parametrize("reference", ["reference", "qwen3_reference"])
