@@ -92,9 +92,9 @@ class Job:
 @dataclass
 class Model:
     # The choices are the keys of titan.models.FAMILIES (tests/test_models.py checks that they agree).
-    name: str = opt("llama3", "model family (see docs/models.md)", choices=("llama3", "qwen3"))
+    name: str = opt("llama3", "model family (see docs/models.md)", choices=("llama3", "qwen3", "qwen3_moe"))
     flavor: str = opt("debugmodel", "size preset from the family's flavors table (e.g. debugmodel, 1B, 8B, 70B; "
-                      "qwen3: 0.6B ... 32B)")
+                      "qwen3: 0.6B ... 32B; qwen3_moe: 30B-A3B, 235B-A22B)")
     tokenizer_path: str = opt(
         "", "tiktoken rank file (e.g. a Llama 3 tokenizer.model), a Hugging Face tokenizer.json (needs the hf "
         "extra), or a folder holding either; empty = the shipped 4k-token debug tokenizer, debug_chat = the same "
@@ -219,6 +219,21 @@ class ActivationCheckpoint:
     selective_ac_option: str = opt(
         "op", "selective mode: 'op' (save matmul/attention outputs, recompute the rest) or N (every N-th block)"
     )
+
+
+@dataclass
+class MoE:
+    """Mixture-of-Experts families only (qwen3_moe; docs/moe.md): a key changed on a dense family is an error."""
+
+    n_experts: int = opt(0, "routed experts per MoE layer; 0 = the flavor's", valid=NON_NEGATIVE)
+    top_k: int = opt(0, "experts each token is routed to; 0 = the flavor's", valid=NON_NEGATIVE)
+    aux_loss_coef: float = opt(
+        0.001, "weight of the sequence-wise auxiliary balance loss (0 = off; Qwen3-MoE's router_aux_loss_coef)",
+        valid=NON_NEGATIVE)
+    bias_update_rate: float = opt(
+        0.0, "auxiliary-loss-free balancing: each optimizer step moves every expert's routing bias by this towards "
+        "balance (0 = off; DeepSeek-V3 uses 0.001)", valid=NON_NEGATIVE)
+    grouped_mm: bool = opt(True, "experts in torch._grouped_mm calls where the inputs allow it, else a loop")
 
 
 @dataclass
@@ -410,6 +425,7 @@ class Config:
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
+    moe: MoE = field(default_factory=MoE)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)

@@ -2,19 +2,20 @@
 dict. The loop (titan/train.py), the parallel axes, checkpoints, Hugging Face import/export (titan/hf.py) and the
 scripts find a model's pieces here or through its arguments (`args.family`), and never import a family directly.
 
-A family is a short module (titan/models/llama.py, qwen3.py) declaring an args dataclass of the shared decoder
-(titan/models/layers.py), a flavors table and a `DecoderAdapter`; docs/models.md shows how to add one. Nothing here
-knows about distribution: the parallel axes follow the model's module names (titan/parallel/).
+A family is a short module (titan/models/llama.py, qwen3.py, qwen3_moe.py) declaring an args dataclass of the
+shared decoder (titan/models/layers.py), a flavors table and a `DecoderAdapter`; docs/models.md shows how to add
+one. Nothing here knows about distribution: the parallel axes follow the model's module names (titan/parallel/).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from torch import nn
 
+from titan import config
 from titan.config import ConfigError
-from titan.models import llama, qwen3
+from titan.models import llama, qwen3, qwen3_moe
 from titan.models.hf_adapter import DecoderAdapter
 from titan.models.layers import Transformer, TransformerArgs
 
@@ -27,10 +28,16 @@ class ModelFamily:
     model: type[nn.Module]  # model(args); built on the meta device by the caller
     hf: DecoderAdapter  # config.json `model_type`, tensor names and permutations, config.json both ways
 
+    @property
+    def moe(self) -> bool:
+        """Whether its layers are Mixture-of-Experts (the [moe] section applies)."""
+        return any(hasattr(a, "n_experts") for a in self.flavors.values())
+
 
 FAMILIES: dict[str, ModelFamily] = {
     "llama3": ModelFamily("llama3", "Llama 3", llama.FLAVORS, Transformer, llama.HF),
     "qwen3": ModelFamily("qwen3", "Qwen3", qwen3.FLAVORS, Transformer, qwen3.HF),
+    "qwen3_moe": ModelFamily("qwen3_moe", "Qwen3-MoE", qwen3_moe.FLAVORS, qwen3_moe.MoETransformer, qwen3_moe.HF),
 }
 
 
@@ -45,9 +52,11 @@ def family_of(args: TransformerArgs) -> ModelFamily:
     return FAMILIES[args.family]
 
 
-def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, **overrides) -> TransformerArgs:
+def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, moe: config.MoE | None = None,
+               **overrides) -> TransformerArgs:
     """The arguments of model.name's `flavor`, with the vocabulary set from the tokenizer (where the flavor takes it
-    from there; else the tokenizer must fit in the flavor's) and other fields replaced by `overrides`."""
+    from there; else the tokenizer must fit in the flavor's), the [moe] section's settings (`moe`) and other fields
+    replaced by `overrides`."""
     fam = family(name)
     if flavor not in fam.flavors:
         raise ConfigError(f"model.flavor={flavor!r} is not one of {', '.join(fam.flavors)} (model.name={name})")
@@ -58,7 +67,25 @@ def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, **
         elif tokenizer_vocab > args.vocab_size:
             raise ConfigError(f"model.tokenizer_path: the tokenizer has {tokenizer_vocab} tokens, more than the "
                               f"{args.vocab_size} rows of {name} {flavor}'s embedding")
+    if moe is not None:
+        overrides = {**moe_settings(args, moe, f"{name} {flavor}"), **overrides}
     return replace(args, **overrides)
+
+
+def moe_settings(args: TransformerArgs, moe: config.MoE, what: str) -> dict:
+    """The [moe] section as argument overrides of a Mixture-of-Experts flavor; on a dense one, any changed key is a
+    ConfigError naming it."""
+    changed = [f.name for f in fields(moe) if getattr(moe, f.name) != f.default]
+    if not hasattr(args, "n_experts"):
+        if changed:
+            raise ConfigError(f"moe.{changed[0]} is set, but {what} is a dense model (the [moe] keys are for "
+                              f"Mixture-of-Experts families: {', '.join(n for n, f in FAMILIES.items() if f.moe)})")
+        return {}
+    n_experts, top_k = moe.n_experts or args.n_experts, moe.top_k or args.top_k
+    if top_k > n_experts:
+        raise ConfigError(f"moe.top_k={top_k} is larger than the {n_experts} experts of {what}")
+    return {"n_experts": n_experts, "top_k": top_k, "aux_loss_coef": moe.aux_loss_coef,
+            "bias_update_rate": moe.bias_update_rate, "grouped_mm": moe.grouped_mm}
 
 
 def build_model(args: TransformerArgs) -> nn.Module:

@@ -54,19 +54,20 @@ def _hf_config(args: Qwen3Args) -> dict:
             "use_sliding_window": False}
 
 
-def _args_from_hf(config: dict, where: str) -> Qwen3Args:
+def _args_from_hf(config: dict, where: str, cls: type[Qwen3Args] = Qwen3Args, **extra) -> Qwen3Args:
+    """`cls` and `extra`: a family built on Qwen3's (qwen3_moe) adds its own fields."""
     sizes = decoder_sizes(config, where)
     scaling = rope_settings(config)[1]
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type"))
-        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported for qwen3 (titan's Qwen3 uses "
+        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported for {cls.family} (titan's Qwen3 uses "
                           f"plain RoPE, as the official checkpoints do)")
     if config.get("use_sliding_window", False):
         raise ConfigError(f"{where}: use_sliding_window=true is not supported (titan attends over the whole "
                           f"sequence)")
     try:
-        return Qwen3Args(**sizes, head_dim=config.get("head_dim") or sizes["dim"] // sizes["n_heads"],
-                         ffn_hidden_dim=config["intermediate_size"])
+        return cls(**sizes, head_dim=config.get("head_dim") or sizes["dim"] // sizes["n_heads"],
+                   ffn_hidden_dim=config["intermediate_size"], **extra)
     except KeyError as e:
         raise ConfigError(f"{where}: config.json has no {e.args[0]!r}") from None
 

@@ -1,0 +1,338 @@
+"""Mixture-of-Experts feed-forward for one device: a token-choice top-k router, grouped SwiGLU experts, the
+sequence-wise auxiliary balance loss and the auxiliary-loss-free expert-bias update (DeepSeek-V3), dropless (no
+capacity, no token dropped). docs/moe.md explains the routing and balancing; a family (titan/models/qwen3_moe.py)
+puts an `MoE` where the shared decoder has its `FeedForward`.
+
+Nothing here knows about processes: expert parallelism (titan/parallel/expert_parallel.py) and the ranks that split
+a sequence (context and tensor parallelism) reach in from outside through two seams:
+
+  `MoE.experts(x_sorted, counts)`  every routed token row, sorted by expert, and the rows per expert: a pre-hook may
+      move them to the experts' owners and a post-hook bring the outputs back in the same order;
+  `MoE.load(counts)`  this rank's tokens per (sequence, expert): a forward hook may sum them over the ranks that
+      hold other parts of the same sequences, so that the balance statistics are those of whole sequences.
+
+The loop's side of balancing is two calls: `set_aux_loss_scale(model_parts, 1 / n_items)` before each micro-batch's
+forward and `end_of_step(model_parts, reduce, update)` after each optimizer step (see their docstrings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan.models.layers import FeedForward
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experts
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these inputs (torch 2.13): fp32/bf16/fp16; every stride but the last a
+    multiple of 16 bytes (so `dim` and the expert width must be multiples of 4 in fp32, 8 in bf16); on CUDA only bf16
+    on compute capability 9.0 and up (sm90's kernel), which is where it pays."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
+        return False
+    return all(s * t.element_size() % 16 == 0 for t in (x, *weights) for s in t.stride()[:-1])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: `_grouped_mm`'s backward rejects expanded gradients
+    (e.g. of a `.sum()`; torch 2.13, "Invalid strides/sizes")."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class GroupedExperts(nn.Module):
+    """`n_experts` SwiGLU experts stored stacked: w1 (gate) and w3 (up) [n_experts, hidden, dim], w2 (down)
+    [n_experts, dim, hidden], i.e. each expert's nn.Linear weights, so expert j is w2[j](silu(w1[j] x) * w3[j] x).
+
+    `forward(x [T, dim], counts [n_local] int64) -> [T, dim]`: the rows of x sorted by expert (the first counts[0]
+    rows go to local expert 0, ...), counts summing to T, n_local = the leading size of the weights held at call
+    time (expert parallelism hands each rank its slice). An expert with no rows is fine. `grouped_mm=True` computes
+    all experts in three `torch._grouped_mm` calls where the inputs allow it (`grouped_mm_supported`), else the
+    per-expert loop, which is also the reference the tests compare against."""
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, grouped_mm: bool = True):
+        super().__init__()
+        self.grouped_mm = grouped_mm
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if self.grouped_mm and grouped_mm_supported(x, w1, w2, w3):
+            return self._grouped(x, counts, w1, w2, w3)
+        return self._loop(x, counts, w1, w2, w3)
+
+    @staticmethod
+    def _grouped(x, counts, w1, w2, w3) -> torch.Tensor:
+        # Cumulative row ends per expert, int32 as _grouped_mm wants; rows past the last end would be left
+        # unwritten, which counts summing to T rules out.
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        x = _ContiguousGrad.apply(x)
+        h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)) * \
+            torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
+        return _ContiguousGrad.apply(torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs))
+
+    @staticmethod
+    def _loop(x, counts, w1, w2, w3) -> torch.Tensor:
+        outs = []
+        for j, rows in enumerate(x.split(counts.tolist())):  # .tolist(): one host sync per layer
+            outs.append(F.linear(F.silu(F.linear(rows, w1[j])) * F.linear(rows, w3[j]), w2[j]))
+        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+
+    def init_weights(self, init_std: float):
+        nn.init.trunc_normal_(self.w1, mean=0.0, std=0.02)
+        for w in (self.w2, self.w3):
+            nn.init.trunc_normal_(w, mean=0.0, std=init_std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Router
+
+
+class Router(nn.Module):
+    """Token-choice top-k: scores = softmax (Qwen3-MoE) or sigmoid (DeepSeek-V3) of `gate(x)`, in fp32. The top-k
+    experts are chosen on scores + `expert_bias` (a persistent fp32 buffer, zeros unless the bias update moves it);
+    the weights are the unbiased scores of the chosen experts, renormalised to sum to 1 when `norm_topk_prob`.
+
+    `forward(x [T, dim]) -> (weights [T, k] fp32, experts [T, k] int64, scores [T, n_experts] fp32)`; the scores
+    (normalised over the experts for sigmoid) feed the auxiliary loss."""
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, score_func: str = "softmax", norm_topk_prob: bool = True):
+        super().__init__()
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func={score_func!r} is not one of {SCORE_FUNCS}")
+        self.top_k, self.score_func, self.norm_topk_prob = top_k, score_func, norm_topk_prob
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.gate(x).float()
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        experts = torch.topk(scores.detach() + self.expert_bias, self.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.score_func == "sigmoid":  # the balance loss wants a distribution over the experts per token
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        return weights, experts, scores
+
+    def init_weights(self):
+        nn.init.trunc_normal_(self.gate.weight, mean=0.0, std=0.02)
+        self.expert_bias.zero_()
+
+
+class TokenLoad(nn.Module):
+    """Hook point for the routing statistics; the identity in one process.
+
+    `forward(counts) -> counts`: `counts` is an int64 tensor [batch, n_experts], how many of this rank's tokens of
+    each sequence (row of the micro-batch) chose each expert (each token counts once for each of its top-k
+    experts). A forward hook on this module (`register_forward_hook`) may return a replacement of the same shape and
+    dtype: the sum over the ranks that hold other tokens of the same sequences (context parallelism, tensor
+    parallelism's sequence shards), so that every such rank sees whole-sequence counts. Everything downstream (the
+    auxiliary loss, `tokens_per_expert`, the bias update, the metrics) reads what this returns; the tokens this rank
+    routes are still its own."""
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        return counts
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """Returns `out` unchanged; in backward also gives `aux` (a summed auxiliary loss) the gradient `scale`, as if
+    `aux * scale` had been added to the loss. This way the loss code and the pipeline schedules need not know about
+    it (Megatron-LM's MoEAuxLossAutoScaler does the same)."""
+
+    @staticmethod
+    def forward(ctx, out, aux, scale):
+        ctx.save_for_backward(scale)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad, scale.to(grad.dtype if grad.dtype.is_floating_point else torch.float32), None
+
+
+class MoE(nn.Module):
+    """The Mixture-of-Experts feed-forward: route each token to its top-k experts, run every expert on its tokens
+    (sorted by expert, one grouped matmul), weight and sum the k outputs per token, plus the optional shared expert
+    (with a sigmoid gate if `shared_gate`, as Qwen2-MoE). Dropless: every token reaches all its k experts whatever
+    the imbalance.
+
+    `forward(x [batch, seq, dim]) -> [batch, seq, dim]`. While training (and grad enabled) it adds the reduced
+    counts to `tokens_per_expert` (non-persistent fp32 [n_experts], reset by `end_of_step`) and, with
+    `aux_loss_coef > 0`, attaches the sequence-wise balance loss's gradient:
+
+        aux = coef * sum over tokens t of  sum_i f[b(t), i] * s[t, i],   f[b, i] = E / (K * S_b) * count[b, i]
+
+    with s the router's scores, count the whole-sequence counts (through `load`), S_b the sequence's tokens, E
+    experts, K = top_k. Summed over a sequence's tokens it is S_b times DeepSeek-V3's sequence-wise loss
+    sum_i f_i P_i; dividing by the loop's global item count (`set_aux_loss_scale`) gives its mean over sequences,
+    the same for every split of the batch over ranks and micro-batches (docs/moe.md)."""
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, *, score_func: str = "softmax",
+                 norm_topk_prob: bool = True, shared_hidden_dim: int = 0, shared_gate: bool = False,
+                 grouped_mm: bool = True, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
+        self.router = Router(dim, n_experts, top_k, score_func, norm_topk_prob)
+        self.load = TokenLoad()
+        self.experts = GroupedExperts(dim, hidden_dim, n_experts, grouped_mm)
+        self.shared_expert = FeedForward(dim, shared_hidden_dim) if shared_hidden_dim else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_hidden_dim and shared_gate else None
+        self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
+        self.register_buffer("aux_loss_scale", torch.zeros(()), persistent=False)  # 1 / the step's item count
+        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)  # this step's, for the metrics
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs, seqlen, dim = x.shape
+        tokens = x.reshape(-1, dim)
+        weights, experts, scores = self.router(tokens)
+        flat = experts.flatten()  # token t's k choices at rows t*k ... t*k + k-1
+        order = torch.argsort(flat, stable=True)  # rows sorted by expert; stable: deterministic order
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        routed = self.experts(tokens[order // self.top_k], counts)
+        # Back to (token, choice) order, weighted and summed over the k choices, in the activations' dtype.
+        out = torch.empty_like(routed).index_copy_(0, order, routed)
+        out = (out.view(-1, self.top_k, dim) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)
+            out = out + (shared if self.shared_gate is None else F.sigmoid(self.shared_gate(tokens)) * shared)
+        out = out.view(bs, seqlen, dim)
+        if self.training and torch.is_grad_enabled():
+            out = self._balance(out, experts.view(bs, -1), scores.view(bs, seqlen, -1))
+        return out
+
+    def _balance(self, out: torch.Tensor, experts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Count the step's load and attach the auxiliary loss (see the class docstring)."""
+        bs = experts.shape[0]
+        rows = torch.arange(bs, device=experts.device).unsqueeze(1) * self.n_experts
+        local = torch.bincount((rows + experts).flatten(), minlength=bs * self.n_experts).view(bs, -1)
+        counts = self.load(local)
+        # Activation checkpointing runs this again inside backward: the same graph (its saved tensors must match),
+        # but the statistics were counted the first time.
+        count = not _recomputing()
+        if count:
+            with torch.no_grad():
+                self.tokens_per_expert += counts.sum(dim=0).float()
+        if self.aux_loss_coef <= 0:
+            return out
+        seq_tokens = counts.sum(dim=1, keepdim=True).float() / self.top_k  # S_b, whole sequences
+        f = counts.float() * (self.n_experts / self.top_k) / seq_tokens.clamp(min=1)
+        aux = self.aux_loss_coef * (scores * f.unsqueeze(1)).sum()
+        if count:
+            with torch.no_grad():
+                self.aux_loss_sum += aux.detach()
+        return _AuxLossGrad.apply(out, aux, self.aux_loss_scale)
+
+    def init_weights(self, init_std: float):
+        self.router.init_weights()
+        self.experts.init_weights(init_std)
+        if self.shared_expert is not None:
+            self.shared_expert.init_weights(init_std)
+        if self.shared_gate is not None:
+            nn.init.trunc_normal_(self.shared_gate.weight, mean=0.0, std=0.02)
+        self.init_buffers()
+
+    def init_buffers(self):
+        """The non-persistent statistics (after `to_empty`, or to reset them)."""
+        for buf in (self.tokens_per_expert, self.aux_loss_scale, self.aux_loss_sum):
+            buf.zero_()
+
+
+def _recomputing() -> bool:
+    # Inside backward: activation checkpointing's recomputation (torch 2.13 has no public flag for it).
+    return torch._C._current_graph_task_id() != -1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop's side: loss scale, bias update, statistics
+
+
+def moe_layers(model_parts: Iterable[nn.Module]) -> list[tuple[str, MoE]]:
+    """(layer name, MoE) of every MoE layer this rank holds, in model order."""
+    return [(name.removesuffix(".feed_forward"), m) for part in model_parts for name, m in part.named_modules()
+            if isinstance(m, MoE)]
+
+
+def set_aux_loss_scale(model_parts: Iterable[nn.Module], scale: torch.Tensor | float) -> None:
+    """What the auxiliary loss's sum is multiplied by in backward: 1 / the loop's global item count, the same
+    normalisation as the summed LM loss. Set before the step's first forward (the same for all its micro-batches)."""
+    for _, m in moe_layers(model_parts):
+        m.aux_loss_scale.fill_(scale)
+
+
+@torch.no_grad()
+def update_expert_bias(layer: MoE, load: torch.Tensor) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing: raise the selection bias of under-loaded experts and lower it
+    for over-loaded ones by `bias_update_rate`, from the step's global load [n_experts]. Not a gradient."""
+    if layer.bias_update_rate > 0:
+        layer.router.expert_bias += layer.bias_update_rate * torch.sign(load.mean() - load)
+
+
+@torch.no_grad()
+def end_of_step(model_parts: Iterable[nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                update: bool = True) -> dict[str, torch.Tensor]:
+    """After the optimizer step: the step's global load per layer (`tokens_per_expert` of every layer stacked,
+    summed by `reduce` over the data-parallel ranks, one collective; None = one process), the expert-bias update
+    (when `update`, i.e. the step was not skipped), then the statistics are reset. Returns {layer name: load
+    [n_experts] fp32} for the metrics (`load_metrics`)."""
+    layers = moe_layers(model_parts)
+    if not layers:
+        return {}
+    loads = torch.stack([m.tokens_per_expert for _, m in layers])
+    if reduce is not None:
+        loads = reduce(loads)
+    for (_, m), load in zip(layers, loads):
+        if update:
+            update_expert_bias(m, load)
+        m.tokens_per_expert.zero_()
+    return {name: load for (name, _), load in zip(layers, loads)}
+
+
+def take_aux_loss(model_parts: Iterable[nn.Module]) -> torch.Tensor | None:
+    """This rank's summed auxiliary loss of the step over its MoE layers (None without any), then reset; the loop
+    sums it over ranks and divides by the item count to log it next to the LM loss."""
+    layers = moe_layers(model_parts)
+    if not layers:
+        return None
+    total = sum(m.aux_loss_sum.clone() for _, m in layers)
+    for _, m in layers:
+        m.aux_loss_sum.zero_()
+    return total
+
+
+def load_metrics(loads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer, max / mean of the tokens per expert (1 = balanced), and the largest over the layers."""
+    if not loads:
+        return {}
+    imbalance = {f"moe_imbalance/{name}": (load.max() / load.mean().clamp(min=1e-9)).item()
+                 for name, load in loads.items()}
+    return {"moe_max_imbalance": max(imbalance.values()), **imbalance}
+
+
+def active_params(model: nn.Module) -> int:
+    """Parameters one token uses: all of them less the (n_experts - top_k) / n_experts of every MoE layer's routed
+    experts that it does not reach (tied weights counted once)."""
+    total = sum(p.numel() for p in model.parameters())
+    for _, m in moe_layers([model]):
+        routed = sum(p.numel() for p in m.experts.parameters())
+        total -= routed * (m.n_experts - m.top_k) // m.n_experts
+    return total
