@@ -5,12 +5,16 @@ parallelism's layouts are tested against these single-process runs in tests/test
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_utils import REPO, read_metrics
+from dist_utils import REPO, read_metrics, rel_error
 
-from titan import models
+from titan import hf, models
 from titan.config import ConfigError
 from titan.config import MoE as MoEConfig
 from titan.models import moe
@@ -127,19 +131,26 @@ def test_dropless_when_every_token_chooses_the_same_experts():
     assert torch.allclose(out.reshape(-1, 8), want, atol=1e-6)
 
 
-def test_token_load_hook_sees_per_sequence_counts_and_its_result_is_used():
+def test_token_load_hook_sees_per_sequence_counts_and_the_aux_loss_uses_its_result():
     m = _moe(n=4, k=2, aux_loss_coef=0.1)
     seen = []
+    # Another rank holds 5 more tokens of each sequence, each routed to experts 0 and 1.
+    other = torch.tensor([[5, 5, 0, 0]] * 3)
 
     def hook(module, inputs, output):
         seen.append(output.clone())
-        return output * 2  # stands in for a sum over two ranks holding the other half of each sequence
+        return output + other  # what a sum over the two ranks gives
 
     m.load.register_forward_hook(hook)
-    m(torch.randn(3, 5, 8))
+    x = torch.randn(3, 5, 8)
+    m(x)
     (counts,) = seen
     assert counts.shape == (3, 4) and counts.dtype == torch.int64 and (counts.sum(1) == 10).all()
-    assert torch.equal(m.tokens_per_expert, 2 * counts.sum(0).float())
+    assert torch.equal(m.tokens_per_expert, counts.sum(0).float())  # its own tokens: end_of_step sums over ranks
+    _, _, scores = m.router(x.reshape(-1, 8))
+    f = (counts + other).float() * 4 / (2 * 10)  # E / (K * S) with S = 10 tokens per whole sequence
+    want = 0.1 * (scores.view(3, 5, 4) * f.unsqueeze(1)).sum()  # this rank's tokens' share of the sum
+    assert torch.allclose(m.aux_loss_sum, want.detach(), rtol=1e-6)
 
 
 def _explicit_aux(m: MoE, x: torch.Tensor, coef: float) -> torch.Tensor:
@@ -159,7 +170,7 @@ def test_aux_loss_value_and_gradient_are_the_formulas():
     x = torch.randn(3, 5, 8)
     moe.set_aux_loss_scale([m], scale)
     out = m(x)
-    aux = moe.take_aux_loss([m])
+    aux = moe.end_of_step([m], update=False)[1]
     explicit = _explicit_aux(m, x, coef)
     assert torch.allclose(aux, explicit.detach(), rtol=1e-6)
     # Balanced on average, the loss per sequence token is coef: the mean of f_i P_i sums to about 1.
@@ -183,7 +194,7 @@ def test_bias_update_moves_a_skewed_router_towards_balance():
     loads = []
     for _ in range(200):  # one forward and one bias update per "optimizer step"
         m(x)
-        loads.append(moe.end_of_step([m], update=True)[""])  # a bare MoE module's name is ""
+        loads.append(moe.end_of_step([m], update=True)[0][""])  # a bare MoE module's name is ""
 
     def imbalance(load):
         return (load.max() / load.mean()).item()
@@ -203,8 +214,8 @@ def test_end_of_step_reduces_once_resets_and_skips_the_update_when_asked():
         calls.append(t.shape)
         return t * 3
 
-    loads = moe.end_of_step([m], reduce, update=False)
-    assert calls == [(1, 4)] and loads[""].sum() == 3 * 24
+    loads, aux = moe.end_of_step([m], reduce, update=False)
+    assert calls == [(1, 5)] and loads[""].sum() == 3 * 24 and aux == 0  # aux_loss_coef 0
     assert m.tokens_per_expert.sum() == 0 and m.router.expert_bias.abs().sum() == 0
     m(torch.randn(2, 6, 8))
     moe.end_of_step([m], update=True)
@@ -251,3 +262,111 @@ def test_tiny_moe_learns(tmp_path):
     assert len(records) == 10
     first, last = records[0]["loss"], min(r["loss"] for r in records[-3:])
     assert last < first - 0.2, (first, last)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face: Qwen3MoeForCausalLM folders both ways
+
+TRANSFORMERS = "needs Hugging Face transformers (pip install transformers); titan itself does not"
+
+
+def _random_moe(vocab=300, **overrides):
+    """The tiny flavor with a dense layer between MoE layers (mlp_only_layers), non-trivial norms, sharp routing."""
+    args = models.model_args("qwen3_moe", "tiny", tokenizer_vocab=vocab, max_seq_len=64,
+                             **{"mlp_only_layers": (1,), **overrides})
+    torch.manual_seed(0)
+    model = models.build_model(args)
+    model.init_weights()
+    model.init_buffers()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if "router" in name:
+                p.mul_(20)  # distinct scores: no near-ties in the top-k choice
+    return args, model.eval()
+
+
+def test_hf_names_split_and_join_the_experts(tmp_path):
+    args, model = _random_moe()
+    folder = hf.save(model.state_dict(), args, tmp_path, bos_id=None, eos_id=2)
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["architectures"], config["num_experts"], config["num_experts_per_tok"], config["mlp_only_layers"],
+            config["norm_topk_prob"], config["moe_intermediate_size"]) == (["Qwen3MoeForCausalLM"], 8, 2, [1], True,
+                                                                            32)
+    tensors = hf.read_safetensors(folder)
+    assert tensors["model.layers.0.mlp.experts.7.down_proj.weight"].shape == (64, 32)
+    assert torch.equal(tensors["model.layers.2.mlp.experts.3.gate_proj.weight"],
+                       model.layers["2"].feed_forward.experts.w1[3])
+    assert "model.layers.1.mlp.gate_proj.weight" in tensors and "model.layers.1.mlp.gate.weight" not in tensors
+    assert not any("expert_bias" in k for k in tensors)
+    back_args, state = hf.load(folder)
+    assert back_args == replace(args, max_seq_len=back_args.max_seq_len, aux_loss_coef=back_args.aux_loss_coef)
+    ours = {k: v for k, v in model.state_dict().items() if "expert_bias" not in k}
+    assert state.keys() == ours.keys() and all(torch.equal(state[k], ours[k]) for k in ours)
+
+
+def test_transformers_loads_the_qwen3_moe_export(tmp_path):
+    transformers = pytest.importorskip("transformers", reason=TRANSFORMERS)
+    args, model = _random_moe()
+    folder = hf.save(model.state_dict(), args, tmp_path, bos_id=None, eos_id=2)
+    theirs_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert type(theirs_model).__name__ == "Qwen3MoeForCausalLM"
+    tokens = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(tokens), theirs_model(tokens).logits
+    assert rel_error(theirs, ours) < 1e-4
+
+
+def test_transformers_qwen3_moe_checkpoint_imports_into_titan(tmp_path):
+    transformers = pytest.importorskip("transformers", reason=TRANSFORMERS)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=300, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], max_position_embeddings=64)
+    torch.manual_seed(0)
+    theirs_model = transformers.Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in theirs_model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            if "mlp.gate." in name or name.endswith("mlp.gate.weight"):
+                p.normal_(std=1.0)  # HF initialises the router to zeros: give it distinct scores
+            if "experts" in name:
+                p.normal_(std=0.1)
+    theirs_model.save_pretrained(str(tmp_path))
+    args, state = hf.load(tmp_path)
+    assert (args.family, args.n_experts, args.top_k, args.moe_hidden_dim, args.mlp_only_layers) == \
+        ("qwen3_moe", 6, 2, 24, (1,))
+    model = models.build_model(args)
+    model.init_buffers()
+    model.load_state_dict(state, strict=False)
+    assert set(model.state_dict()) - set(state) == {f"layers.{i}.feed_forward.router.expert_bias" for i in (0, 2)}
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model.eval()(tokens), theirs_model(tokens).logits
+    assert rel_error(ours, theirs) < 1e-4
+
+
+def test_hf_folder_with_other_experts_is_one_line_exit_2(tmp_path, capsys):
+    args, model = _random_moe(vocab=4096, n_experts=4, mlp_only_layers=())
+    folder = hf.save(model.state_dict(), args, tmp_path / "hf", bos_id=None, eos_id=2)
+    argv = ["--config", TINY_MOE, "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "1",
+            "--checkpoint.initial_load_path", str(folder), "--checkpoint.initial_load_in_hf"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json has n_experts=4" in err[0] and "has 8" in err[0], err
+
+
+@pytest.mark.parametrize("change, field", [({"norm_topk_prob": False}, "norm_topk_prob=False"),
+                                           ({"num_experts_per_tok": 3}, "top_k=3"),
+                                           ({"num_experts": 6}, "n_experts=6"),
+                                           ({"num_experts_per_tok": 9}, "top_k=9 must be in 1 ... n_experts=8")])
+def test_hf_folder_with_other_routing_is_refused(tmp_path, change, field):
+    args, model = _random_moe()
+    folder = hf.save(model.state_dict(), args, tmp_path, bos_id=None, eos_id=2)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ConfigError, match=re.escape(field)) as e:
+        hf.check_compatible(args, hf.load(folder)[0], "checkpoint.initial_load_path")
+    assert "\n" not in str(e.value)

@@ -120,7 +120,8 @@ class MetricsLogger:
     resumed from a checkpoint): each run has its own dump folder and the
     file describes that run. It gets one JSON object per logged step (`step`, `loss`, `grad_norm`, `lr`, `tps`,
     `tps_per_device`, `mfu` (percent, null without a known peak), `step_time`, `data_time` (when the loop passes it),
-    `memory_gib`, extras such as `skipped_steps`) and `{"step", "val_loss", ...}` per validation, flushed line by
+    `memory_gib`, extras such as `skipped_steps`; an extra that is a dict, e.g. MoE's `expert_load`, goes to the file
+    and TensorBoard but not the printed line) and `{"step", "val_loss", ...}` per validation, flushed line by
     line so a crash keeps what was logged.
     Non-finite values are written as NaN / Infinity, which Python's json reads back.
     """
@@ -178,7 +179,8 @@ class MetricsLogger:
         self._logged_any = True
         # float() here, not per step: a caller may pass 0-d tensors and pay the device sync only on logged steps.
         loss, grad_norm, lr = float(loss), float(grad_norm), float(lr)
-        extra = {k: float(v) for k, v in extra.items()}
+        details = {k: _plain(v) for k, v in extra.items() if isinstance(v, dict)}  # jsonl and TensorBoard only
+        extra = {k: float(v) for k, v in extra.items() if k not in details}
         # tps counts each token once, so dividing by the world size gives what each device contributes even
         # with TP / PP / CP, where several devices work on the same tokens.
         tps = self._tokens / self._time if self._time > 0 else 0.0
@@ -200,7 +202,8 @@ class MetricsLogger:
         logger.info(line)
 
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tps": tps,
-                  "tps_per_device": tps_per_device, "mfu": mfu, "step_time": avg_step_time, **timing, **mem, **extra}
+                  "tps_per_device": tps_per_device, "mfu": mfu, "step_time": avg_step_time, **timing, **mem, **extra,
+                  **details}
         self._write(record)
         if self._tb is not None:
             scalars = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr,
@@ -210,7 +213,7 @@ class MetricsLogger:
                        **{f"train/{k}": v for k, v in extra.items()}}
             if mfu is not None:
                 scalars["throughput/mfu_pct"] = mfu
-            self._tb_write(step, scalars)
+            self._tb_write(step, {**scalars, **_flatten(details, "train")})
 
     def validation(self, step: int, *, loss: float, **extra: float) -> None:
         """Record one validation result (already averaged over the validation batches and ranks)."""
@@ -252,10 +255,34 @@ class MetricsLogger:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()  # one line per log step: a crash keeps everything logged so far
 
-    def _tb_write(self, step: int, scalars: dict[str, float]) -> None:
+    def _tb_write(self, step: int, scalars: dict[str, float | list[float]]) -> None:
         for tag, value in scalars.items():
-            self._tb.add_scalar(tag, value, step)
+            if isinstance(value, list):  # e.g. a layer's tokens per expert: a histogram per step
+                self._tb.add_histogram(tag, torch.tensor(value, dtype=torch.float32), step)
+            else:
+                self._tb.add_scalar(tag, value, step)
         self._tb.flush()  # the default is every 120 s; a log step is rare enough to flush each time
+
+
+def _plain(value):
+    """Nested dicts of tensors / numbers -> the same of floats and lists of floats (for JSON)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return [float(v) for v in value.tolist()]
+    return float(value)
+
+
+def _flatten(details: dict, prefix: str) -> dict:
+    """{"expert_load": {"layers.0": {"imbalance": 1.2, "tokens": [...]}}} -> {"train/expert_load/layers.0/imbalance":
+    1.2, ...}: scalars and lists under slash-joined tags."""
+    out = {}
+    for k, v in details.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        else:
+            out[f"{prefix}/{k}"] = v
+    return out
 
 
 class StepTimer:

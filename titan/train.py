@@ -38,7 +38,7 @@ from titan.lifecycle import (
     tie_to_launcher,
 )
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops, setup_logging
-from titan.models import lora
+from titan.models import lora, moe
 from titan.models.layers import Transformer, TransformerArgs, count_params
 from titan.optim import build_lr_scheduler, build_optimizer, clip_grad_norm, honour_new_settings
 from titan.parallel import float8
@@ -119,6 +119,7 @@ class ModelParts:
     build_part: Callable[..., Transformer]  # (meta-device model or stage, adapters=...) -> the same, parallelised
     n_params: int  # of the whole model, tied weights once
     n_embedding: int
+    n_active: int  # parameters one token uses (less the experts it is not routed to)
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -187,7 +188,7 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
     # Built on the meta device, so even a 405B model costs nothing until it is sharded and materialised.
     with torch.device("meta"):
         model = models.build_model(args)
-    n_params, n_emb = count_params(model)
+    (n_params, n_emb), n_active = count_params(model), moe.active_params(model)
     compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
     loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
 
@@ -209,7 +210,7 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
         parts = pipeline.parts
     else:
         pipeline, parts = None, [build_part(model)]
-    return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb)
+    return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb, n_active)
 
 
 def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_parts: list[torch.nn.Module], optimizer,
@@ -228,7 +229,7 @@ def build_metrics(cfg: Config, args: TransformerArgs, model: ModelParts, dims: P
                   append: bool) -> MetricsLogger:
     """`append`: a resumed run continues its metrics.jsonl."""
     t = cfg.training
-    flops = num_flops_per_token(model.n_params, model.n_embedding, args.n_layers, args.n_heads, args.head_dim,
+    flops = num_flops_per_token(model.n_active, model.n_embedding, args.n_layers, args.n_heads, args.head_dim,
                                 t.seq_len)
     return MetricsLogger(
         cfg.metrics, cfg.job.dump_folder, rank=dist.get_rank(), world_size=dims.world_size, device=device,
@@ -273,9 +274,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def forward_backward(run: Run, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> torch.Tensor:
-    """One micro-batch: forward, loss = the objective's summed loss / n_items, backward; returns the detached loss.
-    Under pipeline parallelism the schedule does this for its pipeline micro-batches (the loss is 0 off the last
-    stage)."""
+    """One micro-batch: forward, loss = the objective's summed loss / n_items, backward; returns the detached loss
+    (under pipeline parallelism the schedule does this for its micro-batches; the loss is 0 off the last stage)."""
     with run.loss_context():
         if run.pipeline is not None:
             with run.autocast():  # only bf16 without FSDP autocasts; here it also spans the schedule's backward
@@ -295,8 +295,7 @@ def forward_loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train(run: Run) -> None:
-    """The loop inside the profiler's context (a no-op unless [profiling] enables traces or memory snapshots) and the
-    stop-signal handlers it polls once per step."""
+    """The loop inside the profiler's context (a no-op unless [profiling] asks) and the stop-signal handlers."""
     first_step = run.checkpointer.step + 1  # 1, or the step after a resumed checkpoint
     with Profiler(run.cfg.profiling, run.cfg.job.dump_folder, dist.get_rank(), run.device, first_step) as prof, \
             StopRequests(run.dims.world_size) as stop:
@@ -322,8 +321,8 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
         # Dividing each micro-batch's summed loss by the items (valid tokens, or DPO pairs) of the whole global
         # batch makes the gradient independent of how the batch is split over ranks and micro-steps (and FSDP sums,
         # it does not average).
-        n_items = sum(run.objective.count(b) for b in micro_batches)
-        n_items = all_reduce_sum(n_items, token_mesh)
+        n_items = all_reduce_sum(sum(run.objective.count(b) for b in micro_batches), token_mesh)
+        moe.set_aux_loss_scale(run.model_parts, 1 / n_items)  # MoE balance loss: normalised like the LM loss
 
         loss_sum = torch.zeros((), device=device)
         with timer("forward_backward"):
@@ -336,11 +335,12 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
             lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
             loss, grad_norm, skipped = guard.check(step, loss_sum, grad_norm)  # non-finite or a spike: no update
             optimizer_step(run, update=not skipped)
+            loads, aux = moe.end_of_step(run.model_parts, lambda t: all_reduce_sum(t, loss_mesh), not skipped)
 
         step_time, regions = timer.lap()  # since the previous lap, less validation
         run.metrics.step(step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step, step_time=step_time,
                          data_time=regions["data"], force=skipped, **guard.metrics(),
-                         **run.objective.metrics(token_mesh),
+                         **run.objective.metrics(token_mesh), **moe.step_metrics(loads, aux, n_items),
                          **tokens_per_source(run.train_loader, cfg.training.seq_len))
         profiler.step()
         if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout

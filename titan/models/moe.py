@@ -11,8 +11,8 @@ a sequence (context and tensor parallelism) reach in from outside through two se
   `MoE.load(counts)`  this rank's tokens per (sequence, expert): a forward hook may sum them over the ranks that
       hold other parts of the same sequences, so that the balance statistics are those of whole sequences.
 
-The loop's side of balancing is two calls: `set_aux_loss_scale(model_parts, 1 / n_items)` before each micro-batch's
-forward and `end_of_step(model_parts, reduce, update)` after each optimizer step (see their docstrings).
+The loop's side of balancing is two calls: `set_aux_loss_scale(model_parts, 1 / n_items)` before the step's
+forwards and `end_of_step(model_parts, reduce, update)` after its optimizer step (see their docstrings).
 """
 
 from __future__ import annotations
@@ -145,9 +145,9 @@ class TokenLoad(nn.Module):
     each sequence (row of the micro-batch) chose each expert (each token counts once for each of its top-k
     experts). A forward hook on this module (`register_forward_hook`) may return a replacement of the same shape and
     dtype: the sum over the ranks that hold other tokens of the same sequences (context parallelism, tensor
-    parallelism's sequence shards), so that every such rank sees whole-sequence counts. Everything downstream (the
-    auxiliary loss, `tokens_per_expert`, the bias update, the metrics) reads what this returns; the tokens this rank
-    routes are still its own."""
+    parallelism's sequence shards), so that every such rank sees whole-sequence counts. The auxiliary loss reads
+    what this returns; `tokens_per_expert` keeps this rank's own counts (`end_of_step` sums them over all ranks),
+    and the tokens this rank routes are its own."""
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         return counts
@@ -160,7 +160,7 @@ class _AuxLossGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, aux, scale):
-        ctx.save_for_backward(scale)
+        ctx.save_for_backward(scale.clone())  # the buffer is refilled each step: keep this forward's value
         return out.view_as(out)
 
     @staticmethod
@@ -175,7 +175,7 @@ class MoE(nn.Module):
     (with a sigmoid gate if `shared_gate`, as Qwen2-MoE). Dropless: every token reaches all its k experts whatever
     the imbalance.
 
-    `forward(x [batch, seq, dim]) -> [batch, seq, dim]`. While training (and grad enabled) it adds the reduced
+    `forward(x [batch, seq, dim]) -> [batch, seq, dim]`. While training (and grad enabled) it adds this rank's
     counts to `tokens_per_expert` (non-persistent fp32 [n_experts], reset by `end_of_step`) and, with
     `aux_loss_coef > 0`, attaches the sequence-wise balance loss's gradient:
 
@@ -229,9 +229,9 @@ class MoE(nn.Module):
         # Activation checkpointing runs this again inside backward: the same graph (its saved tensors must match),
         # but the statistics were counted the first time.
         count = not _recomputing()
-        if count:
+        if count:  # this rank's own tokens: `end_of_step`'s reduction adds the other ranks' once
             with torch.no_grad():
-                self.tokens_per_expert += counts.sum(dim=0).float()
+                self.tokens_per_expert += local.sum(dim=0).float()
         if self.aux_loss_coef <= 0:
             return out
         seq_tokens = counts.sum(dim=1, keepdim=True).float() / self.top_k  # S_b, whole sequences
@@ -289,43 +289,50 @@ def update_expert_bias(layer: MoE, load: torch.Tensor) -> None:
 
 @torch.no_grad()
 def end_of_step(model_parts: Iterable[nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                update: bool = True) -> dict[str, torch.Tensor]:
-    """After the optimizer step: the step's global load per layer (`tokens_per_expert` of every layer stacked,
-    summed by `reduce` over the data-parallel ranks, one collective; None = one process), the expert-bias update
-    (when `update`, i.e. the step was not skipped), then the statistics are reset. Returns {layer name: load
-    [n_experts] fp32} for the metrics (`load_metrics`)."""
+                update: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """After the optimizer step: the step's global load of every MoE layer and its summed auxiliary loss, the
+    expert-bias update (when `update`, i.e. the step was not skipped), then the statistics are reset.
+
+    One collective: `reduce` gets an fp32 tensor [n_layers, n_experts + 1] (row i: layer i's `tokens_per_expert`,
+    then its `aux_loss_sum`; zero rows for layers this rank does not hold) and must return its sum over every rank
+    that holds other tokens or other layers (data-parallel, context-parallel ranks and pipeline stages: titan's loop
+    uses its `pp_dp_cp` mesh); None in one process. Returns ({layer name: load [n_experts]} of every MoE layer of
+    the model, the step's summed auxiliary loss over all of them or None without MoE layers)."""
     layers = moe_layers(model_parts)
     if not layers:
-        return {}
-    loads = torch.stack([m.tokens_per_expert for _, m in layers])
+        return {}, None
+    args = getattr(next(iter(model_parts)), "args", None)
+    rows = [_layer_index(name) for name, _ in layers] if args is not None else list(range(len(layers)))
+    stats = torch.zeros(args.n_layers if args is not None else len(layers), layers[0][1].n_experts + 1,
+                        device=layers[0][1].tokens_per_expert.device)
+    for row, (_, m) in zip(rows, layers):
+        stats[row, :-1], stats[row, -1] = m.tokens_per_expert, m.aux_loss_sum
     if reduce is not None:
-        loads = reduce(loads)
-    for (_, m), load in zip(layers, loads):
+        stats = reduce(stats)
+    for row, (_, m) in zip(rows, layers):
         if update:
-            update_expert_bias(m, load)
-        m.tokens_per_expert.zero_()
-    return {name: load for (name, _), load in zip(layers, loads)}
+            update_expert_bias(m, stats[row, :-1])
+        m.init_buffers()
+    names = {row: name for row, (name, _) in zip(rows, layers)}
+    present = (stats[:, :-1].sum(dim=1) > 0).tolist()  # the MoE layers of every stage (one host sync)
+    loads = {names.get(i, f"layers.{i}"): stats[i, :-1] for i, p in enumerate(present) if p}
+    return loads, stats[:, -1].sum()
 
 
-def take_aux_loss(model_parts: Iterable[nn.Module]) -> torch.Tensor | None:
-    """This rank's summed auxiliary loss of the step over its MoE layers (None without any), then reset; the loop
-    sums it over ranks and divides by the item count to log it next to the LM loss."""
-    layers = moe_layers(model_parts)
-    if not layers:
-        return None
-    total = sum(m.aux_loss_sum.clone() for _, m in layers)
-    for _, m in layers:
-        m.aux_loss_sum.zero_()
-    return total
+def _layer_index(name: str) -> int:
+    return int(name.rsplit(".", 1)[-1])  # "layers.3"
 
 
-def load_metrics(loads: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per layer, max / mean of the tokens per expert (1 = balanced), and the largest over the layers."""
-    if not loads:
+def step_metrics(loads: dict[str, torch.Tensor], aux_loss_sum: torch.Tensor | None,
+                 n_items: torch.Tensor) -> dict[str, object]:
+    """What the loop logs (titan/metrics.py): `aux_loss` (per item, like the LM loss; its coefficient included),
+    `moe_max_imbalance` (the largest max / mean tokens per expert over the layers; 1 = balanced) and
+    `expert_load` {layer: {"tokens": [per expert], "imbalance": max / mean}} (metrics.jsonl and TensorBoard only)."""
+    if aux_loss_sum is None:
         return {}
-    imbalance = {f"moe_imbalance/{name}": (load.max() / load.mean().clamp(min=1e-9)).item()
-                 for name, load in loads.items()}
-    return {"moe_max_imbalance": max(imbalance.values()), **imbalance}
+    imbalance = {name: load.max() / load.mean().clamp(min=1e-9) for name, load in loads.items()}
+    return {"aux_loss": aux_loss_sum / n_items, "moe_max_imbalance": torch.stack(list(imbalance.values())).max(),
+            "expert_load": {name: {"tokens": load, "imbalance": imbalance[name]} for name, load in loads.items()}}
 
 
 def active_params(model: nn.Module) -> int:

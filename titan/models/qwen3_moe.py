@@ -107,8 +107,8 @@ _FFN_HF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 class MoEAdapter(DecoderAdapter):
     """The decoder mapping plus, per MoE layer, the router and one name per expert matrix. The names table lists
-    each expert under the per-expert name `layers.{i}.feed_forward.experts.{j}.w1.weight`, a view of row j of the
-    stacked `...experts.w1`; `to_hf` splits the stacks into those, `from_hf` stacks them back."""
+    each expert under the per-expert name `layers.{i}.feed_forward.experts.{j}.w1.weight`, row j of the stacked
+    parameter `layers.{i}.feed_forward.experts.w1`; `to_hf` splits the stacks into those, `from_hf` stacks them back."""
 
     def names(self, args: Qwen3MoeArgs) -> dict[str, str]:
         names = super().names(args)
@@ -125,7 +125,7 @@ class MoEAdapter(DecoderAdapter):
     def to_hf(self, state, args, dtype=None, partial=False):
         split = {}
         for name, w in state.items():
-            m = re.match(r"(layers\.\d+\.feed_forward\.experts)\.(w[123])\.weight$", name)
+            m = re.match(r"(layers\.\d+\.feed_forward\.experts)\.(w[123])$", name)
             if m is None:
                 split[name] = w
                 continue
@@ -141,7 +141,7 @@ class MoEAdapter(DecoderAdapter):
         stacks: dict[str, list] = {}
         for name in [k for k in state if _EXPERT.match(k)]:
             layer, j, w = _EXPERT.match(name).groups()
-            stacks.setdefault(f"layers.{layer}.feed_forward.experts.{w}.weight", []).append((int(j), state.pop(name)))
+            stacks.setdefault(f"layers.{layer}.feed_forward.experts.{w}", []).append((int(j), state.pop(name)))
         for name, rows in stacks.items():
             state[name] = torch.stack([w for _, w in sorted(rows, key=lambda r: r[0])])
         return state
@@ -166,7 +166,10 @@ def _args_from_hf(config: dict, where: str) -> Qwen3MoeArgs:
                "mlp_only_layers": tuple(config.get("mlp_only_layers") or ())}
     except KeyError as e:
         raise ConfigError(f"{where}: config.json has no {e.args[0]!r}") from None
-    return qwen3._args_from_hf(config, where, cls=Qwen3MoeArgs, **moe)
+    try:
+        return qwen3._args_from_hf(config, where, cls=Qwen3MoeArgs, **moe)
+    except ValueError as e:  # e.g. more experts per token than experts
+        raise ConfigError(f"{where}: {e}") from None
 
 
 HF = MoEAdapter(model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", config=_hf_config, args=_args_from_hf,
