@@ -256,12 +256,32 @@ def test_cli_rejects_moe_keys_on_a_dense_family(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("titan: error: moe.aux_loss_coef"), err
 
 
-def test_tiny_moe_learns(tmp_path):
+def test_tiny_moe_learns_with_balancing_logged(tmp_path):
     assert main(["--config", TINY_MOE, "--job.dump_folder", str(tmp_path)]) == 0
-    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    records = read_metrics(tmp_path)
     assert len(records) == 10
     first, last = records[0]["loss"], min(r["loss"] for r in records[-3:])
     assert last < first - 0.2, (first, last)
+    for r in records:  # coefficient 0.01 on 4 layers of a loss that is about 1 per layer near balance
+        assert 0.02 < r["aux_loss"] < 0.08 and r["moe_max_imbalance"] >= 1
+        assert sorted(r["expert_load"]) == [f"layers.{i}" for i in range(4)]
+        # 8 sequences x 32 tokens x top-2 per layer, counted once
+        assert all(sum(layer["tokens"]) == 8 * 32 * 2 for layer in r["expert_load"].values())
+
+
+def test_balancing_does_not_depend_on_the_micro_batch_split(tmp_path):
+    """The aux loss (per sequence, normalised by the global item count) and the bias update (from the step's summed
+    load) give the same steps for 4 micro-batches of 2 sequences as for one of 8."""
+    runs = {}
+    for n in (2, 8):
+        folder = tmp_path / str(n)
+        assert main(["--config", TINY_MOE, "--job.dump_folder", str(folder), "--training.steps", "4",
+                     "--training.local_batch_size", str(n), "--validation.enable", "false",
+                     "--moe.bias_update_rate", "0.01", "--moe.aux_loss_coef", "0.1"]) == 0
+        runs[n] = read_metrics(folder)
+    for key in ("loss", "grad_norm", "aux_loss", "moe_max_imbalance"):
+        a, b = [r[key] for r in runs[2]], [r[key] for r in runs[8]]
+        assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-5, (key, a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
