@@ -32,6 +32,7 @@ from titan.dry_run import run as dry_run
 from titan.memory import GiB
 from titan.metrics import num_flops_per_token
 from titan.models.layers import TransformerArgs, count_params
+from titan.models.moe import active_params
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.pipeline import build_schedule, stage_layers, stages_of_rank
 from titan.parallel.pipeline import check as check_pipeline
@@ -169,6 +170,7 @@ class Model:
             model = models.build_model(args)
         self.args = args
         self.n_params, self.n_embedding = count_params(model)
+        self.n_active = active_params(model)  # what FLOPs count: MoE experts a token does not reach are left out
         shapes = memory.named_shapes(model)
         self.block = [(n, s) for n, s in shapes if n.startswith("layers.0.")]
         self.embedding = [(n, s) for n, s in shapes if n.startswith("tok_embeddings")]
@@ -263,7 +265,7 @@ def step_time(cfg: config.Config, model: Model, layout: Layout, global_batch: in
         dp      = FSDP's all-gathers and reduce-scatters and HSDP's all-reduce, less what hides behind compute"""
     args, t = model.args, cfg.training
     dp, e = layout.dp_replicate * layout.dp_shard, config.DTYPES[t.mixed_precision_param].itemsize
-    flops = num_flops_per_token(model.n_params, model.n_embedding, args.n_layers, args.n_heads, args.head_dim,
+    flops = num_flops_per_token(model.n_active, model.n_embedding, args.n_layers, args.n_heads, args.head_dim,
                                 t.seq_len) * (1 + RECOMPUTE[layout.ac])
     compute = global_batch * t.seq_len * flops / layout.world / (hw.peak_flops * hw.mfu)
     parts = {"compute": compute}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from dist_utils import REPO, read_metrics, rel_error
 
 from titan import hf, models
-from titan.config import ConfigError
+from titan.config import MOE_FAMILIES, ConfigError
 from titan.config import MoE as MoEConfig
 from titan.models import moe
 from titan.models.moe import GroupedExperts, MoE, Router
@@ -249,11 +250,20 @@ def test_moe_settings_errors_name_the_key():
     assert (args.n_experts, args.top_k, args.aux_loss_coef) == (4, 1, 0.0)
 
 
-def test_cli_rejects_moe_keys_on_a_dense_family(tmp_path, capsys):
+def test_config_knows_which_families_are_moe():
+    assert set(MOE_FAMILIES) == {name for name, fam in models.FAMILIES.items() if fam.moe}
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["--moe.aux_loss_coef", "0.1"], "moe.aux_loss_coef is set, but llama3 tiny is a dense model"),
+    (["--model.name", "qwen3_moe", "--moe.top_k", "12"], "moe.top_k=12 is larger than the 8 experts"),
+    (["--model.name", "qwen3_moe", "--compile.enable"], "compile.enable: the Mixture-of-Experts blocks"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, start):
     assert main(["--config", str(REPO / "tests" / "configs" / "tiny.toml"), "--job.dump_folder", str(tmp_path),
-                 "--moe.aux_loss_coef", "0.1"]) == 2
+                 *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("titan: error: moe.aux_loss_coef"), err
+    assert len(err) == 1 and err[0].startswith(f"titan: error: {start}"), err
 
 
 def test_tiny_moe_learns_with_balancing_logged(tmp_path):
@@ -390,3 +400,41 @@ def test_hf_folder_with_other_routing_is_refused(tmp_path, change, field):
     with pytest.raises(ConfigError, match=re.escape(field)) as e:
         hf.check_compatible(args, hf.load(folder)[0], "checkpoint.initial_load_path")
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In the loop: checkpoints and activation checkpointing
+
+BALANCED = ["--training.steps", "4", "--validation.enable", "false", "--moe.bias_update_rate", "0.01",
+            "--moe.aux_loss_coef", "0.1"]
+
+
+def test_resume_restores_the_expert_bias_and_continues_identically(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["--config", TINY_MOE, "--job.dump_folder", str(straight), *BALANCED, "--checkpoint.enable",
+                 "--checkpoint.interval", "2"]) == 0
+    (resumed / "checkpoint").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
+    assert main(["--config", TINY_MOE, "--job.dump_folder", str(resumed), *BALANCED, "--checkpoint.enable",
+                 "--checkpoint.interval", "2"]) == 0
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in b] == [3, 4]
+    for key in ("loss", "grad_norm", "aux_loss", "moe_max_imbalance"):
+        assert [r[key] for r in a[2:]] == [r[key] for r in b], key
+    # The bias moved (it is not zero) and is in the checkpoint, not only in memory.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import Metadata
+    meta: Metadata = dcp.FileSystemReader(str(straight / "checkpoint" / "step-2")).read_metadata()
+    assert any(k.endswith("feed_forward.router.expert_bias") for k in meta.state_dict_metadata)
+
+
+def test_activation_checkpointing_counts_each_token_once(tmp_path):
+    runs = {}
+    for mode in ("none", "full"):
+        assert main(["--config", TINY_MOE, "--job.dump_folder", str(tmp_path / mode), *BALANCED,
+                     "--activation_checkpoint.mode", mode]) == 0
+        runs[mode] = read_metrics(tmp_path / mode)
+    for key in ("loss", "grad_norm", "aux_loss", "moe_max_imbalance"):
+        a, b = [r[key] for r in runs["none"]], [r[key] for r in runs["full"]]
+        assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-6, (key, a, b)
+    assert runs["full"][0]["expert_load"] == runs["none"][0]["expert_load"]

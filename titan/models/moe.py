@@ -268,8 +268,13 @@ def _recomputing() -> bool:
 
 def moe_layers(model_parts: Iterable[nn.Module]) -> list[tuple[str, MoE]]:
     """(layer name, MoE) of every MoE layer this rank holds, in model order."""
-    return [(name.removesuffix(".feed_forward"), m) for part in model_parts for name, m in part.named_modules()
-            if isinstance(m, MoE)]
+    return [(_layer_name(name), m) for part in model_parts for name, m in part.named_modules() if isinstance(m, MoE)]
+
+
+def _layer_name(name: str) -> str:
+    # Wrappers from outside (activation checkpointing, compile) add private segments: "layers.3._checkpoint_wrapped_
+    # module.feed_forward" is layer "layers.3".
+    return ".".join(p for p in name.split(".") if not p.startswith("_")).removesuffix(".feed_forward")
 
 
 def set_aux_loss_scale(model_parts: Iterable[nn.Module], scale: torch.Tensor | float) -> None:
