@@ -159,7 +159,9 @@ def _hf_config(args: Qwen3MoeArgs) -> dict:
 
 def _args_from_hf(config: dict, where: str) -> Qwen3MoeArgs:
     try:
-        moe = {"n_experts": config["num_experts"], "top_k": config["num_experts_per_tok"],
+        # transformers >= 5 writes the expert count as num_local_experts (Qwen3MoeConfig's attribute_map).
+        n_experts = config["num_experts"] if "num_experts" in config else config["num_local_experts"]
+        moe = {"n_experts": n_experts, "top_k": config["num_experts_per_tok"],
                "moe_hidden_dim": config["moe_intermediate_size"],
                "norm_topk_prob": bool(config.get("norm_topk_prob", False)),
                "decoder_sparse_step": config.get("decoder_sparse_step", 1),
