@@ -45,7 +45,7 @@ def test_preset(path):
         assert dims.pp * dims.dp_replicate * dims.dp_shard * dims.cp * dims.tp == world
         if cfg.parallelism.data_parallel_shard_degree != -1:
             assert dims.dp_shard == cfg.parallelism.data_parallel_shard_degree
-        check_model_fits(dims, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.n_layers, args.tie_embeddings)
+        check_model_fits(dims, args)
 
         steps = gradient_accumulation_steps(cfg.training, dims.dp)
         t = cfg.training

@@ -188,6 +188,8 @@ class Parallelism:
     tensor_parallel_degree: int = opt(1, "tensor-parallel ranks (shards heads and FFN)", valid=POSITIVE)
     pipeline_parallel_degree: int = opt(1, "pipeline stages' ranks", valid=POSITIVE)
     context_parallel_degree: int = opt(1, "context-parallel ranks (shards the sequence)", valid=POSITIVE)
+    expert_parallel_degree: int = opt(1, "expert-parallel ranks (shard MoE experts), borrowed from dp_shard x cp",
+                                      valid=POSITIVE)
     enable_loss_parallel: bool = opt(True, "with TP, compute the loss on vocab-sharded logits (no all-gather)")
     fsdp_reshard_after_forward: str = opt(
         "default", "free gathered weights after forward: default (yes, except the last group), always, never",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def fake_process_group(rank: int, world_size: int):
 
 
 def smallest_world(p: Parallelism) -> int:
-    """The world size the explicit degrees need (data_parallel_shard_degree = -1 counting as 1)."""
-    shard = max(p.data_parallel_shard_degree, 1)
+    """The world size the explicit degrees need (data_parallel_shard_degree = -1 counting as the least that
+    expert_parallel_degree can borrow from with cp)."""
+    cp, ep = p.context_parallel_degree, p.expert_parallel_degree
+    shard = p.data_parallel_shard_degree if p.data_parallel_shard_degree > 0 else ep // math.gcd(ep, cp)
     return (p.data_parallel_replicate_degree * shard * p.context_parallel_degree * p.tensor_parallel_degree
             * p.pipeline_parallel_degree)
 

@@ -175,7 +175,7 @@ def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> Transf
     """The family's flavor with the tokenizer's vocabulary, checked against the parallel degrees."""
     args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=vocab_size, moe=cfg.moe,
                              max_seq_len=cfg.training.seq_len)
-    check_model_fits(dims, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.n_layers, args.tie_embeddings)
+    check_model_fits(dims, args)
     check_seq_len(cfg.training.seq_len, dims.cp, dims.tp)
     return args
 

@@ -2,6 +2,8 @@
 `dp_replicate` (HSDP) when that degree is > 1.
 
 Units: the embedding, each transformer block, the final norm + output together, then the root for whatever is left.
+With expert parallelism each MoE layer's experts are a unit of their own, sharded over `expert_fsdp` (what `ep` leaves
+of dp_shard_cp), by expert, or by the next dimension where an expert group holds fewer experts than that has ranks.
 Collectives added: per unit, an all-gather of its parameters before forward (and again before backward if they were
 resharded) and a reduce-scatter of its gradients after backward (plus an all-reduce across replicas for HSDP).
 """
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from titan.models.layers import Transformer
+from titan.models.moe import moe_layers
 
 
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype, reduce_dtype, reshard: str,
-               cpu_offload: bool, pipeline: bool = False) -> None:
+               cpu_offload: bool, pipeline: bool = False, expert_mesh: DeviceMesh | None = None) -> None:
     kwargs = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -26,6 +30,8 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype, reduce_dtyp
     if model.tok_embeddings is not None and not tied:  # a tied table belongs to the root, with the output
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard_blocks, **kwargs)
     for block in model.layers.values():
+        if expert_mesh is not None:
+            _shard_experts(block, expert_mesh, reshard_blocks, kwargs)
         fully_shard(block, reshard_after_forward=reshard_blocks, **kwargs)
     if model.norm is not None and model.output is not None and not tied:
         # Backward starts here right after forward ends, so by default these stay gathered.
@@ -37,6 +43,15 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype, reduce_dtyp
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+def _shard_experts(block, expert_mesh: DeviceMesh, reshard: bool, kwargs: dict) -> None:
+    """The EP-sharded experts first, over `expert_mesh` (the block's unit then leaves them out)."""
+    for _, moe in moe_layers([block]):
+        n_local = moe.experts.w1.to_local().shape[0]
+        by_expert = n_local >= expert_mesh.size(expert_mesh.ndim - 1)  # else shards would be empty or padded
+        fully_shard(moe.experts, reshard_after_forward=reshard, **{**kwargs, "mesh": expert_mesh},
+                    shard_placement_fn=None if by_expert else (lambda p: Shard(1)))
 
 
 def adopt_swapped_param(old) -> None:

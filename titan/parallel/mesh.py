@@ -6,6 +6,10 @@ fastest links). Flattened views the rest of titan uses:
   dp_shard_cp = dp_shard x cp             -> what FSDP shards over (CP ranks hold the same weights)
   dp_cp       = dp_replicate x dp_shard x cp -> where token counts are reduced (ranks splitting the batch)
   pp_dp_cp    = pp x dp_cp                 -> where loss values are reduced (only last pipeline stages hold them)
+Expert parallelism borrows ranks instead of adding a dimension: dp_shard_cp is cut into efsdp x ep (ep innermost,
+so an expert group is made of neighbouring ranks), the same ranks seen two ways (DeviceMesh._unflatten):
+  ep          -> which rank holds which experts, and where tokens travel to them (titan/parallel/expert_parallel.py)
+  expert_fsdp = [dp_replicate x] efsdp     -> what FSDP shards the experts over (what ep leaves of dp_shard_cp)
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class ParallelDims:
     cp: int
     tp: int
     world_size: int
+    ep: int = 1  # expert-parallel ranks, borrowed from dp_shard x cp
+
 
     @classmethod
     def from_config(cls, cfg: Parallelism, world_size: int) -> ParallelDims:
@@ -51,8 +57,13 @@ class ParallelDims:
                 f"cp={cfg.context_parallel_degree} tp={cfg.tensor_parallel_degree}) but the world size is "
                 f"{world_size}; set parallelism.data_parallel_shard_degree = -1 to fill the rest"
             )
+        ep = cfg.expert_parallel_degree
+        if (shard * cfg.context_parallel_degree) % ep:
+            raise ConfigError(f"parallelism.expert_parallel_degree={ep} does not divide the ranks it borrows: "
+                              f"data_parallel_shard_degree x context_parallel_degree = {shard} x "
+                              f"{cfg.context_parallel_degree}")
         return cls(cfg.pipeline_parallel_degree, cfg.data_parallel_replicate_degree, shard,
-                   cfg.context_parallel_degree, cfg.tensor_parallel_degree, world_size)
+                   cfg.context_parallel_degree, cfg.tensor_parallel_degree, world_size, ep)
 
     @property
     def dp(self) -> int:
@@ -65,7 +76,9 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (f"mesh: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
-                f"tp={self.tp} (world {self.world_size})")
+                f"tp={self.tp} (world {self.world_size})"
+                + (f"; experts: ep={self.ep} x efsdp={self.dp_shard * self.cp // self.ep} over dp_shard x cp"
+                   if self.ep > 1 else ""))
 
     def build_mesh(self, device_type: str) -> dict[str, DeviceMesh]:
         """The named meshes: each of DIMS, the flattened dp / dp_shard_cp / dp_cp, and `fsdp` (what FSDP shards
@@ -81,20 +94,36 @@ class ParallelDims:
             raise ConfigError("parallelism.data_parallel_replicate_degree > 1 with context_parallel_degree > 1 is "
                               "not supported yet")
         meshes["fsdp"] = root["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else meshes["dp_shard_cp"]
+        if self.ep > 1:
+            meshes.update(self._expert_meshes(meshes["fsdp"]))
         logger.info(self.describe())
         return meshes
 
+    def _expert_meshes(self, fsdp: DeviceMesh) -> dict[str, DeviceMesh]:
+        """`ep` and `expert_fsdp`: FSDP's last dimension (dp_shard_cp, or dp_shard under HSDP) cut into efsdp x ep."""
+        last = fsdp.mesh_dim_names[-1]
+        split = fsdp._unflatten(last, (fsdp[last].size() // self.ep, self.ep), ("efsdp", "ep"))
+        return {"ep": split["ep"], "expert_fsdp": split["dp_replicate", "efsdp"] if self.dp_replicate > 1
+                else split["efsdp"]}
 
-def check_model_fits(dims: ParallelDims, n_heads: int, n_kv_heads: int, ffn_hidden_dim: int, n_layers: int,
-                     tie_embeddings: bool) -> None:
-    """Reject degrees that cannot split this model, naming the key."""
-    for what, n in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("the FFN hidden size", ffn_hidden_dim)):
+
+def check_model_fits(dims: ParallelDims, args) -> None:
+    """Reject degrees that cannot split this model (`TransformerArgs` of any family), naming the key."""
+    for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads),
+                    ("the FFN hidden size", args.ffn_hidden_dim)):
         if n % dims.tp:
             raise ConfigError(f"parallelism.tensor_parallel_degree={dims.tp} does not divide {what}={n}")
-    if dims.tp > 1 and tie_embeddings:
+    if dims.tp > 1 and args.tie_embeddings:
         raise ConfigError(
             f"parallelism.tensor_parallel_degree={dims.tp} is not supported for a model with tied embeddings "
             "(the embedding is split by rows, the output by columns)"
         )
-    if dims.pp > n_layers:
-        raise ConfigError(f"parallelism.pipeline_parallel_degree={dims.pp} exceeds the model's {n_layers} layers")
+    if dims.pp > args.n_layers:
+        raise ConfigError(f"parallelism.pipeline_parallel_degree={dims.pp} exceeds the model's {args.n_layers} layers")
+    n_experts = getattr(args, "n_experts", 0)  # Mixture-of-Experts families only
+    if dims.ep > 1 and not n_experts:
+        raise ConfigError(f"parallelism.expert_parallel_degree={dims.ep} needs a Mixture-of-Experts family "
+                          f"(model.name = qwen3_moe); {type(args).__name__} has no experts")
+    if n_experts % dims.ep:
+        raise ConfigError(f"parallelism.expert_parallel_degree={dims.ep} does not divide the number of experts "
+                          f"({n_experts})")

@@ -2,11 +2,14 @@
 materialises its weights so that every layout starts from the single-process run's values (and, for QLoRA, once they
 are loaded, quantizes the frozen base the same way on every layout).
 
-Order: float8 -> tensor parallel -> context parallel -> activation checkpointing -> torch.compile -> FSDP.
+Order: float8 -> expert parallel -> tensor parallel -> context parallel -> activation checkpointing -> torch.compile
+-> FSDP.
   float8 first: it swaps nn.Linear modules for torchao's Float8Linear, which TP (float8 styles) and FSDP (float8
-  all-gather) then recognise. TP next: it swaps parameters for DTensors sharded over `tp`, which AC, compile and
-  FSDP then see as ordinary parameters. CP swaps each block's attention kernel for one that attends across sequence
-  shards (the weights are untouched). AC wraps each block before compile, so the compiled graph contains the
+  all-gather) then recognise. EP next: it shards MoE experts by expert over `ep` (DTensors), which TP leaves as
+  they are (an MoE layer is replicated over tp) and FSDP shards further over `expert_fsdp`. TP next: it swaps
+  parameters for DTensors sharded over `tp`, which AC, compile and FSDP then see as ordinary parameters. CP swaps
+  each block's attention kernel for one that attends across sequence shards (the weights are untouched) and sums
+  MoE routing counts over those shards. AC wraps each block before compile, so the compiled graph contains the
   recomputation. FSDP last: it groups whatever parameters the block ends up with and shards them over `dp_shard_cp`
   (HSDP over `dp_replicate`).
 """
@@ -29,6 +32,7 @@ from titan.models.layers import Transformer
 from titan.models.lora import apply_lora, init_adapters
 from titan.parallel.activation_checkpoint import apply_ac
 from titan.parallel.context_parallel import apply_cp
+from titan.parallel.expert_parallel import apply_ep, reduce_load
 from titan.parallel.float8 import convert as convert_to_float8
 from titan.parallel.fsdp import adopt_swapped_param, apply_fsdp
 from titan.parallel.mesh import ParallelDims
@@ -54,25 +58,31 @@ def check_options(parallelism: Parallelism, compile_cfg: Compile, training: Trai
 def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelDims, parallelism: Parallelism,
                 ac: ActivationCheckpoint, compile_cfg: Compile, training: Training,
                 float8: Float8 | None = None) -> None:
-    """Apply float8 -> TP -> CP -> AC -> compile -> FSDP to a model or pipeline stage still on the meta device (pipeline
-    splitting happens before, in titan.parallel.pipeline, so each stage gets exactly this treatment)."""
+    """Apply float8 -> EP -> TP -> CP -> AC -> compile -> FSDP to a model or pipeline stage still on the meta device
+    (pipeline splitting happens before, in titan.parallel.pipeline, so each stage gets exactly this treatment)."""
     check_options(parallelism, compile_cfg, training, dims, mesh["tp"].device_type)
     float8_tp = convert_to_float8(model, float8 or Float8(), dims.fsdp_enabled, mesh["tp"].device_type,
                                   compiled=compile_cfg.enable and "model" in compile_cfg.components)
+    if dims.ep > 1:
+        apply_ep(model, mesh["ep"])
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], parallelism.enable_loss_parallel, parallelism.enable_async_tensor_parallel,
                  float8_tp)
     if dims.cp > 1:
         apply_cp(model, mesh["cp"], parallelism.context_parallel_rotate_method)
+        reduce_load(model, mesh["cp"])
     apply_ac(model, ac.mode, ac.selective_ac_option)
     if compile_cfg.enable and "model" in compile_cfg.components:
         for block in model.layers.values():
             # In place, so parameter names (and checkpoints) are the same with and without compile.
             # fullgraph, except that the ring's send/recv (context parallel) has to stay outside the graph.
-            block.compile(fullgraph=not (dims.cp > 1 and parallelism.context_parallel_rotate_method == "ring"))
+            # and EP's all-to-all split sizes are Python ints.
+            block.compile(fullgraph=not (dims.cp > 1 and parallelism.context_parallel_rotate_method == "ring")
+                          and dims.ep == 1)
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh["fsdp"], DTYPES[training.mixed_precision_param], DTYPES[training.mixed_precision_reduce],
-                   parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload, pipeline=dims.pp > 1)
+                   parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload, pipeline=dims.pp > 1,
+                   expert_mesh=mesh.get("expert_fsdp"))
 
 
 def _init_units(model: Transformer) -> list[str]:

@@ -1,7 +1,8 @@
 """Tensor parallelism (Megatron-style) with sequence parallelism, as a DTensor plan over the `tp` mesh dim.
 
 What it shards: attention heads (wq/wk/wv column-wise, wo row-wise), the FFN hidden dim (w1/w3 column-wise, w2
-row-wise), the embedding table by rows (vocab) and the output projection by columns (vocab). A per-head q/k norm
+row-wise; a Mixture-of-Experts layer is not tensor-sharded: see ReplicatedMoE), the embedding table by rows (vocab)
+and the output projection by columns (vocab). A per-head q/k norm
 (Qwen3's QK-norm) keeps its one head_dim weight whole on every rank and normalises the rank's own heads; its
 gradient is summed over tp (DTensor's reduction of a replicated weight). The plan follows the module names of
 titan/models/layers.py, so every family built from those layers gets it. Between blocks the
@@ -33,6 +34,8 @@ from torch.distributed.tensor.parallel import (
 from titan.config import ConfigError, Parallelism
 from titan.models.layers import Transformer
 from titan.models.lora import LoRALinear
+from titan.models.moe import MoE
+from titan.parallel.expert_parallel import ReplicatedMoE
 from titan.parallel.float8 import TPStyles, tp_styles
 from titan.parallel.float8_cpu import allow_float8_all_gather_on_gloo
 from titan.parallel.mesh import ParallelDims
@@ -107,6 +110,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async
 
 
 def _block_plan(block, float8: bool) -> dict:
+    moe = isinstance(block.feed_forward, MoE)
+
     def styles(name: str):  # plain, LoRA's, or torchao's float8 styles where every linear fed is a Float8Linear
         module = block.get_submodule(name)
         return LORA_STYLES if isinstance(module, LoRALinear) else tp_styles(module, float8)
@@ -122,13 +127,18 @@ def _block_plan(block, float8: bool) -> dict:
         "attention.wv": styles("attention.wv").colwise(),
         "attention.wo": styles("attention.wo").rowwise(output_layouts=Shard(1)),
         "ffn_norm": SequenceParallel(),
-        "feed_forward": styles("feed_forward").prepare_input(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-        ),
-        "feed_forward.w1": styles("feed_forward.w1").colwise(),
-        "feed_forward.w2": styles("feed_forward.w2").rowwise(output_layouts=Shard(1)),
-        "feed_forward.w3": styles("feed_forward.w3").colwise(),
     }
+    if moe:  # not tensor-sharded: computed whole on every tp rank (titan/parallel/expert_parallel.py)
+        plan["feed_forward"] = ReplicatedMoE()
+    else:
+        plan.update({
+            "feed_forward": styles("feed_forward").prepare_input(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            ),
+            "feed_forward.w1": styles("feed_forward.w1").colwise(),
+            "feed_forward.w2": styles("feed_forward.w2").rowwise(output_layouts=Shard(1)),
+            "feed_forward.w3": styles("feed_forward.w3").colwise(),
+        })
     if block.attention.q_norm is not None:
         # q/k arrive as this rank's heads (batch, seq, heads/tp, head_dim): the norm sees them as a DTensor split on
         # dim 2, so the replicated weight's gradient is all-reduced over tp; plain tensors go on to attention.
