@@ -111,6 +111,26 @@ def global_load(mesh: dict[str, DeviceMesh]) -> Callable[[torch.Tensor], torch.T
     return (lambda load: all_reduce_sum(load, dp)) if dp.size() > 1 else (lambda load: load)
 
 
+def keep_statistics_out_of(stage) -> None:
+    """A PipelineStage infers its activations' shapes with a real forward of the first micro-batch (torch 2.13's
+    `_forward_metadata_inference`), which would count MoE routing statistics that no single process counts (and so
+    move the expert biases differently): put them back as they were before it."""
+    infer = stage._forward_metadata_inference
+
+    def inferring(*args, **kwargs):
+        layers = [m for _, m in moe_layers([stage.submod])]
+        saved = [(m.tokens_per_expert.clone(), m.aux_loss_sum.clone()) for m in layers]
+        try:
+            return infer(*args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for m, (tokens, aux) in zip(layers, saved):
+                    m.tokens_per_expert.copy_(tokens)
+                    m.aux_loss_sum.copy_(aux)
+
+    stage._forward_metadata_inference = inferring
+
+
 def reduce_load(model: nn.Module, cp_mesh: DeviceMesh) -> None:
     """Sum each MoE layer's per-sequence routing counts over the cp ranks holding the other parts of the sequences."""
     group = cp_mesh.get_group()

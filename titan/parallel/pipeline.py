@@ -20,6 +20,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from titan.config import ConfigError, Parallelism
 from titan.models.layers import Transformer
+from titan.parallel.expert_parallel import keep_statistics_out_of
 
 _CANDIDATES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
                "DualPipeV")
@@ -146,6 +147,8 @@ class Pipeline:
         self.parts = [build_stage(prune(model, layers[s], s == 0, s == num_stages - 1)) for s in self.stage_ids]
         stages = [PipelineStage(part, s, num_stages, device, group=pp_mesh.get_group())
                   for part, s in zip(self.parts, self.stage_ids)]
+        for stage in stages:
+            keep_statistics_out_of(stage)  # MoE routing counts of its shape-inference forward
         micro = cfg.pipeline_parallel_microbatch_size
         n_microbatches = local_batch_size // micro
         self.loss_fn, self.divisor = loss_fn, 1.0
