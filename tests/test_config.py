@@ -305,6 +305,7 @@ def cli_runs(tmp_path_factory):
                   "--training.steps", "1", "--job.dump_folder", dump, "--validation.enable", "false"],
         "empty_config": ["--config=", "--training.steps", "1"],  # an unset shell variable: not the defaults
         "non_utf8": ["--config", DEBUG_TOML, "--job.dump_folder", b"/tmp/\xff\xfe"],  # bytes a shell can pass
+        "ep_ranks": ["--config", DEBUG_TOML, "--parallelism.expert_parallel_degree", "2", "--job.dump_folder", dump],
     }
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     procs = {name: subprocess.Popen([sys.executable, "-m", "titan.train", *argv], cwd=REPO, env=env, text=True,
@@ -339,6 +340,7 @@ def test_help_lists_every_key_with_type_and_default(cli_runs):
     ("batch", ("training.global_batch_size",)),
     ("empty_config", ("--config needs a file path (got an empty string)",)),
     ("non_utf8", ("job.dump_folder must be UTF-8 text", "\\udcff")),
+    ("ep_ranks", ("parallelism.expert_parallel_degree=2 does not divide the ranks it borrows",)),
 ])
 def test_config_errors_exit_2_with_one_line(cli_runs, name, needles):
     rc, out, err = cli_runs[name]

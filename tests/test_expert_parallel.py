@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import TINY, _clear_dtensor_caches, max_rel_diff, read_metrics, spawn_torchrun_env_runs
+from dist_utils import REPO, TINY, _clear_dtensor_caches, max_rel_diff, read_metrics, spawn_torchrun_env_runs
 from test_checkpoint import _check_resharded_load, _resume_folder
 
 from titan.train import main
 
 TOL = 1e-5
-# The per-expert loop: torch._grouped_mm is ~20x slower than it at these shapes on CPU (torch 2.13).
-MOE = ["--model.name", "qwen3_moe", "--model.flavor", "tiny", "--moe.aux_loss_coef", "0.01",
-       "--moe.bias_update_rate", "0.01", "--moe.grouped_mm", "false"]
+TINY_MOE = str(REPO / "tests" / "configs" / "tiny_moe.toml")  # aux loss and bias update on
+MOE = ["--moe.grouped_mm", "false"]  # the per-expert loop: torch._grouped_mm is ~20x slower at these shapes on CPU
 STEPS = ["--training.steps", "6", "--validation.enable", "false"]
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "3"]
 
@@ -45,7 +44,7 @@ LAYOUTS = {
 
 
 def _argv(folder, extra=()) -> list[str]:
-    return ["--config", TINY, "--job.dump_folder", str(folder), *MOE, *STEPS, *extra]
+    return ["--config", TINY_MOE, "--job.dump_folder", str(folder), *MOE, *STEPS, *extra]
 
 
 def _run(rank, world_size, kind, *args):
@@ -88,12 +87,13 @@ def test_layout_matches_single_process(runs, layout):
 
 
 def test_reference_balances_and_learns(runs):
-    """Guards against a vacuous comparison: the bias update moved the biases, and the loss went down."""
+    """Guards against a vacuous comparison: the bias update moved the biases, and the loss went down (over 6 steps
+    of shuffled windows the last step's loss is noisier than that: the lowest one)."""
     state = torch.load(runs / "ep2_to_1.pt", weights_only=False)["model"]
     biases = [v for k, v in state.items() if k.endswith("expert_bias")]
     assert biases and all(b.abs().sum() > 0 for b in biases)
     losses = [r["loss"] for r in read_metrics(runs / "reference")]
-    assert losses[-1] < losses[0]
+    assert min(losses[1:]) < losses[0] - 0.05
 
 
 @pytest.mark.parametrize("name, world", [("ep4_to_ep2", 2), ("ep2_to_1", 1)])
@@ -111,15 +111,15 @@ def test_resume_at_another_ep_degree(runs, name, world):
 
 
 @pytest.mark.parametrize("extra, world, needle", [
-    (["--parallelism.expert_parallel_degree", "2"], 2,
+    (["--config", TINY, "--parallelism.expert_parallel_degree", "2"], 2,
      "parallelism.expert_parallel_degree=2 needs a Mixture-of-Experts family"),
-    (MOE + ["--parallelism.expert_parallel_degree", "3"], 3,
+    (["--config", TINY_MOE, "--parallelism.expert_parallel_degree", "3", "--training.global_batch_size", "6"], 3,
      "parallelism.expert_parallel_degree=3 does not divide the number of experts (8)"),
-    (MOE + ["--parallelism.expert_parallel_degree", "4", "--parallelism.tensor_parallel_degree", "2"], 4,
-     "parallelism.expert_parallel_degree=4 does not divide the ranks it borrows"),
+    (["--config", TINY_MOE, "--parallelism.expert_parallel_degree", "4", "--parallelism.tensor_parallel_degree", "2"],
+     4, "parallelism.expert_parallel_degree=4 does not divide the ranks it borrows"),
 ])
 def test_bad_ep_degree_is_one_line(capsys, extra, world, needle):
     capsys.readouterr()
-    assert main(["--config", TINY, "--check", "--world_size", str(world), *extra]) == 2
+    assert main(["--check", "--world_size", str(world), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"titan: error: {needle}"), err
