@@ -23,8 +23,6 @@ nothing to reduce), which the MoE code sees as plain local tensors (`local_param
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch.distributed._functional_collectives import all_reduce, all_to_all_single, all_to_all_single_autograd
@@ -32,7 +30,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from titan.distributed import all_reduce_sum
 from titan.models.moe import moe_layers
 
 
@@ -101,14 +98,6 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
         experts.register_forward_pre_hook(ep.dispatch)
         local_params(experts)
         experts.register_forward_hook(ep.combine)
-
-
-def global_load(mesh: dict[str, DeviceMesh]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """How `titan.models.moe.end_of_step` sums the step's expert load over ranks: over the data-parallel ranks
-    (`dp`). Not over cp (the counts are whole sequences' there already: `reduce_load`), nor tp (every tp rank routes
-    the whole sequence: `ReplicatedMoE`); each pipeline stage reduces its own layers."""
-    dp = mesh["dp"]
-    return (lambda load: all_reduce_sum(load, dp)) if dp.size() > 1 else (lambda load: load)
 
 
 def keep_statistics_out_of(stage) -> None:
