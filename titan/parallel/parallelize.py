@@ -76,9 +76,7 @@ def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelD
         for block in model.layers.values():
             # In place, so parameter names (and checkpoints) are the same with and without compile.
             # fullgraph, except that the ring's send/recv (context parallel) has to stay outside the graph.
-            # and EP's all-to-all split sizes are Python ints.
-            block.compile(fullgraph=not (dims.cp > 1 and parallelism.context_parallel_rotate_method == "ring")
-                          and dims.ep == 1)
+            block.compile(fullgraph=not (dims.cp > 1 and parallelism.context_parallel_rotate_method == "ring"))
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh["fsdp"], DTYPES[training.mixed_precision_param], DTYPES[training.mixed_precision_reduce],
                    parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload, pipeline=dims.pp > 1,
