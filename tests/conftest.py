@@ -19,8 +19,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The longest files first, so that neither worker is left with one of them at the end (about their share of the
 # suite: tests/test_parallel.py a fifth).
-LONGEST_FIRST = ["test_parallel.py", "test_checkpoint.py", "test_docs.py", "test_train.py", "test_finetune.py",
-                 "test_launch.py", "test_dry_run.py", "test_float8.py", "test_reliability.py", "test_prepare.py"]
+LONGEST_FIRST = ["test_parallel.py", "test_checkpoint.py", "test_expert_parallel.py", "test_docs.py", "test_train.py",
+                 "test_finetune.py", "test_launch.py", "test_dry_run.py", "test_float8.py", "test_reliability.py",
+                 "test_prepare.py"]
 
 
 def pytest_collection_modifyitems(items):
