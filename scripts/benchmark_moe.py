@@ -9,8 +9,9 @@ validation and checkpoints off, under torch.profiler for the measured steps (aft
 rank 0: tokens/s over all ranks (tokens per step / mean measured step time) and the all-to-all share = this rank's
 CPU time in the profiler events of the token all-to-alls (`all_to_all` in the name: the launch and, where the
 collective blocks, the wait for it: `wait_tensor`) over the measured steps' wall time. Forward and backward are
-both counted (backward's all-to-alls are autograd's). On a GPU the kernels overlap compute, so the CPU share is only
-a bound; see docs/performance.md for the recorded figures.
+both counted (backward's all-to-alls are autograd's). The profiler adds a cost per op (large for the per-expert
+loop's many small ops), so tokens/s here are below an unprofiled run's: compare runs of this script with each other.
+On a GPU the kernels overlap compute, so the CPU share is only a bound; docs/performance.md has recorded figures.
 """
 
 from __future__ import annotations
