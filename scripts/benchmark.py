@@ -5,6 +5,8 @@ minimal hand-written PyTorch loop doing the same math.
     python scripts/benchmark.py --config train_configs/debug_model.toml [--steps 20 --warmup 5] [--json out.json]
         [--section.key value ...]
     torchrun --nproc_per_node=2 scripts/benchmark.py --config FILE ...   (no overhead ratio: see below)
+    python scripts/benchmark.py --model_only [--shapes debugmodel,4x1024 --modes eager,compiled]
+        [--reference auto|torchtitan|plain --reference_path DIR[:DIR]]
 
 How it measures (see docs/performance.md):
   * titan runs its real loop (`titan.train.build` + `train`) for warmup + steps steps, with validation off and the
@@ -21,6 +23,11 @@ How it measures (see docs/performance.md):
     overhead ratio = titan median step time / minimal median step time. tokens/s = tokens per step / mean step time.
   * The minimal loop is one device without parallelism, activation checkpointing or float8: under torchrun, or when
     those are enabled, the ratio is not computed (reported as n/a with the reason).
+
+--model_only times titan's Transformer alone against an independent implementation of the same math (see
+`run_model_only`): torchtitan v0.2.2's Llama where it can be imported, else `PlainTransformer` below. Forward +
+backward in fp32 on one device, same weights, logits checked equal (1e-6) before timing; the ratio reported is the
+median over alternating pairs of titan step time / reference step time.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from titan import config
+from titan import config, models
 from titan.config import ConfigError
 from titan.metrics import StepTimer, setup_logging
 from titan.models import build_model
@@ -56,12 +64,27 @@ REGIONS = ("data", "forward_backward", "optimizer", "checkpoint")  # table order
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--config", required=True, help="titan TOML config")
+    p.add_argument("--config", help="titan TOML config (required unless --model_only)")
     p.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="steps run before measuring (default 5)")
     p.add_argument("--json", help="also write the results as JSON to this path")
     p.add_argument("--skip-minimal", action="store_true", help="do not run the minimal loop (no overhead ratio)")
+    m = p.add_argument_group("--model_only: titan's Transformer against an independent implementation")
+    m.add_argument("--model_only", action="store_true", help="time the model's forward+backward only")
+    m.add_argument("--shapes", default="debugmodel,4x1024", help=f"comma-separated, of {', '.join(MODEL_SHAPES)}")
+    m.add_argument("--modes", default="eager,compiled", help="comma-separated, of eager, compiled")
+    m.add_argument("--reference", default="auto", choices=("auto", "torchtitan", "plain"),
+                   help="auto: torchtitan's Llama if it imports, else the plain one in this script")
+    m.add_argument("--reference_path", default="",
+                   help=f"directories ({os.pathsep}-separated) added to sys.path to import torchtitan from")
     args, overrides = p.parse_known_args(argv)
+    if args.model_only:
+        bad = [s for s in args.shapes.split(",") if s not in MODEL_SHAPES]
+        bad += [s for s in args.modes.split(",") if s not in ("eager", "compiled")]
+        if bad or overrides:
+            p.error(f"--model_only: unknown shape/mode or argument: {', '.join(bad + overrides)}")
+    elif not args.config:
+        p.error("--config is required (unless --model_only)")
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be >= 1 (the first step includes one-time costs)")
     return args, overrides
@@ -215,6 +238,198 @@ def minimal_unavailable(cfg: config.Config, run) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# --model_only: titan's Transformer against an independent implementation of the same math
+
+# name -> (llama3 flavor, overrides, batch, seq_len); RoPE unscaled (torchtitan's table is told so, see below).
+MODEL_SHAPES: dict[str, tuple[str, dict, int, int]] = {
+    "tiny": ("tiny", {"vocab_size": 256}, 2, 32),  # for tests
+    "debugmodel": ("debugmodel", {}, 8, 256),
+    "4x1024": ("debugmodel", {"dim": 1024, "n_layers": 4}, 2, 256),  # 16 heads, 8 KV heads like the debug model
+}
+PARITY_ATOL = 1e-6  # on the logits, fp32
+
+
+class ParityError(Exception):
+    pass
+
+
+class PlainAttention(nn.Module):
+    """Written out independently of titan/models/layers.py: real-valued RoPE on channel pairs, grouped-query
+    attention by SDPA's `enable_gqa`. Parameter names follow titan's so that its state dict loads."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        q, k, v = (w(x).view(b, s, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        out = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, is_causal=True,
+                                             enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def rotate(x, cos, sin):
+    """(b, h, s, d): channels (2i, 2i+1) rotated by the angle of position s and frequency i."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(a.dim, eps=a.norm_eps)
+        self.attention = PlainAttention(a.dim, a.n_heads, a.n_kv_heads)
+        self.ffn_norm = nn.RMSNorm(a.dim, eps=a.norm_eps)
+        self.feed_forward = nn.Module()
+        ff = self.feed_forward
+        ff.w1, ff.w3 = (nn.Linear(a.dim, a.ffn_hidden_dim, bias=False) for _ in range(2))
+        ff.w2 = nn.Linear(a.ffn_hidden_dim, a.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        ff, y = self.feed_forward, self.ffn_norm(h)
+        return h + ff.w2(F.silu(ff.w1(y)) * ff.w3(y))
+
+
+class PlainTransformer(nn.Module):
+    """The reference when torchtitan cannot be imported: a Llama (unscaled RoPE, untied) in 40 plain lines."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleDict({str(i): PlainBlock(a) for i in range(a.n_layers)})
+        self.norm = nn.RMSNorm(a.dim, eps=a.norm_eps)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
+        hd = a.dim // a.n_heads
+        inv_freq = a.rope_theta ** -(torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        angles = torch.outer(torch.arange(a.max_seq_len, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, tokens):
+        s = tokens.shape[1]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, self.cos[:s], self.sin[:s])
+        return self.output(self.norm(h))
+
+
+def torchtitan_model(a, reference_path: str) -> tuple[nn.Module | None, str]:
+    """torchtitan's Llama 3 for titan's args `a`, or (None, why not). Its package needs its trainer's dependencies
+    (tyro, datasets, triton: its __init__ imports them) even for the model; none of them is titan's."""
+    for path in reversed([p for p in reference_path.split(os.pathsep) if p]):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
+        from torchtitan.models.llama3.model.model import Transformer as TorchtitanTransformer
+    except Exception as e:  # ImportError, or an import-time failure of one of its dependencies
+        return None, f"torchtitan not importable ({type(e).__name__}: {e})"
+    import torchtitan
+    version = getattr(torchtitan, "__version__", "?")
+    # scaling_factor 1 makes torchtitan's always-on Llama 3.1 frequency scaling the identity, as titan's shapes here.
+    tt_args = TransformerModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                                   vocab_size=a.vocab_size, multiple_of=a.multiple_of,
+                                   ffn_dim_multiplier=a.ffn_dim_multiplier, norm_eps=a.norm_eps,
+                                   rope_theta=a.rope_theta, rope_scaling_args=RoPEScalingArgs(scaling_factor=1.0),
+                                   max_seq_len=a.max_seq_len)
+    return TorchtitanTransformer(tt_args), f"torchtitan {version} Llama 3 ({Path(torchtitan.__file__).parent})"
+
+
+def build_model_pair(shape: str, reference: str, reference_path: str) -> tuple[nn.Module, nn.Module, str]:
+    """titan's Transformer and the reference for `shape`, the reference holding titan's freshly initialised
+    weights."""
+    flavor, overrides, _, seq_len = MODEL_SHAPES[shape]
+    a = models.model_args("llama3", flavor, max_seq_len=seq_len, rope_scaling=None, **overrides)
+    torch.manual_seed(0)
+    model = build_model(a)
+    model.init_weights()
+    ref, name = (None, "--reference plain")
+    if reference != "plain":
+        ref, name = torchtitan_model(a, reference_path)
+        if ref is None and reference == "torchtitan":
+            raise ParityError(name)
+    if ref is None:
+        ref, name = PlainTransformer(a), f"the plain Llama in scripts/benchmark.py ({name})"
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=True)
+    return model, ref, name
+
+
+def check_parity(model: nn.Module, ref: nn.Module, tokens: torch.Tensor) -> float:
+    """The largest absolute logits difference; ParityError beyond PARITY_ATOL (the two do not compute the same)."""
+    with torch.no_grad():
+        diff = (model(tokens) - ref(tokens)).abs().max().item()
+    if not diff <= PARITY_ATOL:
+        raise ParityError(f"logits differ from the reference by {diff:.3e} > {PARITY_ATOL:g}: not the same model")
+    return diff
+
+
+def fwd_bwd_time(model: nn.Module, tokens: torch.Tensor) -> float:
+    start = time.perf_counter()
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    for p in model.parameters():
+        p.grad = None
+    return time.perf_counter() - start
+
+
+def time_pairs(model: nn.Module, ref: nn.Module, tokens: torch.Tensor, steps: int, warmup: int) -> dict:
+    """Alternating steps, which one goes first swapped each pair, so that load and clock drift hit both alike."""
+    ratios, times = [], {"titan": [], "reference": []}
+    for i in range(warmup + steps):
+        order = (("titan", model), ("reference", ref)) if i % 2 == 0 else (("reference", ref), ("titan", model))
+        t = {name: fwd_bwd_time(m, tokens) for name, m in order}
+        if i >= warmup:
+            ratios.append(t["titan"] / t["reference"])
+            for name in t:
+                times[name].append(t[name])
+    return {"ratio_median": median(ratios), "ratios": ratios,
+            "titan_median_s": median(times["titan"]), "reference_median_s": median(times["reference"])}
+
+
+def run_model_only(args: argparse.Namespace) -> int:
+    results = []
+    for shape in args.shapes.split(","):
+        _, _, batch, seq_len = MODEL_SHAPES[shape]
+        try:
+            model, ref, ref_name = build_model_pair(shape, args.reference, args.reference_path)
+            tokens = torch.randint(model.args.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+            diff = check_parity(model, ref, tokens[:, :-1])
+        except ParityError as e:
+            print(f"benchmark: error: {shape}: {e}", file=sys.stderr)
+            return 1
+        for mode in args.modes.split(","):
+            if mode == "compiled":  # as titan compiles (titan/parallel/compile.py): each block, full graph
+                for m in (model, ref):
+                    for block in m.layers.values():
+                        block.compile(fullgraph=True)
+            r = time_pairs(model, ref, tokens, args.steps, args.warmup)
+            results.append({"shape": shape, "mode": mode, "batch": batch, "seq_len": seq_len,
+                            "reference": ref_name, "logits_max_abs_diff": diff, **r})
+            print(f"{shape:>10} {mode:>8}: titan / reference = {r['ratio_median']:.3f} (median of {args.steps} "
+                  f"pairs; titan {fmt_s(r['titan_median_s']).strip()}, reference "
+                  f"{fmt_s(r['reference_median_s']).strip()}; logits max |diff| {diff:.1e})", flush=True)
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+               "device": device_name(torch.device("cpu")), "torch_version": torch.__version__,
+               "commit": git_commit(), "reference": results[0]["reference"] if results else None,
+               "method": MODEL_ONLY_METHOD, "results": results}
+    print(f"reference: {summary['reference']}\nmeasured as: {MODEL_ONLY_METHOD}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+MODEL_ONLY_METHOD = ("forward + cross-entropy + backward, fp32, one process; titan's and the reference's steps "
+                     "alternate (order swapped each pair) after warm-up; ratio = median of per-pair titan / reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -305,6 +520,8 @@ def table(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
+    if args.model_only:
+        return run_model_only(args)
     setup_logging()  # titan's usual log lines show progress; the table comes at the end
     try:
         cfg = load_config(args, overrides)
