@@ -24,16 +24,15 @@ def _check_attention(rank: int, world_size: int, method: str, n_heads: int, n_kv
     w = torch.randn(2, n_heads, seq_len, 8, generator=g)  # a random upstream gradient
     rep = n_heads // n_kv_heads
 
-    def attend(q, k, v, fn):  # grouped-query attention as titan's Attention does it: repeat K/V heads first
-        return fn(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
-
-    ref = attend(q, k, v, lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True))
+    # The reference repeats the K/V heads; the kernel gets them grouped, as titan's Attention passes them on.
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1),
+                                                           v.repeat_interleave(rep, dim=1), is_causal=True)
     (ref * w).sum().backward()
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
     pos = positions(seq_len, world_size, rank)
     ql, kl, vl = (t.detach()[:, :, pos].clone().requires_grad_() for t in (q, k, v))
-    out = attend(ql, kl, vl, ContextParallelAttention(mesh["cp"], method))
+    out = ContextParallelAttention(mesh["cp"], method)(ql, kl, vl)
     (out * w[:, :, pos]).sum().backward()
 
     assert rel_error(out, ref[:, :, pos]) < REL, "output"

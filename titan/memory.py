@@ -74,39 +74,40 @@ def _widths(args: TransformerArgs, tp: int) -> tuple[int, int, int, int]:
 
 
 def norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, consumers: int) -> int:
-    """RMSNorm saves its input in fp32, the normalised value (x's dtype) and 1/rms (fp32) for the weight's product;
-    the linears after it save that product (gathered to the whole sequence under TP), or under autocast one bf16
-    copy per linear."""
+    """RMSNorm saves its input in fp32 and 1/rms (fp32; the weight is applied inside F.rms_norm's kernel); the
+    linears after it save its output (gathered to the whole sequence under TP), or under autocast one bf16 copy per
+    linear."""
     t, h = m.tokens_between, args.dim
     product = consumers * p.compute if p.autocast else p.residual
-    return (FP32 + p.residual) * t * h + FP32 * t + product * m.tokens * h
+    return FP32 * t * h + FP32 * t + product * m.tokens * h
 
 
 def qk_norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
-    """QK-norm (Qwen3) is an RMSNorm over each head of q and of k: it saves their input in fp32, the normalised value
-    (the compute dtype) and 1/rms per head and token."""
+    """QK-norm (Qwen3) is an RMSNorm over each head of q and of k: it saves their input in fp32 and 1/rms per head
+    and token."""
     if not args.qk_norm:
         return 0
     q_width, kv_width, heads, _ = _widths(args, m.tp)
     kv_heads = kv_width // args.head_dim
-    return (FP32 + p.compute) * m.tokens * (q_width + kv_width) + FP32 * m.tokens * (heads + kv_heads)
+    return FP32 * m.tokens * (q_width + kv_width) + FP32 * m.tokens * (heads + kv_heads)
 
 
 def attention_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
-    """Scaled dot-product attention (flash/efficient kernels: no score matrix) saves q after RoPE, K and V repeated
-    to every query head, the output and the log-sum-exp; context parallelism changes what it attends to."""
+    """Scaled dot-product attention (flash/efficient kernels: no score matrix) saves q after RoPE, K and V with their
+    own heads (enable_gqa), the output and the log-sum-exp; context parallelism changes what it attends to."""
     t, e = m.tokens, p.compute
-    q_width, _, heads, _ = _widths(args, m.tp)
+    q_width, kv_width, heads, _ = _widths(args, m.tp)
     lse = FP32 * t * heads
     if m.cp == 1:
-        return 4 * e * t * q_width + lse
+        return 2 * e * t * (q_width + kv_width) + lse
     if m.cp_method == "ring":
-        # _RingAttention saves q, k, v and its fp32 output; wo then saves the output re-laid (and cast) for its input.
+        # _RingAttention saves q, k, v (K/V repeated to every query head) and its fp32 output; wo then saves the
+        # output re-laid (and cast) for its input.
         cast = e * t * q_width if e != FP32 else 0
         return 3 * e * t * q_width + FP32 * t * q_width + cast + e * t * q_width + lse
     # allgather: K and V of the whole sequence, and the boolean causal mask of this rank's queries against all keys.
     local, full = m.seq_len // m.cp, m.seq_len
-    return 2 * e * t * q_width + 2 * e * t * m.cp * q_width + lse + local * full
+    return 2 * e * t * q_width + 2 * e * t * m.cp * kv_width + lse + local * full
 
 
 def block_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, mode: str) -> int:

@@ -122,29 +122,33 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        # The weight goes into F.rms_norm: one fused kernel that saves x and 1/rms only, not also x/rms for the
+        # weight's product (bit-identical in fp32). Normalised in fp32, rounded once to x's dtype.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
     def init_weights(self):
         nn.init.ones_(self.weight)
 
 
 class SDPA(nn.Module):
-    """Causal attention over (batch, heads, seq, head_dim). A module of its own so that context parallelism can
-    replace it from outside without touching `Attention`. `mask` (batch, seq, seq), True = may attend, replaces the
-    causal mask for packed sequences; an explicit boolean mask because FlexAttention's backward fails on CPU."""
+    """Causal attention over (batch, heads, seq, head_dim), q with a multiple of k's and v's heads (grouped-query
+    attention: each K/V head serves that many consecutive query heads). A module of its own so that context
+    parallelism can replace it from outside without touching `Attention`. `mask` (batch, seq, seq), True = may
+    attend, replaces the causal mask for packed sequences; an explicit boolean mask because FlexAttention's backward
+    fails on CPU."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        # enable_gqa: the kernel reads each K/V head for its query heads, no repeated copies of K and V to save.
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=True)
 
 
 class Attention(nn.Module):
     def __init__(self, args: TransformerArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.n_rep = args.n_heads // args.n_kv_heads
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
@@ -163,9 +167,6 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(q, k, freqs_cis)
-        # Grouped-query attention: each K/V head serves n_rep query heads.
-        k = k.repeat_interleave(self.n_rep, dim=2)
-        v = v.repeat_interleave(self.n_rep, dim=2)
         out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 

@@ -77,8 +77,9 @@ def shard_rope(model: Transformer, cp_mesh: DeviceMesh) -> None:
 
 
 class ContextParallelAttention(nn.Module):
-    """Causal attention for load-balanced sequence shards (batch, heads, seq/cp, head_dim); K/V heads already
-    repeated for grouped-query attention by the caller."""
+    """Causal attention for load-balanced sequence shards (batch, heads, seq/cp, head_dim); k and v may have fewer
+    heads than q (grouped-query attention, as titan's `SDPA`): allgather gathers them as they are, the ring repeats
+    them first (its recurrence pairs every query head with one K/V head)."""
 
     def __init__(self, cp_mesh: DeviceMesh, rotate_method: str):
         super().__init__()
@@ -98,7 +99,9 @@ class ContextParallelAttention(nn.Module):
             k_all = all_gather_tensor_autograd(k.contiguous(), gather_dim=2, group=self.group)
             v_all = all_gather_tensor_autograd(v.contiguous(), gather_dim=2, group=self.group)
             mask = torch.cat(pos)[None, :] <= pos[self.rank][:, None]  # gathered in rank order
-            return nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            return nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return _RingAttention.apply(q, k, v, pos, self.group, self.rank)
 
 

@@ -1,0 +1,48 @@
+"""scripts/benchmark.py --model_only: on a tiny shape it times titan's Transformer against the plain reference and
+reports their logits parity; its parity check refuses a model that computes something else (RoPE left out), so a
+speed ratio is never reported for two different models. Not a timing test: the ratio's value is not checked."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from dist_utils import load_script
+
+ARGS = ["--model_only", "--shapes", "tiny", "--modes", "eager", "--steps", "2", "--warmup", "1",
+        "--reference", "plain"]
+
+
+def test_model_only_reports_parity_and_ratio(one_thread, tmp_path, capsys):
+    bench = load_script("benchmark")
+    assert bench.main([*ARGS, "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    (row,) = r["results"]
+    assert row["shape"] == "tiny" and row["mode"] == "eager" and len(row["ratios"]) == 2
+    assert 0 <= row["logits_max_rel_diff"] <= 1e-6 and row["ratio_median"] > 0
+    assert r["reference"].startswith("the plain Llama") and r["torch_version"] == torch.__version__
+    assert "titan / reference =" in capsys.readouterr().out
+
+
+def test_model_only_parity_check_refuses_a_different_model(one_thread, monkeypatch, capsys):
+    import titan.models.layers as layers
+
+    bench = load_script("benchmark")
+    monkeypatch.setattr(layers, "apply_rotary_emb", lambda q, k, freqs_cis: (q, k))  # titan without RoPE
+    assert bench.main(ARGS) == 1
+    err = capsys.readouterr().err
+    assert "benchmark: error: tiny: logits differ from the reference by" in err and "not the same model" in err
+
+
+def test_plain_reference_grads_match_titan(one_thread):
+    """The plain reference is the same function as titan's model in its gradients too (GQA, RoPE, norms)."""
+    bench = load_script("benchmark")
+    model, ref, _ = bench.build_model_pair("tiny", "plain", "")
+    tokens = torch.randint(model.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    for m in (model, ref):
+        torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    ref_params = dict(ref.named_parameters())
+    assert ref_params.keys() == dict(model.named_parameters()).keys()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-6, msg=name)
