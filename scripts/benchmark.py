@@ -401,17 +401,20 @@ def run_model_only(args: argparse.Namespace) -> int:
         _, _, batch, seq_len = MODEL_SHAPES[shape]
         try:
             model, ref, ref_name = build_model_pair(shape, args.reference, args.reference_path)
-            tokens = torch.randint(model.args.vocab_size, (batch, seq_len + 1),
-                                   generator=torch.Generator().manual_seed(0))
-            diff = check_parity(model, ref, tokens[:, :-1])
-        except ParityError as e:
-            print(f"benchmark: error: {shape}: {e}", file=sys.stderr)
+        except ParityError as e:  # --reference torchtitan and it does not import
+            print(f"benchmark: error: {e}", file=sys.stderr)
             return 1
+        tokens = torch.randint(model.args.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
         for mode in args.modes.split(","):
-            if mode == "compiled":  # as titan compiles (titan/parallel/compile.py): each block, full graph
+            if mode == "compiled":  # as titan compiles the model (titan/parallel/parallelize.py): each block
                 for m in (model, ref):
                     for block in m.layers.values():
                         block.compile(fullgraph=True)
+            try:
+                diff = check_parity(model, ref, tokens[:, :-1])
+            except ParityError as e:
+                print(f"benchmark: error: {shape} ({mode}): {e}", file=sys.stderr)
+                return 1
             r = time_pairs(model, ref, tokens, args.steps, args.warmup)
             results.append({"shape": shape, "mode": mode, "batch": batch, "seq_len": seq_len,
                             "reference": ref_name, "logits_max_rel_diff": diff, **r})

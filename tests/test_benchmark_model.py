@@ -32,7 +32,7 @@ def test_model_only_parity_check_refuses_a_different_model(one_thread, monkeypat
     monkeypatch.setattr(layers, "apply_rotary_emb", lambda q, k, freqs_cis: (q, k))  # titan without RoPE
     assert bench.main(ARGS) == 1
     err = capsys.readouterr().err
-    assert "benchmark: error: tiny: logits differ from the reference by" in err and "not the same model" in err
+    assert "benchmark: error: tiny (eager): logits differ from the reference by" in err and "not the same model" in err
 
 
 def test_plain_reference_grads_match_titan(one_thread):
