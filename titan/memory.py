@@ -74,22 +74,23 @@ def _widths(args: TransformerArgs, tp: int) -> tuple[int, int, int, int]:
 
 
 def norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, consumers: int) -> int:
-    """RMSNorm saves its input in fp32 and 1/rms (fp32; the weight is applied inside F.rms_norm's kernel); the
-    linears after it save its output (gathered to the whole sequence under TP), or under autocast one bf16 copy per
-    linear."""
+    """RMSNorm saves its input in fp32, the normalised value (x's dtype) and 1/rms (fp32) for the weight's product;
+    the linears after it save that product (gathered to the whole sequence under TP), or under autocast one bf16
+    copy per linear. (F.rms_norm with its weight decomposes so on CPU, torch 2.13; CUDA's fused kernel may keep
+    less: an upper bound there.)"""
     t, h = m.tokens_between, args.dim
     product = consumers * p.compute if p.autocast else p.residual
-    return FP32 * t * h + FP32 * t + product * m.tokens * h
+    return (FP32 + p.residual) * t * h + FP32 * t + product * m.tokens * h
 
 
 def qk_norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
-    """QK-norm (Qwen3) is an RMSNorm over each head of q and of k: it saves their input in fp32 and 1/rms per head
-    and token."""
+    """QK-norm (Qwen3) is an RMSNorm over each head of q and of k: it saves their input in fp32, the normalised value
+    (the compute dtype) and 1/rms per head and token."""
     if not args.qk_norm:
         return 0
     q_width, kv_width, heads, _ = _widths(args, m.tp)
     kv_heads = kv_width // args.head_dim
-    return FP32 * m.tokens * (q_width + kv_width) + FP32 * m.tokens * (heads + kv_heads)
+    return (FP32 + p.compute) * m.tokens * (q_width + kv_width) + FP32 * m.tokens * (heads + kv_heads)
 
 
 def attention_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:

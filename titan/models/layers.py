@@ -122,8 +122,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The weight goes into F.rms_norm: one fused kernel that saves x and 1/rms only, not also x/rms for the
-        # weight's product (bit-identical in fp32). Normalised in fp32, rounded once to x's dtype.
+        # The weight goes into F.rms_norm, as in nn.RMSNorm: one op where a fused kernel with its own backward exists
+        # (CUDA); on CPU (torch 2.13) it decomposes into what x/rms * w was. Bit-identical in fp32; otherwise computed
+        # in fp32 and rounded once to x's dtype.
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
     def init_weights(self):
