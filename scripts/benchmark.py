@@ -34,18 +34,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan import config, models
 from titan.config import ConfigError
@@ -372,17 +375,68 @@ def check_parity(model: nn.Module, ref: nn.Module, tokens: torch.Tensor) -> floa
     return diff
 
 
-def fwd_bwd_time(model: nn.Module, tokens: torch.Tensor) -> float:
-    start = time.perf_counter()
+def fwd_bwd(model: nn.Module, tokens: torch.Tensor) -> None:
     logits = model(tokens[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
     for p in model.parameters():
         p.grad = None
+
+
+def fwd_bwd_time(model: nn.Module, tokens: torch.Tensor) -> float:
+    start = time.perf_counter()
+    fwd_bwd(model, tokens)
     return time.perf_counter() - start
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched below autograd: the forward's and the backward's, views included."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_work(model: nn.Module, tokens: torch.Tensor) -> dict:
+    """The work of one forward + backward, independent of the machine's load: the aten ops it dispatches and the
+    bytes autograd saves for the backward (each storage once; the weights included, the same on both sides)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with OpCounter() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fwd_bwd(model, tokens)
+    return {"aten_ops": sum(counter.ops.values()), "saved_bytes": sum(saved.values()), "ops": dict(counter.ops)}
+
+
+def work_differences(titan: dict, ref: dict) -> str:
+    """The aten ops whose counts differ, "name titan/reference", or "none"."""
+    names = sorted(set(titan["ops"]) | set(ref["ops"]))
+    diff = [f"{n} {titan['ops'].get(n, 0)}/{ref['ops'].get(n, 0)}" for n in names
+            if titan["ops"].get(n, 0) != ref["ops"].get(n, 0)]
+    return ", ".join(diff) or "none"
+
+
+def ratio_stats(ratios: list[float]) -> dict:
+    """Median of the per-pair ratios, its distribution-free 95 % interval (order statistics of a binomial(n, 1/2),
+    normal approximation), the quartiles and the share of pairs titan won: how far the median can be trusted."""
+    s, n = sorted(ratios), len(ratios)
+    half = 0.98 * math.sqrt(n)
+    lo, hi = max(0, round(n / 2 - half) - 1), min(n - 1, round(n / 2 + half))  # 0-based ranks
+    q1, _, q3 = statistics.quantiles(s, n=4) if n > 1 else (s[0], None, s[0])
+    return {"ratio_median": median(s), "ratio_ci95": [s[lo], s[hi]], "ratio_quartiles": [q1, q3],
+            "titan_faster_share": sum(r < 1 for r in s) / n}
+
+
 def time_pairs(model: nn.Module, ref: nn.Module, tokens: torch.Tensor, steps: int, warmup: int) -> dict:
-    """Alternating steps, which one goes first swapped each pair, so that load and clock drift hit both alike."""
+    """Alternating steps, which one goes first swapped each pair, so that load and clock drift hit both alike. Also
+    the ratio of the fastest steps: the least disturbed step of each, another load-robust view."""
     ratios, times = [], {"titan": [], "reference": []}
     for i in range(warmup + steps):
         order = (("titan", model), ("reference", ref)) if i % 2 == 0 else (("reference", ref), ("titan", model))
@@ -391,8 +445,9 @@ def time_pairs(model: nn.Module, ref: nn.Module, tokens: torch.Tensor, steps: in
             ratios.append(t["titan"] / t["reference"])
             for name in t:
                 times[name].append(t[name])
-    return {"ratio_median": median(ratios), "ratios": ratios,
-            "titan_median_s": median(times["titan"]), "reference_median_s": median(times["reference"])}
+    return {**ratio_stats(ratios), "ratio_of_fastest": min(times["titan"]) / min(times["reference"]),
+            "ratios": ratios, "titan_median_s": median(times["titan"]),
+            "reference_median_s": median(times["reference"])}
 
 
 def run_model_only(args: argparse.Namespace) -> int:
@@ -415,12 +470,23 @@ def run_model_only(args: argparse.Namespace) -> int:
             except ParityError as e:
                 print(f"benchmark: error: {shape} ({mode}): {e}", file=sys.stderr)
                 return 1
+            row = {"shape": shape, "mode": mode, "batch": batch, "seq_len": seq_len, "reference": ref_name,
+                   "logits_max_rel_diff": diff}
+            if mode == "eager":  # under compile the aten ops run inside compiled graphs, out of the counter's sight
+                row["work"] = work = {"titan": count_work(model, tokens), "reference": count_work(ref, tokens)}
+                print(f"{shape:>10} {mode:>8}: work per forward+backward: aten ops titan "
+                      f"{work['titan']['aten_ops']}, reference {work['reference']['aten_ops']}; saved for backward "
+                      f"titan {work['titan']['saved_bytes'] / 2**20:.2f} MiB, reference "
+                      f"{work['reference']['saved_bytes'] / 2**20:.2f} MiB; ops that differ (titan/reference): "
+                      f"{work_differences(work['titan'], work['reference'])}", flush=True)
             r = time_pairs(model, ref, tokens, args.steps, args.warmup)
-            results.append({"shape": shape, "mode": mode, "batch": batch, "seq_len": seq_len,
-                            "reference": ref_name, "logits_max_rel_diff": diff, **r})
+            results.append({**row, **r})
             print(f"{shape:>10} {mode:>8}: titan / reference = {r['ratio_median']:.3f} (median of {args.steps} "
-                  f"pairs; titan {fmt_s(r['titan_median_s']).strip()}, reference "
-                  f"{fmt_s(r['reference_median_s']).strip()}; logits max |diff| {diff:.1e} relative)", flush=True)
+                  f"pairs; 95 % interval {r['ratio_ci95'][0]:.3f}-{r['ratio_ci95'][1]:.3f}, quartiles "
+                  f"{r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}, titan faster in "
+                  f"{r['titan_faster_share']:.0%} of pairs, fastest steps {r['ratio_of_fastest']:.3f}; titan "
+                  f"{fmt_s(r['titan_median_s']).strip()}, reference {fmt_s(r['reference_median_s']).strip()}; "
+                  f"logits max |diff| {diff:.1e} relative)", flush=True)
     summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
                "device": device_name(torch.device("cpu")), "torch_version": torch.__version__,
                "commit": git_commit(), "reference": results[0]["reference"] if results else None,
