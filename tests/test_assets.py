@@ -76,7 +76,7 @@ def fetch(asset: str, files: tuple[str, ...]) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    return fetch("smollm2", ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    return fetch("smollm2", ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                              "tokenizer.model", "tokenizer_tiktoken.json", "generation_config.json"))
 
 

@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 from dist_utils import REPO, max_rel_diff, read_metrics, rel_error, run_layouts
-from safetensors.torch import load_file
 from torch import nn
 
 import titan.recipes
@@ -281,7 +280,7 @@ def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(t
     adapters = {k for k in trained if lora.is_adapter(k)}
     assert adapters and not any(torch.all(trained[k] == 0) for k in adapters if k.endswith("lora_b"))
     # The Hugging Face export is the base plus (alpha / rank) B A.
-    exported = hf.from_hf(load_file(tmp_path / "full" / "checkpoint" / "step-6-hf" / "model.safetensors"),
+    exported = hf.from_hf(hf.read_safetensors(tmp_path / "full" / "checkpoint" / "step-6-hf"),
                           hf.load(tmp_path / "full" / "checkpoint" / "step-6-hf")[0])
     for name in ("layers.0.attention.wq", "layers.3.feed_forward.w2"):
         expected = trained[f"{name}.weight"] + 2.0 * trained[f"{name}.lora_b"] @ trained[f"{name}.lora_a"]
@@ -295,9 +294,9 @@ def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(t
     assert out.returncode == 2 and "--lora-scale" in out.stderr, out.stderr
     out = subprocess.run(convert + ["--lora-scale", "2.0"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    converted = load_file(tmp_path / "converted" / "model.safetensors")
-    assert all(torch.equal(v, converted[k]) for k, v in load_file(tmp_path / "full" / "checkpoint" / "step-6-hf" /
-                                                                   "model.safetensors").items())
+    converted = hf.read_safetensors(tmp_path / "converted")
+    assert all(torch.equal(v, converted[k])
+               for k, v in hf.read_safetensors(tmp_path / "full" / "checkpoint" / "step-6-hf").items())
 
     # Adapter-only checkpoints: smaller, and a run resumed from step 3 continues exactly.
     only = [*ckpt, *start, "--lora.save_adapter_only"]

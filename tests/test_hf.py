@@ -3,7 +3,7 @@
 The logits test is the one that matters: titan's model and an independent pure-torch implementation of HF's Llama
 and Qwen3 (written here from transformers' modeling_llama.py / modeling_qwen3.py math: rotate_half RoPE with the llama3
 rope_scaling, RMSNorm on each head of q and k for Qwen3, repeat_kv, RMSNorm in fp32, SwiGLU; it shares no code with
-titan.models) reading only the exported model.safetensors and config.json agree within 1e-5 in fp32. `transformers`
+titan.models) reading only the exported safetensors files and config.json agree within 1e-5 in fp32. `transformers`
 itself is not needed; where it is installed, it loads the exports and its own Qwen3 checkpoints import into titan.
 """
 
@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import REPO, TINY, load_script, losses, rel_error
-from safetensors.torch import load_file
 
 from titan import hf
 from titan.config import ConfigError
@@ -94,7 +93,7 @@ def _rms_norm(x, w, eps):
 
 def hf_reference_logits(folder, tokens: torch.Tensor) -> torch.Tensor:
     cfg = json.loads((folder / "config.json").read_text())
-    w = load_file(str(folder / "model.safetensors"))
+    w = hf.read_safetensors(folder)
     n_h, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg.get("head_dim") or cfg["hidden_size"] // n_h
     eps = cfg["rms_norm_eps"]
@@ -148,7 +147,7 @@ def test_logits_match_hf_reference(tmp_path, name):
 
 def hf_reference_logits_unpermuted(folder, tokens, args, model):
     """Control: the reference fed titan's q/k rows (and q/k norm weights) as they are (no rotate-half permutation)."""
-    w = load_file(str(folder / "model.safetensors"))
+    w = hf.read_safetensors(folder)
     state = model.state_dict()
     for i in range(args.n_layers):
         for t, h in (("wq", "q_proj"), ("wk", "k_proj")) + ((("q_norm", "q_norm"), ("k_norm", "k_norm"))
@@ -172,6 +171,9 @@ def test_export_import_roundtrip_and_config(tmp_path, name):
     hf.save(state, args, tmp_path / "sharded", bos_id=7, eos_id=8, shard_bytes=20_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    # Below the shard size, one file (DCP's Hugging Face writer names it so) and its index.
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.safetensors*")) == [
+        "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
     for folder in ("one", "sharded"):
         got_args, got = hf.load(tmp_path / folder)
         assert got.keys() == state.keys()
@@ -186,7 +188,7 @@ def test_export_import_roundtrip_and_config(tmp_path, name):
     assert cfg["head_dim"] == args.head_dim and cfg["num_attention_heads"] == args.n_heads
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (7, 8)
     assert cfg["tie_word_embeddings"] == args.tie_embeddings
-    assert ("lm_head.weight" in load_file(str(tmp_path / "one" / "model.safetensors"))) == (not args.tie_embeddings)
+    assert ("lm_head.weight" in hf.read_safetensors(tmp_path / "one")) == (not args.tie_embeddings)
     assert cfg["intermediate_size"] == args.ffn_hidden_dim and cfg["rms_norm_eps"] == args.norm_eps
     if args.rope_scaling is None:
         assert cfg["rope_scaling"] is None
@@ -207,7 +209,8 @@ def test_training_export_and_hf_initial_load(tmp_path):
     first = tmp_path / "first"
     assert main([*base, "--job.dump_folder", str(first), "--checkpoint.enable", "--checkpoint.last_save_in_hf"]) == 0
     exported = first / "checkpoint" / "step-1-hf"
-    assert {p.name for p in exported.iterdir()} >= {"model.safetensors", "config.json", "generation_config.json",
+    assert {p.name for p in exported.iterdir()} >= {"model-00001-of-00001.safetensors", "model.safetensors.index.json",
+                                                     "config.json", "generation_config.json",
                                                      "tokenizer.json", "tokenizer_config.json", "tokenizer.model"}
 
     assert main([*base, "--job.dump_folder", str(tmp_path / "from_hf"), "--checkpoint.initial_load_path",
@@ -221,7 +224,7 @@ def test_training_export_and_hf_initial_load(tmp_path):
                           str(tmp_path / "converted"), "--flavor", "tiny", "--max-seq-len", "32", "--dtype", "float32"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    a, b = load_file(str(exported / "model.safetensors")), load_file(str(tmp_path / "converted" / "model.safetensors"))
+    a, b = hf.read_safetensors(exported), hf.read_safetensors(tmp_path / "converted")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # from-hf: back to a model-only DCP folder, which starts a run exactly like the HF folder does.
@@ -394,7 +397,7 @@ def test_qwen3_training_export_import_convert_and_generate(tmp_path, capsys, one
     assert convert.main(["to-hf", str(first / "checkpoint/step-1"), str(tmp_path / "converted"), "--model", "qwen3",
                          "--flavor", "tiny", "--max-seq-len", "32", "--dtype", "float32"]) == 0
     assert "Qwen3ForCausalLM" in capsys.readouterr().out
-    a, b = load_file(str(exported / "model.safetensors")), load_file(str(tmp_path / "converted" / "model.safetensors"))
+    a, b = hf.read_safetensors(exported), hf.read_safetensors(tmp_path / "converted")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     generate = load_script("generate")

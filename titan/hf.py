@@ -1,7 +1,8 @@
 """Hugging Face checkpoints of every registered family: export titan weights as a `LlamaForCausalLM` /
 `Qwen3ForCausalLM` / ... folder (safetensors + config.json + generation_config.json + tokenizer) and import such a
-folder as initial weights, the family found from config.json's `model_type`. Pure torch + safetensors: no
-`transformers` needed.
+folder as initial weights, the family found from config.json's `model_type`. The weights are written by DCP's
+`HuggingFaceStorageWriter` (as torchtitan exports), in one process or from every pipeline stage alike, and read with
+safetensors: no `transformers` needed.
 
 Owns the folders (files, shards, the tokenizer that goes along) and the dispatch to the family's `DecoderAdapter`
 (titan/models/hf_adapter.py), which owns the tensor names, the RoPE permutation and the config.json fields.
@@ -10,13 +11,13 @@ Owns the folders (files, shards, the tokenizer that goes along) and the dispatch
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from titan.config import ConfigError
 from titan.data.tokenizer import HF_TOKENIZER_FILES, tokenizer_file
@@ -25,7 +26,7 @@ from titan.models import FAMILIES, family_of
 from titan.models.layers import TransformerArgs
 from titan.models.lora import is_adapter
 
-SHARD_BYTES = 5 * 2**30  # above this, weights go to several files plus model.safetensors.index.json (HF's default)
+SHARD_BYTES = 5 * 2**30  # weights are split into files of at most this size (HF's default), one file in most cases
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,19 +83,16 @@ def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Pa
     tokenizer.model that came in an HF folder) copied from `tokenizer_file`'s folder; with a tiktoken
     `tokenizer_file` also a copy of it as tokenizer.model.
 
-    With a `process_group`, every rank of it calls this with the full tensors it holds (under pipeline parallelism,
-    its stages'): DCP's HuggingFaceStorageWriter writes each rank's tensors (a tensor several ranks hold, once) and
-    consolidates them into model-00001-of-00001.safetensors + index; rank 0 writes the other files."""
+    The weights go to model-0000k-of-0000n.safetensors + model.safetensors.index.json (`write_weights`). With a
+    `process_group`, every rank of it calls this with the full tensors it holds (under pipeline parallelism, its
+    stages'); rank 0 writes the other files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     adapter = family_of(args).hf
     tensors = adapter.to_hf(state, args, dtype, partial=process_group is not None)
-    if process_group is None:
-        _write_safetensors(tensors, folder, shard_bytes)
-    else:
-        _write_distributed(tensors, set(adapter.names(args).values()), folder, process_group)
-        if dist.get_rank(process_group) != 0:
-            return folder
+    write_weights(tensors, set(adapter.names(args).values()), folder, shard_bytes, process_group)
+    if process_group is not None and dist.get_rank(process_group) != 0:
+        return folder
     (folder / "config.json").write_text(json.dumps(adapter.hf_config(args, bos_id, eos_id, dtype), indent=2) + "\n")
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id,
                   "transformers_version": adapter.transformers_version}
@@ -135,56 +133,48 @@ def _is_tiktoken_sidecar(path: Path) -> bool:
         return False
 
 
-def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})  # transformers checks for the metadata
-    # safetensors creates its files with mode 0600 (0.8); the folder's other files get the usual 0666 less the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
-def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if total <= shard_bytes:
-        _save_file(tensors, folder / "model.safetensors")
-        return
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, folder / file)
-        weight_map.update({name: file for name in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _write_distributed(tensors: dict[str, torch.Tensor], names: set[str], folder: Path, process_group) -> None:
-    """This rank's part of the weights through DCP's Hugging Face writer, consolidated into one file; the names the
-    ranks wrote together must be the model's (a missing stage would otherwise go unnoticed)."""
+def write_weights(tensors: dict[str, torch.Tensor], names: set[str], folder: Path, shard_bytes: int = SHARD_BYTES,
+                  process_group=None) -> None:
+    """The HF tensors through DCP's Hugging Face writer: model-0000k-of-0000n.safetensors (files 0666 less the
+    umask, like the folder's others) + model.safetensors.index.json. In one process the files hold at most
+    `shard_bytes` each. With a process group, each rank writes the tensors it holds (a tensor several ranks hold,
+    once) and they are consolidated into one file. Either way the names written must be the model's `names` (under
+    pipeline parallelism a missing stage would otherwise go unnoticed)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=dict.fromkeys(names, 1),
-                                      save_distributed=True, enable_consolidation=True)
-    dcp.save(tensors, storage_writer=writer, process_group=process_group)
-    if dist.get_rank(process_group) == 0:
-        shutil.rmtree(folder / "sharded", ignore_errors=True)  # each rank's file, before consolidation
-        written = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
-        if written != names:
-            raise RuntimeError(f"Hugging Face export to {folder}: {len(names - written)} tensors missing, e.g. "
-                               f"{sorted(names - written)[:1]}")
+    distributed = process_group is not None
+    files = dict.fromkeys(names, 1) if distributed else _file_numbers(tensors, shard_bytes)
+    writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=files, save_distributed=distributed,
+                                      enable_consolidation=distributed)
+    with warnings.catch_warnings():  # one process (even rank 0 of a job, alone): "assuming ... a single process"
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=not distributed)
+    if distributed and dist.get_rank(process_group) != 0:
+        return
+    shutil.rmtree(folder / "sharded", ignore_errors=True)  # each rank's file, before consolidation
+    # transformers reads a model.safetensors before the index: one left from an earlier export would shadow these.
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    written = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    if written != names:
+        raise RuntimeError(f"Hugging Face export to {folder}: {len(names - written)} tensors missing, e.g. "
+                           f"{sorted(names - written)[:1]}")
+
+
+def _file_numbers(tensors: dict[str, torch.Tensor], shard_bytes: int) -> dict[str, int]:
+    """Tensor name -> file number (from 1), in order; a new file where the next tensor would pass `shard_bytes`."""
+    files, file, size = {}, 1, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > shard_bytes:
+            file, size = file + 1, 0
+        files[name] = file
+        size += nbytes
+    return files
 
 
 def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF folder (one model.safetensors, or the shards its index names)."""
+    """All tensors of an HF folder (the files its model.safetensors.index.json names, or one model.safetensors)."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     try:
