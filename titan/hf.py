@@ -150,9 +150,10 @@ def write_weights(tensors: dict[str, torch.Tensor], names: set[str], folder: Pat
     with warnings.catch_warnings():  # one process (even rank 0 of a job, alone): "assuming ... a single process"
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=not distributed)
-    if distributed and dist.get_rank(process_group) != 0:
-        return
-    shutil.rmtree(folder / "sharded", ignore_errors=True)  # each rank's file, before consolidation
+    if distributed:
+        if dist.get_rank(process_group) != 0:
+            return
+        shutil.rmtree(folder / "sharded", ignore_errors=True)  # each rank's file, before consolidation
     # transformers reads a model.safetensors before the index: one left from an earlier export would shadow these.
     (folder / "model.safetensors").unlink(missing_ok=True)
     written = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
