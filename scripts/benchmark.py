@@ -6,7 +6,7 @@ minimal hand-written PyTorch loop doing the same math.
         [--section.key value ...]
     torchrun --nproc_per_node=2 scripts/benchmark.py --config FILE ...   (no overhead ratio: see below)
     python scripts/benchmark.py --model_only [--shapes debugmodel,4x1024 --modes eager,compiled]
-        [--reference auto|torchtitan|plain --reference_path DIR[:DIR]]
+        [--reference auto|torchtitan|plain --reference_path DIR[:DIR] --threads N]
 
 How it measures (see docs/performance.md):
   * titan runs its real loop (`titan.train.build` + `train`) for warmup + steps steps, with validation off and the
@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     m.add_argument("--modes", default="eager,compiled", help="comma-separated, of eager, compiled")
     m.add_argument("--reference", default="auto", choices=("auto", "torchtitan", "plain"),
                    help="auto: torchtitan's Llama if it imports, else the plain one in this script")
+    m.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads for the model steps (default 0: torch's, one per core); 1 is steadier on a "
+                        "loaded machine, where a step's threads wait for the slowest")
     m.add_argument("--reference_path", default="",
                    help=f"directories ({os.pathsep}-separated) added to sys.path to import torchtitan from")
     args, overrides = p.parse_known_args(argv)
@@ -451,6 +454,8 @@ def time_pairs(model: nn.Module, ref: nn.Module, tokens: torch.Tensor, steps: in
 
 
 def run_model_only(args: argparse.Namespace) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     results = []
     for shape in args.shapes.split(","):
         _, _, batch, seq_len = MODEL_SHAPES[shape]
@@ -489,9 +494,11 @@ def run_model_only(args: argparse.Namespace) -> int:
                   f"logits max |diff| {diff:.1e} relative)", flush=True)
     summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
                "device": device_name(torch.device("cpu")), "torch_version": torch.__version__,
-               "commit": git_commit(), "reference": results[0]["reference"] if results else None,
+               "commit": git_commit(), "threads": torch.get_num_threads(),
+               "reference": results[0]["reference"] if results else None,
                "method": MODEL_ONLY_METHOD, "results": results}
-    print(f"reference: {summary['reference']}\nmeasured as: {MODEL_ONLY_METHOD}")
+    print(f"reference: {summary['reference']}; intra-op threads: {summary['threads']}\n"
+          f"measured as: {MODEL_ONLY_METHOD}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
