@@ -29,11 +29,14 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan.config import ConfigError
 from titan.models.layers import Transformer
+
+# torch 2.13 renamed it (the old name warns on every call); torch 2.11 has the old name only.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 
 def positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -96,8 +99,8 @@ class ContextParallelAttention(nn.Module):
         seq_len = q.shape[2] * self.cp
         pos = [positions(seq_len, self.cp, r, q.device) for r in range(self.cp)]
         if self.method == "allgather":
-            k_all = all_gather_tensor_autograd(k.contiguous(), gather_dim=2, group=self.group)
-            v_all = all_gather_tensor_autograd(v.contiguous(), gather_dim=2, group=self.group)
+            k_all = _all_gather_autograd(k.contiguous(), gather_dim=2, group=self.group)
+            v_all = _all_gather_autograd(v.contiguous(), gather_dim=2, group=self.group)
             mask = torch.cat(pos)[None, :] <= pos[self.rank][:, None]  # gathered in rank order
             return nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         rep = q.shape[1] // k.shape[1]
