@@ -303,13 +303,15 @@ def end_of_step(model_parts: Iterable[nn.Module], reduce: Callable[[torch.Tensor
     that holds other tokens or other layers (data-parallel, context-parallel ranks and pipeline stages: titan's loop
     uses its `pp_dp_cp` mesh); None in one process. Returns ({layer name: load [n_experts]} of every MoE layer of
     the model, the step's summed auxiliary loss over all of them or None without MoE layers)."""
-    layers = moe_layers(model_parts)
-    if not layers:
+    layers, first = moe_layers(model_parts), next(iter(model_parts))
+    args = getattr(first, "args", None)
+    # A pipeline stage of only dense layers (mlp_only_layers) still joins the other stages' reduction.
+    n_experts = layers[0][1].n_experts if layers else getattr(args, "n_experts", 0)
+    if not n_experts:
         return {}, None
-    args = getattr(next(iter(model_parts)), "args", None)
     rows = [_layer_index(name) for name, _ in layers] if args is not None else list(range(len(layers)))
-    stats = torch.zeros(args.n_layers if args is not None else len(layers), layers[0][1].n_experts + 1,
-                        device=layers[0][1].tokens_per_expert.device)
+    stats = torch.zeros(args.n_layers if args is not None else len(layers), n_experts + 1,
+                        device=next(first.buffers(), next(first.parameters())).device)
     for row, (_, m) in zip(rows, layers):
         stats[row, :-1], stats[row, -1] = m.tokens_per_expert, m.aux_loss_sum
     if reduce is not None:
