@@ -74,23 +74,22 @@ def _widths(args: TransformerArgs, tp: int) -> tuple[int, int, int, int]:
 
 
 def norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, consumers: int) -> int:
-    """RMSNorm saves its input in fp32, the normalised value (x's dtype) and 1/rms (fp32) for the weight's product;
-    the linears after it save that product (gathered to the whole sequence under TP), or under autocast one bf16
-    copy per linear. (F.rms_norm with its weight decomposes so on CPU, torch 2.13; CUDA's fused kernel may keep
-    less: an upper bound there.)"""
+    """RMSNorm saves the normalised value and 1/rms, both fp32 (titan/models/layers.py:RMSNormFunction; CUDA's
+    fused F.rms_norm may keep otherwise); the linears after it save the weighted product (gathered to the whole
+    sequence under TP), or under autocast one bf16 copy per linear."""
     t, h = m.tokens_between, args.dim
     product = consumers * p.compute if p.autocast else p.residual
-    return (FP32 + p.residual) * t * h + FP32 * t + product * m.tokens * h
+    return FP32 * t * h + FP32 * t + product * m.tokens * h
 
 
 def qk_norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
-    """QK-norm (Qwen3) is an RMSNorm over each head of q and of k: it saves their input in fp32, the normalised value
-    (the compute dtype) and 1/rms per head and token."""
+    """QK-norm (Qwen3) is an RMSNorm over each head of q and of k: it saves their normalised values and 1/rms per
+    head and token, in fp32."""
     if not args.qk_norm:
         return 0
     q_width, kv_width, heads, _ = _widths(args, m.tp)
     kv_heads = kv_width // args.head_dim
-    return (FP32 + p.compute) * m.tokens * (q_width + kv_width) + FP32 * m.tokens * (heads + kv_heads)
+    return FP32 * m.tokens * (q_width + kv_width) + FP32 * m.tokens * (heads + kv_heads)
 
 
 def attention_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
@@ -176,8 +175,8 @@ def stage_activations(args: TransformerArgs, m: MicroBatch, p: Precision, ac: co
     logits = 0
     if first:
         saved += 8 * m.tokens  # int64 token ids
-    elif p.residual != FP32:
-        saved += between  # the stage's input; in fp32 it is the first norm's saved input itself
+    else:
+        saved += between  # the stage's input, which the schedule keeps for its gradient
     if last:
         vocab = local_vocab(args, m)
         saved += norm_bytes(args, m, p, 1) + FP32 * m.tokens * vocab
