@@ -1,8 +1,8 @@
 """Shared helpers for multi-process tests: run `titan.train.main` on N gloo processes (spawned from pytest, or under
 torchrun) and read back the per-step metrics a run wrote.
 
-Spawning costs ~3 s per process group on this 2-core machine, so `run_layouts` runs several configurations one
-after another in the same processes.
+Starting a process group costs seconds on this 2-core machine even from the forkserver (below), so `run_layouts`
+runs several configurations one after another in the same processes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "tests" / "configs" / "tiny.toml")
+
+# Processes start from a forkserver that has imported torch and titan once (for each pytest worker): a spawned
+# process imports them anew, 10-25 s per process group on 2 cores. Like spawn (and unlike fork), each child still
+# begins with fresh module state and the test's working directory; it inherits the forkserver's environment, and
+# its output goes to pytest's capture like a spawned one's.
+START_METHOD = "forkserver"
+mp.set_forkserver_preload(["titan.train", "dist_utils"])
 
 
 def free_port() -> int:
@@ -66,7 +73,7 @@ def run_layouts(world_size: int, runs: list[list[str]], expected: int = 0) -> No
     code `expected` on every rank."""
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(_worker, args=(world_size, runs, folder, expected), nprocs=world_size,
-                           start_method="spawn")
+                           start_method=START_METHOD)
 
 
 def _env_worker(rank: int, world_size: int, folder: str, fn, runs) -> None:
@@ -91,7 +98,8 @@ def spawn_torchrun_env_runs(fn, world_size: int, runs: list[tuple]) -> None:
     """`spawn_torchrun_env` for several argument tuples, one after another in the same processes (each with a fresh
     port, as `run_layouts` does)."""
     with tempfile.TemporaryDirectory() as folder:
-        mp.start_processes(_env_worker, args=(world_size, folder, fn, runs), nprocs=world_size, start_method="spawn")
+        mp.start_processes(_env_worker, args=(world_size, folder, fn, runs), nprocs=world_size,
+                           start_method=START_METHOD)
 
 
 def next_torchrun_env(run: int) -> None:
@@ -132,7 +140,7 @@ def spawn_gloo(fn, world_size: int, *args) -> None:
     """Call `fn(rank, world_size, *args)` on `world_size` processes inside a gloo process group; `fn` must be a
     module-level function (it is pickled) and raise to fail the test."""
     mp.start_processes(_gloo_worker, args=(world_size, free_port(), fn, args), nprocs=world_size,
-                       start_method="spawn")
+                       start_method=START_METHOD)
 
 
 def children(pid: int) -> list[int]:

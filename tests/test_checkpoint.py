@@ -2,8 +2,8 @@
 
 - Resume: 20 steps straight (saving at 10 and 20) vs a resume from its step-10 for steps 11-20 at the same layout
   (FSDP=2), sync and async: identical losses (==, bitwise).
-- Resharding: step-10 of an FSDP=4 run loaded at dp=2 x tp=2 and at pp=2 x dp=2 gives model and optimizer tensors
-  equal to the saved ones, and steps 11-20 match the uninterrupted FSDP=4 run within 1e-5 relative (the layouts'
+- Resharding: step-5 of a 10-step FSDP=4 run loaded at dp=2 x tp=2 and at pp=2 x dp=2 gives model and optimizer
+  tensors equal to the saved ones, and steps 6-10 match the uninterrupted FSDP=4 run within 1e-5 relative (the layouts'
   summation orders differ; test_parallel.py uses the same tolerance). The same for the tiny Qwen3 at dp=2 x tp=2
   (its replicated q/k norms included), in the same processes. Several pipeline stages per rank with
   checkpointing are refused for now.
@@ -125,12 +125,20 @@ def _check_resharded_load(rank, world_size, argv, saved_path, report):
         dist.destroy_process_group()
 
 
+# Resharding runs are half as long as the others (10 steps, saving at 5): their TP steps cost several times FSDP's.
+RESHARD_CKPT = ["--checkpoint.enable", "--checkpoint.interval", "5", "--training.steps", "10"]
+
+
+def _reshard_argv(folder, *extra):
+    return ["--config", TINY, "--job.dump_folder", str(folder), *RESHARD_CKPT, *extra]
+
+
 @pytest.fixture(scope="module")
 def fsdp4(tmp_path_factory):
-    """Uninterrupted 20-step FSDP=4 runs (Llama, Qwen3) saving at steps 10 and 20: the sources of the resharding
+    """Uninterrupted 10-step FSDP=4 runs (Llama, Qwen3) saving at steps 5 and 10: the sources of the resharding
     tests."""
     root = tmp_path_factory.mktemp("fsdp4")
-    run_layouts(4, [_argv(root / "llama3"), _argv(root / "qwen3", *QWEN3)])
+    run_layouts(4, [_reshard_argv(root / "llama3"), _reshard_argv(root / "qwen3", *QWEN3)])
     return root
 
 
@@ -140,7 +148,7 @@ RESHARD = {"dp2_tp2": (TP2, {"llama3": [], "qwen3": QWEN3}), "pp2_dp2": (PP2, {"
 
 @pytest.fixture(scope="module")
 def resharded(tmp_path_factory, fsdp4):
-    """Each RESHARD layout x family resumed from fsdp4's step-10 and trained to step 20, all in one spawn."""
+    """Each RESHARD layout x family resumed from fsdp4's step-5 and trained to step 10, all in one spawn."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     root = tmp_path_factory.mktemp("resharded")
@@ -148,9 +156,9 @@ def resharded(tmp_path_factory, fsdp4):
     for layout, (other, families) in RESHARD.items():
         for name, extra in families.items():
             folder = root / layout / name
-            resumed = _resume_folder(fsdp4 / name, folder)
-            dcp_to_torch_save(resumed / "checkpoint" / "step-10", f"{folder}_step10.pt")
-            runs.append((_argv(resumed, *other, *extra), f"{folder}_step10.pt", f"{folder}_report.json"))
+            resumed = _resume_folder(fsdp4 / name, folder, step=5)
+            dcp_to_torch_save(resumed / "checkpoint" / "step-5", f"{folder}_step5.pt")
+            runs.append((_reshard_argv(resumed, *other, *extra), f"{folder}_step5.pt", f"{folder}_report.json"))
     spawn_torchrun_env_runs(_check_resharded_load, 4, runs)
     return root
 
@@ -160,14 +168,14 @@ def test_resume_at_another_layout(resharded, fsdp4, layout):
     tmp_path, families = resharded / layout, RESHARD[layout][1]
     for name in families:
         reports = [json.loads(Path(f"{tmp_path / name}_report.json.{r}").read_text()) for r in range(4)]
-        state = torch.load(tmp_path / f"{name}_step10.pt", weights_only=False)
-        assert all(r["step"] == 10 and r["mismatched"] == [] for r in reports), name
+        state = torch.load(tmp_path / f"{name}_step5.pt", weights_only=False)
+        assert all(r["step"] == 5 and r["mismatched"] == [] for r in reports), name
         # Together the ranks hold every saved tensor: nothing was skipped by the comparison.
         assert set().union(*(r["model"] for r in reports)) == set(state["model"])
         assert set().union(*(r["optim"] for r in reports)) == set(state["optimizer"]["state"])
         assert any("q_norm" in k for k in state["model"]) == (name == "qwen3")
         ref, res = _losses(fsdp4 / name), _losses(tmp_path / name)
-        steps = list(range(11, 21))
+        steps = list(range(6, 11))
         assert max_rel_diff([res[s] for s in steps], [ref[s] for s in steps]) < 1e-5, name
 
 

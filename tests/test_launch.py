@@ -1,5 +1,7 @@
 """torchrun launches, as users run them: several processes on one node (FSDP x TP), and two "nodes" (two torchrun
-launchers on this machine) meeting through torchrun's c10d rendezvous, which must train exactly like one launcher."""
+launchers on this machine) meeting through torchrun's c10d rendezvous, which must train exactly like the same ranks
+started together on one machine (spawned here with torchrun's environment: a third launch would only add its
+start-up time)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from dist_utils import REPO, TINY, free_port, losses, readme_command
+from dist_utils import REPO, TINY, free_port, losses, readme_command, run_layouts
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -41,8 +43,7 @@ def test_torchrun_fsdp_x_tp_debug_model_loss_falls(tmp_path):
 def test_two_node_rendezvous_matches_one_launcher(tmp_path):
     common = ["--config", TINY, "--training.steps", "5"]
     single = tmp_path / "single"
-    _wait(_torchrun(["--standalone", "--nproc_per_node=4", "-m", "titan.train", *common,
-                     "--job.dump_folder", str(single)]))
+    run_layouts(4, [[*common, "--job.dump_folder", str(single)]])
 
     two = tmp_path / "two_nodes"
     endpoint = f"localhost:{free_port()}"

@@ -33,6 +33,13 @@ def _schedule(name):
     return ["--parallelism.pipeline_parallel_schedule", name]
 
 
+def _whole_batch(dp: int) -> list[str]:
+    """A rank's share of the 8 sequences in one micro-step instead of micro-batches of 2 accumulated: under TP and CP
+    a micro-step costs several times FSDP's here (DTensor dispatch, collectives on every layer). tp2, cp2 and
+    fsdp2_tp2 keep accumulating."""
+    return ["--training.local_batch_size", str(8 // dp)]
+
+
 # name -> (world size, data-parallel degree, overrides). Validation loss is compared too where dp == 1 (with more
 # dp ranks, `validation.steps` batches per rank cover more samples than the reference's).
 LAYOUTS = {
@@ -58,26 +65,26 @@ LAYOUTS = {
                              ["--parallelism.pipeline_parallel_layers_per_stage", "1",
                               "--parallelism.pipeline_parallel_microbatch_size", "2"]),
     "cp2": (2, 1, CP),
-    "cp2_ring": (2, 1, CP + RING),
+    "cp2_ring": (2, 1, CP + RING + _whole_batch(1)),
     "fsdp4": (4, 4, []),
     "hsdp2x2": (4, 4, ["--parallelism.data_parallel_replicate_degree", "2"]),
     "fsdp2_tp2": (4, 2, TP),
-    "fsdp2_tp2_no_loss_parallel": (4, 2, TP + ["--parallelism.enable_loss_parallel", "false"]),
-    "fsdp2_tp2_ac_full": (4, 2, TP + ["--activation_checkpoint.mode", "full"]),
+    "fsdp2_tp2_no_loss_parallel": (4, 2, TP + ["--parallelism.enable_loss_parallel", "false"] + _whole_batch(2)),
+    "fsdp2_tp2_ac_full": (4, 2, TP + ["--activation_checkpoint.mode", "full"] + _whole_batch(2)),
     "pp2_fsdp2_1F1B": (4, 2, PP + _schedule("1F1B")),
     "pp2_fsdp2_Interleaved1F1B": (4, 2, PP + _schedule("Interleaved1F1B")),
     "pp2_tp2_ZBVZeroBubble": (4, 1, PP + TP + _schedule("ZBVZeroBubble") + ["--validation.enable", "false"]),
-    "cp2_fsdp2": (4, 2, CP),
-    "cp2_tp2": (4, 1, CP + TP + RING),
+    "cp2_fsdp2": (4, 2, CP + _whole_batch(2)),
+    "cp2_tp2": (4, 1, CP + TP + RING + _whole_batch(1)),
     "cp2_pp2_fsdp2": (8, 2, CP + PP + _schedule("Interleaved1F1B")),
     "pp2_fsdp2_tp2_1F1B": (8, 2, PP + TP + _schedule("1F1B")),
     "pp2_fsdp2_tp2_Interleaved1F1B": (8, 2, PP + TP + _schedule("Interleaved1F1B")),
     # Qwen3, grouped into the same launches (compared to "qwen3_reference").
     "qwen3_fsdp2_ac_compile": (2, 2, ["--activation_checkpoint.mode", "selective", "--compile.enable"]),
-    "qwen3_tp2": (2, 1, TP),
+    "qwen3_tp2": (2, 1, TP + _whole_batch(1)),
     "qwen3_pp2_1F1B": (2, 1, PP + _schedule("1F1B")),
     "qwen3_pp2_Interleaved1F1B": (2, 1, PP + _schedule("Interleaved1F1B")),
-    "qwen3_cp2": (2, 1, CP),
+    "qwen3_cp2": (2, 1, CP + _whole_batch(1)),
     "qwen3_hsdp2x2": (4, 4, ["--parallelism.data_parallel_replicate_degree", "2"]),
 }
 QWEN3 = str(REPO / "tests" / "configs" / "tiny_qwen3.toml")
