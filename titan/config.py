@@ -517,10 +517,6 @@ def _validate_moe(cfg: Config) -> None:
         # _grouped_mm's compiled form takes bf16 only.
         raise ConfigError(f"compile.enable: the Mixture-of-Experts blocks of model.name={cfg.model.name} do not "
                           f"compile yet; set compile.components = [\"loss\"] or compile.enable = false")
-    if cfg.lora.enable and cfg.moe.bias_update_rate > 0:
-        # The bias is base-model state: adapter-only checkpoints and the merged export would lose what it learnt.
-        raise ConfigError(f"moe.bias_update_rate={cfg.moe.bias_update_rate:g} moves the routing of a base model that "
-                          f"lora.enable keeps frozen; set moe.bias_update_rate = 0 (the auxiliary loss still works)")
 
 
 def _validate_data(cfg: Config) -> None:
@@ -574,6 +570,10 @@ def _validate_finetuning(cfg: Config) -> None:
     if cfg.lora.enable and cfg.float8.enable:
         raise ConfigError("lora.enable and float8.enable together are not supported (float8 would convert the "
                           "frozen base linears that LoRA wraps)")
+    if cfg.lora.enable and cfg.moe.bias_update_rate > 0:
+        # The bias is base-model state: adapter-only checkpoints and the merged export would lose what it learnt.
+        raise ConfigError(f"moe.bias_update_rate={cfg.moe.bias_update_rate:g} moves the routing of a base model that "
+                          f"lora.enable keeps frozen; set moe.bias_update_rate = 0 (the auxiliary loss still works)")
     _validate_qlora(cfg)
 
 
