@@ -157,7 +157,7 @@ def test_lora_on_moe_adapts_attention_and_keeps_experts_and_routing_frozen(tmp_p
     run, initial = _train(monkeypatch, _argv(tmp_path / "lora", *DPO, "--lora.enable", "--optimizer.lr", "1e-2"))
     model = run.model_parts[0]
     adapted = sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, lora.LoRALinear)})
-    assert adapted == ["wk", "wo", "wq", "wv"]
+    assert adapted == ["wk", "wo", "wq", "wv"] and lora.adapted([model]) == ["wq", "wk", "wv", "wo"]  # the log line's
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(lora.is_adapter(name) and ".attention." in name for name in trainable)
     records = read_metrics(tmp_path / "lora")

@@ -246,7 +246,7 @@ def log_summary(cfg: Config, args: TransformerArgs, model: ModelParts, dims: Par
                 + recipe_detail(t, cfg.dpo))
     if cfg.lora.enable:
         n_local = sum(p.numel() for p in model.trainable)
-        logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}; "
+        logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(lora.adapted(model.parts))}; "
                     f"training {n_local:,} adapter parameters on this rank, the rest frozen; all weights take "
                     f"{weight_bytes(model.parts) / 2**20:,.2f} MiB on this rank")
     logger.info(f"batch: {t.local_batch_size} sequences/rank x {dims.dp} dp ranks x {grad_accum} accumulation "
