@@ -177,17 +177,19 @@ class Model:
         self.head = [(n, s) for n, s in shapes if n.startswith(("norm", "output"))]
         self._states: dict[tuple, tuple[int, memory.Units]] = {}
 
-    def stage_state(self, layers: int, first: bool, last: bool, tp: int, fsdp: int) -> tuple[int, memory.Units]:
+    def stage_state(self, layers: int, first: bool, last: bool, tp: int, fsdp: int, ep: int = 1
+                    ) -> tuple[int, memory.Units]:
         """(parameter elements on the stage's rank 0, FSDP units) of a stage of `layers` blocks."""
-        key = (layers, first, last, tp, fsdp)
+        key = (layers, first, last, tp, fsdp, ep)
         if key not in self._states:
             self._states[key] = self._stage_state(*key)
         return self._states[key]
 
-    def _stage_state(self, layers: int, first: bool, last: bool, tp: int, fsdp: int) -> tuple[int, memory.Units]:
+    def _stage_state(self, layers: int, first: bool, last: bool, tp: int, fsdp: int, ep: int
+                     ) -> tuple[int, memory.Units]:
         shapes = [(n.replace("layers.0.", f"layers.{i}."), s) for i in range(layers) for n, s in self.block]
         shapes += (self.embedding if first else []) + (self.head if last else [])
-        return memory.state_from_shapes(shapes, tp, fsdp, self.args.tie_embeddings)
+        return memory.state_from_shapes(shapes, tp, fsdp, self.args.tie_embeddings, ep)
 
 
 def schedule_profiles(schedule: str, pp: int, n_micro: int) -> list:
@@ -234,7 +236,7 @@ def estimate(cfg: config.Config, model: Model, layout: Layout, global_batch: int
     for r, stages in enumerate(per_rank):
         numel, units = 0, memory.Units(0, [], 0)
         for s in stages:
-            n, u = model.stage_state(len(s.layers), s.first, s.last, layout.tp, fsdp)
+            n, u = model.stage_state(len(s.layers), s.first, s.last, layout.tp, fsdp, dims.ep)
             numel += n
             units = memory.Units(units.embedding + u.embedding, units.blocks + u.blocks, units.head + u.head)
         state = numel * memory.FP32

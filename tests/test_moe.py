@@ -223,6 +223,23 @@ def test_end_of_step_reduces_once_resets_and_skips_the_update_when_asked():
     assert m.router.expert_bias.abs().sum() > 0
 
 
+def test_the_loop_finds_the_moe_layers_once(monkeypatch):
+    """Hot path: after the first step, setting the loss scale and the end-of-step statistics walk no modules."""
+    model = models.build_model(models.model_args("qwen3_moe", "tiny", tokenizer_vocab=64, max_seq_len=8))
+    moe.set_aux_loss_scale([model], 0.5)
+    moe.end_of_step([model])
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+
+    def walked(*args, **kwargs):
+        raise AssertionError("named_modules walked again")
+
+    monkeypatch.setattr(model, "named_modules", walked)
+    moe.set_aux_loss_scale([model], 0.25)
+    assert len(layers) == 4 and all(m.aux_loss_scale == 0.25 for m in layers)
+    loads, aux = moe.end_of_step([model])
+    assert all(m.aux_loss_scale == 0 for m in layers) and loads == {} and aux == 0
+
+
 @pytest.mark.parametrize("flavor, total, active", [
     # Qwen's model cards: 30.5B total / 3.3B activated, 29.9B non-embedding; 235B / 22B, 234B non-embedding.
     ("30B-A3B", 30_532_122_624, 3_353_032_704),

@@ -19,7 +19,8 @@ PRESETS = sorted((Path(__file__).resolve().parents[1] / "train_configs").glob("*
 def test_the_glob_finds_the_presets():
     names = {p.name for p in PRESETS}
     assert {"debug_model.toml", "llama3_8b.toml", "llama3_70b.toml", "llama3_405b.toml", "qwen3_debug.toml",
-            "qwen3_0.6b.toml", "qwen3_8b.toml", "qwen3_moe_debug.toml", "qwen3_moe_30b_a3b.toml"} <= names
+            "qwen3_0.6b.toml", "qwen3_8b.toml", "qwen3_moe_debug.toml", "qwen3_moe_30b_a3b.toml",
+            "qwen3_moe_235b_a22b.toml"} <= names
 
 
 def world_sizes(p: config.Parallelism) -> list[int]:

@@ -570,6 +570,10 @@ def _validate_finetuning(cfg: Config) -> None:
     if cfg.lora.enable and cfg.float8.enable:
         raise ConfigError("lora.enable and float8.enable together are not supported (float8 would convert the "
                           "frozen base linears that LoRA wraps)")
+    if cfg.lora.enable and cfg.moe.bias_update_rate > 0:
+        # The bias is base-model state: adapter-only checkpoints and the merged export would lose what it learnt.
+        raise ConfigError(f"moe.bias_update_rate={cfg.moe.bias_update_rate:g} moves the routing of a base model that "
+                          f"lora.enable keeps frozen; set moe.bias_update_rate = 0 (the auxiliary loss still works)")
     _validate_qlora(cfg)
 
 

@@ -230,13 +230,14 @@ def local_state(held: list[torch.nn.Module]) -> tuple[int, int]:
 
 
 def _tp_local_numel(p: torch.Tensor) -> int:
-    """Elements of `p` before FSDP's sharding: the whole tensor, or its TP slice (what FSDP all-gathers)."""
+    """Elements of `p` before FSDP's sharding: the whole tensor, or its TP slice, or an expert-parallel rank's
+    experts (what FSDP all-gathers)."""
     if not isinstance(p, DTensor):
         return p.numel()
     numel = p.numel()
     for name, placement in zip(p.device_mesh.mesh_dim_names or (), p.placements):
-        if name == "tp" and isinstance(placement, Shard):
-            numel //= p.device_mesh.size(p.device_mesh.mesh_dim_names.index("tp"))
+        if name in ("tp", "ep") and isinstance(placement, Shard):
+            numel //= p.device_mesh.size(p.device_mesh.mesh_dim_names.index(name))
     return numel
 
 
@@ -270,6 +271,8 @@ def report(result: DryRun) -> list[str]:
     lines.append(row(f"memory per rank ({unit})", [f"rank {r.rank}" for r in shown]))
     lines.append(row("", [r.role for r in shown]))
     for key, label in Estimate.LABELS.items():
+        if key == "all_to_all" and result.dims.ep == 1:
+            continue
         lines.append(row(label, [f"{getattr(r.estimate, key) / scale:.2f}" for r in shown]))
     lines.append(row("total", [f"{r.estimate.total / scale:.2f}" for r in shown]))
     if result.dims.pp > 1:

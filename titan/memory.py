@@ -55,6 +55,7 @@ class MicroBatch:
     cp: int = 1
     cp_method: str = "allgather"
     loss_parallel: bool = True
+    ep: int = 1
 
     @property
     def tokens(self) -> int:
@@ -110,22 +111,55 @@ def attention_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
     return 2 * e * t * q_width + 2 * e * t * m.cp * kv_width + lse + local * full
 
 
-def block_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, mode: str) -> int:
+def is_moe_layer(args: TransformerArgs, layer_id: int) -> bool:
+    return getattr(args, "n_experts", 0) > 0 and args.is_moe_layer(layer_id)
+
+
+def moe_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
+    """A Mixture-of-Experts feed-forward (titan/models/moe.py:MoE) saves, for its T tokens and R = T * top_k routed
+    rows: the router's fp32 scores [T, n_experts], the chosen experts (int64) and their fp32 weights before and after
+    renormalisation [T, top_k]; two int64 sort indices [R]; the routed rows' input [R, dim]; each expert's SwiGLU on
+    its rows (the dense FFN's four tensors, R rows of `moe_hidden_dim` in all); the experts' output [R, dim] (which
+    `index_copy_` keeps) and the same back in token order for the weighted sum; the balance loss's fp32 f per
+    sequence; a shared expert as a dense FFN on the T tokens (its sigmoid gate's product too). Not tensor-sharded:
+    under TP every rank routes the whole sequence. With routing balanced an expert-parallel rank computes R rows too,
+    and what dispatch and combine leave saved has the same shapes."""
+    t, e, k = m.tokens, p.compute, args.top_k
+    rows = t * k
+    router = FP32 * t * args.n_experts + 8 * t * k + FP32 * (2 * t * k + t) + FP32 * m.rows * args.n_experts
+    routed = 2 * 8 * rows + 3 * e * rows * args.dim + 4 * e * rows * args.moe_hidden_dim
+    shared = 4 * e * t * args.shared_hidden_dim + (e * t * (args.dim + 1) if args.shared_gate else 0)
+    return router + routed + (shared if args.shared_hidden_dim else 0)
+
+
+def all_to_all_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, layer_ids: list[int]) -> int:
+    """Expert parallelism's transient: one MoE layer's dispatch (or combine) send and receive buffers of R rows, the
+    balanced share (a rank that receives more rows than it sends holds more)."""
+    if m.ep == 1 or not any(is_moe_layer(args, i) for i in layer_ids):
+        return 0
+    return 2 * p.compute * m.tokens * args.top_k * args.dim
+
+
+def block_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, mode: str, moe: bool = False) -> int:
     """Bytes one transformer block saves for backward: `none` everything, `full` only its input (it recomputes the
-    rest), `op` (selective) its input and the outputs of its matmuls, attention and TP reduce-scatters."""
+    rest), `op` (selective) its input and the outputs of its matmuls, attention and TP reduce-scatters. `moe`: its
+    feed-forward is a Mixture of Experts (`moe_bytes`)."""
     t, ts, h, e = m.tokens, m.tokens_between, args.dim, p.compute
     q_width, kv_width, heads, ffn = _widths(args, m.tp)
     block_input = p.residual * ts * h
     if mode == "full":
         return block_input
     if mode == "op":
-        # wq wk wv, wo and w2 (before the reduce-scatter: the whole width), w1 w3; attention's output and lse.
-        matmuls = e * t * (q_width + 2 * kv_width + 2 * h + 2 * ffn)
+        # wq wk wv, wo and w2 (before the reduce-scatter: the whole width), w1 w3; attention's output and lse. An MoE
+        # layer's matmuls: the router's, and w1 w3 w2 of the routed rows.
+        ffn_out = e * t * (args.n_experts + args.top_k * (2 * args.moe_hidden_dim + h)) if moe else \
+            e * t * (h + 2 * ffn)
+        matmuls = e * t * (q_width + 2 * kv_width + h) + ffn_out
         sdpa = 0 if m.cp > 1 and m.cp_method == "ring" else e * t * q_width + FP32 * t * heads
         scatters = 2 * e * ts * h if m.tp > 1 else 0
         return block_input + matmuls + sdpa + scatters
-    # SwiGLU saves w1's and w3's outputs, silu(w1 x) and the product w2 reads.
-    ffn_bytes = 4 * e * t * ffn
+    # SwiGLU saves w1's and w3's outputs, silu(w1 x), the product w2 reads.
+    ffn_bytes = moe_bytes(args, m, p) if moe else 4 * e * t * ffn
     return (norm_bytes(args, m, p, 3) + qk_norm_bytes(args, m, p) + attention_bytes(args, m, p)
             + norm_bytes(args, m, p, 2) + ffn_bytes)
 
@@ -142,10 +176,13 @@ def block_modes(layer_ids: list[int], ac: config.ActivationCheckpoint) -> list[s
     return ["full" if i % every == 0 else "none" for i in layer_ids]
 
 
-def linear_weights(args: TransformerArgs, tp: int) -> int:
-    """Elements of one block's linear weights on a TP rank (what autocast copies)."""
+def linear_weights(args: TransformerArgs, tp: int, moe: bool = False) -> int:
+    """Elements of one block's linear weights on a TP rank (what autocast copies): an MoE layer's router, every
+    routed expert (the per-expert loop casts each; the grouped matmul takes fp32 inputs on CPU, GPUs the loop under
+    autocast) and its shared expert."""
     q_width, kv_width, _, ffn = _widths(args, tp)
-    return args.dim * (2 * q_width + 2 * kv_width + 3 * ffn)
+    ffn_weights = args.n_experts * (1 + 3 * args.moe_hidden_dim) + 3 * args.shared_hidden_dim if moe else 3 * ffn
+    return args.dim * (2 * q_width + 2 * kv_width + ffn_weights)
 
 
 def local_vocab(args: TransformerArgs, m: MicroBatch) -> int:
@@ -160,17 +197,19 @@ class StageActivations:
     saved: int  # held from its forward until its backward
     logits: int  # the logits and their fp32 copy, alive around the loss (last stage)
     recompute: int  # a checkpointed block's activations, rebuilt during its backward
+    all_to_all: int = 0  # expert parallelism's dispatch/combine buffers of one MoE layer
 
 
 def stage_activations(args: TransformerArgs, m: MicroBatch, p: Precision, ac: config.ActivationCheckpoint,
                       layer_ids: list[int], first: bool, last: bool) -> StageActivations:
     """The blocks `layer_ids`, plus the embedding's token ids on the first stage, the final norm and the log-softmax
     the loss saves on the last, and what a pipeline stage keeps of its input and output on the others."""
-    modes = collections.Counter(block_modes(layer_ids, ac))  # blocks of a mode are alike: compute each mode once
-    per_block = {mode: block_bytes(args, m, p, mode) for mode in modes}
+    # Blocks of a mode (and kind: MoE or dense) are alike: compute each once.
+    modes = collections.Counter(zip(block_modes(layer_ids, ac), (is_moe_layer(args, i) for i in layer_ids)))
+    per_block = {mode: block_bytes(args, m, p, *mode) for mode in modes}
     saved = sum(n * per_block[mode] for mode, n in modes.items())
     if p.autocast:
-        saved += len(layer_ids) * p.compute * linear_weights(args, m.tp)
+        saved += sum(n * p.compute * linear_weights(args, m.tp, moe) for (_, moe), n in modes.items())
     between = p.residual * m.tokens_between * args.dim
     logits = 0
     if first:
@@ -184,8 +223,8 @@ def stage_activations(args: TransformerArgs, m: MicroBatch, p: Precision, ac: co
         logits = (p.compute + (FP32 if p.compute != FP32 else 0)) * m.tokens * vocab
     else:
         saved += between  # the stage's output, kept by the schedule until its gradient comes back
-    rebuilt = max((block_bytes(args, m, p, "none") - per_block[mode] for mode in modes), default=0)
-    return StageActivations(saved, logits, rebuilt)
+    rebuilt = max((block_bytes(args, m, p, "none", moe) - per_block[mode, moe] for mode, moe in modes), default=0)
+    return StageActivations(saved, logits, rebuilt, all_to_all_bytes(args, m, p, layer_ids))
 
 
 def schedule_profile(actions) -> tuple[tuple[int, ...], set[tuple[int, ...]]]:
@@ -274,11 +313,12 @@ class Estimate:
     recompute: int
     fsdp_buffers: int
     reserve: int
+    all_to_all: int = 0  # expert parallelism's dispatch/combine buffers (transient)
     in_flight: float = 1.0  # micro-batches whose activations are held together (pipelining)
 
     LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
               "activations": "activations", "logits": "logits (transient)", "recompute": "recomputed block",
-              "fsdp_buffers": "FSDP buffers", "reserve": "reserve"}
+              "fsdp_buffers": "FSDP buffers", "all_to_all": "all-to-all buffers", "reserve": "reserve"}
 
     def parts(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "in_flight"}
@@ -312,7 +352,8 @@ def micro_batch(cfg: config.Config, dims: ParallelDims) -> MicroBatch:
     t, p = cfg.training, cfg.parallelism
     rows = p.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
     rows *= 2 if t.recipe == "dpo" else 1
-    return MicroBatch(rows, t.seq_len, dims.tp, dims.cp, p.context_parallel_rotate_method, p.enable_loss_parallel)
+    return MicroBatch(rows, t.seq_len, dims.tp, dims.cp, p.context_parallel_rotate_method, p.enable_loss_parallel,
+                      dims.ep)
 
 
 @dataclass(frozen=True)
@@ -348,7 +389,8 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
     estimate = Estimate(params=param_bytes, grads=grads,
                         optimizer=optimizer_bytes(trainable_bytes, cfg.optimizer.name), activations=saved,
                         logits=max(a.logits for a in acts), recompute=max(a.recompute for a in acts),
-                        fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes), in_flight=in_flight)
+                        fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes),
+                        all_to_all=max(a.all_to_all for a in acts), in_flight=in_flight)
     return estimate, acts
 
 
@@ -360,11 +402,19 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
 _TP_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 0, "output": 0}
 
 
-def shard_numel(shape: tuple[int, ...], name: str, tp: int, fsdp: int) -> tuple[int, int]:
+def shard_numel(shape: tuple[int, ...], name: str, tp: int, fsdp: int, ep: int = 1) -> tuple[int, int]:
     """(elements of a parameter's shard on rank 0, elements before FSDP's sharding): split by TP where the plan
-    splits it, then FSDP's dim-0 chunk (rank 0's is the largest, rounded up, as DTensor's and FSDP's)."""
+    splits it, then FSDP's dim-0 chunk (rank 0's is the largest, rounded up, as DTensor's and FSDP's). Routed
+    experts (stacked by expert) are split by expert over `ep` instead, then by FSDP over the fsdp / ep ranks left
+    (`expert_fsdp`): by expert, or by the hidden dimension where a rank holds fewer experts (titan/parallel/fsdp.py)."""
     shape = list(shape)
     leaf = name.split(".")[-2] if name.endswith(".weight") else name
+    if ep > 1 and ".experts." in name:
+        shape[0] //= ep
+        fsdp, dim = fsdp // ep, 0 if shape[0] >= fsdp // ep else 1
+        tp_local = math.prod(shape)
+        shape[dim] = -(-shape[dim] // fsdp)
+        return math.prod(shape), tp_local
     if tp > 1 and leaf in _TP_DIM:
         shape[_TP_DIM[leaf]] = -(-shape[_TP_DIM[leaf]] // tp)
     tp_local = math.prod(shape)
@@ -374,12 +424,13 @@ def shard_numel(shape: tuple[int, ...], name: str, tp: int, fsdp: int) -> tuple[
 
 
 def state_from_shapes(named_shapes: list[tuple[str, tuple[int, ...]]], tp: int, fsdp: int,
-                      tied: bool = False) -> tuple[int, Units]:
+                      tied: bool = False, ep: int = 1) -> tuple[int, Units]:
     """(parameter elements on rank 0, FSDP units) of a stage's (or the whole model's) parameters, by name; FSDP
-    shards over `fsdp` ranks (1: no FSDP). A tied embedding belongs to the head's unit (the root)."""
+    shards over `fsdp` ranks (1: no FSDP), routed experts over `ep` x the rest. A tied embedding belongs to the
+    head's unit (the root); a block's experts count in its unit (gathered while it computes)."""
     total, embedding, blocks, head = 0, 0, {}, 0
     for name, shape in named_shapes:
-        local, tp_local = shard_numel(shape, name, tp, fsdp)
+        local, tp_local = shard_numel(shape, name, tp, fsdp, ep)
         total += local
         if name.startswith("tok_embeddings") and not tied:
             embedding += tp_local

@@ -38,6 +38,7 @@ from titan.checkpoint import load_initial_weights
 from titan.config import DPO, SFT, Checkpoint, LoRA, Training, Validation
 from titan.data.chat import build_preference_dataloader, build_sft_dataloader, build_sft_validation_dataloader
 from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
+from titan.distributed import all_reduce_sum
 from titan.models import lora
 from titan.models.layers import Transformer, TransformerArgs
 
@@ -165,6 +166,18 @@ class DPOLoss:
         self._sums = self._pairs = None
         means = (totals[:-1] / totals[-1]).tolist()
         return dict(zip(self.STATS, means))
+
+
+def step_counts(objective: TokenLoss | DPOLoss, micro_batches: list[dict[str, torch.Tensor]], mesh
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the items the step's summed losses are divided by: `objective.count` over the global batch; the tokens the
+    model routes: every input token of the global batch), in one all-reduce over `mesh`, the ranks the batch is
+    split over. The MoE balance loss is a mean over the routed tokens in every recipe (docs/moe.md), so that its
+    coefficient means the same in SFT, where only assistant tokens are items, and DPO, where pairs are."""
+    items = sum(objective.count(b) for b in micro_batches)
+    counts = torch.stack([items, items.new_tensor(sum(b["input"].numel() for b in micro_batches))])
+    counts = all_reduce_sum(counts, mesh)
+    return counts[0], counts[1]
 
 
 def build_objective(training: Training, dpo: DPO, lora_cfg: LoRA, checkpoint: Checkpoint, model: ModelParts,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from titan import config, hf, models
+from titan import config, hf, models, recipes
 from titan.checkpoint import Checkpointer
 from titan.config import DTYPES, Config, ConfigError
 from titan.data.pretrain import tokens_per_source
@@ -246,7 +246,7 @@ def log_summary(cfg: Config, args: TransformerArgs, model: ModelParts, dims: Par
                 + recipe_detail(t, cfg.dpo))
     if cfg.lora.enable:
         n_local = sum(p.numel() for p in model.trainable)
-        logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}; "
+        logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(lora.adapted(model.parts))}; "
                     f"training {n_local:,} adapter parameters on this rank, the rest frozen; all weights take "
                     f"{weight_bytes(model.parts) / 2**20:,.2f} MiB on this rank")
     logger.info(f"batch: {t.local_batch_size} sequences/rank x {dims.dp} dp ranks x {grad_accum} accumulation "
@@ -321,8 +321,8 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
         # Dividing each micro-batch's summed loss by the items (valid tokens, or DPO pairs) of the whole global
         # batch makes the gradient independent of how the batch is split over ranks and micro-steps (and FSDP sums,
         # it does not average).
-        n_items = all_reduce_sum(sum(run.objective.count(b) for b in micro_batches), token_mesh)
-        moe.set_aux_loss_scale(run.model_parts, 1 / n_items)  # MoE balance loss: normalised like the LM loss
+        n_items, n_tokens = recipes.step_counts(run.objective, micro_batches, token_mesh)
+        moe.set_aux_loss_scale(run.model_parts, 1 / n_tokens)  # MoE balance loss: a mean over the routed tokens
 
         loss_sum = torch.zeros((), device=device)
         with timer("forward_backward"):
@@ -340,7 +340,7 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
         step_time, regions = timer.lap()  # since the previous lap, less validation
         run.metrics.step(step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step, step_time=step_time,
                          data_time=regions["data"], force=skipped, **guard.metrics(),
-                         **run.objective.metrics(token_mesh), **moe.step_metrics(loads, aux, n_items),
+                         **run.objective.metrics(token_mesh), **moe.step_metrics(loads, aux, n_tokens),
                          **tokens_per_source(run.train_loader, cfg.training.seq_len))
         profiler.step()
         if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout

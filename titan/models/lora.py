@@ -92,6 +92,14 @@ def apply_lora(model: nn.Module, cfg: LoRA) -> None:
         setattr(parent, attr, lora)
 
 
+def adapted(modules: list[nn.Module]) -> list[str]:
+    """The target names that matched a linear layer (on an all-MoE model w1/w2/w3 match none: its experts are stacked
+    parameters), in `TARGETS` order."""
+    found = {name.rsplit(".", 1)[-1] for module in modules for name, m in module.named_modules()
+             if isinstance(m, LoRALinear)}
+    return [t for t in TARGETS if t in found]
+
+
 def init_adapters(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, LoRALinear):

@@ -11,7 +11,7 @@ a sequence (context and tensor parallelism) reach in from outside through two se
   `MoE.load(counts)`  this rank's tokens per (sequence, expert): a forward hook may sum them over the ranks that
       hold other parts of the same sequences, so that the balance statistics are those of whole sequences.
 
-The loop's side of balancing is two calls: `set_aux_loss_scale(model_parts, 1 / n_items)` before the step's
+The loop's side of balancing is two calls: `set_aux_loss_scale(model_parts, 1 / n_tokens)` before the step's
 forwards and `end_of_step(model_parts, reduce, update)` after its optimizer step (see their docstrings).
 """
 
@@ -183,8 +183,8 @@ class MoE(nn.Module):
 
     with s the router's scores, count the whole-sequence counts (through `load`), S_b the sequence's tokens, E
     experts, K = top_k. Summed over a sequence's tokens it is S_b times DeepSeek-V3's sequence-wise loss
-    sum_i f_i P_i; dividing by the loop's global item count (`set_aux_loss_scale`) gives its mean over sequences,
-    the same for every split of the batch over ranks and micro-batches (docs/moe.md)."""
+    sum_i f_i P_i; dividing by the step's global count of routed tokens (`set_aux_loss_scale`) gives its mean over
+    sequences (of equal length), the same for every split of the batch over ranks and micro-batches (docs/moe.md)."""
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, *, score_func: str = "softmax",
                  norm_topk_prob: bool = True, shared_hidden_dim: int = 0, shared_gate: bool = False,
@@ -271,6 +271,17 @@ def moe_layers(model_parts: Iterable[nn.Module]) -> list[tuple[str, MoE]]:
     return [(_layer_name(name), m) for part in model_parts for name, m in part.named_modules() if isinstance(m, MoE)]
 
 
+def _step_layers(model_parts: Iterable[nn.Module]) -> list[tuple[str, MoE]]:
+    """`moe_layers`, walked once per model part at its first use and then kept on the part: the loop asks twice a
+    step, and by its first step the module tree is final (every wrapper applied)."""
+    layers = []
+    for part in model_parts:
+        if "_moe_layers" not in part.__dict__:
+            part.__dict__["_moe_layers"] = moe_layers([part])
+        layers += part.__dict__["_moe_layers"]
+    return layers
+
+
 def _layer_name(name: str) -> str:
     # Wrappers from outside (activation checkpointing, compile) add private segments: "layers.3._checkpoint_wrapped_
     # module.feed_forward" is layer "layers.3".
@@ -278,9 +289,10 @@ def _layer_name(name: str) -> str:
 
 
 def set_aux_loss_scale(model_parts: Iterable[nn.Module], scale: torch.Tensor | float) -> None:
-    """What the auxiliary loss's sum is multiplied by in backward: 1 / the loop's global item count, the same
-    normalisation as the summed LM loss. Set before the step's first forward (the same for all its micro-batches)."""
-    for _, m in moe_layers(model_parts):
+    """What the auxiliary loss's sum is multiplied by in backward: 1 / the step's global count of routed tokens
+    (titan/recipes.py:step_counts; in pre-training the LM loss's item count). Set before the step's first forward
+    (the same for all its micro-batches)."""
+    for _, m in _step_layers(model_parts):
         m.aux_loss_scale.fill_(scale)
 
 
@@ -303,15 +315,15 @@ def end_of_step(model_parts: Iterable[nn.Module], reduce: Callable[[torch.Tensor
     that holds other tokens or other layers (data-parallel, context-parallel ranks and pipeline stages: titan's loop
     uses its `pp_dp_cp` mesh); None in one process. Returns ({layer name: load [n_experts]} of every MoE layer of
     the model, the step's summed auxiliary loss over all of them or None without MoE layers)."""
-    layers, first = moe_layers(model_parts), next(iter(model_parts))
+    layers, first = _step_layers(model_parts), next(iter(model_parts))
     args = getattr(first, "args", None)
     # A pipeline stage of only dense layers (mlp_only_layers) still joins the other stages' reduction.
     n_experts = layers[0][1].n_experts if layers else getattr(args, "n_experts", 0)
     if not n_experts:
         return {}, None
     rows = [_layer_index(name) for name, _ in layers] if args is not None else list(range(len(layers)))
-    stats = torch.zeros(args.n_layers if args is not None else len(layers), n_experts + 1,
-                        device=next(first.buffers(), next(first.parameters())).device)
+    device = layers[0][1].tokens_per_expert.device if layers else next(first.buffers(), next(first.parameters())).device
+    stats = torch.zeros(args.n_layers if args is not None else len(layers), n_experts + 1, device=device)
     for row, (_, m) in zip(rows, layers):
         stats[row, :-1], stats[row, -1] = m.tokens_per_expert, m.aux_loss_sum
     if reduce is not None:
@@ -331,14 +343,14 @@ def _layer_index(name: str) -> int:
 
 
 def step_metrics(loads: dict[str, torch.Tensor], aux_loss_sum: torch.Tensor | None,
-                 n_items: torch.Tensor) -> dict[str, object]:
-    """What the loop logs (titan/metrics.py): `aux_loss` (per item, like the LM loss; its coefficient included),
+                 n_tokens: torch.Tensor) -> dict[str, object]:
+    """What the loop logs (titan/metrics.py): `aux_loss` (per routed token; its coefficient included),
     `moe_max_imbalance` (the largest max / mean tokens per expert over the layers; 1 = balanced) and
     `expert_load` {layer: {"tokens": [per expert], "imbalance": max / mean}} (metrics.jsonl and TensorBoard only)."""
     if aux_loss_sum is None:
         return {}
     imbalance = {name: load.max() / load.mean().clamp(min=1e-9) for name, load in loads.items()}
-    return {"aux_loss": aux_loss_sum / n_items, "moe_max_imbalance": torch.stack(list(imbalance.values())).max(),
+    return {"aux_loss": aux_loss_sum / n_tokens, "moe_max_imbalance": torch.stack(list(imbalance.values())).max(),
             "expert_load": {name: {"tokens": load, "imbalance": imbalance[name]} for name, load in loads.items()}}
 
 
