@@ -150,7 +150,13 @@ def test_recipe_layout_matches_single_process(runs, name, layout):
     ref, got = read_metrics(runs / name, validation=True), read_metrics(runs / f"{name}_{layout}", validation=True)
     train_ref, train_got = [r for r in ref if "loss" in r], [r for r in got if "loss" in r]
     assert [r["step"] for r in train_got] == [r["step"] for r in train_ref] and len(train_got) >= 6
-    assert max_rel_diff([r["grad_norm"] for r in train_got], [r["grad_norm"] for r in train_ref]) < TOL
+    got_norms, ref_norms = [r["grad_norm"] for r in train_got], [r["grad_norm"] for r in train_ref]
+    if name.startswith("dpo"):
+        # DPO's gradient shrinks as the margins grow (0.012 at step 6 against 0.1-0.4 before it, dpo_lora): another
+        # layout's summation order leaves errors of the size of the run's gradients, so compare at that scale.
+        assert max(abs(a - b) for a, b in zip(got_norms, ref_norms)) < TOL * max(ref_norms)
+    else:
+        assert max_rel_diff(got_norms, ref_norms) < TOL
     if name.startswith("dpo"):
         # Late in a DPO run a pair's loss -log sigmoid(m) ~ e^-m is tiny (0.0016 at m = 6.5), and its relative error
         # is the margin's absolute error: compare relatively above 1, absolutely below (the margins are checked next).
