@@ -505,18 +505,9 @@ def validate(cfg: Config) -> None:
                               f"{_suggest(c, ('model', 'loss'))}")
     _validate_data(cfg)
     _validate_finetuning(cfg)
-    _validate_moe(cfg)
 
 
 MOE_FAMILIES = ("qwen3_moe",)  # the model.name choices with Mixture-of-Experts layers (tests/test_moe.py checks)
-
-
-def _validate_moe(cfg: Config) -> None:
-    if cfg.model.name in MOE_FAMILIES and cfg.compile.enable and "model" in cfg.compile.components:
-        # torch 2.13: routing's per-expert row counts are data-dependent shapes for a fullgraph compile, and
-        # _grouped_mm's compiled form takes bf16 only.
-        raise ConfigError(f"compile.enable: the Mixture-of-Experts blocks of model.name={cfg.model.name} do not "
-                          f"compile yet; set compile.components = [\"loss\"] or compile.enable = false")
 
 
 def _validate_data(cfg: Config) -> None:
