@@ -5,7 +5,7 @@ EP2 x FSDP2 (with full activation checkpointing), EP2 x HSDP (dp_replicate 2 x d
 and EP2 x CP2, and ends with the same expert biases. Checkpoints reshard: EP4's step 3 resumed at EP2, and EP2's
 step 3 resumed in one process, hold exactly the saved model and optimizer tensors and go on with the reference's
 losses (1e-5). Bad EP degrees are one line naming the key and exit code 2 (the real CLI's subprocess run is in
-tests/test_config.py, `ep_ranks`).
+tests/test_config.py, `ep_ranks`), and so is op-level selective AC with compile for MoE (torch 2.13).
 
 Composition, checked by what the runs' `parallelize` made of the model (`_train` records it), not by timing:
 - float8: EP2 with float8 tracks the single-process float8 run (4 steps, 1e-4 as tests/test_float8.py's layouts);
@@ -129,7 +129,7 @@ def runs(tmp_path_factory):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    _train(_argv(root / "compiled", ["--compile.enable", "--training.steps", "3"]))
+    _train(_argv(root / "compiled", ["--compile.enable", "--compile.components", "model", "--training.steps", "3"]))
     (root / "dynamo_counters.json").write_text(json.dumps({k: dict(v) for k, v in counters.items()}))
     _check_resharded_load(0, 1, *_resume(root, "ep2", "ep2_to_1", []))
     return root
@@ -236,8 +236,10 @@ def test_resume_at_another_ep_degree(runs, name, world):
      "parallelism.expert_parallel_degree=3 does not divide the number of experts (8)"),
     (["--config", TINY_MOE, "--parallelism.expert_parallel_degree", "4", "--parallelism.tensor_parallel_degree", "2"],
      4, "parallelism.expert_parallel_degree=4 does not divide the ranks it borrows"),
+    (["--config", TINY_MOE, "--compile.enable", "--activation_checkpoint.mode", "selective"], 1,
+     "activation_checkpoint.selective_ac_option = op with compile.enable does not work for the Mixture-of-Experts"),
 ])
-def test_bad_ep_degree_is_one_line(capsys, extra, world, needle):
+def test_bad_moe_config_is_one_line(capsys, extra, world, needle):
     capsys.readouterr()
     assert main(["--check", "--world_size", str(world), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
