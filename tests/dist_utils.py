@@ -112,6 +112,7 @@ def next_torchrun_env(run: int) -> None:
 
 
 def _clear_dtensor_caches() -> None:
+    import torch
     from torch.distributed.tensor import DTensor, _collective_utils, _redistribute
     from torch.distributed.tensor._ops import single_dim_strategy
 
@@ -122,6 +123,8 @@ def _clear_dtensor_caches() -> None:
     for cache in caches:
         if hasattr(cache, "cache_clear"):
             cache.cache_clear()
+    if hasattr(torch._C, "_clear_DTensor_sharding_propagator_cache"):  # the C++ dispatch's own cache (2.13)
+        torch._C._clear_DTensor_sharding_propagator_cache()
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, fn, args) -> None:

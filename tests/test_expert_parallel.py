@@ -1,10 +1,17 @@
 """Expert parallelism (titan/parallel/expert_parallel.py) trains exactly like one process: the tiny Qwen3-MoE (8
 experts, top-2; fp32, deterministic, gloo on CPU) with the auxiliary balance loss and the expert-bias update on
-matches its single-process run within 1e-5 relative in loss and gradient norm over 6 steps at EP=2, EP=4,
-EP2 x FSDP2 (with full activation checkpointing), EP2 x TP2, EP2 x PP2 and EP2 x CP2, and ends with the same
-expert biases. Checkpoints reshard: EP4's step 3 resumed at EP2, and EP2's step 3 resumed in one process, hold
-exactly the saved model and optimizer tensors and go on with the reference's losses (1e-5). Bad EP degrees are one
-line naming the key and exit code 2 (the real CLI's subprocess run is in tests/test_config.py, `ep_ranks`).
+matches its single-process run within 1e-5 relative in loss, gradient norm and aux loss over 6 steps at EP=2, EP=4,
+EP2 x FSDP2 (with full activation checkpointing), EP2 x HSDP (dp_replicate 2 x dp_shard 2), EP2 x TP2, EP2 x PP2
+and EP2 x CP2, and ends with the same expert biases. Checkpoints reshard: EP4's step 3 resumed at EP2, and EP2's
+step 3 resumed in one process, hold exactly the saved model and optimizer tensors and go on with the reference's
+losses (1e-5). Bad EP degrees are one line naming the key and exit code 2 (the real CLI's subprocess run is in
+tests/test_config.py, `ep_ranks`), and so is op-level selective AC with compile for MoE (torch 2.13).
+
+Composition, checked by what the runs' `parallelize` made of the model (`_train` records it), not by timing:
+- float8: EP2 with float8 tracks the single-process float8 run (3 steps, 1e-4 as tests/test_float8.py's layouts);
+  the attention linears were Float8Linear, the routers' gates plain nn.Linear, the experts fp32.
+- torch.compile: a compiled single-process run (3 steps) matches the eager reference within 1e-5; every block's
+  attention and norms were compiled (fullgraph, no graph break), its MoE layer not.
 
 Two spawns, one per world size (4 ranks first: EP4 writes the checkpoint the 2-rank spawn resumes).
 """
@@ -19,6 +26,7 @@ import torch
 from dist_utils import REPO, TINY, max_rel_diff, read_metrics, spawn_torchrun_env_runs
 from test_checkpoint import _check_resharded_load, _resume_folder
 
+from titan.models.moe import moe_layers
 from titan.train import main
 
 TOL = 1e-5
@@ -26,6 +34,10 @@ TINY_MOE = str(REPO / "tests" / "configs" / "tiny_moe.toml")  # aux loss and bia
 MOE = ["--moe.grouped_mm", "false"]  # the per-expert loop: torch._grouped_mm is ~20x slower at these shapes on CPU
 STEPS = ["--training.steps", "6", "--validation.enable", "false"]
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "3"]
+
+
+F8 = ["--float8.enable", "--training.steps", "3"]
+F8_TOL = 1e-4  # tests/test_float8.py: a last-bit difference can flip one element's float8 rounding
 
 
 def _ep(n: int) -> list[str]:
@@ -36,21 +48,60 @@ def _ep(n: int) -> list[str]:
 LAYOUTS = {
     "ep4": (4, _ep(4) + CKPT),
     "ep2_fsdp2": (4, _ep(2) + ["--activation_checkpoint.mode", "full"]),
+    "ep2_hsdp2": (4, _ep(2) + ["--parallelism.data_parallel_replicate_degree", "2",
+                               "--parallelism.data_parallel_shard_degree", "2"]),
     "ep2_tp2": (4, _ep(2) + ["--parallelism.tensor_parallel_degree", "2"]),
     "ep2_pp2": (4, _ep(2) + ["--parallelism.pipeline_parallel_degree", "2"]),
     "ep2": (2, _ep(2) + CKPT),
     "ep2_cp2": (2, _ep(2) + ["--parallelism.context_parallel_degree", "2"]),
+    "ep2_float8": (2, _ep(2) + F8),
 }
+# The layouts compared to another single-process run than "reference" (its overrides, and the tolerance).
+REFERENCES = {"ep2_float8": ("float8_reference", F8, F8_TOL)}
 
 
 def _argv(folder, extra=()) -> list[str]:
     return ["--config", TINY_MOE, "--job.dump_folder", str(folder), *MOE, *STEPS, *extra]
 
 
+def _train(argv: list[str], rank: int = 0) -> None:
+    """A training run (`main`) that also writes what `parallelize` made of this rank's model to
+    <dump folder>/modules.<rank>.json: the names of its float8 linears, plain linears and compiled modules, and
+    the dtypes of its experts' weights."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    import titan.train
+
+    real, seen = titan.train.parallelize, {"float8": [], "linear": [], "compiled": [], "experts": []}
+
+    def parallelize(part, *args, **kwargs):
+        real(part, *args, **kwargs)
+        for name, m in part.named_modules():
+            name = name.replace("._checkpoint_wrapped_module", "")
+            if isinstance(m, torch.nn.Linear):
+                seen["float8" if isinstance(m, Float8Linear) else "linear"].append(name)
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                seen["compiled"].append(name)
+            if name.endswith("experts"):
+                seen["experts"].append(str(m.w1.dtype))
+
+    titan.train.parallelize = parallelize
+    try:
+        assert main(argv) == 0
+    finally:
+        titan.train.parallelize = real
+    folder = Path(argv[argv.index("--job.dump_folder") + 1])
+    (folder / f"modules.{rank}.json").write_text(json.dumps(seen))
+
+
+def _modules(folder: Path, rank: int = 0) -> dict:
+    return json.loads((folder / f"modules.{rank}.json").read_text())
+
+
 def _run(rank, world_size, kind, *args):
-    """One run of a spawn: a training run (`main`), or a resharded resume checked against its saved state."""
+    """One run of a spawn: a training run (`_train`), or a resharded resume checked against its saved state."""
     if kind == "train":
-        assert main(args[0]) == 0
+        _train(args[0], rank)
     else:
         _check_resharded_load(rank, world_size, *args)
 
@@ -72,17 +123,86 @@ def runs(tmp_path_factory):
         if world == 2:
             jobs.append(("resume", *_resume(root, "ep4", "ep4_to_ep2", _ep(2))))
         spawn_torchrun_env_runs(_run, world, jobs)
-    assert main(_argv(root / "reference")) == 0
+    _train(_argv(root / "reference"))
+    for name, extra, _ in REFERENCES.values():
+        _train(_argv(root / name, extra))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _train(_argv(root / "compiled", ["--compile.enable", "--compile.components", "model", "--training.steps", "3"]))
+    (root / "dynamo_counters.json").write_text(json.dumps({k: dict(v) for k, v in counters.items()}))
     _check_resharded_load(0, 1, *_resume(root, "ep2", "ep2_to_1", []))
     return root
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(runs, layout):
-    ref, got = read_metrics(runs / "reference"), read_metrics(runs / layout)
-    assert [r["step"] for r in got] == list(range(1, 7))
-    assert max_rel_diff([r["loss"] for r in got], [r["loss"] for r in ref]) < TOL
-    assert max_rel_diff([r["grad_norm"] for r in got], [r["grad_norm"] for r in ref]) < TOL
+    reference, _, tol = REFERENCES.get(layout, ("reference", [], TOL))
+    ref, got = read_metrics(runs / reference), read_metrics(runs / layout)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] and len(got) >= 3
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert max_rel_diff([r[key] for r in got], [r[key] for r in ref]) < tol, key
+
+
+def test_float8_converts_attention_and_keeps_experts_and_routers_high_precision(runs):
+    """By mechanism: what float8 made of the modules on every rank of the EP2 run and in one process; and its
+    arithmetic really differs from the fp32 run's."""
+    for modules in (_modules(runs / "ep2_float8", 0), _modules(runs / "ep2_float8", 1),
+                    _modules(runs / "float8_reference")):
+        attention = [n for n in modules["float8"] if ".attention.w" in n]
+        assert len(attention) == 4 * 4 and set(modules["float8"]) == set(attention)  # 4 layers x wq wk wv wo
+        assert {n for n in modules["linear"] if n.endswith("router.gate")} == {f"layers.{i}.feed_forward.router.gate"
+                                                                               for i in range(4)}
+        assert modules["experts"] == ["torch.float32"] * 4
+    assert _modules(runs / "reference")["float8"] == []
+    fp32, f8 = read_metrics(runs / "reference")[:3], read_metrics(runs / "float8_reference")
+    assert 1e-6 < max_rel_diff([r["loss"] for r in f8], [r["loss"] for r in fp32]) < 0.01
+
+
+def test_debug_flavor_router_is_not_float8():
+    """The tiny flavor's gates (8 experts) are too narrow to convert anyway; debugmodel's (16) would be."""
+    from titan import models
+    from titan.config import Float8
+    from titan.parallel import float8
+
+    with torch.device("meta"):
+        model = models.build_model(models.model_args("qwen3_moe", "debugmodel"))
+    float8.convert(model, Float8(enable=True), fsdp_enabled=False, device_type="cpu")
+    assert all(type(m.router.gate) is torch.nn.Linear for _, m in moe_layers([model]))
+    assert type(model.layers["0"].attention.wq) is not torch.nn.Linear
+
+
+def test_compiled_moe_run_matches_eager(runs):
+    """Blocks with an MoE layer compile their attention and norms (fullgraph: no graph break), the MoE layer runs
+    eagerly; the first 3 steps are those of the eager reference within 1e-5."""
+    modules, counters = _modules(runs / "compiled"), json.loads((runs / "dynamo_counters.json").read_text())
+    parts = {f"layers.{i}.{p}" for i in range(4) for p in ("attention_norm", "attention", "ffn_norm")}
+    assert set(modules["compiled"]) == parts
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters.get("graph_break")
+    ref, got = read_metrics(runs / "reference")[:3], read_metrics(runs / "compiled")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert max_rel_diff([r[key] for r in got], [r[key] for r in ref]) < TOL, key
+
+
+def test_compile_blocks_keeps_only_moe_layers_eager():
+    """A dense block (mlp_only_layers) compiles whole, inside activation checkpointing's wrapper too; an MoE block
+    all but its MoE layer (module.compile is lazy: nothing is compiled here)."""
+    import dataclasses
+
+    from titan import models
+    from titan.parallel.activation_checkpoint import apply_ac
+    from titan.parallel.parallelize import compile_blocks
+
+    args = dataclasses.replace(models.model_args("qwen3_moe", "tiny"), mlp_only_layers=(1,))
+    with torch.device("meta"):
+        model = models.build_model(args)
+    apply_ac(model, "full", "op")
+    compile_blocks(model, fullgraph=True)
+    compiled = {n.replace("._checkpoint_wrapped_module", "") for n, m in model.named_modules()
+                if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == {"layers.1"} | {f"layers.{i}.{p}" for i in (0, 2, 3)
+                                       for p in ("attention_norm", "attention", "ffn_norm")}
 
 
 def test_reference_balances_and_learns(runs):
@@ -116,8 +236,10 @@ def test_resume_at_another_ep_degree(runs, name, world):
      "parallelism.expert_parallel_degree=3 does not divide the number of experts (8)"),
     (["--config", TINY_MOE, "--parallelism.expert_parallel_degree", "4", "--parallelism.tensor_parallel_degree", "2"],
      4, "parallelism.expert_parallel_degree=4 does not divide the ranks it borrows"),
+    (["--config", TINY_MOE, "--compile.enable", "--activation_checkpoint.mode", "selective"], 1,
+     "activation_checkpoint.selective_ac_option = op with compile.enable does not work for the Mixture-of-Experts"),
 ])
-def test_bad_ep_degree_is_one_line(capsys, extra, world, needle):
+def test_bad_moe_config_is_one_line(capsys, extra, world, needle):
     capsys.readouterr()
     assert main(["--check", "--world_size", str(world), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()

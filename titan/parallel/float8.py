@@ -4,8 +4,10 @@ parallelism is applied (titan.parallel.parallelize runs it first).
 What it converts: every linear of the transformer blocks (wq/wk/wv/wo, w1/w2/w3) whose dims are multiples of 16,
 so its three matmuls (output, grad_input, grad_weight) run in float8 with dynamic scales (one per tensor, or per
 row). What it keeps: parameters, gradients and optimizer state stay in high precision; modules named by
-`float8.filter_fqns` (default: `output`, the vocab projection, whose logits are sensitive) and, with
-`auto_filter_small_kn`, linears too small to gain, stay plain `nn.Linear`. Collectives that change: with FSDP and
+`float8.filter_fqns` (default: `output`, the vocab projection, whose logits are sensitive), Mixture-of-Experts
+routers' gates (their top-k choice is discrete: a float8 rounding would send tokens to other experts) and, with
+`auto_filter_small_kn`, linears too small to gain, stay plain `nn.Linear`; MoE experts (`GroupedExperts`) are not
+linears and stay in the training dtype. Collectives that change: with FSDP and
 `enable_fsdp_float8_all_gather`, the parameter all-gather moves float8 bytes (plus one amax all-reduce per weight,
 or one for all weights after each optimizer step with `precompute_float8_dynamic_scale_for_fsdp`); with TP and the
 tensorwise recipe, the sequence all-gathers before attention/FFN move float8 activations (an amax all-reduce each).
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from titan.config import ConfigError, Float8
+from titan.models.moe import moe_layers
 from titan.parallel.float8_cpu import route_cpu_matmuls_around_onednn
 
 logger = logging.getLogger("titan")
@@ -96,7 +99,9 @@ def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str,
         filter_fn = _auto_filter_for_recipe(cfg.recipe_name, cfg.filter_fqns)
     else:
         filter_fn = partial(_should_convert, cfg)
-    convert_to_float8_training(model, module_filter_fn=filter_fn, config=_torchao_config(cfg, all_gather, emulate))
+    routers = {id(moe.router.gate) for _, moe in moe_layers([model])}
+    convert_to_float8_training(model, module_filter_fn=lambda m, fqn: id(m) not in routers and filter_fn(m, fqn),
+                               config=_torchao_config(cfg, all_gather, emulate))
 
     converted = sum(isinstance(m, Float8Linear) for m in model.modules())
     kept = [n for n, m in model.named_modules() if type(m) is nn.Linear]

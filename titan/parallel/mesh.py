@@ -78,6 +78,7 @@ class ParallelDims:
         return (f"mesh: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
                 f"tp={self.tp} (world {self.world_size})"
                 + (f"; experts: ep={self.ep} x efsdp={self.dp_shard * self.cp // self.ep} over dp_shard x cp"
+                   + (f", replicated over dp_replicate={self.dp_replicate}" if self.dp_replicate > 1 else "")
                    if self.ep > 1 else ""))
 
     def build_mesh(self, device_type: str) -> dict[str, DeviceMesh]:

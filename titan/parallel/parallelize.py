@@ -10,8 +10,9 @@ Order: float8 -> expert parallel -> tensor parallel -> context parallel -> activ
   parameters for DTensors sharded over `tp`, which AC, compile and FSDP then see as ordinary parameters. CP swaps
   each block's attention kernel for one that attends across sequence shards (the weights are untouched) and sums
   MoE routing counts over those shards. AC wraps each block before compile, so the compiled graph contains the
-  recomputation. FSDP last: it groups whatever parameters the block ends up with and shards them over `dp_shard_cp`
-  (HSDP over `dp_replicate`).
+  recomputation (a block with an MoE layer compiles all but that layer, inside AC: `compile_blocks`). FSDP last:
+  it groups whatever parameters the block ends up with and shards them over `dp_shard_cp` (HSDP over
+  `dp_replicate`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from titan.config import DTYPES, ActivationCheckpoint, Compile, ConfigError, Flo
 from titan.models import build_model, lora
 from titan.models.layers import Transformer
 from titan.models.lora import apply_lora, init_adapters
+from titan.models.moe import MoE
 from titan.parallel.activation_checkpoint import apply_ac
 from titan.parallel.context_parallel import apply_cp
 from titan.parallel.expert_parallel import apply_ep, reduce_load
@@ -73,14 +75,27 @@ def parallelize(model: Transformer, mesh: dict[str, DeviceMesh], dims: ParallelD
         reduce_load(model, mesh["cp"])
     apply_ac(model, ac.mode, ac.selective_ac_option)
     if compile_cfg.enable and "model" in compile_cfg.components:
-        for block in model.layers.values():
-            # In place, so parameter names (and checkpoints) are the same with and without compile.
-            # fullgraph, except that the ring's send/recv (context parallel) has to stay outside the graph.
-            block.compile(fullgraph=not (dims.cp > 1 and parallelism.context_parallel_rotate_method == "ring"))
+        # fullgraph, except that the ring's send/recv (context parallel) has to stay outside the graph.
+        compile_blocks(model, fullgraph=not (dims.cp > 1 and parallelism.context_parallel_rotate_method == "ring"))
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh["fsdp"], DTYPES[training.mixed_precision_param], DTYPES[training.mixed_precision_reduce],
                    parallelism.fsdp_reshard_after_forward, training.enable_cpu_offload, pipeline=dims.pp > 1,
                    expert_mesh=mesh.get("expert_fsdp"))
+
+
+def compile_blocks(model: Transformer, fullgraph: bool) -> None:
+    """torch.compile each block in place (parameter names, and checkpoints, are the same with and without). A block
+    with a Mixture-of-Experts layer compiles its other parts (norms, attention) and runs the MoE layer eagerly:
+    routing gives each expert a data-dependent number of rows, which the per-expert loop and EP's all-to-alls turn
+    into Python ints (host syncs, graph breaks), and `_grouped_mm`'s compiled form takes bf16 only (torch 2.13)."""
+    for block in model.layers.values():
+        inner = getattr(block, "_checkpoint_wrapped_module", block)  # inside activation checkpointing's wrapper
+        if not any(isinstance(m, MoE) for m in inner.modules()):
+            block.compile(fullgraph=fullgraph)
+            continue
+        for child in inner.children():
+            if not isinstance(child, MoE):
+                child.compile(fullgraph=fullgraph)
 
 
 def _init_units(model: Transformer) -> list[str]:
