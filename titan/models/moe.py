@@ -322,7 +322,7 @@ def end_of_step(model_parts: Iterable[nn.Module], reduce: Callable[[torch.Tensor
     if not n_experts:
         return {}, None
     rows = [_layer_index(name) for name, _ in layers] if args is not None else list(range(len(layers)))
-    device = layers[0][1].tokens_per_expert.device if layers else next(first.buffers(), next(first.parameters())).device
+    device = layers[0][1].tokens_per_expert.device if layers else next(first.parameters()).device
     stats = torch.zeros(args.n_layers if args is not None else len(layers), n_experts + 1, device=device)
     for row, (_, m) in zip(rows, layers):
         stats[row, :-1], stats[row, -1] = m.tokens_per_expert, m.aux_loss_sum
