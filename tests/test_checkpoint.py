@@ -46,8 +46,8 @@ TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 QWEN3 = ["--model.name", "qwen3", "--model.flavor", "tiny"]
 
 
-def _argv(folder, *extra):
-    return ["--config", TINY, "--job.dump_folder", str(folder), *CKPT, *extra]
+def _argv(folder, *extra, ckpt=CKPT):
+    return ["--config", TINY, "--job.dump_folder", str(folder), *ckpt, *extra]
 
 
 def _losses(folder) -> dict[int, float]:
@@ -129,16 +129,12 @@ def _check_resharded_load(rank, world_size, argv, saved_path, report):
 RESHARD_CKPT = ["--checkpoint.enable", "--checkpoint.interval", "5", "--training.steps", "10"]
 
 
-def _reshard_argv(folder, *extra):
-    return ["--config", TINY, "--job.dump_folder", str(folder), *RESHARD_CKPT, *extra]
-
-
 @pytest.fixture(scope="module")
 def fsdp4(tmp_path_factory):
     """Uninterrupted 10-step FSDP=4 runs (Llama, Qwen3) saving at steps 5 and 10: the sources of the resharding
     tests."""
     root = tmp_path_factory.mktemp("fsdp4")
-    run_layouts(4, [_reshard_argv(root / "llama3"), _reshard_argv(root / "qwen3", *QWEN3)])
+    run_layouts(4, [_argv(root / "llama3", ckpt=RESHARD_CKPT), _argv(root / "qwen3", *QWEN3, ckpt=RESHARD_CKPT)])
     return root
 
 
@@ -158,7 +154,8 @@ def resharded(tmp_path_factory, fsdp4):
             folder = root / layout / name
             resumed = _resume_folder(fsdp4 / name, folder, step=5)
             dcp_to_torch_save(resumed / "checkpoint" / "step-5", f"{folder}_step5.pt")
-            runs.append((_reshard_argv(resumed, *other, *extra), f"{folder}_step5.pt", f"{folder}_report.json"))
+            runs.append((_argv(resumed, *other, *extra, ckpt=RESHARD_CKPT), f"{folder}_step5.pt",
+                         f"{folder}_report.json"))
     spawn_torchrun_env_runs(_check_resharded_load, 4, runs)
     return root
 

@@ -138,10 +138,8 @@ def runs(tmp_path_factory):
             assert main(_argv(root / name, *extra)) == 0
     finally:
         torch.set_num_threads(threads)
-    # One spawn; context parallel first (see tests/test_parallel.py: mesh state outlives a process group).
-    runs = [(name, extra, layout) for name, (extra, layouts) in RUNS.items() for layout in layouts]
-    run_layouts(2, [_argv(root / f"{name}_{layout}", *extra, *LAYOUT_ARGS[layout])
-                    for name, extra, layout in sorted(runs, key=lambda r: r[2] != "cp2")])
+    run_layouts(2, [_argv(root / f"{name}_{layout}", *extra, *LAYOUT_ARGS[layout])  # one spawn
+                    for name, (extra, layouts) in RUNS.items() for layout in layouts])
     return root
 
 

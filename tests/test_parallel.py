@@ -102,30 +102,23 @@ def _reference(layout: str) -> str:
     return "qwen3_reference" if layout.startswith("qwen3") else "reference"
 
 
-def _is_cp(layout: str) -> bool:
-    return layout.removeprefix("qwen3_").startswith("cp")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Metrics of the single-process reference and of every layout (grouped by world size: one spawn each)."""
     root = tmp_path_factory.mktemp("layouts")
     assert main(_argv(root / "reference")) == 0 and main(_argv(root / "qwen3_reference")) == 0
     assert all(main(_argv(root / n, extra)) == 0 for n, (w, _, extra) in LAYOUTS.items() if w == 1)
-    spawns = {}  # world size -> [(is context parallel, argv)]
+    spawns = {}  # world size -> argvs
     for n, (world, _, extra) in LAYOUTS.items():
-        spawns.setdefault(world, []).append((_is_cp(n), _argv(root / n, extra)))
-    for i, (command, (world, args)) in enumerate(torchrun_commands().items()):
-        spawns[world].append((CP[0] in command, [*args, "--job.dump_folder", str(root / f"docs{i}")]))
+        spawns.setdefault(world, []).append(_argv(root / n, extra))
+    for i, (world, args) in enumerate(torchrun_commands().values()):
+        spawns[world].append([*args, "--job.dump_folder", str(root / f"docs{i}")])
     cwd = os.getcwd()
     os.chdir(REPO)  # the docs' paths are relative to the repository; spawned processes inherit the directory
     try:
         for world, argvs in sorted(spawns.items()):
-            if world > 1:
-                # One spawn per world size runs its layouts one after another, context-parallel ones first: after
-                # an FSDP x TP run, a CP run in the same processes finds a destroyed process group through mesh
-                # state that outlives destroy_process_group (torch 2.13; a real run builds one mesh per process).
-                run_layouts(world, [argv for _, argv in sorted(argvs, key=lambda a: not a[0])])
+            if world > 1:  # one spawn per world size runs its layouts one after another
+                run_layouts(world, argvs)
     finally:
         os.chdir(cwd)
     names = ["reference", "qwen3_reference", *LAYOUTS, *(f"docs{i}" for i in range(len(torchrun_commands())))]
