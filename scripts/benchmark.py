@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from titan import config, models
-from titan.config import ConfigError
+from titan import config, config_io, models
+from titan.errors import ConfigError
 from titan.metrics import StepTimer, setup_logging
 from titan.models import build_model
 from titan.parallel.parallelize import DTYPES
@@ -104,7 +104,7 @@ def load_config(args: argparse.Namespace, overrides: list[str]) -> config.Config
         # One folder for all ranks of a torchrun launch (they share its run id and port), a new one per launch.
         launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}_{os.environ.get('MASTER_PORT', os.getpid())}"
         argv += ["--job.dump_folder", os.path.join(tempfile.gettempdir(), f"titan_benchmark_{launch}")]
-    return config.load(argv)
+    return config_io.load(argv)
 
 
 def median(values: list[float]) -> float:

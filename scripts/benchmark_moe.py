@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from titan import config
+from titan import config_io
 from titan.metrics import StepTimer, setup_logging
 from titan.train import build, train
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = p.parse_known_args(argv)
     setup_logging()
     folder = tempfile.mkdtemp(prefix="titan_benchmark_moe_")
-    cfg = config.load(["--config", args.config, "--job.dump_folder", folder, "--validation.enable", "false",
+    cfg = config_io.load(["--config", args.config, "--job.dump_folder", folder, "--validation.enable", "false",
                        "--checkpoint.enable", "false", "--training.steps", str(args.warmup + args.steps), *overrides])
     run = build(cfg)
     with profile(activities=[ProfilerActivity.CPU],

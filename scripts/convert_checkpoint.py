@@ -21,8 +21,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from titan import hf
-from titan.config import DTYPES, ConfigError
+from titan.config import DTYPES
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
+from titan.errors import ConfigError
 from titan.models import FAMILIES, build_model, lora, model_args
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from titan.config import ConfigError
+from titan.errors import ConfigError
 
 # Llama 3 style models expect a BOS before plain text; ChatML models (SmolLM2) use <|im_start|> as their "BOS",
 # which opens a chat turn and does not belong in front of plain text.
@@ -90,7 +90,7 @@ def _load_dcp(model: torch.nn.Module, path: Path, what: str) -> set[str]:
 
 
 def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | None):
-    from titan import config as titan_config
+    from titan import config_io
     from titan.checkpoint import load_initial_weights
     from titan.data.tokenizer import load_tokenizer
     from titan.models import build_model, lora, model_args
@@ -100,7 +100,7 @@ def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | Non
     config_path = config_path or step.resolve().parent.parent / "config.toml"
     if not config_path.is_file():
         raise ConfigError(f"--checkpoint {step}: no run config at {config_path} (pass --config)")
-    cfg = titan_config.from_dict(titan_config.load_toml(config_path), str(config_path))
+    cfg = config_io.from_dict(config_io.load_toml(config_path), str(config_path))
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
     try:
         args = model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=tokenizer.vocab_size,

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.pipelining import PipelineStage
 
-from titan import config, memory, models
-from titan.config import ConfigError
+from titan import config, config_io, memory, models
 from titan.dry_run import fake_process_group, tokenizer_or_vocab
 from titan.dry_run import run as dry_run
+from titan.errors import ConfigError
 from titan.memory import GiB
 from titan.metrics import num_flops_per_token
 from titan.models.layers import TransformerArgs, count_params
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     ns, overrides = parse_args(argv)
     hw = Hardware(ns.gpus_per_node, ns.peak_tflops * 1e12, ns.mfu, ns.nvlink_gbps * 1e9, ns.ib_gbps * 1e9)
     try:
-        cfg = config.load(["--config", ns.config, *overrides])
+        cfg = config_io.load(["--config", ns.config, *overrides])
         fits, global_batch = plan(cfg, ns.world_size, ns.device_memory_gib, hw)
     except ConfigError as e:
         print(f"plan: error: {e}", file=sys.stderr)

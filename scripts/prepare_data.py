@@ -19,8 +19,8 @@ import argparse
 import os
 import sys
 
-from titan.config import ConfigError
 from titan.data.prepare import prepare
+from titan.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import REPO, rel_error
 
-from titan.config import DPO, SFT, ConfigError, Training, Validation
+from titan.config import DPO, SFT, Training, Validation
 from titan.data.chat import (
     build_preference_dataloader,
     build_sft_dataloader,
@@ -32,6 +32,7 @@ from titan.data.chat import (
 )
 from titan.data.pretrain import DATASETS, IGNORE_INDEX, document_positions
 from titan.data.tokenizer import load_tokenizer
+from titan.errors import ConfigError
 from titan.models.llama import Transformer, document_mask, model_args
 from titan.recipes import DPOLoss, TokenLoss, preference_loss
 

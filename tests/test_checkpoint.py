@@ -101,10 +101,10 @@ def _check_resharded_load(rank, world_size, argv, saved_path, report):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    from titan import config
+    from titan import config_io
     from titan.train import build, train
 
-    run = build(config.load(argv))
+    run = build(config_io.load(argv))
     try:
         options = StateDictOptions(full_state_dict=True)  # every rank gets full tensors of its stages
         saved = torch.load(saved_path, weights_only=False)
@@ -522,7 +522,7 @@ def _model_state(step_folder: Path, tmp_path: Path) -> dict:
 
 
 def test_new_optimizer_settings_win_on_resume(saved, tmp_path, capsys):
-    from titan import config
+    from titan import config_io
     from titan.train import build
 
     new = ["--optimizer.lr", "1e-30", "--optimizer.eps", "1e-6", "--optimizer.weight_decay", "0.2",
@@ -539,7 +539,7 @@ def test_new_optimizer_settings_win_on_resume(saved, tmp_path, capsys):
     assert all(0 < r["lr"] <= 1e-30 for r in read_metrics(saved)[4:])
     before, after = (_model_state(saved / "checkpoint" / f"step-{s}", tmp_path) for s in (4, 6))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    run = build(config.load([*_single(saved, "--training.steps", "8"), *new[2:], "--optimizer.lr", "2e-3"]))
+    run = build(config_io.load([*_single(saved, "--training.steps", "8"), *new[2:], "--optimizer.lr", "2e-3"]))
     try:
         group = run.optimizer.param_groups[0]
         assert (group["betas"], group["eps"], group["weight_decay"], group["initial_lr"]) == ((0.8, 0.9), 1e-6, 0.2,

@@ -14,7 +14,9 @@ import pytest
 import tomllib
 
 from titan import config
-from titan.config import Config, ConfigError, from_dict, load, to_toml
+from titan.config import Config
+from titan.config_io import from_dict, load, to_toml
+from titan.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(REPO / "train_configs" / "debug_model.toml")
@@ -270,7 +272,7 @@ def test_file_is_read_as_utf8_whatever_the_locale(tmp_path):
     path = write(tmp_path / "u.toml", '[job]\ndescription = "Austen — café 😀"\n')
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
            "PYTHONIOENCODING": "utf-8"}
-    code = "import sys; from titan import config; print(config.load(['--config', sys.argv[1]]).job.description)"
+    code = "import sys; from titan import config_io; print(config_io.load(['--config', sys.argv[1]]).job.description)"
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode("utf-8").strip() == "Austen — café 😀"
@@ -363,8 +365,8 @@ def schema() -> list[tuple[str, str, type, config.Range]]:
     """(section, key, type of its values (of a list's items), declared Range) of every number and text key."""
     out = []
     for section, cls in config.sections().items():
-        for key, (tp, f) in config._keys(cls).items():
-            base = config._unwrap_optional(tp)[0]
+        for key, (tp, f) in config.section_keys(cls).items():
+            base = config.unwrap_optional(tp)[0]
             item = typing.get_args(base)[0] if typing.get_origin(base) is list else base
             if item in HOSTILE:
                 out.append((section, key, item, f.metadata.get("valid") or config.Range()))
@@ -392,7 +394,7 @@ def test_schema_walk_rejects_hostile_values_with_one_line_naming_the_key():
 def test_every_numeric_key_declares_its_range():
     """A new number key gets `opt(..., valid=Range(...))`; without one it is only held to finite, 64-bit values."""
     undeclared = [f"{s}.{k}" for s, k, item, _ in schema() if item is not str and
-                  not config._keys(config.sections()[s])[k][1].metadata.get("valid")]
+                  not config.section_keys(config.sections()[s])[k][1].metadata.get("valid")]
     assert not undeclared, f"declare a range (opt(..., valid=...)) for {', '.join(undeclared)}"
 
 

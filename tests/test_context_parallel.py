@@ -57,7 +57,7 @@ def test_load_balanced_positions_cover_the_sequence_evenly():
 
 
 def test_seq_len_not_divisible_names_the_key():
-    from titan.config import ConfigError
+    from titan.errors import ConfigError
     from titan.parallel.context_parallel import check_seq_len
 
     with pytest.raises(ConfigError, match=r"training.seq_len=30 must be divisible by 2 x context_parallel_degree = 4"):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from titan.config import ConfigError, Training, Validation
+from titan.config import Training, Validation
 from titan.data.pretrain import (
     DATASETS,
     IGNORE_INDEX,
@@ -14,6 +14,7 @@ from titan.data.pretrain import (
     build_validation_dataloader,
 )
 from titan.data.tokenizer import load_tokenizer
+from titan.errors import ConfigError
 
 SEQ = 8
 

@@ -121,16 +121,17 @@ def config_table_rows() -> dict[str, list[str]]:
     """The rows docs/config.md must show: one table per section, generated from the schema (as --help is)."""
     import dataclasses
 
-    from titan.config import _keys, _toml_value, sections, type_name
+    from titan.config import section_keys, sections, type_name
+    from titan.config_io import toml_value
 
     rows = {}
     for section, cls in sections().items():
         rows[section] = []
-        for key, (tp, f) in _keys(cls).items():
+        for key, (tp, f) in section_keys(cls).items():
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             choices = f.metadata.get("choices")
             text = f.metadata["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
-            rows[section].append(f"| `{key}` | {type_name(tp).replace('|', chr(92) + '|')} | `{_toml_value(default)}` "
+            rows[section].append(f"| `{key}` | {type_name(tp).replace('|', chr(92) + '|')} | `{toml_value(default)}` "
                                  f"| {text} |")
     return rows
 

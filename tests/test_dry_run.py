@@ -30,8 +30,8 @@ from dist_utils import REPO, TINY, next_torchrun_env, spawn_torchrun_env
 from memory_probe import SavedActivations, hooked_saved_bytes, local_state_bytes, storages
 from test_scripts import load_script
 
-from titan import config, dry_run
-from titan.config import ConfigError
+from titan import config_io, dry_run
+from titan.errors import ConfigError
 
 PRESETS = sorted((REPO / "train_configs").glob("*.toml"))
 DEBUG = str(REPO / "train_configs" / "debug_model.toml")
@@ -146,7 +146,7 @@ def _worker(rank: int, world: int, cases: list[tuple[str, list[str]]], bad: list
         if n:
             next_torchrun_env(n)
         n += 1
-        run = build(config.load([*argv, "--job.dump_folder", f"{out}/{name}"]))
+        run = build(config_io.load([*argv, "--job.dump_folder", f"{out}/{name}"]))
         results[name] = {"activations": measure_activations(run), "state": measure_state(run)}
         run.checkpointer.close()
         run.metrics.close()
@@ -177,7 +177,7 @@ def real(tmp_path_factory) -> dict[int, dict[int, dict]]:
 
 
 def _dry(argv: list[str], world: int) -> dry_run.DryRun:
-    return dry_run.run(config.load(argv), world)
+    return dry_run.run(config_io.load(argv), world)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -199,7 +199,7 @@ def test_activations_of_a_single_process_match_for_every_checkpointing_mode(one_
 
     for mode, overrides in SINGLE.items():
         argv = [*SHAPES, *overrides, "--job.dump_folder", str(tmp_path / mode)]
-        run = build(config.load(argv))
+        run = build(config_io.load(argv))
         try:
             got = measure_activations(run)[0]
             if mode == "none":  # without checkpointing, autograd's own hooks see the same bytes
@@ -257,7 +257,7 @@ def test_every_preset_dry_runs_at_its_intended_world_size_and_fits_its_declared_
     assert {"llama3_8b.toml", "llama3_405b.toml"} <= {p.name for p in PRESETS}
     for path in PRESETS:
         world, gib = intended(path)
-        cfg = config.load(["--config", str(path)])
+        cfg = config_io.load(["--config", str(path)])
         result = dry_run.run(cfg, world, gib)
         for r in result.ranks:
             assert r.estimate.params > 0 and r.estimate.activations > 0 and r.stages, (path.name, r.role)
@@ -279,7 +279,7 @@ def test_planner_shards_equal_real_shards_on_uneven_and_3d_layouts():
     plan = load_script("plan")
     for world, overrides in [(3, []), (8, [*PP, *TP, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]),
                              (5, ["--model.flavor", "smollm2-135m"])]:
-        cfg = config.load(["--config", TINY, "--training.global_batch_size", "-1", *overrides])
+        cfg = config_io.load(["--config", TINY, "--training.global_batch_size", "-1", *overrides])
         result = dry_run.run(cfg, world)
         layout = plan.Layout.of(cfg, world)
         global_batch = cfg.training.local_batch_size * result.dims.dp * result.grad_accum
@@ -293,10 +293,10 @@ def test_planner_shards_equal_real_shards_on_uneven_and_3d_layouts():
 
 def test_planner_agrees_with_practice_on_the_big_presets():
     plan = load_script("plan")
-    fits, _ = plan.plan(config.load(["--config", str(REPO / "train_configs" / "llama3_8b.toml")]), 8, 80)
+    fits, _ = plan.plan(config_io.load(["--config", str(REPO / "train_configs" / "llama3_8b.toml")]), 8, 80)
     assert any(c.layout.dp_shard == 8 and c.layout.tp == c.layout.pp == c.layout.cp == 1 for c in fits)
     assert fits == sorted(fits, key=lambda c: c.step_time) and all(c.memory <= 80 * 2**30 for c in fits)
-    fits, _ = plan.plan(config.load(["--config", str(REPO / "train_configs" / "llama3_405b.toml")]), 128, 80)
+    fits, _ = plan.plan(config_io.load(["--config", str(REPO / "train_configs" / "llama3_405b.toml")]), 128, 80)
     assert fits and all(c.layout.pp > 1 or c.layout.tp > 1 for c in fits)
 
 
@@ -306,7 +306,7 @@ def test_planner_prints_pasteable_flags(capsys):
     out = capsys.readouterr().out
     flags = re.findall(r"^   (--parallelism\..*)$", out, re.M)
     assert len(flags) == 2 and "dry run: fits" in out
-    cfg = config.load(["--config", DEBUG, *flags[0].split()])  # they are valid titan options
+    cfg = config_io.load(["--config", DEBUG, *flags[0].split()])  # they are valid titan options
     assert dry_run.run(cfg, 4).fits
 
 
@@ -323,10 +323,10 @@ def test_pipeline_schedules_hold_the_micro_batches_their_papers_say():
 
 def test_command_line_flags(capsys):
     with pytest.raises(ConfigError, match="--world_size only applies with --dry_run"):
-        config.load_run(["--world_size", "8"])
+        config_io.load_run(["--world_size", "8"])
     with pytest.raises(ConfigError, match="--device_memory_gib must be a finite number > 0"):
-        config.load_run(["--dry_run", "--device_memory_gib", "0"])
+        config_io.load_run(["--dry_run", "--device_memory_gib", "0"])
     with pytest.raises(ConfigError, match="--dry_run is an option of"):
-        config.load(["--dry_run"])
-    _, flags = config.load_run(["--dry_run", "--world_size=4", "--device_memory_gib", "141"])
+        config_io.load(["--dry_run"])
+    _, flags = config_io.load_run(["--dry_run", "--world_size=4", "--device_memory_gib", "141"])
     assert (flags.dry_run, flags.world_size, flags.device_memory_gib) == (True, 4, 141.0)

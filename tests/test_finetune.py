@@ -22,8 +22,9 @@ from torch import nn
 
 import titan.recipes
 import titan.train
-from titan import config, hf
-from titan.config import ConfigError, LoRA
+from titan import config_io, hf
+from titan.config import LoRA
+from titan.errors import ConfigError
 from titan.models import lora
 from titan.models.llama import Transformer, model_args
 from titan.recipes import preference_loss, sequence_logps
@@ -220,7 +221,7 @@ def _built_transformers(monkeypatch) -> list:
 
 
 def _build(argv):
-    run = build(config.load(argv))
+    run = build(config_io.load(argv))
     run.checkpointer.close()
     run.metrics.close()
     return run

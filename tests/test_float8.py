@@ -20,7 +20,8 @@ import torch
 from dist_utils import REPO, TINY, max_rel_diff, read_metrics, run_layouts
 from torch import nn
 
-from titan.config import ConfigError, Float8
+from titan.config import Float8
+from titan.errors import ConfigError
 from titan.models.llama import Transformer, model_args
 from titan.parallel import float8
 from titan.train import main

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from dist_utils import REPO, TINY, load_script, losses, rel_error
 
 from titan import hf
-from titan.config import ConfigError
 from titan.data import tokenizer_formats
+from titan.errors import ConfigError
 from titan.models import build_model, family_of
 from titan.models.llama import ModelArgs, RopeScaling, Transformer
 from titan.models.qwen3 import Qwen3Args

@@ -10,9 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from titan.config import ConfigError, Model
+from titan.config import Model
 from titan.data.chat import chat_template
 from titan.data.tokenizer import load_tokenizer
+from titan.errors import ConfigError
 from titan.models import FAMILIES, build_model, family, family_of, model_args
 from titan.models.layers import count_params
 from titan.models.qwen3 import FLAVORS, Qwen3Args

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from dist_utils import REPO, read_metrics, rel_error
 
 from titan import hf, models
-from titan.config import MOE_FAMILIES, ConfigError
+from titan.config import MOE_FAMILIES
 from titan.config import MoE as MoEConfig
+from titan.errors import ConfigError
 from titan.models import moe
 from titan.models.moe import GroupedExperts, MoE, Router
 from titan.train import main

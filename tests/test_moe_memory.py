@@ -13,7 +13,7 @@ from dist_utils import REPO
 from test_dry_run import SHAPES, measure_activations
 from test_scripts import load_script
 
-from titan import config, dry_run, memory
+from titan import config_io, dry_run, memory
 from titan.train import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,13 +26,13 @@ def test_moe_activations_match_a_real_run_and_grow_with_top_k(tmp_path):
     measured, estimated = {}, {}
     for k in (2, 4):
         argv = [*MOE, "--moe.top_k", str(k), "--job.dump_folder", str(tmp_path / str(k))]
-        run = build(config.load(argv))
+        run = build(config_io.load(argv))
         try:
             measured[k] = measure_activations(run)[0]
         finally:
             run.close()
             dist.destroy_process_group()
-        result = dry_run.run(config.load(argv), 1)
+        result = dry_run.run(config_io.load(argv), 1)
         estimated[k] = result.ranks[0].stages[0].saved
         assert abs(estimated[k] - measured[k]) <= 0.15 * measured[k], (k, estimated[k], measured[k])
     # Two more experts per token: per MoE layer and token, 2 x (the routed rows' dim-wide input, output and output
@@ -48,8 +48,8 @@ def test_moe_activations_match_a_real_run_and_grow_with_top_k(tmp_path):
 def test_expert_parallel_estimate_shards_experts_and_adds_the_all_to_all(world, ep):
     plan = load_script("plan")
     argv = ["--config", TINY_MOE, "--training.global_batch_size", "-1"]
-    no_ep = dry_run.run(config.load(argv), world).worst.estimate
-    cfg = config.load([*argv, "--parallelism.expert_parallel_degree", str(ep)])
+    no_ep = dry_run.run(config_io.load(argv), world).worst.estimate
+    cfg = config_io.load([*argv, "--parallelism.expert_parallel_degree", str(ep)])
     result = dry_run.run(cfg, world)
     e = result.worst.estimate
     args = result.args

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titan.config import ConfigError, Parallelism
+from titan.config import Parallelism
+from titan.errors import ConfigError
 from titan.models.llama import Transformer, model_args
 from titan.parallel.pipeline import Pipeline, prune, schedule_names, stage_layers, stages_of_rank
 

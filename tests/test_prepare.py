@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from dist_utils import REPO, TINY, losses, max_rel_diff, read_metrics, rel_error, run_layouts
 from torch.utils.data import Dataset
 
-from titan.config import ConfigError, Training, Validation
+from titan.config import Training, Validation
 from titan.data import documents, tokens
 from titan.data.prepare import prepare
 from titan.data.pretrain import (
@@ -44,6 +44,7 @@ from titan.data.pretrain import (
     tokens_per_source,
 )
 from titan.data.tokenizer import load_tokenizer
+from titan.errors import ConfigError
 from titan.models.llama import Transformer, model_args
 from titan.train import main
 
@@ -382,7 +383,7 @@ def test_mixing_honours_the_weights_and_resumes_every_source(austen, tmp_path, t
 
 
 def test_mixing_config_errors_name_the_keys(tmp_path):
-    from titan.config import load
+    from titan.config_io import load
 
     base = ["--config", TINY, "--job.dump_folder", str(tmp_path)]
     for extra, key in [

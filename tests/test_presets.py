@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from titan import config
+from titan import config, config_io
 from titan.data.pretrain import DATASETS
 from titan.models import FAMILIES, model_args
 from titan.parallel.mesh import ParallelDims, check_model_fits
@@ -34,7 +34,7 @@ def world_sizes(p: config.Parallelism) -> list[int]:
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset(path):
-    cfg = config.load(["--config", str(path)])
+    cfg = config_io.load(["--config", str(path)])
     config.validate(cfg)
     flavors = FAMILIES[cfg.model.name].flavors
     assert cfg.model.flavor in flavors, f"{path.name}: {cfg.model.flavor!r} is not a {cfg.model.name} flavor"
@@ -56,4 +56,4 @@ def test_preset(path):
             assert steps >= 1 and steps * t.local_batch_size * dims.dp == t.global_batch_size
 
     # The resolved config `titan.train` writes reads back to the same config.
-    assert config.from_dict(tomllib.loads(config.to_toml(cfg))) == cfg
+    assert config_io.from_dict(tomllib.loads(config_io.to_toml(cfg))) == cfg

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from dist_utils import REPO, read_metrics, rel_error
 
-from titan import config, hf
+from titan import config_io, hf
 from titan.models import lora
 from titan.train import build, main, train
 
@@ -57,7 +57,7 @@ def run_in_process(argv: list[str], inspect=None):
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        run = build(config.load(argv))
+        run = build(config_io.load(argv))
         seen = inspect(run) if inspect else None
         train(run)
         run.checkpointer.close()

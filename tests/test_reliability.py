@@ -23,7 +23,8 @@ import pytest
 import torch
 from dist_utils import REPO, TINY, children, read_metrics, run_layouts, running
 
-from titan.config import ConfigError, load
+from titan.config_io import load
+from titan.errors import ConfigError
 from titan.guard import StepGuard
 from titan.lifecycle import LOCK_FILE, STALE_SECONDS, RunLock
 from titan.optim import lr_lambda

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from titan.config import ConfigError
 from titan.data import tokenizer_formats
 from titan.data.pretrain import DATASETS
 from titan.data.tokenizer import DEBUG_TOKENIZER, LLAMA3_PATTERN, load_tokenizer
+from titan.errors import ConfigError
 
 UNICODE = "naïve café — Ελληνικά, 東京, emoji 😀👍🏽, tab\there\r\nline\u2028sep, zero\u200bwidth, ß→SS"
 

@@ -64,7 +64,8 @@ from titan.checkpoint_store import (
     verify,
     write_manifest,
 )
-from titan.config import CHECKPOINT_STATES, DTYPES, Checkpoint, ConfigError
+from titan.config import CHECKPOINT_STATES, DTYPES, Checkpoint
+from titan.errors import ConfigError
 from titan.lifecycle import EXIT_SAVE_FAILED, RunFailed, agree, os_error
 from titan.models.lora import is_adapter
 

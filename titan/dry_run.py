@@ -25,8 +25,10 @@ from torch.distributed.tensor import DTensor, Shard
 
 from titan import memory, models
 from titan.checkpoint import Checkpointer
-from titan.config import Config, ConfigError, Parallelism, RunFlags
+from titan.config import Config, Parallelism
+from titan.config_io import RunFlags
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
+from titan.errors import ConfigError
 from titan.memory import Estimate, GiB, Stage, StageActivations, Units
 from titan.models.layers import TransformerArgs
 from titan.optim import build_lr_scheduler, build_optimizer

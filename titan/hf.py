@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from titan.config import ConfigError
 from titan.data.tokenizer import HF_TOKENIZER_FILES, tokenizer_file
 from titan.data.tokenizer_formats import write_tokenizer_json
+from titan.errors import ConfigError
 from titan.models import FAMILIES, family_of
 from titan.models.layers import TransformerArgs
 from titan.models.lora import is_adapter

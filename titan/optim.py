@@ -31,9 +31,10 @@ import warnings
 import torch
 from torch.distributed.tensor import DTensor
 
-from titan import config
-from titan.config import Config, ConfigError, LRScheduler, Optimizer
+from titan import config_io
+from titan.config import Config, LRScheduler, Optimizer
 from titan.distributed import all_reduce_sum
+from titan.errors import ConfigError
 
 logger = logging.getLogger("titan")
 
@@ -111,7 +112,8 @@ def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None
     """A resumed run trains with its own config (config.toml stays the truth): the optimizer's hyper-parameters and
     the schedule come from it, not from the restored optimizer and scheduler state; the differences are logged."""
     reapply_hyperparameters(optimizer, scheduler, cfg.optimizer)
-    changed = [c for c in config.changes(checkpointer.resumed_config, cfg) if not c.startswith("checkpoint.load_step")]
+    changed = [c for c in config_io.changes(checkpointer.resumed_config, cfg)
+               if not c.startswith("checkpoint.load_step")]
     if changed:
         logger.info(f"checkpoint: changed on resume: {', '.join(changed)}")
     if checkpointer.step >= cfg.training.steps:

@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from titan.config import ConfigError, Profiling
+from titan.config import Profiling
+from titan.errors import ConfigError
 
 logger = logging.getLogger("titan")
 

@@ -21,12 +21,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from titan import config, hf, models, recipes
+from titan import config, config_io, hf, models, recipes
 from titan.checkpoint import Checkpointer
-from titan.config import DTYPES, Config, ConfigError
+from titan.config import DTYPES, Config
 from titan.data.pretrain import tokens_per_source
 from titan.data.tokenizer import load_tokenizer
 from titan.distributed import all_reduce_sum, init_distributed, set_train_timeout, timeout_hint
+from titan.errors import ConfigError
 from titan.guard import StepGuard
 from titan.lifecycle import (
     EXIT_INTERRUPTED,
@@ -222,7 +223,7 @@ def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_part
     adapters_only = cfg.lora.enable and (cfg.lora.save_adapter_only or cfg.lora.quantize_base != "none")
     return Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
                         cfg.training.steps, export, adapters_only=adapters_only, tokenizer=tokenizer,
-                        run_config=config.to_toml(cfg))
+                        run_config=config_io.to_toml(cfg))
 
 
 def build_metrics(cfg: Config, args: TransformerArgs, model: ModelParts, dims: ParallelDims, device: torch.device,
@@ -399,7 +400,7 @@ def evaluate(run: Run) -> float:
 
 
 def write_resolved_config(cfg: Config) -> None:
-    text = config.to_toml(cfg)
+    text = config_io.to_toml(cfg)
     if dist.get_rank() == 0:
         folder = Path(cfg.job.dump_folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     tie_to_launcher()
     run = None
     try:
-        cfg, flags = config.load_run(argv)
+        cfg, flags = config_io.load_run(argv)
         if cfg.job.description:
             logger.info(cfg.job.description)
         if flags.dry_run or flags.check_only:

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset
 
-from titan.config import ConfigError
 from titan.data.documents import jsonl_records
 from titan.data.pretrain import (
     IGNORE_INDEX,
@@ -38,6 +37,7 @@ from titan.data.pretrain import (
     locate,
     make_loader,
 )
+from titan.errors import ConfigError
 
 if TYPE_CHECKING:
     from titan.config import SFT, Training, Validation

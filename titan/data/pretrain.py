@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from titan.config import ConfigError
 from titan.data import documents, tokens
+from titan.errors import ConfigError
 
 if TYPE_CHECKING:
     from titan.config import Training, Validation

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from torch import nn
 
 from titan import config
-from titan.config import ConfigError
+from titan.errors import ConfigError
 from titan.models import llama, qwen3, qwen3_moe
 from titan.models.hf_adapter import DecoderAdapter
 from titan.models.layers import Transformer, TransformerArgs

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from titan.config import ConfigError
+from titan.errors import ConfigError
 
 
 def to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan.config import ConfigError, LoRA
+from titan.config import LoRA
+from titan.errors import ConfigError
 
 logger = logging.getLogger("titan")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from titan.config import ConfigError
+from titan.errors import ConfigError
 from titan.models.hf_adapter import DecoderAdapter, decoder_sizes, rope_settings
 from titan.models.layers import TransformerArgs
 

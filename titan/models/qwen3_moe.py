@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from titan.config import ConfigError
+from titan.errors import ConfigError
 from titan.models import qwen3
 from titan.models.hf_adapter import DecoderAdapter
 from titan.models.layers import Transformer, TransformerArgs, TransformerBlock

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.config import ConfigError
+from titan.errors import ConfigError
 from titan.models.layers import Transformer
 
 # torch 2.13 renamed it (the old name warns on every call); torch 2.11 has the old name only.

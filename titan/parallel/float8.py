@@ -23,7 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from titan.config import ConfigError, Float8
+from titan.config import Float8
+from titan.errors import ConfigError
 from titan.models.moe import moe_layers
 from titan.parallel.float8_cpu import route_cpu_matmuls_around_onednn
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from titan.config import ConfigError, Parallelism
+from titan.config import Parallelism
+from titan.errors import ConfigError
 
 logger = logging.getLogger("titan")
 

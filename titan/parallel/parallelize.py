@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from titan.config import DTYPES, ActivationCheckpoint, Compile, ConfigError, Float8, LoRA, Parallelism, Training
+from titan.config import DTYPES, ActivationCheckpoint, Compile, Float8, LoRA, Parallelism, Training
+from titan.errors import ConfigError
 from titan.models import build_model, lora
 from titan.models.layers import Transformer
 from titan.models.lora import apply_lora, init_adapters

@@ -18,7 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from titan.config import ConfigError, Parallelism
+from titan.config import Parallelism
+from titan.errors import ConfigError
 from titan.models.layers import Transformer
 from titan.parallel.expert_parallel import keep_statistics_out_of
 

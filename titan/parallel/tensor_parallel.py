@@ -31,7 +31,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from titan.config import ConfigError, Parallelism
+from titan.config import Parallelism
+from titan.errors import ConfigError
 from titan.models.layers import Transformer
 from titan.models.lora import LoRALinear
 from titan.models.moe import MoE
