@@ -51,10 +51,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan import config, config_io, models
+from titan.config import DTYPES
 from titan.errors import ConfigError
 from titan.metrics import StepTimer, setup_logging
 from titan.models import build_model
-from titan.parallel.parallelize import DTYPES
 from titan.train import build, train
 
 REPO = Path(__file__).resolve().parent.parent

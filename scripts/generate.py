@@ -138,7 +138,7 @@ def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | Non
     if cfg.lora.enable and cfg.lora.quantize_base != "none":
         # The adapters were trained on the quantized base: quantize it the same way (QLoRA).
         from titan.config import DTYPES
-        from titan.parallel.parallelize import quantize_base
+        from titan.parallel.qlora import quantize_base
 
         quantize_base(model, cfg.lora, DTYPES[cfg.training.mixed_precision_param])
         log(f"base weights quantized as in training (lora.quantize_base={cfg.lora.quantize_base})")

@@ -30,7 +30,8 @@ from titan.data.chat import (
     read_conversations,
     read_preferences,
 )
-from titan.data.pretrain import DATASETS, IGNORE_INDEX, document_positions
+from titan.data.documents import DATASETS
+from titan.data.pretrain import IGNORE_INDEX, document_positions
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 from titan.models.llama import Transformer, document_mask, model_args

@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from titan.config import Training, Validation
-from titan.data.pretrain import (
-    DATASETS,
-    IGNORE_INDEX,
-    build_pretrain_dataloader,
-    build_validation_dataloader,
-)
+from titan.data.documents import DATASETS
+from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from dist_utils import REPO
 
-from titan.data.pretrain import Permutation
+from titan.data.order import Permutation
 from titan.models.llama import Transformer
 
 CONFIG = str(REPO / "tests" / "configs" / "golden.toml")

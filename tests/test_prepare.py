@@ -31,15 +31,14 @@ from torch.utils.data import Dataset
 
 from titan.config import Training, Validation
 from titan.data import documents, tokens
+from titan.data.documents import DATASETS
+from titan.data.order import GlobalOrderSampler, make_loader
 from titan.data.prepare import prepare
 from titan.data.pretrain import (
-    DATASETS,
     IGNORE_INDEX,
-    GlobalOrderSampler,
     Windows,
     build_pretrain_dataloader,
     build_validation_dataloader,
-    make_loader,
     token_stream,
     tokens_per_source,
 )

@@ -8,7 +8,7 @@ import pytest
 import tomllib
 
 from titan import config, config_io
-from titan.data.pretrain import DATASETS
+from titan.data.documents import DATASETS
 from titan.models import FAMILIES, model_args
 from titan.parallel.mesh import ParallelDims, check_model_fits
 from titan.train import gradient_accumulation_steps

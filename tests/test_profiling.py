@@ -55,7 +55,7 @@ def _stuck_collective(rank: int, world_size: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from titan.train import set_train_timeout, timeout_hint
+    from titan.parallel.process_group import set_train_timeout, timeout_hint
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
     set_train_timeout({"dp": mesh}, 1)

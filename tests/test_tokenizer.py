@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from titan.data import tokenizer_formats
-from titan.data.pretrain import DATASETS
+from titan.data.documents import DATASETS
 from titan.data.tokenizer import DEBUG_TOKENIZER, LLAMA3_PATTERN, load_tokenizer
 from titan.errors import ConfigError
 

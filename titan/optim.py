@@ -33,8 +33,8 @@ from torch.distributed.tensor import DTensor
 
 from titan import config_io
 from titan.config import Config, LRScheduler, Optimizer
-from titan.distributed import all_reduce_sum
 from titan.errors import ConfigError
+from titan.parallel.process_group import all_reduce_sum
 
 logger = logging.getLogger("titan")
 

@@ -38,9 +38,9 @@ from titan.checkpoint import load_initial_weights
 from titan.config import DPO, SFT, Checkpoint, LoRA, Training, Validation
 from titan.data.chat import build_preference_dataloader, build_sft_dataloader, build_sft_validation_dataloader
 from titan.data.pretrain import IGNORE_INDEX, build_pretrain_dataloader, build_validation_dataloader
-from titan.distributed import all_reduce_sum
 from titan.models import lora
 from titan.models.layers import Transformer, TransformerArgs
+from titan.parallel.process_group import all_reduce_sum
 
 if TYPE_CHECKING:
     from titan.train import ModelParts

@@ -26,7 +26,6 @@ from titan.checkpoint import Checkpointer
 from titan.config import DTYPES, Config
 from titan.data.pretrain import tokens_per_source
 from titan.data.tokenizer import load_tokenizer
-from titan.distributed import all_reduce_sum, init_distributed, set_train_timeout, timeout_hint
 from titan.errors import ConfigError
 from titan.guard import StepGuard
 from titan.lifecycle import (
@@ -45,8 +44,10 @@ from titan.optim import build_lr_scheduler, build_optimizer, clip_grad_norm, hon
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_seq_len, shard_batch, shard_rope
 from titan.parallel.mesh import ParallelDims, check_model_fits
-from titan.parallel.parallelize import materialize, parallelize, quantize_bases
+from titan.parallel.parallelize import materialize, parallelize
 from titan.parallel.pipeline import Pipeline
+from titan.parallel.process_group import all_reduce_sum, init_distributed, set_train_timeout, timeout_hint
+from titan.parallel.qlora import quantize_bases
 from titan.parallel.tensor_parallel import loss_parallel_context
 from titan.profiling import Profiler
 from titan.recipes import DPOLoss, TokenLoss, build_dataloaders, build_objective, cross_entropy_sum, recipe_detail

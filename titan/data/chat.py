@@ -27,16 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset
 
-from titan.data.documents import jsonl_records
-from titan.data.pretrain import (
-    IGNORE_INDEX,
-    GlobalOrderSampler,
-    SequentialBlocks,
-    collate_rows,
-    document_positions,
-    locate,
-    make_loader,
-)
+from titan.data.documents import jsonl_records, locate
+from titan.data.order import GlobalOrderSampler, SequentialBlocks, collate_rows, make_loader
+from titan.data.pretrain import IGNORE_INDEX, document_positions
 from titan.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """Raw documents: finding the input files, and reading their documents (plain strings), for the in-memory training
 path (titan/data/pretrain.py) and for scripts/prepare_data.py (titan/data/prepare.py) alike, so both see the same
-documents in the same order.
+documents in the same order; and the datasets titan ships (`DATASETS`, looked up by name with `locate`).
 
 Formats: `.txt` (the whole file is one document); `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object per line, the
 document in its `text_key` field); `.parquet` (one row per document, the `text_key` column; needs pyarrow, the
@@ -20,6 +20,37 @@ from pathlib import Path
 from titan.errors import ConfigError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
+# The datasets shipped with titan (`training.dataset` / `validation.dataset` names) and where they are read from.
+_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
+DATASETS: dict[str, dict[str, Path]] = {
+    "austen": {"train": _ASSETS / "austen" / "train.txt", "validation": _ASSETS / "austen" / "validation.txt"},
+    # Fine-tuning fixtures (titan/data/chat.py formats), made by scripts/make_chat_fixtures.py.
+    "tiny_chat": {"train": _ASSETS / "tiny_chat" / "train.jsonl",
+                 "validation": _ASSETS / "tiny_chat" / "validation.jsonl"},
+    "tiny_preferences": {"train": _ASSETS / "tiny_preferences" / "train.jsonl"},
+    "tiny_alpaca": {"train": _ASSETS / "tiny_alpaca" / "train.jsonl",
+                   "validation": _ASSETS / "tiny_alpaca" / "validation.jsonl"},
+    "tiny_sharegpt": {"train": _ASSETS / "tiny_sharegpt" / "train.jsonl",
+                     "validation": _ASSETS / "tiny_sharegpt" / "validation.jsonl"},
+    "tiny_prompt_completion": {"train": _ASSETS / "tiny_prompt_completion" / "train.jsonl",
+                              "validation": _ASSETS / "tiny_prompt_completion" / "validation.jsonl"},
+}
+
+
+def locate(section: str, dataset: str, dataset_path: str, split: str) -> tuple[Path, str]:
+    """(path to read, config key to blame): `dataset_path` overrides the named dataset's split."""
+    if dataset_path:
+        return Path(dataset_path), f"{section}.dataset_path"
+    if dataset not in DATASETS:
+        raise ConfigError(
+            f"{section}.dataset: unknown dataset {dataset!r} (known: {', '.join(DATASETS)}); "
+            f"or set {section}.dataset_path to a prepared folder, or to text files or a folder of them"
+        )
+    if split not in DATASETS[dataset]:
+        raise ConfigError(f"{section}.dataset: {dataset!r} has no {split} split; set {section}.dataset_path")
+    return DATASETS[dataset][split], f"{section}.dataset"
 
 
 def suffix(path: Path) -> str | None:

@@ -1,6 +1,6 @@
 """The one place that applies the parallel axes to a model built on the meta device, in a fixed order, and then
-materialises its weights so that every layout starts from the single-process run's values (and, for QLoRA, once they
-are loaded, quantizes the frozen base the same way on every layout).
+materialises its weights so that every layout starts from the single-process run's values. (QLoRA's quantization of the
+loaded base, the same on every layout, is titan/parallel/qlora.py's.)
 
 Order: float8 -> expert parallel -> tensor parallel -> context parallel -> activation checkpointing -> torch.compile
 -> FSDP.
@@ -18,18 +18,15 @@ Order: float8 -> expert parallel -> tensor parallel -> context parallel -> activ
 from __future__ import annotations
 
 import logging
-import math
 import zlib
 
 import torch
-from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titan.config import DTYPES, ActivationCheckpoint, Compile, Float8, LoRA, Parallelism, Training
 from titan.errors import ConfigError
-from titan.models import build_model, lora
+from titan.models import build_model
 from titan.models.layers import Transformer
 from titan.models.lora import apply_lora, init_adapters
 from titan.models.moe import MoE
@@ -37,7 +34,7 @@ from titan.parallel.activation_checkpoint import apply_ac
 from titan.parallel.context_parallel import apply_cp
 from titan.parallel.expert_parallel import apply_ep, reduce_load
 from titan.parallel.float8 import convert as convert_to_float8
-from titan.parallel.fsdp import adopt_swapped_param, apply_fsdp
+from titan.parallel.fsdp import apply_fsdp
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.tensor_parallel import apply_tp
 
@@ -134,55 +131,3 @@ def materialize(model: Transformer, device: torch.device, seed: int, lora_cfg: L
         full = {f"{name}.{key}": value for key, value in unit.state_dict().items()}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
         unit.to_empty(device="meta")
-
-
-def _row_shards(weight: torch.Tensor) -> list[tuple[int, int]]:
-    """(mesh dim, its size) of each mesh dimension that splits `weight` by rows (FSDP's Shard(0)); a replicated
-    weight has none."""
-    if not isinstance(weight, DTensor):
-        return []
-    out = []
-    for dim, placement in enumerate(weight.placements):
-        if placement != Replicate() and placement != Shard(0):
-            raise ConfigError(f"lora.quantize_base: cannot quantize a weight placed as {weight.placements}")
-        if placement == Shard(0):
-            out.append((dim, weight.device_mesh.size(dim)))
-    return out
-
-
-def quantize_bases(parts: list[nn.Module], cfg: LoRA, dtype: torch.dtype) -> None:
-    """`quantize_base` on each of this rank's model parts, and the line that says what it saved."""
-    counts = [quantize_base(part, cfg, dtype) for part in parts]
-    layers, before, after = (sum(c[i] for c in counts) for i in range(3))
-    logger.info(f"lora: quantize_base={cfg.quantize_base}: {layers} base weights quantized (blocks of "
-                f"{lora.NF4_BLOCK}, scales in blocks of {cfg.nf4_scaler_block_size}); they take "
-                f"{after / 2**20:,.2f} MiB on this rank instead of {before / 2**20:,.2f} MiB")
-
-
-@torch.no_grad()
-def quantize_base(model: nn.Module, cfg: LoRA, dtype: torch.dtype) -> tuple[int, int, int]:
-    """QLoRA: replace the frozen weight of every LoRALinear in `model` (materialised and loaded: the base weights are
-    final) by its NF4 quantization in `dtype`. Each weight is quantized whole, as a single process does it (a sharded
-    one is gathered first, one at a time), then cut into this rank's rows, so every layout holds the same codes and
-    FSDP all-gathers the 4-bit data. Returns (layers, bytes before, bytes after) of those weights on this rank."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
-    lora.check_nf4_layout({f"{name}.weight": (m.weight.shape, math.prod(size for _, size in _row_shards(m.weight)))
-                           for name, m in layers}, cfg)  # before anything changes
-    before = after = 0
-    for _, m in layers:
-        weight = m.weight
-        full = weight.full_tensor() if isinstance(weight, DTensor) else weight
-        quantized = lora.to_nf4(full.to(dtype), cfg.nf4_scaler_block_size)
-        before += lora.nbytes(weight.to_local() if isinstance(weight, DTensor) else weight)
-        if isinstance(weight, DTensor):
-            local, coordinate = quantized, weight.device_mesh.get_coordinate()
-            for dim, size in _row_shards(weight):
-                local = torch.chunk(local, size, dim=0)[coordinate[dim]]  # torchao splits the codes and scales
-            after += lora.nbytes(local)
-            quantized = DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
-                                           shape=weight.shape, stride=weight.stride())
-            adopt_swapped_param(weight)
-        else:
-            after += lora.nbytes(quantized)
-        m.weight = nn.Parameter(quantized, requires_grad=False)
-    return len(layers), before, after
