@@ -9,7 +9,7 @@ minimal hand-written PyTorch loop doing the same math.
         [--reference auto|torchtitan|plain --reference_path DIR[:DIR] --threads N]
 
 How it measures (see docs/performance.md):
-  * titan runs its real loop (`titan.train.build` + `train`) for warmup + steps steps, with validation off and the
+  * titan runs its real loop (`titan.build.build` + `titan.train.train`) for warmup + steps steps, with validation off and the
     config's other settings kept (logging, checkpointing). `StepTimer` in the loop records each step's wall time and
     its regions: data wait, forward+backward, optimizer (clip + step + LR + zero_grad), and any other region the
     loop times (a region named "checkpoint" is reported as checkpoint blocking). On CUDA the timer synchronises the
@@ -51,11 +51,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan import config, config_io, models
+from titan.build import build
 from titan.config import DTYPES
 from titan.errors import ConfigError
 from titan.metrics import StepTimer, setup_logging
 from titan.models import build_model
-from titan.train import build, train
+from titan.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 FLOP_CONVENTION = ("6 x non-embedding parameters + 12 x n_layers x n_heads x head_dim x seq_len per token "

@@ -4,7 +4,7 @@
     python scripts/benchmark_moe.py [--steps 10 --warmup 3] [--section.key value ...]
     torchrun --nproc_per_node=2 scripts/benchmark_moe.py --parallelism.expert_parallel_degree 2
 
-Runs titan's own loop (`titan.train.build` + `train`) on train_configs/qwen3_moe_debug.toml (or --config) with
+Runs titan's own loop (`titan.build.build` + `titan.train.train`) on train_configs/qwen3_moe_debug.toml (or --config) with
 validation and checkpoints off, under torch.profiler for the measured steps (after --warmup steps). Prints, on
 rank 0: tokens/s over all ranks (tokens per step / mean measured step time) and the all-to-all share = this rank's
 CPU time in the profiler events of the token all-to-alls (`all_to_all` in the name: the launch and, where the
@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from titan import config_io
+from titan.build import build
 from titan.metrics import StepTimer, setup_logging
-from titan.train import build, train
+from titan.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 COLLECTIVE = ("all_to_all", "alltoall", "wait_tensor")

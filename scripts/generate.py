@@ -61,7 +61,7 @@ def from_hf(folder: Path, max_seq_len: int | None):
 
 
 def _dcp_keys(path: Path, what: str) -> set[str]:
-    from titan.checkpoint import stored_keys
+    from titan.checkpoint.state import stored_keys
 
     return {k.removeprefix("model.") for k in stored_keys(path, what) if k.startswith("model.")}
 
@@ -91,7 +91,7 @@ def _load_dcp(model: torch.nn.Module, path: Path, what: str) -> set[str]:
 
 def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | None):
     from titan import config_io
-    from titan.checkpoint import load_initial_weights
+    from titan.checkpoint.state import load_initial_weights
     from titan.data.tokenizer import load_tokenizer
     from titan.models import build_model, lora, model_args
 

@@ -26,6 +26,7 @@ import torch
 from torch.distributed.pipelining import PipelineStage
 
 from titan import config, config_io, memory, models
+from titan.build import build_model_args, gradient_accumulation_steps
 from titan.dry_run import fake_process_group, tokenizer_or_vocab
 from titan.dry_run import run as dry_run
 from titan.errors import ConfigError
@@ -36,7 +37,6 @@ from titan.models.moe import active_params
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.pipeline import build_schedule, stage_layers, stages_of_rank
 from titan.parallel.pipeline import check as check_pipeline
-from titan.train import build_model_args, gradient_accumulation_steps
 
 RECOMPUTE = {"none": 0.0, "selective": 0.05, "full": 1 / 3}  # extra compute: selective redoes elementwise ops only
 MICRO_BATCHES = (1, 2, 4)

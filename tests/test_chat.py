@@ -35,7 +35,7 @@ from titan.data.pretrain import IGNORE_INDEX, document_positions
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 from titan.models.llama import Transformer, document_mask, model_args
-from titan.recipes import DPOLoss, TokenLoss, preference_loss
+from titan.objectives import DPOLoss, TokenLoss, preference_loss
 
 CHAT_TOKENIZER = REPO / "titan" / "assets" / "tokenizer" / "debug_chat.tiktoken"
 KEY = "training.dataset_path"
@@ -76,7 +76,7 @@ def tiny_chat():
 
 
 def ce_sum(logits, labels):
-    """titan.recipes.cross_entropy_sum without its DTensor branch (importing titan.train costs seconds)."""
+    """titan.objectives.cross_entropy_sum without its DTensor branch (importing titan.build costs seconds)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 

@@ -102,7 +102,8 @@ def _check_resharded_load(rank, world_size, argv, saved_path, report):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     from titan import config_io
-    from titan.train import build, train
+    from titan.build import build
+    from titan.train import train
 
     run = build(config_io.load(argv))
     try:
@@ -445,7 +446,7 @@ def test_branched_resume_keeps_its_own_saves_and_is_what_the_next_start_continue
 
 
 def test_retention_follows_the_lineage(tmp_path):
-    from titan.checkpoint_store import lineage_after, purge, write_manifest
+    from titan.checkpoint.store import lineage_after, purge, write_manifest
 
     def checkpoint(step, run, lineage, manifest=True):
         path = tmp_path / f"step-{step}"
@@ -469,7 +470,7 @@ def test_retention_follows_the_lineage(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1", "step-2", "step-30", "step-4", "step-5"]
 
 
-_PUBLISH = "import sys; from pathlib import Path; from titan.checkpoint_store import publish; " \
+_PUBLISH = "import sys; from pathlib import Path; from titan.checkpoint.store import publish; " \
            "publish(Path(sys.argv[1]), Path(sys.argv[2]))"
 
 
@@ -478,7 +479,7 @@ def test_a_kill_at_every_point_of_a_resave_recovers(tmp_path, capsys):
     manifest is written, after the old copy is renamed aside, after the new one is renamed in. Each next start
     recovers the newest complete copy. Before, the old copy was deleted before the rename, and a kill between left
     a torn step-0 that the next start failed on."""
-    from titan.checkpoint_store import read_manifest
+    from titan.checkpoint.store import read_manifest
 
     first = tmp_path / "first"
     assert main(["--config", TINY, "--job.dump_folder", str(first), "--checkpoint.create_seed_checkpoint"]) == 0
@@ -523,7 +524,7 @@ def _model_state(step_folder: Path, tmp_path: Path) -> dict:
 
 def test_new_optimizer_settings_win_on_resume(saved, tmp_path, capsys):
     from titan import config_io
-    from titan.train import build
+    from titan.build import build
 
     new = ["--optimizer.lr", "1e-30", "--optimizer.eps", "1e-6", "--optimizer.weight_decay", "0.2",
            "--optimizer.betas", "0.8,0.9"]
@@ -624,7 +625,7 @@ def test_full_disk_reports_the_path_and_keeps_the_last_checkpoint(tmp_path, tmpf
 
     import torch.distributed.checkpoint.filesystem as fs
 
-    from titan.checkpoint_store import read_manifest, verify
+    from titan.checkpoint.store import read_manifest, verify
 
     ckpt = tmp_path / "checkpoint"
     real = tmpfs(ckpt, "size=14m")

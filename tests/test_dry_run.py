@@ -139,7 +139,8 @@ def _worker(rank: int, world: int, cases: list[tuple[str, list[str]]], bad: list
             out: str) -> None:
     import torch.distributed as dist
 
-    from titan.train import build, main
+    from titan.build import build
+    from titan.train import main
 
     results, n = {}, 0
     for name, argv in cases:
@@ -195,7 +196,7 @@ def test_state_bytes_and_activations_match_a_real_run(real, name):
 def test_activations_of_a_single_process_match_for_every_checkpointing_mode(one_thread, tmp_path):
     import torch.distributed as dist
 
-    from titan.train import build
+    from titan.build import build
 
     for mode, overrides in SINGLE.items():
         argv = [*SHAPES, *overrides, "--job.dump_folder", str(tmp_path / mode)]

@@ -70,9 +70,9 @@ def _train(argv: list[str], rank: int = 0) -> None:
     the dtypes of its experts' weights."""
     from torchao.float8.float8_linear import Float8Linear
 
-    import titan.train
+    import titan.build
 
-    real, seen = titan.train.parallelize, {"float8": [], "linear": [], "compiled": [], "experts": []}
+    real, seen = titan.build.parallelize, {"float8": [], "linear": [], "compiled": [], "experts": []}
 
     def parallelize(part, *args, **kwargs):
         real(part, *args, **kwargs)
@@ -85,11 +85,11 @@ def _train(argv: list[str], rank: int = 0) -> None:
             if name.endswith("experts"):
                 seen["experts"].append(str(m.w1.dtype))
 
-    titan.train.parallelize = parallelize
+    titan.build.parallelize = parallelize
     try:
         assert main(argv) == 0
     finally:
-        titan.train.parallelize = real
+        titan.build.parallelize = real
     folder = Path(argv[argv.index("--job.dump_folder") + 1])
     (folder / f"modules.{rank}.json").write_text(json.dumps(seen))
 

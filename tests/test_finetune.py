@@ -20,15 +20,16 @@ import torch
 from dist_utils import REPO, max_rel_diff, read_metrics, rel_error, run_layouts
 from torch import nn
 
-import titan.recipes
+import titan.build
 import titan.train
 from titan import config_io, hf
+from titan.build import build
 from titan.config import LoRA
 from titan.errors import ConfigError
 from titan.models import lora
 from titan.models.llama import Transformer, model_args
-from titan.recipes import preference_loss, sequence_logps
-from titan.train import build, main
+from titan.objectives import preference_loss, sequence_logps
+from titan.train import main
 
 TINY_SFT = str(REPO / "tests" / "configs" / "tiny_sft.toml")
 TOL = 1e-5
@@ -212,7 +213,7 @@ def _built_transformers(monkeypatch) -> list:
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    # titan.train (the policy) and titan.recipes (the reference) call models.build_model; parallelize.materialize's
+    # titan.build (the policy and the reference) calls models.build_model; parallelize.materialize's
     # throw-away init copies hold their own reference to it and are not counted.
     from titan import models
 
@@ -242,7 +243,7 @@ def test_simpo_and_orpo_build_no_reference_model(runs, tmp_path, monkeypatch, on
     def no_reference(*args):
         raise AssertionError("a reference-free loss asked for a reference model")
 
-    monkeypatch.setattr(titan.recipes, "dpo_reference", no_reference)
+    monkeypatch.setattr(titan.build, "dpo_reference", no_reference)
     for name in ("dpo_simpo", "dpo_orpo"):
         built.clear()
         argv = _argv(tmp_path / name, *RUNS[name][0])

@@ -14,7 +14,7 @@ from test_dry_run import SHAPES, measure_activations
 from test_scripts import load_script
 
 from titan import config_io, dry_run, memory
-from titan.train import build
+from titan.build import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

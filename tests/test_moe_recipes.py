@@ -16,7 +16,8 @@ import pytest
 import torch
 from dist_utils import REPO, read_metrics
 
-import titan.recipes
+import titan.build
+import titan.objectives
 import titan.train
 from titan.data.tokenizer import load_tokenizer
 from titan.models import lora, moe
@@ -36,7 +37,7 @@ def _argv(folder, *extra) -> list[str]:
     return ["--config", TINY_SFT, "--job.dump_folder", str(folder), *MOE, *extra]
 
 
-def _train(monkeypatch, argv) -> tuple[titan.train.Run, dict[str, torch.Tensor]]:
+def _train(monkeypatch, argv) -> tuple[titan.build.Run, dict[str, torch.Tensor]]:
     """Train through `main`; (the run, with its model after the last step; the model's state before the first)."""
     runs, initial = [], {}
 
@@ -78,7 +79,7 @@ def _hand_aux(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     hooks = [r.register_forward_hook(lambda mod, args, out: captured.append(out)) for r in model.modules()
              if isinstance(r, Router)]
     try:
-        lm = titan.recipes.TokenLoss(titan.recipes.cross_entropy_sum)(model, batch)
+        lm = titan.objectives.TokenLoss(titan.objectives.cross_entropy_sum)(model, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -106,8 +107,8 @@ def test_sft_adds_the_balance_loss_per_routed_token_and_moves_the_bias(tmp_path,
     # Step 1 again by hand: the initial weights, the step's micro-batches from a fresh loader.
     model.load_state_dict(initial)
     model.zero_grad(set_to_none=True)
-    loader, _ = titan.recipes.build_dataloaders(cfg.training, cfg.sft, cfg.validation,
-                                                load_tokenizer(cfg.model.tokenizer_path), 0, 1)
+    loader, _ = titan.build.build_dataloaders(cfg.training, cfg.sft, cfg.validation,
+                                              load_tokenizer(cfg.model.tokenizer_path), 0, 1)
     batches = iter(loader)
     micro = [next(batches) for _ in range(run.grad_accum)]
     n_items = sum(int((b["label"] != -100).sum()) for b in micro)
@@ -133,8 +134,8 @@ def test_dpo_reference_neither_routes_into_the_statistics_nor_moves_its_bias(tmp
         references.append(real(*args))
         return references[-1]
 
-    real = titan.recipes.frozen_reference
-    monkeypatch.setattr(titan.recipes, "frozen_reference", frozen_reference)
+    real = titan.build.frozen_reference
+    monkeypatch.setattr(titan.build, "frozen_reference", frozen_reference)
     run, _ = _train(monkeypatch, _argv(tmp_path / "dpo", *DPO, "--moe.bias_update_rate", str(RATE)))
     records = read_metrics(tmp_path / "dpo")
     (reference,) = references

@@ -8,10 +8,10 @@ import pytest
 import tomllib
 
 from titan import config, config_io
+from titan.build import gradient_accumulation_steps
 from titan.data.documents import DATASETS
 from titan.models import FAMILIES, model_args
 from titan.parallel.mesh import ParallelDims, check_model_fits
-from titan.train import gradient_accumulation_steps
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "train_configs").glob("*.toml"))
 

@@ -17,8 +17,9 @@ import torch.distributed as dist
 from dist_utils import REPO, read_metrics, rel_error
 
 from titan import config_io, hf
+from titan.build import build
 from titan.models import lora
-from titan.train import build, main, train
+from titan.train import main, train
 
 DEBUG_SFT = str(REPO / "train_configs" / "debug_sft.toml")
 TINY_SFT = str(REPO / "tests" / "configs" / "tiny_sft.toml")

@@ -372,7 +372,7 @@ PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
 
 @dataclass
 class DPO:
-    """Preference optimisation (training.recipe = "dpo"); see titan/recipes.py and docs/fine_tuning.md."""
+    """Preference optimisation (training.recipe = "dpo"); see titan/objectives/preference.py and docs/fine_tuning.md."""
 
     loss: str = opt(
         "sigmoid", "preference loss: sigmoid (DPO), ipo, simpo, orpo; simpo and orpo need no reference model",

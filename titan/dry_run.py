@@ -3,7 +3,7 @@ an N-rank job and estimate every rank's memory, in one CPU process, before any G
 
 One process plays the ranks that differ (the first rank of every pipeline stage group) one after another, each under
 PyTorch's fake process group (collectives do nothing, so any rank of any world can be played): it builds the mesh and
-the model through `titan.train`'s own functions, with every parallel axis applied but the weights left on the meta
+the model through `titan.build`'s own functions, with every parallel axis applied but the weights left on the meta
 device, so every check a real run makes is made by the same code, every local shard has its real shape, and nothing
 is allocated (a 405B model on 128 ranks takes seconds). Parameter, gradient and optimizer bytes are read off those
 shards; activations, transients and buffers come from `titan.memory`'s estimate. Missing files (tokenizer, data,
@@ -24,7 +24,16 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from titan import memory, models
-from titan.checkpoint import Checkpointer
+from titan.build import (
+    ModelParts,
+    build_dataloaders,
+    build_model,
+    build_model_args,
+    frozen_reference,
+    gradient_accumulation_steps,
+    log_summary,
+)
+from titan.checkpoint.save import Checkpointer
 from titan.config import Config, Parallelism
 from titan.config_io import RunFlags
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
@@ -34,8 +43,6 @@ from titan.models.layers import TransformerArgs
 from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.parallelize import check_options
-from titan.recipes import build_dataloaders, frozen_reference
-from titan.train import ModelParts, build_model, build_model_args, gradient_accumulation_steps, log_summary
 
 logger = logging.getLogger("titan")
 
@@ -100,7 +107,7 @@ def run(cfg: Config, world_size: int | None = None, device_memory_gib: float | N
     notes: list[str] = []
     world = world_size or smallest_world(cfg.parallelism)
     device_bytes = int((device_memory_gib or DEFAULT_DEVICE_MEMORY_GIB) * GiB)
-    # The same checks, in the same order, as titan.train.build.
+    # The same checks, in the same order, as titan.build.build.
     dims = ParallelDims.from_config(cfg.parallelism, world)
     grad_accum = gradient_accumulation_steps(cfg.training, dims.dp)
     tokenizer, vocab = tokenizer_or_vocab(cfg, notes)
@@ -183,7 +190,7 @@ def _quiet(quiet: bool):
 
 def _simulate(cfg: Config, args: TransformerArgs, dims: ParallelDims, rank: int, device_bytes: int, tokenizer,
               log: bool) -> RankReport:
-    """Build `rank`'s parts as titan.train.build does, up to the weights; `tokenizer`: also build its data."""
+    """Build `rank`'s parts as titan.build.build does, up to the weights; `tokenizer`: also build its data."""
     with fake_process_group(rank, dims.world_size), _quiet(not log):
         mesh = dims.build_mesh("cpu")
         model = build_model(cfg, args, mesh, dims, torch.device("cpu"), weights=False)
@@ -293,7 +300,7 @@ def _shown(result: DryRun) -> list[RankReport]:
 
 
 def check(cfg: Config, world_size: int | None = None) -> int:
-    """`--check`: the checks `titan.train.build_run` makes before it builds anything, for a `world_size`-rank job,
+    """`--check`: the checks `titan.build.build_run` makes before it builds anything, for a `world_size`-rank job,
     in this one process (no process group): scripts/run_train.sh runs it before torchrun starts the workers, so that
     bad input is one line and exit code 2 rather than one line per rank and torchrun's traceback."""
     dims = ParallelDims.from_config(cfg.parallelism, world_size or smallest_world(cfg.parallelism))

@@ -31,8 +31,7 @@ import warnings
 import torch
 from torch.distributed.tensor import DTensor
 
-from titan import config_io
-from titan.config import Config, LRScheduler, Optimizer
+from titan.config import LRScheduler, Optimizer
 from titan.errors import ConfigError
 from titan.parallel.process_group import all_reduce_sum
 
@@ -106,18 +105,6 @@ def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: Op
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended, nothing is skipped
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
-
-
-def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None:
-    """A resumed run trains with its own config (config.toml stays the truth): the optimizer's hyper-parameters and
-    the schedule come from it, not from the restored optimizer and scheduler state; the differences are logged."""
-    reapply_hyperparameters(optimizer, scheduler, cfg.optimizer)
-    changed = [c for c in config_io.changes(checkpointer.resumed_config, cfg)
-               if not c.startswith("checkpoint.load_step")]
-    if changed:
-        logger.info(f"checkpoint: changed on resume: {', '.join(changed)}")
-    if checkpointer.step >= cfg.training.steps:
-        logger.info(f"checkpoint: step {checkpointer.step} >= training.steps={cfg.training.steps}: nothing to train")
 
 
 def clip_grad_norm(params, max_norm: float, pp_mesh) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The process group of a run: how it starts (NCCL on GPUs, gloo on CPUs, a group of one for a single process), its
-timeouts (a long one for start-up and compilation, a shorter one once step 1 is done) and the one sum the loop
-reduces by hand. The mesh over it is titan/parallel/mesh.py's; what runs on it is everybody else's.
+timeouts (a long one for start-up and compilation, a shorter one once step 1 is done), the one sum the loop
+reduces by hand, and the object gather and barrier the checkpoint's coordination uses. The mesh over it is
+titan/parallel/mesh.py's; what runs on it is everybody else's.
 """
 
 from __future__ import annotations
@@ -60,3 +61,18 @@ def timeout_hint(error: BaseException) -> str | None:
     return ("a collective timed out (after comm.init_timeout_seconds until step 1 ends, comm.train_timeout_seconds "
             "after it): another rank is stuck or died, see its log; if a step legitimately takes that long (a slow "
             "checkpoint save, compilation), raise the timeout")
+
+
+def gather_objects(obj, group=None) -> list:
+    """`obj` of every rank of `group`, in rank order (picklable objects; no collective in a group of one)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(group=None) -> None:
+    if dist.get_world_size(group) > 1:
+        dist.barrier(group=group)

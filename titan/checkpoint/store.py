@@ -3,7 +3,8 @@ integrity record and lineage), the commit that publishes a save, recovery from a
 superseded checkpoints out of the way, and retention.
 
 Plain files and renames only (no torch, no process group), so a test can SIGKILL a process anywhere in here and
-check what the next start makes of it. titan/checkpoint.py owns what is saved, which rank does what, and when.
+check what the next start makes of it. What is saved is state.py's, which checkpoint a run continues from
+resume.py's, and which rank writes what, and when, save.py's.
 
     <job.dump_folder>/<checkpoint.folder>/
       step-<N>/           complete: DCP's .metadata and __<rank>_<i>.distcp files, plus manifest.json

@@ -1,0 +1,332 @@
+"""Config -> `Run`: everything the training loop (titan/train.py) needs, built in one order on every rank — the
+process group and the run folder's lock, the mesh, the model (meta device, parallel axes, then real weights), the
+optimizer and schedule, the data, the checkpointer (resumed, or the initial weights), the objective and the metrics.
+
+This is the one place that splits the config into its sections: each component gets only its own. `titan.dry_run`
+goes through the same checks and the same `build_model`, without the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from titan import config_io, hf, models
+from titan.checkpoint.save import Checkpointer
+from titan.checkpoint.state import load_initial_weights
+from titan.config import DPO, DTYPES, SFT, Checkpoint, Config, LoRA, Training, Validation
+from titan.data.chat import build_preference_dataloader, build_sft_dataloader, build_sft_validation_dataloader
+from titan.data.pretrain import build_pretrain_dataloader, build_validation_dataloader
+from titan.data.tokenizer import load_tokenizer
+from titan.errors import ConfigError
+from titan.lifecycle import RunLock, claim_dump_folder
+from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
+from titan.models import lora, moe
+from titan.models.layers import Transformer, TransformerArgs, count_params
+from titan.objectives import DPOLoss, Objective, TokenLoss, cross_entropy_sum
+from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
+from titan.parallel import float8
+from titan.parallel.context_parallel import check_seq_len, shard_rope
+from titan.parallel.mesh import ParallelDims, check_model_fits
+from titan.parallel.parallelize import materialize, parallelize
+from titan.parallel.pipeline import Pipeline
+from titan.parallel.process_group import init_distributed
+from titan.parallel.qlora import quantize_bases
+from titan.parallel.tensor_parallel import loss_parallel_context
+
+logger = logging.getLogger("titan")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def gradient_accumulation_steps(cfg: Training, dp: int) -> int:
+    per_micro_step = cfg.local_batch_size * dp
+    if cfg.global_batch_size == -1:
+        return 1
+    if cfg.global_batch_size % per_micro_step:
+        raise ConfigError(
+            f"training.global_batch_size={cfg.global_batch_size} is not divisible by training.local_batch_size "
+            f"x data-parallel degree = {cfg.local_batch_size} x {dp}"
+        )
+    return cfg.global_batch_size // per_micro_step
+
+
+def mixed_precision_context(cfg: Training, dims: ParallelDims, device: torch.device):
+    """bf16 autocast for runs without FSDP; under FSDP its MixedPrecisionPolicy casts the parameters instead."""
+    if cfg.mixed_precision_param == "float32" or dims.fsdp_enabled:
+        return contextlib.nullcontext
+    dtype = DTYPES[cfg.mixed_precision_param]
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built from the config."""
+
+    cfg: Config
+    device: torch.device
+    dims: ParallelDims
+    mesh: dict[str, DeviceMesh]  # name -> DeviceMesh (see ParallelDims.build_mesh)
+    model_parts: list[torch.nn.Module]  # the whole model, or this rank's pipeline stages
+    pipeline: Pipeline | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: Iterable[dict[str, torch.Tensor]]
+    val_loader: Iterable[dict[str, torch.Tensor]] | None
+    metrics: MetricsLogger
+    grad_accum: int
+    autocast: Callable[[], contextlib.AbstractContextManager]  # context for the forward pass
+    loss_context: Callable[[], contextlib.AbstractContextManager]  # context for loss + backward
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # summed token loss; the last pipeline stage's
+    objective: Objective  # (model, batch) -> summed loss, and count(batch); see titan/objectives/
+    timer: StepTimer = field(default_factory=StepTimer)  # scripts/benchmark.py swaps in a CUDA-syncing one
+    checkpointer: Checkpointer | None = None
+    lock: RunLock = field(default_factory=RunLock)  # job.dump_folder's one-writer lock (held by rank 0)
+
+    def close(self) -> None:
+        """Wait for a background save, close the metrics files, release the lock (in this order)."""
+        try:
+            self.checkpointer.close()
+            self.metrics.close()
+        finally:
+            self.lock.release()
+
+
+@dataclass
+class ModelParts:
+    """The model as this rank holds it: the whole model, or its pipeline stages, with every parallel axis applied."""
+
+    parts: list[torch.nn.Module]
+    pipeline: Pipeline | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    build_part: Callable[..., Transformer]  # (meta-device model or stage, adapters=...) -> the same, parallelised
+    n_params: int  # of the whole model, tied weights once
+    n_embedding: int
+    n_active: int  # parameters one token uses (less the experts it is not routed to)
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in parameters(self.parts) if p.requires_grad]  # all, or LoRA's adapters
+
+
+def build(cfg: Config) -> Run:
+    """Every rank: the process group, then job.dump_folder's lock (before anything is written), then the run."""
+    device = init_distributed(cfg.training.deterministic, cfg.training.seed, cfg.comm.init_timeout_seconds)
+    lock = claim_dump_folder(cfg.job.dump_folder)
+    try:
+        run = build_run(cfg, device)
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def build_run(cfg: Config, device: torch.device) -> Run:
+    """Config -> a `Run`: the mesh, the model (meta device, parallel axes, then real weights),
+    optimizer, data, checkpoint (resumed or initial weights), objective and metrics. `titan.dry_run` goes through
+    the same checks and the same `build_model` without the weights."""
+    t = cfg.training
+    dims = ParallelDims.from_config(cfg.parallelism, dist.get_world_size())
+    grad_accum = gradient_accumulation_steps(t, dims.dp)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path)
+    args = build_model_args(cfg, dims, tokenizer.vocab_size)
+    mesh = dims.build_mesh(device.type)
+    model = build_model(cfg, args, mesh, dims, device)
+    optimizer = build_optimizer(model.trainable, cfg.optimizer)
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
+    train_loader, val_loader = build_dataloaders(t, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(),
+                                                 dims.dp)
+    checkpointer = build_checkpointer(cfg, args, tokenizer, model.parts, optimizer, scheduler, train_loader)
+    checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
+    if checkpointer.resumed:
+        honour_new_settings(cfg, checkpointer, optimizer, scheduler)
+    if cfg.lora.quantize_base != "none":  # the base weights are final now: quantize them (QLoRA)
+        quantize_bases(model.parts, cfg.lora, DTYPES[t.mixed_precision_param])
+    autocast = mixed_precision_context(t, dims, device)
+    objective = build_objective(t, cfg.dpo, cfg.lora, cfg.checkpoint, model, args, autocast)
+    metrics = build_metrics(cfg, args, model, dims, device, append=checkpointer.step > 0)
+    log_summary(cfg, args, model, dims, grad_accum)
+    return Run(cfg=cfg, device=device, dims=dims, mesh=mesh, model_parts=model.parts, pipeline=model.pipeline,
+               optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
+               metrics=metrics, grad_accum=grad_accum, autocast=autocast,
+               loss_context=loss_parallel_context(cfg.parallelism, dims), loss_fn=model.loss_fn, objective=objective,
+               checkpointer=checkpointer)
+
+
+def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None:
+    """A resumed run trains with its own config (config.toml stays the truth): the optimizer's hyper-parameters and
+    the schedule come from it, not from the restored optimizer and scheduler state; the differences are logged."""
+    reapply_hyperparameters(optimizer, scheduler, cfg.optimizer)
+    changed = [c for c in config_io.changes(checkpointer.resumed_config, cfg)
+               if not c.startswith("checkpoint.load_step")]
+    if changed:
+        logger.info(f"checkpoint: changed on resume: {', '.join(changed)}")
+    if checkpointer.step >= cfg.training.steps:
+        logger.info(f"checkpoint: step {checkpointer.step} >= training.steps={cfg.training.steps}: nothing to train")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> TransformerArgs:
+    """The family's flavor with the tokenizer's vocabulary, checked against the parallel degrees."""
+    args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=vocab_size, moe=cfg.moe,
+                             max_seq_len=cfg.training.seq_len)
+    check_model_fits(dims, args)
+    check_seq_len(cfg.training.seq_len, dims.cp, dims.tp)
+    return args
+
+
+def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh], dims: ParallelDims,
+                device: torch.device, weights: bool = True) -> ModelParts:
+    """This rank's model parts with every parallel axis applied; with `weights=False` (the dry run) they stay on the
+    meta device: every layout check runs and every local shard has its real shape, but nothing is allocated."""
+    t = cfg.training
+    # Built on the meta device, so even a 405B model costs nothing until it is sharded and materialised.
+    with torch.device("meta"):
+        model = models.build_model(args)
+    (n_params, n_emb), n_active = count_params(model), moe.active_params(model)
+    compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
+    loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
+
+    def build_part(part: torch.nn.Module, adapters: bool = cfg.lora.enable) -> torch.nn.Module:
+        """The same for a whole model and for a pipeline stage: LoRA adapters, parallel axes, then real weights."""
+        if adapters:
+            lora.apply_lora(part, cfg.lora)
+        parallelize(part, mesh, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, t, cfg.float8)
+        if weights:
+            materialize(part, device, t.seed, cfg.lora if adapters else None)
+            if dims.cp > 1:
+                shard_rope(part, mesh["cp"])
+        return part.train()
+
+    if dims.pp > 1:
+        pipeline = Pipeline(model, mesh["pp"], cfg.parallelism, t.local_batch_size, loss_fn, build_part, device,
+                            validation=cfg.validation.enable)
+        logger.info(pipeline.description)
+        parts = pipeline.parts
+    else:
+        pipeline, parts = None, [build_part(model)]
+    return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb, n_active)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpointer, metrics and the start-up lines
+
+
+def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_parts: list[torch.nn.Module], optimizer,
+                       scheduler, train_loader) -> Checkpointer:
+    export = hf.exporter(args, tokenizer, cfg.model.tokenizer_path)
+    if cfg.lora.enable:  # Hugging Face gets a plain model: adapters merged into the weights
+        export = lora.merging(export, cfg.lora.alpha / cfg.lora.rank)
+    # QLoRA checkpoints hold the adapters only: the base is checkpoint.initial_load_path's, quantized again.
+    adapters_only = cfg.lora.enable and (cfg.lora.save_adapter_only or cfg.lora.quantize_base != "none")
+    return Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
+                        cfg.training.steps, export, adapters_only=adapters_only, tokenizer=tokenizer,
+                        run_config=config_io.to_toml(cfg))
+
+
+def build_metrics(cfg: Config, args: TransformerArgs, model: ModelParts, dims: ParallelDims, device: torch.device,
+                  append: bool) -> MetricsLogger:
+    """`append`: a resumed run continues its metrics.jsonl."""
+    t = cfg.training
+    flops = num_flops_per_token(model.n_active, model.n_embedding, args.n_layers, args.n_heads, args.head_dim,
+                                t.seq_len)
+    return MetricsLogger(
+        cfg.metrics, cfg.job.dump_folder, rank=dist.get_rank(), world_size=dims.world_size, device=device,
+        flops_per_token=flops, total_steps=t.steps, extra_header=float8.metrics_header(cfg.float8),
+        peak_flops=peak_flops(device, float8.mfu_dtype(cfg.float8, DTYPES[t.mixed_precision_param])), append=append,
+    )
+
+
+def log_summary(cfg: Config, args: TransformerArgs, model: ModelParts, dims: ParallelDims, grad_accum: int) -> None:
+    """The model, adapter and batch lines every run prints at start (the dry run too)."""
+    t = cfg.training
+    logger.info(f"model: {cfg.model.name} {cfg.model.flavor}, {model.n_params:,} parameters ({model.n_embedding:,} "
+                f"in the embedding), vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}"
+                + recipe_detail(t, cfg.dpo))
+    if cfg.lora.enable:
+        n_local = sum(p.numel() for p in model.trainable)
+        logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(lora.adapted(model.parts))}; "
+                    f"training {n_local:,} adapter parameters on this rank, the rest frozen; all weights take "
+                    f"{weight_bytes(model.parts) / 2**20:,.2f} MiB on this rank")
+    logger.info(f"batch: {t.local_batch_size} sequences/rank x {dims.dp} dp ranks x {grad_accum} accumulation "
+                f"steps = {t.local_batch_size * dims.dp * grad_accum} sequences/step")
+
+
+def weight_bytes(model_parts: list[torch.nn.Module]) -> int:
+    """Bytes of this rank's parameters (its shards under FSDP; NF4 weights at their packed size)."""
+    return sum(lora.nbytes(p.to_local() if isinstance(p, DTensor) else p) for p in parameters(model_parts))
+
+
+def parameters(model_parts: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for part in model_parts for p in part.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe: its objective and its data
+
+
+def build_objective(training: Training, dpo: DPO, lora_cfg: LoRA, checkpoint: Checkpoint, model: ModelParts,
+                    args: TransformerArgs, autocast) -> Objective:
+    """The recipe's objective over this rank's model (DPO's reference model, if its loss needs one, built here)."""
+    if training.recipe != "dpo":
+        return TokenLoss(model.loss_fn, autocast)
+    free = dpo.loss in DPOLoss.REFERENCE_FREE
+    return DPOLoss(dpo, None if free else dpo_reference(model, args, lora_cfg, checkpoint), autocast)
+
+
+def recipe_detail(training: Training, dpo: DPO) -> str:
+    """What the start-up line adds after the recipe's name."""
+    if training.recipe != "dpo":
+        return ""
+    free = dpo.loss in DPOLoss.REFERENCE_FREE
+    return f" with loss {dpo.loss} ({'no reference model' if free else 'against a frozen reference'})"
+
+
+def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:
+    """DPO's reference without LoRA: a second model, built and sharded like the policy, frozen (weights still to
+    load)."""
+    with torch.device("meta"):
+        frozen = models.build_model(args)
+    return model.build_part(frozen, adapters=False).eval().requires_grad_(False)
+
+
+def dpo_reference(model: ModelParts, args: TransformerArgs, lora_cfg: LoRA, checkpoint: Checkpoint):
+    """batch -> the frozen reference model's logits. With LoRA: the policy with its adapters switched off (the base
+    weights never change). Else a second model holding the initial weights."""
+    policy = model.parts[0]
+    if lora_cfg.enable:
+        def reference(batch):
+            with lora.disabled(model.parts):
+                return policy(batch["input"])
+        return reference
+    frozen = frozen_reference(model, args)
+    load_initial_weights([frozen], checkpoint)  # the policy's starting point (seeded init if none is set)
+    return lambda batch: frozen(batch["input"])
+
+
+def build_dataloaders(training: Training, sft: SFT, validation: Validation, tokenizer, dp_rank: int, dp_size: int):
+    """(train loader, validation loader or None) for the recipe."""
+    if training.recipe == "pretrain":
+        train = build_pretrain_dataloader(training, tokenizer, dp_rank, dp_size)
+        val = build_validation_dataloader(validation, training, tokenizer, dp_rank, dp_size) \
+            if validation.enable else None
+    elif training.recipe == "sft":
+        train = build_sft_dataloader(training, sft, tokenizer, dp_rank, dp_size)
+        val = build_sft_validation_dataloader(validation, sft, tokenizer, training.seq_len, dp_rank, dp_size) \
+            if validation.enable else None
+    else:
+        train, val = build_preference_dataloader(training, sft, tokenizer, dp_rank, dp_size), None
+    return train, val

@@ -1,0 +1,151 @@
+"""What a checkpoint holds, as DCP `Stateful` objects (DCP calls state_dict() before saving or loading and
+load_state_dict() after), and reading what a checkpoint on disk holds.
+
+Each state is saved under its own top-level key (names as in torchtitan, usable in `checkpoint.exclude_from_loading`):
+  model, optimizer  sharded as they live (DTensors), so a resume at another FSDP/TP layout reshards on load
+  lr_scheduler      LambdaLR state (the step count)
+  dataloader        the loader's state; its `position` counts global samples and is the same on every rank, so DCP
+                    keeps one copy (it de-duplicates identical non-sharded keys) and any dp size can continue it
+  train_state       step, tokens seen, skipped steps, the tokenizer's identity, the run's resolved config (so a
+                    resume can say what changed), the RNG state of rank 0
+Also the initial weights a run starts from (`load_initial_weights`). Which checkpoint is loaded is resume.py's, saving
+save.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from titan.config import Checkpoint
+from titan.errors import ConfigError
+from titan.models.lora import is_adapter
+
+logger = logging.getLogger("titan")
+
+
+class ModelState:
+    """The model's (or this rank's pipeline stages') parameters under their unsharded names. `only`: "adapters"
+    keeps LoRA's adapters (save_adapter_only), "base" everything else (initial weights for a LoRA model)."""
+
+    def __init__(self, parts: list[torch.nn.Module], only: str | None = None):
+        self.parts, self.only = parts, only
+
+    def _wanted(self, name: str) -> bool:
+        return self.only is None or is_adapter(name) == (self.only == "adapters")
+
+    def state_dict(self) -> dict:
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items() if self._wanted(k)}
+
+    def load_state_dict(self, state: dict) -> None:
+        # strict only for a whole model: a pipeline stage holds a subset of the names, a filtered state a part.
+        options = StateDictOptions(strict=len(self.parts) == 1 and self.only is None)
+        for part in self.parts:
+            set_model_state_dict(part, state, options=options)
+
+
+def load_initial_weights(parts: list[torch.nn.Module], cfg: Checkpoint, process_group=None) -> None:
+    """checkpoint.initial_load_path's weights (a DCP checkpoint, or an HF folder with initial_load_in_hf) into the
+    model's base weights; LoRA adapters keep their initial values. Nothing happens when no path is set."""
+    if not cfg.initial_load_path:
+        return
+    path, key = Path(cfg.initial_load_path), "checkpoint.initial_load_path"
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} is not a folder")
+    if cfg.initial_load_in_hf:
+        from titan import hf
+
+        hf.load_into(parts, path)
+    else:
+        if "model" not in read_keys(path, key):
+            raise ConfigError(f"{key}: {path} holds no model state")
+        try:
+            dcp.load({"model": ModelState(parts, only="base")}, checkpoint_id=str(path), process_group=process_group)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            raise ConfigError(f"{key}: cannot load {path} ({one_line(e)})") from None
+    logger.info(f"checkpoint: initial weights from {path}")
+
+
+class OptimizerState:
+    """The optimizer state keyed by parameter name (not by position), so it reshards like the model."""
+
+    def __init__(self, parts: list[torch.nn.Module], optimizer: torch.optim.Optimizer):
+        if len(parts) != 1:
+            # One optimizer over several stages' parameters has no single module to name them by.
+            raise ConfigError("checkpoint.enable with more than one pipeline stage per rank is not supported yet "
+                              "(use a single-stage schedule such as 1F1B)")
+        self.part, self.optimizer = parts[0], optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.part, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.part, self.optimizer, state)
+
+
+class TrainState:
+    """Progress counters, what the run was trained with (its tokenizer, its resolved config), and the RNG state
+    (dropout-free Llama draws no randoms while training; kept for extensions). The RNG state is rank 0's: DCP keeps
+    one copy of a non-sharded key."""
+
+    def __init__(self, tokenizer: str = "", tokenizer_name: str = "", run_config: str = ""):
+        self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
+        self.identity = {"tokenizer": tokenizer, "tokenizer_name": tokenizer_name, "config": run_config}
+        self.loaded: dict[str, str] = {}  # those three as the loaded checkpoint recorded them ("" if it did not)
+        self.stored: set[str] | None = None  # the keys the checkpoint being loaded has (older ones lack some)
+
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                 **self.identity, "rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        return state if self.stored is None else {k: v for k, v in state.items() if k in self.stored}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.loaded = {k: state.get(k, "") for k in self.identity}
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        self.stored = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading what a checkpoint holds
+
+
+def read_keys(path: Path, what: str) -> set[str]:
+    """Top-level state names stored in a DCP checkpoint; ConfigError naming `path` if it is not one."""
+    return {key.split(".", 1)[0] for key in stored_keys(path, what)}
+
+
+def stored_keys(path: Path, what: str) -> set[str]:
+    """Every state name stored in a DCP checkpoint (`model.layers.0...`, `optimizer...`); ConfigError naming `path`
+    (as `what`) if it is not one."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - missing file, unpickling garbage, ...: all mean "not a checkpoint"
+        raise ConfigError(f"{what}: {path} is not a readable checkpoint ({one_line(e)})") from None
+    return set(metadata.state_dict_metadata)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception in one short line (DCP's CheckpointException: the error under its ranks' tracebacks)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, CheckpointException) and lines:
+        text = lines[-1]  # it carries each failed rank's traceback; the last line is the error itself
+    else:
+        text = f"{type(e).__name__}: {' '.join(lines)}"
+    return text if len(text) < 200 else text[:197] + "..."

@@ -1,0 +1,112 @@
+"""Preference objectives (`training.recipe = "dpo"`): DPO, IPO, SimPO and ORPO over (chosen, rejected) pairs.
+
+The preference losses (`dpo.loss`), per pair, from the policy's summed log-probabilities of the chosen and the
+rejected reply pi_c, pi_r (over the reply's tokens; n_c, n_r tokens) and, for the first two, the reference model's
+ref_c, ref_r. Each is written as the formula of its paper:
+  sigmoid  DPO (Rafailov et al., 2023):  -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r)))
+  ipo      IPO (Azar et al., 2023):      ((pi_c - ref_c) - (pi_r - ref_r) - 1 / (2 beta))^2
+  simpo    SimPO (Meng et al., 2024):    -log sigmoid(beta pi_c / n_c - beta pi_r / n_r - gamma)
+  orpo     ORPO (Hong et al., 2024):     -pi_c / n_c - lambda log sigmoid(log odds_c - log odds_r),
+           odds = p / (1 - p) with p = exp(pi / n), the reply's per-token probability
+At the start the policy is the reference: DPO's loss is then log 2 and IPO's 1 / (2 beta)^2. The reference is the base
+model with LoRA's adapters switched off when LoRA is on (no extra memory), else a frozen copy of the initial weights;
+SimPO and ORPO need none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from titan.config import DPO
+from titan.data.pretrain import IGNORE_INDEX
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(label) over each row's labelled tokens in fp32, number of those tokens):
+    (rows, seq, vocab) -> (rows,), (rows,)."""
+    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+    logps = token_logps.view(labels.shape).sum(dim=1)
+    # Under loss parallel (vocab-sharded logits) this is a DTensor; the preference losses have no sharding rules.
+    logps = logps.full_tensor() if isinstance(logps, DTensor) else logps
+    return logps, (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler, 2012): ORPO's log(1 - p) from log p."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def preference_loss(cfg: DPO, policy: torch.Tensor, reference: torch.Tensor | None, n_tokens: torch.Tensor):
+    """(per-pair losses, chosen rewards, rejected rewards) of `dpo.loss` from the rows' summed log-probabilities
+    (chosen rows first, then rejected; `reference` None for the reference-free losses). The rewards are what each
+    loss ranks the replies by; their difference is the logged margin."""
+    (pc, pr), (nc, nr) = policy.chunk(2), n_tokens.chunk(2)
+    if cfg.loss in ("sigmoid", "ipo"):
+        rc, rr = reference.chunk(2)
+        chosen, rejected = pc - rc, pr - rr  # log-ratios to the reference
+        if cfg.loss == "sigmoid":
+            chosen, rejected = cfg.beta * chosen, cfg.beta * rejected
+            return -F.logsigmoid(chosen - rejected), chosen, rejected
+        loss = (chosen - rejected - 1 / (2 * cfg.beta)) ** 2
+        return loss, cfg.beta * chosen, cfg.beta * rejected
+    avg_c, avg_r = pc / nc, pr / nr  # per-token log-probabilities: length-normalised
+    if cfg.loss == "simpo":
+        chosen, rejected = cfg.beta * avg_c, cfg.beta * avg_r
+        return -F.logsigmoid(chosen - rejected - cfg.simpo_gamma), chosen, rejected
+    chosen, rejected = avg_c - log1mexp(avg_c), avg_r - log1mexp(avg_r)  # ORPO: log odds
+    return -avg_c - cfg.orpo_lambda * F.logsigmoid(chosen - rejected), chosen, rejected
+
+
+class DPOLoss:
+    """Summed preference loss (`dpo.loss`) over the pairs of a batch (chosen rows first, then rejected; see
+    titan/data/chat.py). `reference(batch)` returns the reference model's logits (None for simpo and orpo, which
+    need no reference). Also keeps sums for the logged reward statistics."""
+
+    STATS = ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
+    REFERENCE_FREE = ("simpo", "orpo")
+    rows_per_sample = 2  # a chosen and a rejected sequence
+
+    def __init__(self, cfg: DPO, reference=None, autocast=contextlib.nullcontext):
+        if (reference is None) != (cfg.loss in self.REFERENCE_FREE):
+            raise ValueError(f"dpo.loss={cfg.loss} {'needs' if reference is None else 'takes no'} reference model")
+        self.cfg, self.reference, self.autocast = cfg, reference, autocast
+        self._sums = None
+        self._pairs = None
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(batch["input"].shape[0] // 2, device=batch["input"].device)
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels, ref = batch["label"], None
+        if self.reference is not None:
+            with torch.no_grad(), self.autocast():  # the reference first: its activations are gone before ours exist
+                ref, _ = sequence_logps(self.reference(batch), labels)
+        with self.autocast():
+            logits = model(batch["input"])
+        policy, n_tokens = sequence_logps(logits, labels)
+        losses, chosen, rejected = preference_loss(self.cfg, policy, ref, n_tokens)
+        margin = (chosen - rejected).detach()
+        self._accumulate(torch.stack([margin.sum(), (margin > 0).float().sum(), chosen.detach().sum(),
+                                      rejected.detach().sum()]), len(margin))
+        return losses.sum()
+
+    def _accumulate(self, sums: torch.Tensor, pairs: int) -> None:
+        sums = sums.detach()
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._pairs = pairs + (self._pairs or 0)
+
+    def metrics(self, mesh) -> dict[str, float]:
+        """Means over the step's pairs on every data-parallel rank (one all-reduce), then reset."""
+        if self._sums is None:
+            return {}
+        totals = torch.cat([self._sums, self._sums.new_tensor([self._pairs])])
+        dist.all_reduce(totals, group=mesh.get_group())
+        self._sums = self._pairs = None
+        means = (totals[:-1] / totals[-1]).tolist()
+        return dict(zip(self.STATS, means))
