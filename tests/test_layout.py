@@ -151,6 +151,17 @@ def test_the_cycle_check_finds_cycles():
     assert find_cycle({"x": {"y"}, "y": {"y2"}, "y2": {"y"}}) == ["y", "y2", "y"]
 
 
+def test_config_error_has_one_import_path():
+    """`ConfigError` is imported from titan.errors only (it has no second home to drift from)."""
+    elsewhere = []
+    for path in python_files("titan", "scripts", "tests"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "titan.errors" \
+                    and any(a.name == "ConfigError" for a in node.names):
+                elsewhere.append(f"{path.relative_to(REPO)}:{node.lineno} from {node.module}")
+    assert not elsewhere, f"import ConfigError from titan.errors: {elsewhere}"
+
+
 def test_only_the_builders_take_the_whole_config():
     """Components take their own config section (STYLE.md); a parameter annotated `Config` (the whole file) is for
     the modules that split it."""
