@@ -9,9 +9,9 @@ minimal hand-written PyTorch loop doing the same math.
         [--reference auto|torchtitan|plain --reference_path DIR[:DIR] --threads N]
 
 How it measures (see docs/performance.md):
-  * titan runs its real loop (`titan.build.build` + `titan.train.train`) for warmup + steps steps, with validation off and the
-    config's other settings kept (logging, checkpointing). `StepTimer` in the loop records each step's wall time and
-    its regions: data wait, forward+backward, optimizer (clip + step + LR + zero_grad), and any other region the
+  * titan runs its real loop (`titan.build.build` + `titan.train.train`) for warmup + steps steps, with validation off
+    and the config's other settings kept (logging, checkpointing). `StepTimer` in the loop records each step's wall time
+    and its regions: data wait, forward+backward, optimizer (clip + step + LR + zero_grad), and any other region the
     loop times (a region named "checkpoint" is reported as checkpoint blocking). On CUDA the timer synchronises the
     device before every clock read, so regions hold device time; on CPU it just reads perf_counter.
   * In the same process a minimal loop (`MinimalLoop` below: same Transformer class and flavor, same per-device

@@ -4,10 +4,10 @@
     python scripts/benchmark_moe.py [--steps 10 --warmup 3] [--section.key value ...]
     torchrun --nproc_per_node=2 scripts/benchmark_moe.py --parallelism.expert_parallel_degree 2
 
-Runs titan's own loop (`titan.build.build` + `titan.train.train`) on train_configs/qwen3_moe_debug.toml (or --config) with
-validation and checkpoints off, under torch.profiler for the measured steps (after --warmup steps). Prints, on
-rank 0: tokens/s over all ranks (tokens per step / mean measured step time) and the all-to-all share = this rank's
-CPU time in the profiler events of the token all-to-alls (`all_to_all` in the name: the launch and, where the
+Runs titan's own loop (`titan.build.build` + `titan.train.train`) on train_configs/qwen3_moe_debug.toml (or --config)
+with validation and checkpoints off, under torch.profiler for the measured steps (after --warmup steps). Prints, on rank
+0: tokens/s over all ranks (tokens per step / mean measured step time) and the all-to-all share = this rank's CPU time
+in the profiler events of the token all-to-alls (`all_to_all` in the name: the launch and, where the
 collective blocks, the wait for it: `wait_tensor`) over the measured steps' wall time. Forward and backward are
 both counted (backward's all-to-alls are autograd's). The profiler adds a cost per op (large for the per-expert
 loop's many small ops), so tokens/s here are below an unprofiled run's: compare runs of this script with each other.

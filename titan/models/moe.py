@@ -290,8 +290,8 @@ def _layer_name(name: str) -> str:
 
 def set_aux_loss_scale(model_parts: Iterable[nn.Module], scale: torch.Tensor | float) -> None:
     """What the auxiliary loss's sum is multiplied by in backward: 1 / the step's global count of routed tokens
-    (titan/objectives/__init__.py:step_counts; in pre-training the LM loss's item count). Set before the step's first forward
-    (the same for all its micro-batches)."""
+    (titan/objectives/__init__.py:step_counts; in pre-training the LM loss's item count). Set before the step's first
+    forward (the same for all its micro-batches)."""
     for _, m in _step_layers(model_parts):
         m.aux_loss_scale.fill_(scale)
 
