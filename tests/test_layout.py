@@ -220,6 +220,15 @@ def test_scripts_import_no_private_name_of_titan():
     assert not private, f"scripts reach into titan's private names: {private}"
 
 
+MAX_SCRIPT_LINES = 450
+
+
+def test_no_script_is_over_450_lines():
+    long = [f"{p.relative_to(REPO)} ({n} lines)" for p in python_files("scripts")
+            if (n := len(p.read_text().splitlines())) > MAX_SCRIPT_LINES]
+    assert not long, f"scripts over {MAX_SCRIPT_LINES} lines (move a cohesive piece into a helper module): {long}"
+
+
 @cache
 def defined_names(path: Path) -> dict[str, set[str]]:
     """{top-level name: names defined in its class body (empty for functions and variables)}."""

@@ -138,7 +138,7 @@ class RMSNormFunction(torch.autograd.Function):
     backward is its closed form, dx = (g*w - x_hat * mean(g*w * x_hat)) / rms(x) and dw = sum(g * x_hat), with
     x_hat = x / rms(x). Autograd through F.rms_norm's decomposition (CPU, torch 2.13) runs about 20 ops and keeps
     x, x^2 and x_hat; this runs 8 and keeps x_hat and 1/rms: 11 % fewer aten ops and 8 % fewer bytes saved for the
-    debug model's step (scripts/benchmark.py --model_only), gradients equal to within 5e-7 relative."""
+    debug model's step (scripts/benchmark_model.py), gradients equal to within 5e-7 relative."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
