@@ -22,7 +22,7 @@ from torch import nn
 
 import titan.build
 import titan.train
-from titan import config_io, hf
+from titan import config_io, hf, peft
 from titan.build import build
 from titan.config import LoRA
 from titan.errors import ConfigError
@@ -291,6 +291,18 @@ def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(t
     for name in ("layers.0.attention.wq", "layers.3.feed_forward.w2"):
         expected = trained[f"{name}.weight"] + 2.0 * trained[f"{name}.lora_b"] @ trained[f"{name}.lora_a"]
         assert rel_error(exported[f"{name}.weight"], expected) < 1e-6
+
+    # Every save also holds the adapters as a PEFT folder, as does the export (tests/test_peft.py loads them in PEFT).
+    ckpt_folder, args = tmp_path / "full" / "checkpoint", hf.load(tmp_path / "full" / "checkpoint" / "step-6-hf")[0]
+    for where in ("step-3/adapter", "step-6/adapter", "step-6-hf/adapter"):
+        config, saved = peft.read(ckpt_folder / where, args, where)
+        assert saved.keys() == adapters and config["base_model_name_or_path"] is None  # (started from DCP)
+    assert all(torch.equal(saved[k], trained[k]) for k in adapters)
+    # lora.init_from starts the adapters from such a folder (a vanishing lr keeps them where they started).
+    init = ["--lora.init_from", str(ckpt_folder / "step-6" / "adapter"), "--optimizer.lr", "1e-20"]
+    assert main(_argv(tmp_path / "init", *ckpt, *start, *init, "--training.steps", "1")) == 0
+    _, again = peft.read(tmp_path / "init" / "checkpoint" / "step-1" / "adapter", args, "init")
+    assert all(rel_error(again[k], trained[k]) < 1e-6 for k in adapters)
 
     # scripts/convert_checkpoint.py merges the same way, and refuses to drop adapters silently.
     convert = [sys.executable, "scripts/convert_checkpoint.py", "to-hf",

@@ -9,16 +9,18 @@ goes through the same checks and the same `build_model`, without the weights.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from titan import config_io, hf, models
+from titan import config_io, hf, models, peft
 from titan.checkpoint.save import Checkpointer
 from titan.checkpoint.state import load_initial_weights
 from titan.config import DPO, DTYPES, SFT, Checkpoint, Config, LoRA, Training, Validation
@@ -148,6 +150,8 @@ def build_run(cfg: Config, device: torch.device) -> Run:
                                                  dims.dp)
     checkpointer = build_checkpointer(cfg, args, tokenizer, model.parts, optimizer, scheduler, train_loader)
     checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
+    if cfg.lora.init_from and not checkpointer.resumed:  # adapters from a PEFT folder (titan's or PEFT's)
+        peft.load_into(model.parts, cfg.lora.init_from, "lora.init_from")
     if checkpointer.resumed:
         honour_new_settings(cfg, checkpointer, optimizer, scheduler)
     if cfg.lora.quantize_base != "none":  # the base weights are final now: quantize them (QLoRA)
@@ -234,7 +238,20 @@ def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_part
     adapters_only = cfg.lora.enable and (cfg.lora.save_adapter_only or cfg.lora.quantize_base != "none")
     return Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
                         cfg.training.steps, export, adapters_only=adapters_only, tokenizer=tokenizer,
-                        run_config=config_io.to_toml(cfg))
+                        run_config=config_io.to_toml(cfg), adapter_export=adapter_exporter(cfg, args))
+
+
+def adapter_exporter(cfg: Config, args: TransformerArgs):
+    """LoRA runs: every save (and the Hugging Face export) also writes the adapters as a PEFT folder, naming the base
+    model's Hugging Face folder when the run started from one."""
+    if not cfg.lora.enable:
+        return None
+    c = cfg.checkpoint
+    base = c.initial_load_path if c.initial_load_path and (c.initial_load_in_hf or peft.is_adapter_folder(
+        c.initial_load_path)) else ""
+    if base and peft.is_adapter_folder(base):  # started from a PEFT folder: its base is the base
+        base = json.loads((Path(base) / peft.CONFIG).read_text()).get("base_model_name_or_path") or ""
+    return peft.exporter(args, cfg.lora, str(Path(base).resolve()) if base else "")
 
 
 def build_metrics(cfg: Config, args: TransformerArgs, model: ModelParts, dims: ParallelDims, device: torch.device,

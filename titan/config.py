@@ -294,7 +294,9 @@ class Checkpoint:
         [], "states not restored on resume: " + ", ".join(CHECKPOINT_STATES)
     )
     create_seed_checkpoint: bool = opt(False, "one process: write the initial weights as step-0, then exit")
-    initial_load_path: str = opt("", "weights to start from when `folder` has no checkpoint (DCP or HF folder)")
+    initial_load_path: str = opt(
+        "", "weights to start from when `folder` has no checkpoint: a DCP or HF folder, or a PEFT adapter folder "
+        "(its base_model_name_or_path, then its adapters; needs lora.enable)")
     initial_load_in_hf: bool = opt(False, "initial_load_path is a Hugging Face safetensors folder")
     last_save_in_hf: bool = opt(False, "also export the last step as a Hugging Face folder <folder>/step-<N>-hf")
 
@@ -328,8 +330,10 @@ class SFT:
     """Supervised fine-tuning data: chat JSONL rendered with a chat template; see titan/data/chat.py."""
 
     chat_template: str = opt(
-        "auto", "how conversations become tokens: auto picks from the tokenizer's special tokens (qwen3: ChatML "
-        "whose replies open with a think block; see docs/models.md)", ("auto", "chatml", "qwen3", "llama3"),
+        "auto", "how conversations become tokens: tokenizer = the Jinja chat_template of the tokenizer's folder "
+        "(tokenizer_config.json or chat_template.jinja), as apply_chat_template renders it; auto = that when the "
+        "folder has one, else a built-in picked from the special tokens (qwen3: ChatML whose replies open with a "
+        "think block; see docs/fine_tuning.md)", ("auto", "tokenizer", "chatml", "qwen3", "llama3"),
     )
     format: str = opt(
         "auto", "record format of the SFT JSONL: auto detects it per file from the first record; see "
@@ -352,6 +356,10 @@ class LoRA:
     dropout: float = opt(0.0, "dropout on the adapters' input", valid=Range(0, 1, hi_open=True))
     target_modules: list[str] = opt(
         ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], "linears to adapt: wq, wk, wv, wo, w1, w2, w3, output"
+    )
+    init_from: str = opt(
+        "", "a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, from titan or PEFT) the adapters "
+        "start from when the run does not resume; its r and lora_alpha must equal rank and alpha"
     )
     save_adapter_only: bool = opt(
         False, "checkpoints hold only the adapters (and their optimizer state); the base comes from "
@@ -562,6 +570,8 @@ def _validate_finetuning(cfg: Config) -> None:
         if cfg.validation.enable:
             raise ConfigError("validation.enable is not supported with training.recipe=dpo (the logged reward "
                               "accuracy and margin are the progress measures)")
+    if cfg.lora.init_from and not cfg.lora.enable:
+        raise ConfigError(f"lora.init_from={cfg.lora.init_from} loads LoRA adapters: set lora.enable = true")
     if cfg.lora.enable and cfg.float8.enable:
         raise ConfigError("lora.enable and float8.enable together are not supported (float8 would convert the "
                           "frozen base linears that LoRA wraps)")

@@ -69,8 +69,9 @@ class Checkpointer:
 
     def __init__(self, cfg: Checkpoint, dump_folder: str, model_parts: list[torch.nn.Module],
                  optimizer: torch.optim.Optimizer, scheduler, dataloader, total_steps: int, hf_export=None,
-                 adapters_only: bool = False, tokenizer=None, run_config: str = ""):
+                 adapters_only: bool = False, tokenizer=None, run_config: str = "", adapter_export=None):
         self.cfg, self.total_steps, self.hf_export = cfg, total_steps, hf_export
+        self.adapter_export = adapter_export  # LoRA: (parts, folder, group) -> writes the PEFT folder (titan/peft.py)
         self.adapters_only = adapters_only  # lora.save_adapter_only: save (and resume) the adapters alone
         self.folder = Path(dump_folder) / cfg.folder
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -168,6 +169,7 @@ class Checkpointer:
             state = dict(self.states)
         try:
             self._fresh(tmp)
+            self._write_adapter(tmp / "adapter")
             if self.cfg.async_mode == "disabled":
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg)
                 self._commit(step, tmp)
@@ -199,6 +201,19 @@ class Checkpointer:
         self.wait()
         export_hf(self.model_parts, self.hf_export, self.folder / f"step-{step}-hf", DTYPES[self.cfg.export_dtype],
                   self._pg)
+        self._write_adapter(self.folder / f"step-{step}-hf" / "adapter")
+
+    def _write_adapter(self, folder: Path) -> None:
+        """LoRA: the adapters as a PEFT folder (adapter_config.json + adapter_model.safetensors, a few MiB), inside
+        the step folder (outside its manifest: the DCP files stay the checkpoint) or beside the merged export."""
+        if self.adapter_export is None:
+            return
+        error = None
+        try:
+            self.adapter_export(self.model_parts, folder, self._pg)
+        except OSError as e:
+            error = os_error(e)
+        agree(error, self._pg, _SaveError)
 
     def _fresh(self, tmp: Path) -> None:
         """An empty `tmp` before anyone writes into it (a crash at this step may have left one)."""

@@ -63,7 +63,11 @@ def load_initial_weights(parts: list[torch.nn.Module], cfg: Checkpoint, process_
     path, key = Path(cfg.initial_load_path), "checkpoint.initial_load_path"
     if not path.is_dir():
         raise ConfigError(f"{key}: {path} is not a folder")
-    if cfg.initial_load_in_hf:
+    if (path / "adapter_config.json").is_file():  # a PEFT adapter folder: its base model, then its adapters
+        from titan import peft
+
+        peft.load_with_base(parts, path, key)
+    elif cfg.initial_load_in_hf:
         from titan import hf
 
         hf.load_into(parts, path)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset
 
+from titan.data.chat_template import JinjaTemplate, tokenizer_template
 from titan.data.documents import jsonl_records, locate
 from titan.data.order import GlobalOrderSampler, SequentialBlocks, collate_rows, make_loader
 from titan.data.pretrain import IGNORE_INDEX, document_positions
@@ -100,9 +101,14 @@ class ChatTemplate:
         return ids, targets
 
 
-def chat_template(tokenizer: Tokenizer, name: str = "auto") -> ChatTemplate:
-    """The template `name` (sft.chat_template); "auto" = Qwen3's if the tokenizer has <|im_start|> and <think>, else
-    ChatML if it has <|im_start|>, else Llama 3 if it has <|start_header_id|>."""
+def chat_template(tokenizer: Tokenizer, name: str = "auto") -> ChatTemplate | JinjaTemplate:
+    """The template `name` (sft.chat_template); "tokenizer" = the tokenizer folder's own Jinja template
+    (titan/data/chat_template.py); "auto" = that if the folder has one, else Qwen3's if the tokenizer has <|im_start|>
+    and <think>, else ChatML if it has <|im_start|>, else Llama 3 if it has <|start_header_id|>."""
+    if name in ("auto", "tokenizer"):
+        own = tokenizer_template(tokenizer, required=name == "tokenizer")
+        if own is not None:
+            return own
     sp = tokenizer.special_tokens
     if name == "auto":
         name = ("qwen3" if "<think>" in sp else "chatml") if "<|im_start|>" in sp else \
