@@ -23,6 +23,37 @@ from pathlib import Path
 
 from titan.errors import ConfigError
 
+# titan's built-in templates (titan/data/chat.py) as Jinja, for the Hugging Face export: a model trained with one of
+# them is served with the same text (tests/test_chat_template.py checks each against its built-in, token for token).
+def _builtin(begin: str, header: str, body: str, end: str, sep: str, prompt: str, setup: str = "") -> str:
+    """A built-in template as Jinja: `begin`, then per message `header`, its content (`body` may rewrite it), `end`
+    and `sep`; a reply's content and end inside {% generation %} markers; `prompt` after add_generation_prompt."""
+    return (f"{setup}{{{{- '{begin}' }}}}{{%- for m in messages %}}{{%- set content = m['content'] %}}{body}"
+            f"{{{{- {header} }}}}{{%- if m['role'] == 'assistant' %}}{{%- generation %}}{{{{- content + '{end}' }}}}"
+            f"{{%- endgeneration %}}{{%- else %}}{{{{- content + '{end}' }}}}{{%- endif %}}{{{{- '{sep}' }}}}"
+            f"{{%- endfor %}}{{%- if add_generation_prompt %}}{{{{- {prompt} }}}}{{%- endif %}}")
+
+
+_QWEN3_LAST_USER = ("{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{%- if m['role'] == 'user' %}"
+                    "{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}")
+# A reply after the last user message opens with its reasoning in a think block (empty if none); earlier ones lose it.
+_QWEN3_THINK = ("{%- if m['role'] == 'assistant' %}{%- set reasoning = '' %}{%- if '</think>' in content %}"
+                "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+                "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+                "{%- if loop.index0 > ns.last_user and (loop.last or reasoning) %}"
+                "{%- set content = '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + "
+                "content.lstrip('\\n') %}{%- endif %}{%- endif %}")
+# titan's built-in templates (titan/data/chat.py) as Jinja, for the Hugging Face export: a model trained with one of
+# them is served with the same text (tests/test_chat_template.py checks each against its built-in, flag for flag).
+BUILTIN_SOURCES = {
+    "chatml": _builtin("", "'<|im_start|>' + m['role'] + '\\n'", "", "<|im_end|>", "\\n",
+                       "'<|im_start|>assistant\\n'"),
+    "qwen3": _builtin("", "'<|im_start|>' + m['role'] + '\\n'", _QWEN3_THINK, "<|im_end|>", "\\n",
+                      "'<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'", _QWEN3_LAST_USER),
+    "llama3": _builtin("<|begin_of_text|>", "'<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'", "",
+                       "<|eot_id|>", "", "'<|start_header_id|>assistant<|end_header_id|>\\n\\n'"),
+}
+
 # Private-use code points around what a {% generation %} block renders; removed before tokenizing.
 OPEN, CLOSE = "\ue000", "\ue001"
 TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -105,7 +136,7 @@ class JinjaTemplate:
     gives (ids, target flags), `end_id` ends a reply (generation stops there)."""
 
     def __init__(self, tokenizer, source: str, where: str, **variables):
-        self.name, self.tokenizer, self.where = "tokenizer", tokenizer, where
+        self.name, self.tokenizer, self.where, self.source = "tokenizer", tokenizer, where, source
         env, self._error = _environment()
         try:
             self._template = env.from_string(source)
@@ -214,3 +245,9 @@ def tokenizer_template(tokenizer, folder: Path | None = None, required: bool = T
                           f"and no chat_template in tokenizer_config.json; use auto, chatml, qwen3 or llama3")
     source, where = found
     return JinjaTemplate(tokenizer, source, str(where), **token_names(folder))
+
+
+def template_source(template) -> str:
+    """The Jinja text of a chat template (a JinjaTemplate's own, a built-in's equivalent): what the Hugging Face
+    export writes as tokenizer_config.json's chat_template, so the export is served as it was trained."""
+    return template.source if isinstance(template, JinjaTemplate) else BUILTIN_SOURCES[template.name]
