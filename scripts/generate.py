@@ -142,19 +142,21 @@ def from_checkpoint(step: Path, config_path: Path | None, max_seq_len: int | Non
 
         quantize_base(model, cfg.lora, DTYPES[cfg.training.mixed_precision_param])
         log(f"base weights quantized as in training (lora.quantize_base={cfg.lora.quantize_base})")
+    model.chat_template = cfg.sft.chat_template  # the template the run trained with, for --chat
     return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prompt_ids(ns, tokenizer) -> tuple[list[int], set[int]]:
-    """(prompt token ids, ids that end the reply)."""
+def prompt_ids(ns, tokenizer, template_name: str = "auto") -> tuple[list[int], set[int]]:
+    """(prompt token ids, ids that end the reply). --chat renders with the template training used (sft.chat_template
+    of a --checkpoint's run; for --hf, the folder's own, which titan's export writes as the one training used)."""
     stop = {tokenizer.eos_id}
     if ns.chat:
         from titan.data.chat import chat_template
 
-        template = chat_template(tokenizer, "auto")
+        template = chat_template(tokenizer, template_name)
         messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + \
             [{"role": "user", "content": ns.prompt}]
         ids, _ = template.render(messages, add_generation_prompt=True)
@@ -182,7 +184,7 @@ def run(ns) -> None:
     log(f"loaded {n_params / 1e6:.1f} M parameters, vocabulary {tokenizer.vocab_size} in "
         f"{time.perf_counter() - start:.1f}s")
     try:
-        ids, stop = prompt_ids(ns, tokenizer)
+        ids, stop = prompt_ids(ns, tokenizer, getattr(model, "chat_template", "auto"))
     except BaseException as e:  # tiktoken panics (a BaseException) on a character whose bytes have no token
         if isinstance(e, (KeyboardInterrupt, SystemExit, ConfigError)):
             raise
@@ -212,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--checkpoint", help="titan checkpoint step folder <dump_folder>/checkpoint/step-N")
     parser.add_argument("--config", help="the run's config (default: <dump_folder>/config.toml); --checkpoint only")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the tokenizer's "
-                        "chat template (ChatML, Qwen3 with thinking off, or Llama 3) and stop at the end of the reply")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template "
+                        "training used (a --checkpoint run's sft.chat_template; for --hf the folder's own Jinja template, "
+                        "else a built-in: ChatML, Qwen3 with thinking off, Llama 3) and stop at the end of the reply")
     parser.add_argument("--system", default="", help="a system message (--chat). SmolLM2's own template adds "
                         "'You are a helpful AI assistant named SmolLM, trained by Hugging Face' when none is given")
     parser.add_argument("--max_new_tokens", type=int, default=100)

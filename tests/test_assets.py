@@ -139,9 +139,13 @@ def test_smollm2_tokenizer(smollm2):
     for text in ["Mr. Darcy  bowed.\n\n\tTwenty-one 2024 ½", "中文 Ελληνικά 🎉", "<|im_start|> stays text"]:
         assert tok.decode(tok.encode(text)) == text
     assert 1 not in tok.encode("<|im_start|>")  # control tokens never come from text
-    ids, _ = chat_template(tok, "auto").render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    ids, _ = chat_template(tok, "chatml").render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert ids[0] == 1 and ids.count(2) == 1
+    # auto = the folder's own Jinja template (tests/test_chat_template.py), which adds SmolLM2's default system prompt
+    own, _ = chat_template(tok, "auto").render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert tok.decode(own) == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging " \
+        "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_export_after_fine_tuning_keeps_the_smollm2_tokenizer(smollm2, tmp_path):
@@ -159,7 +163,8 @@ def test_export_after_fine_tuning_keeps_the_smollm2_tokenizer(smollm2, tmp_path)
 def test_fine_tune_then_generate(smollm2, tmp_path):
     """docs/fine_tuning.md's worked example, 1 short step: train_configs/smollm2_135m_sft.toml from the downloaded
     weights, then generate.py from the exported HF folder and from the DCP checkpoint (the same weights: the same
-    reply)."""
+    reply), and transformers' greedy answer on the export (where installed) is the same too. The export keeps the
+    base's 8192 positions and the chat template training used (SmolLM2's own)."""
     dump = tmp_path / "sft"
     cmd = [sys.executable, "-m", "titan.train", "--config", "train_configs/smollm2_135m_sft.toml",
            "--training.steps", "1", "--training.seq_len", "64", "--training.local_batch_size", "1",
@@ -176,6 +181,21 @@ def test_fine_tune_then_generate(smollm2, tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         replies.append(out.stdout)
     assert replies[0] == replies[1] and replies[0].strip(), replies
+    export = Path(f"{step}-hf")
+    assert json.loads((export / "config.json").read_text())["max_position_embeddings"] == 8192
+    template = json.loads((export / "tokenizer_config.json").read_text())["chat_template"]
+    assert template == json.loads((smollm2 / "tokenizer_config.json").read_text())["chat_template"]
+    try:
+        import transformers
+    except ImportError:
+        return
+    tok = transformers.AutoTokenizer.from_pretrained(str(export))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    new = model.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist()
+    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    assert tok.decode(new) == replies[0].rstrip("\n"), (tok.decode(new), replies[0])
 
 
 @pytest.mark.slow  # quantizing 106 M weights, then 135M-model steps with NF4 dequantized on the fly: minutes here

@@ -213,8 +213,15 @@ def test_training_export_and_hf_initial_load(tmp_path):
                                                      "config.json", "generation_config.json",
                                                      "tokenizer.json", "tokenizer_config.json", "tokenizer.model"}
 
+    # The model's own config outlives training on a shorter window (issue 29): a base with 8192 positions and a field
+    # titan does not read, trained at seq_len 32, exports both as they were.
+    _write_config(exported, max_position_embeddings=8192, custom_field="kept")
     assert main([*base, "--job.dump_folder", str(tmp_path / "from_hf"), "--checkpoint.initial_load_path",
-                 str(exported), "--checkpoint.initial_load_in_hf"]) == 0
+                 str(exported), "--checkpoint.initial_load_in_hf", "--checkpoint.enable",
+                 "--checkpoint.last_save_in_hf"]) == 0
+    again = json.loads((tmp_path / "from_hf" / "checkpoint" / "step-1-hf" / "config.json").read_text())
+    assert (again["max_position_embeddings"], again["custom_field"]) == (8192, "kept")
+    assert "chat_template" not in json.loads((exported / "tokenizer_config.json").read_text())  # pre-training
     assert main([*base, "--job.dump_folder", str(tmp_path / "from_dcp"), "--checkpoint.initial_load_path",
                  str(first / "checkpoint" / "step-1")]) == 0
     assert losses(tmp_path / "from_hf") == losses(tmp_path / "from_dcp")
@@ -384,8 +391,15 @@ def test_qwen3_training_export_import_convert_and_generate(tmp_path, capsys, one
     assert main([*base, "--job.dump_folder", str(first), "--checkpoint.enable", "--checkpoint.last_save_in_hf"]) == 0
     exported = first / "checkpoint" / "step-1-hf"
     assert json.loads((exported / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    # The model's own config outlives training on a shorter window (issue 29): a base with 8192 positions and a field
+    # titan does not read, trained at seq_len 32, exports both as they were.
+    _write_config(exported, max_position_embeddings=8192, custom_field="kept")
     assert main([*base, "--job.dump_folder", str(tmp_path / "from_hf"), "--checkpoint.initial_load_path",
-                 str(exported), "--checkpoint.initial_load_in_hf"]) == 0
+                 str(exported), "--checkpoint.initial_load_in_hf", "--checkpoint.enable",
+                 "--checkpoint.last_save_in_hf"]) == 0
+    again = json.loads((tmp_path / "from_hf" / "checkpoint" / "step-1-hf" / "config.json").read_text())
+    assert (again["max_position_embeddings"], again["custom_field"]) == (8192, "kept")
+    assert "chat_template" not in json.loads((exported / "tokenizer_config.json").read_text())  # pre-training
     assert main([*base, "--job.dump_folder", str(tmp_path / "from_dcp"), "--checkpoint.initial_load_path",
                  str(first / "checkpoint" / "step-1")]) == 0
     assert losses(tmp_path / "from_hf") == losses(tmp_path / "from_dcp") != losses(first)

@@ -24,7 +24,13 @@ from titan import config_io, hf, models, peft
 from titan.checkpoint.save import Checkpointer
 from titan.checkpoint.state import load_initial_weights
 from titan.config import DPO, DTYPES, SFT, Checkpoint, Config, LoRA, Training, Validation
-from titan.data.chat import build_preference_dataloader, build_sft_dataloader, build_sft_validation_dataloader
+from titan.data.chat import (
+    build_preference_dataloader,
+    build_sft_dataloader,
+    build_sft_validation_dataloader,
+    chat_template,
+)
+from titan.data.chat_template import template_source
 from titan.data.pretrain import build_pretrain_dataloader, build_validation_dataloader
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
@@ -231,7 +237,9 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
 
 def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_parts: list[torch.nn.Module], optimizer,
                        scheduler, train_loader) -> Checkpointer:
-    export = hf.exporter(args, tokenizer, cfg.model.tokenizer_path)
+    template = None if cfg.training.recipe == "pretrain" else template_source(chat_template(tokenizer,
+                                                                                           cfg.sft.chat_template))
+    export = hf.exporter(args, tokenizer, cfg.model.tokenizer_path, base_model_folder(cfg.checkpoint), template)
     if cfg.lora.enable:  # Hugging Face gets a plain model: adapters merged into the weights
         export = lora.merging(export, cfg.lora.alpha / cfg.lora.rank)
     # QLoRA checkpoints hold the adapters only: the base is checkpoint.initial_load_path's, quantized again.
@@ -241,16 +249,20 @@ def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_part
                         run_config=config_io.to_toml(cfg), adapter_export=adapter_exporter(cfg, args))
 
 
+def base_model_folder(c: Checkpoint) -> str:
+    """The Hugging Face folder the run's weights come from: checkpoint.initial_load_path with initial_load_in_hf, or
+    the base model a PEFT adapter folder there names; "" if none."""
+    if c.initial_load_path and peft.is_adapter_folder(c.initial_load_path):
+        return json.loads((Path(c.initial_load_path) / peft.CONFIG).read_text()).get("base_model_name_or_path") or ""
+    return c.initial_load_path if c.initial_load_in_hf else ""
+
+
 def adapter_exporter(cfg: Config, args: TransformerArgs):
     """LoRA runs: every save (and the Hugging Face export) also writes the adapters as a PEFT folder, naming the base
     model's Hugging Face folder when the run started from one."""
     if not cfg.lora.enable:
         return None
-    c = cfg.checkpoint
-    base = c.initial_load_path if c.initial_load_path and (c.initial_load_in_hf or peft.is_adapter_folder(
-        c.initial_load_path)) else ""
-    if base and peft.is_adapter_folder(base):  # started from a PEFT folder: its base is the base
-        base = json.loads((Path(base) / peft.CONFIG).read_text()).get("base_model_name_or_path") or ""
+    base = base_model_folder(cfg.checkpoint)
     return peft.exporter(args, cfg.lora, str(Path(base).resolve()) if base else "")
 
 

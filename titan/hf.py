@@ -77,7 +77,8 @@ def check_compatible(args: TransformerArgs, hf: TransformerArgs, where: str) -> 
 
 def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Path, *, bos_id: int | None,
          eos_id: int, tokenizer_file: str | Path | None = None, tokenizer=None, dtype: torch.dtype = torch.float32,
-         shard_bytes: int = SHARD_BYTES, process_group=None) -> Path:
+         shard_bytes: int = SHARD_BYTES, process_group=None, base_config: dict | None = None,
+         chat_template: str | None = None) -> Path:
     """Write a full titan state dict as an HF folder of its family; returns the folder. With `tokenizer` also its
     Hugging Face files: a tiktoken one converted (tokenizer.json + tokenizer_config.json), an HF one (or a tiktoken
     tokenizer.model that came in an HF folder) copied from `tokenizer_file`'s folder; with a tiktoken
@@ -85,7 +86,12 @@ def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Pa
 
     The weights go to model-0000k-of-0000n.safetensors + model.safetensors.index.json (`write_weights`). With a
     `process_group`, every rank of it calls this with the full tensors it holds (under pipeline parallelism, its
-    stages'); rank 0 writes the other files."""
+    stages'); rank 0 writes the other files.
+
+    `base_config`: the config.json of the Hugging Face model the run started from; every field of it is kept (its
+    max_position_embeddings, RoPE scaling, ids, anything titan does not read), only the dtype is the export's: training
+    on a shorter window does not shrink the model. `chat_template`: the Jinja template training rendered
+    conversations with, written as tokenizer_config.json's chat_template (the model is then served as trained)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     adapter = family_of(args).hf
@@ -93,7 +99,11 @@ def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Pa
     write_weights(tensors, set(adapter.names(args).values()), folder, shard_bytes, process_group)
     if process_group is not None and dist.get_rank(process_group) != 0:
         return folder
-    (folder / "config.json").write_text(json.dumps(adapter.hf_config(args, bos_id, eos_id, dtype), indent=2) + "\n")
+    config = adapter.hf_config(args, bos_id, eos_id, dtype)
+    if base_config:
+        config = dict(sorted({**config, **{k: v for k, v in base_config.items() if k not in ("torch_dtype", "dtype")},
+                              "torch_dtype": config["torch_dtype"]}.items()))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id,
                   "transformers_version": adapter.transformers_version}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -118,6 +128,12 @@ def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Pa
                     _copy_new(hf_json.parent / name, folder / name)
         else:
             write_tokenizer_json(tokenizer, folder, args.max_seq_len)
+    if chat_template is not None and (folder / "tokenizer_config.json").is_file():
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tokenizer_config["chat_template"] = chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+        (folder / "chat_template.jinja").unlink(missing_ok=True)  # it would win over tokenizer_config.json's
     return folder
 
 
@@ -214,12 +230,26 @@ def load_into(model_parts: list[torch.nn.Module], folder: str | Path) -> None:
                              options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def exporter(args: TransformerArgs, tokenizer, tokenizer_path: str):
+def base_config(folder: str | Path | None) -> dict | None:
+    """The config.json of the Hugging Face folder a run started from (None: it started from no such folder)."""
+    if not folder:
+        return None
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def exporter(args: TransformerArgs, tokenizer, tokenizer_path: str, base: str | Path | None = None,
+             chat_template: str | None = None):
     """The callback the checkpointer uses for `last_save_in_hf`: (full state dict, folder, dtype, process_group=None)
-    -> None (with a process group: called on every rank with its part, see `save`)."""
+    -> None (with a process group: called on every rank with its part, see `save`). `base`: the Hugging Face folder
+    the run started from, whose config.json the export keeps; `chat_template`: the template training used."""
+    imported = base_config(base)
+
     def export(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype, process_group=None) -> None:
         save(state, args, folder, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
              tokenizer_file=tokenizer_file(tokenizer_path), tokenizer=tokenizer, dtype=dtype,
-             process_group=process_group)
+             process_group=process_group, base_config=imported, chat_template=chat_template)
 
     return export

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from titan.errors import ConfigError
 
+
 # titan's built-in templates (titan/data/chat.py) as Jinja, for the Hugging Face export: a model trained with one of
 # them is served with the same text (tests/test_chat_template.py checks each against its built-in, token for token).
 def _builtin(begin: str, header: str, body: str, end: str, sep: str, prompt: str, setup: str = "") -> str:
