@@ -724,7 +724,8 @@ def test_preference_loader(tok):
     order = [sampler.sample_at(g) for g in range(2 * b)]
     batches = take(iter(dl), 2)
     for k, batch in enumerate(batches):
-        assert set(batch) == {"input", "label"}
+        assert set(batch) == {"input", "label", "sequence_label"}
+
         assert batch["input"].shape == batch["label"].shape == (2 * b, seq_len)
         for i in range(b):
             prompt, chosen, rejected = pairs[order[k * b + i]]
@@ -740,6 +741,9 @@ def test_preference_loader(tok):
                 assert (label[: n - 1] == IGNORE_INDEX).all()  # no loss on the prompt
                 assert label[n - 1 : n - 1 + len(body)].tolist() == body  # the reply and its end are learned
                 assert (label[n - 1 + len(body):] == IGNORE_INDEX).all()
+                # sequence_label (ORPO's NLL, dpo.orpo_nll): the prompt's next tokens are labels too
+                full = batch["sequence_label"][row]
+                assert full[: n - 1].tolist() == head[1:] and full[n - 1 : n - 1 + len(body)].tolist() == body
     # dp=2 splits the pairs like any other batch, and each rank keeps its chosen rows before its rejected ones.
     ranks = [next(iter(build_preference_dataloader(replace(cfg, local_batch_size=1), SFT(), tok, r, 2)))
              for r in range(2)]
@@ -875,8 +879,10 @@ def paper_loss(name: str, cfg: DPO, pi, ref, n):
     return -pc / nc + cfg.orpo_lambda * l_or, torch.log(odds_c), torch.log(odds_r)
 
 
-LOSS_CFGS = {"sigmoid": DPO(loss="sigmoid", beta=0.3), "ipo": DPO(loss="ipo", beta=0.3),
-             "simpo": DPO(loss="simpo", beta=2.0, simpo_gamma=0.7), "orpo": DPO(loss="orpo", orpo_lambda=0.4)}
+# The papers' conventions (TRL's, the defaults, are checked against TRL's formulas below).
+LOSS_CFGS = {"sigmoid": DPO(loss="sigmoid", beta=0.3), "ipo": DPO(loss="ipo", beta=0.3, ipo_normalize=False),
+             "simpo": DPO(loss="simpo", beta=2.0, simpo_gamma=0.7),
+             "orpo": DPO(loss="orpo", orpo_lambda=0.4, orpo_nll="reply")}
 
 
 def make_objective(cfg, ref_logits):
@@ -943,3 +949,45 @@ def test_reference_free_losses_take_no_reference_model():
         DPOLoss(DPO(loss="simpo"), reference=lambda b: b)
     with pytest.raises(ValueError, match="needs"):
         DPOLoss(DPO(loss="ipo"))
+
+
+def test_trl_conventions_equal_trls_formulas(mesh):
+    """The defaults follow TRL (1.16): IPO on per-token log-ratios; ORPO's NLL a mean over every token (prompt and
+    reply) of the chosen rows, pooled over the batch, minus the mean of lambda log sigmoid(log odds ratio); and
+    label_smoothing is conservative DPO. Each against its formula written out here in float64, on fixed
+    log-probabilities (1e-6)."""
+    pairs, beta = 6, 0.3
+    batch, policy_logits, ref_logits = dpo_batch(pairs, seq=9)
+    batch["label"][:, :5] = IGNORE_INDEX  # the reply: the last 4 positions; the prompt before it
+    batch["sequence_label"] = batch["label"].clone()
+    batch["sequence_label"][:, 1:5] = 5  # prompt tokens too (not the first position, which nothing predicts)
+    policy_logits = policy_logits * 0.2
+    n = (batch["label"] != IGNORE_INDEX).sum(dim=1).double()
+    pi, ref = logps_by_hand(policy_logits, batch["label"]), logps_by_hand(ref_logits, batch["label"])
+    (pc, pr), (rc, rr), (nc, nr) = pi.chunk(2), ref.chunk(2), n.chunk(2)
+
+    ipo = DPO(loss="ipo", beta=beta)
+    assert ipo.ipo_normalize
+    trl_ipo = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
+    got = preference_loss(ipo, pi.float(), ref.float(), n.long())[0]
+    torch.testing.assert_close(got.double(), trl_ipo, rtol=1e-6, atol=0)
+
+    eps = 0.2
+    margin = beta * ((pc - rc) - (pr - rr))
+    cdpo = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
+    got = preference_loss(DPO(beta=beta, label_smoothing=eps), pi.float(), ref.float(), n.long())[0]
+    torch.testing.assert_close(got.double(), cdpo, rtol=1e-6, atol=0)
+
+    orpo = DPO(loss="orpo", orpo_lambda=0.4)
+    assert orpo.orpo_nll == "prompt_and_reply"
+    avg_c, avg_r = pc / nc, pr / nr
+    log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+    full = batch["sequence_label"][:pairs]
+    token_lp = torch.log_softmax(policy_logits[:pairs].double(), -1).gather(-1, full.clamp(min=0).unsqueeze(-1))
+    nll = -(token_lp.squeeze(-1) * (full != IGNORE_INDEX)).sum() / (full != IGNORE_INDEX).sum()
+    trl_orpo = nll - (0.4 * F.logsigmoid(log_odds)).mean()
+    objective = DPOLoss(orpo)
+    got = objective(FixedLogits(policy_logits), batch) / pairs  # the loop divides by the global pair count
+    torch.testing.assert_close(got.double(), trl_orpo, rtol=1e-6, atol=0)
+    assert objective.metrics(mesh)["chosen_reward"] == pytest.approx(float(log_odds.new_tensor(0) + (
+        avg_c - torch.log1p(-torch.exp(avg_c))).mean()), rel=1e-5)

@@ -121,10 +121,13 @@ RUNS = {  # name -> (overrides, layouts compared with the single-process run)
     "sft_qlora": (LORA + QLORA + ["--sft.packing", "false"], ["fsdp2", "pp2"]),
     "dpo_ipo": (DPO + LORA + ["--dpo.loss", "ipo"], []),
     "dpo_simpo": (DPO + ["--dpo.loss", "simpo", "--dpo.beta", "2.0"], []),  # reference-free, full weights
-    "dpo_orpo": (DPO + ["--dpo.loss", "orpo", "--dpo.orpo_lambda", "1.0"], []),
+    # ORPO's NLL is pooled over the global batch's tokens (TRL's convention): the count spans ranks.
+    "dpo_orpo": (DPO + ["--dpo.loss", "orpo", "--dpo.orpo_lambda", "1.0"], ["fsdp2"]),
+    # The reference's log-probabilities computed before training: the same run as dpo_frozen_reference.
+    "dpo_precomputed": (DPO + ["--dpo.precompute_reference"], ["fsdp2"]),
 }
 PREFERENCE_RUNS = {"dpo_lora": "sigmoid", "dpo_frozen_reference": "sigmoid", "dpo_ipo": "ipo", "dpo_simpo": "simpo",
-                   "dpo_orpo": "orpo"}
+                   "dpo_orpo": "orpo", "dpo_precomputed": "sigmoid"}
 LAYOUT_ARGS = {"fsdp2": [], "tp2": ["--parallelism.tensor_parallel_degree", "2"],
                "pp2": ["--parallelism.pipeline_parallel_degree", "2"],
                "cp2": ["--parallelism.context_parallel_degree", "2"]}
@@ -204,6 +207,17 @@ def test_dpo_and_ipo_start_where_their_formulas_say(runs):
         assert first["reward_accuracy"] == 0.0 and first["reward_margin"] == 0.0
 
 
+def test_precomputed_reference_trains_like_the_live_one(runs):
+    """dpo.precompute_reference: the same losses and margins as the frozen reference model run alongside, the table
+    is stored beside the run, and the start-up line says so."""
+    live, pre = read_metrics(runs / "dpo_frozen_reference"), read_metrics(runs / "dpo_precomputed")
+    assert max_rel_diff([r["loss"] for r in pre], [r["loss"] for r in live]) < TOL
+    assert all(abs(a["reward_margin"] - b["reward_margin"]) < TOL * max(1.0, abs(b["reward_margin"]))
+               for a, b in zip(pre, live))
+    table = torch.load(runs / "dpo_precomputed" / "reference_logps.pt")["logps"]
+    assert table.shape == (40, 2) and torch.isfinite(table).all() and (table < 0).all()
+
+
 def _built_transformers(monkeypatch) -> list:
     """Every Transformer titan builds from here on (the policy, and DPO's frozen reference copy)."""
     built = []
@@ -250,13 +264,20 @@ def test_simpo_and_orpo_build_no_reference_model(runs, tmp_path, monkeypatch, on
         try:
             run = _build(argv)
             assert len(built) == 1 and run.objective.reference is None
-            batches, total = iter(run.train_loader), 0.0
+            batches, total, nll, tokens = iter(run.train_loader), 0.0, 0.0, 0
             with torch.no_grad():
                 for _ in range(run.grad_accum):
                     batch = next(batches)
-                    logps, n = sequence_logps(run.model_parts[0](batch["input"]), batch["label"])
+                    logits = run.model_parts[0](batch["input"])
+                    logps, n = sequence_logps(logits, batch["label"])
                     total += float(preference_loss(run.cfg.dpo, logps, None, n)[0].sum())
-            expected = total / (run.grad_accum * run.cfg.training.local_batch_size)
+                    if name == "dpo_orpo":  # TRL's NLL: a token mean over the chosen rows, prompt included
+                        half = len(logits) // 2
+                        labels = batch["sequence_label"][:half]
+                        nll += float(torch.nn.functional.cross_entropy(logits[:half].flatten(0, 1),
+                                                                       labels.flatten(), reduction="sum"))
+                        tokens += int((labels != -100).sum())
+            expected = total / (run.grad_accum * run.cfg.training.local_batch_size) + (nll / tokens if tokens else 0)
             assert abs(read_metrics(runs / name)[0]["loss"] - expected) < 1e-5 * expected, name
         finally:
             dist.destroy_process_group()

@@ -38,7 +38,7 @@ from titan.lifecycle import RunLock, claim_dump_folder
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora, moe
 from titan.models.layers import Transformer, TransformerArgs, count_params
-from titan.objectives import DPOLoss, Objective, TokenLoss, cross_entropy_sum
+from titan.objectives import DPOLoss, Objective, TokenLoss, cross_entropy_sum, reference
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_seq_len, shard_rope
@@ -164,6 +164,12 @@ def build_run(cfg: Config, device: torch.device) -> Run:
         quantize_bases(model.parts, cfg.lora, DTYPES[t.mixed_precision_param])
     autocast = mixed_precision_context(t, dims, device)
     objective = build_objective(t, cfg.dpo, cfg.lora, cfg.checkpoint, model, args, autocast)
+    if precomputed_reference(t, cfg.dpo):  # one pass of the reference over the data; none while training
+        reference.precompute(train_loader.dataset, dpo_reference(model, args, cfg.lora, cfg.checkpoint),
+                             batch_size=t.local_batch_size, dp_rank=mesh["dp"].get_local_rank(), dp_size=dims.dp,
+                             device=device, autocast=autocast, loss_context=loss_parallel_context(cfg.parallelism,
+                                                                                                  dims),
+                             dump_folder=cfg.job.dump_folder, reference_source=reference_weights(cfg))
     metrics = build_metrics(cfg, args, model, dims, device, append=checkpointer.step > 0)
     log_summary(cfg, args, model, dims, grad_accum)
     return Run(cfg=cfg, device=device, dims=dims, mesh=mesh, model_parts=model.parts, pipeline=model.pipeline,
@@ -312,8 +318,19 @@ def build_objective(training: Training, dpo: DPO, lora_cfg: LoRA, checkpoint: Ch
     """The recipe's objective over this rank's model (DPO's reference model, if its loss needs one, built here)."""
     if training.recipe != "dpo":
         return TokenLoss(model.loss_fn, autocast)
-    free = dpo.loss in DPOLoss.REFERENCE_FREE
-    return DPOLoss(dpo, None if free else dpo_reference(model, args, lora_cfg, checkpoint), autocast)
+    live = dpo.loss not in DPOLoss.REFERENCE_FREE and not dpo.precompute_reference
+    return DPOLoss(dpo, dpo_reference(model, args, lora_cfg, checkpoint) if live else None, autocast)
+
+
+def reference_weights(cfg: Config) -> str:
+    """What DPO's reference weights are made of (the fingerprint of precomputed reference log-probabilities)."""
+    c = cfg.checkpoint
+    return repr((cfg.model, c.initial_load_path, c.initial_load_in_hf, cfg.lora, cfg.training.seed,
+                 cfg.training.mixed_precision_param))
+
+
+def precomputed_reference(training: Training, dpo: DPO) -> bool:
+    return training.recipe == "dpo" and dpo.precompute_reference and dpo.loss not in DPOLoss.REFERENCE_FREE
 
 
 def recipe_detail(training: Training, dpo: DPO) -> str:
@@ -321,7 +338,9 @@ def recipe_detail(training: Training, dpo: DPO) -> str:
     if training.recipe != "dpo":
         return ""
     free = dpo.loss in DPOLoss.REFERENCE_FREE
-    return f" with loss {dpo.loss} ({'no reference model' if free else 'against a frozen reference'})"
+    against = "no reference model" if free else "against precomputed reference log-probabilities" \
+        if dpo.precompute_reference else "against a frozen reference"
+    return f" with loss {dpo.loss} ({against})"
 
 
 def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:

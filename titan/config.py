@@ -393,6 +393,24 @@ class DPO:
     simpo_gamma: float = opt(0.5, "simpo: target reward margin gamma", valid=NON_NEGATIVE)
     orpo_lambda: float = opt(0.1, "orpo: weight lambda of the odds-ratio term added to the chosen reply's NLL",
                              valid=POSITIVE)
+    ipo_normalize: bool = opt(
+        True, "ipo: divide each reply's log-ratio by its token count (TRL's IPO, which TRL confirmed with the IPO "
+        "authors); false = the paper's summed log-probabilities"
+    )
+    orpo_nll: str = opt(
+        "prompt_and_reply", "orpo: the NLL term: the mean over every prompt and reply token of the batch's chosen rows "
+        "(TRL, the ORPO authors' code), or the chosen reply's per-token mean per pair (reply)",
+        ("prompt_and_reply", "reply"),
+    )
+    label_smoothing: float = opt(
+        0.0, "sigmoid: the assumed fraction of flipped preference labels (conservative DPO, cDPO): the loss is "
+        "-(1 - e) log sigmoid(m) - e log sigmoid(-m)", valid=Range(0, 0.5, hi_open=True)
+    )
+    precompute_reference: bool = opt(
+        False, "sigmoid/ipo: compute the reference model's log-probabilities of every pair once before training "
+        "(stored in <dump_folder>/reference_logps.pt and reused by a resumed run); training then holds no reference "
+        "model and runs no reference forward pass"
+    )
 
 
 @dataclass
@@ -567,6 +585,8 @@ def _validate_finetuning(cfg: Config) -> None:
             if degree > 1:
                 raise ConfigError(f"training.recipe=dpo does not support parallelism.{key}={degree} yet (it needs "
                                   f"whole sequences' log-probabilities on one rank)")
+        if cfg.dpo.precompute_reference and cfg.dpo.loss in ("simpo", "orpo"):
+            raise ConfigError(f"dpo.precompute_reference: dpo.loss={cfg.dpo.loss} has no reference model")
         if cfg.validation.enable:
             raise ConfigError("validation.enable is not supported with training.recipe=dpo (the logged reward "
                               "accuracy and margin are the progress measures)")

@@ -392,6 +392,9 @@ def preference_rows(cfg: Training, sft: SFT, tokenizer: Tokenizer) -> list[dict]
             ids, targets = template.render(prompt + [{"role": "assistant", "content": reply}])
             n_cut += len(ids) > cfg.seq_len + 1
             pair[name] = pad_rows([example(ids, targets, cfg.seq_len)], cfg.seq_len, tokenizer.eos_id)[0]
+            # Every token's label, prompt included: ORPO's NLL as TRL and the ORPO authors take it (dpo.orpo_nll).
+            pair[name]["sequence_label"] = pad_rows([example(ids, [True] * len(ids), cfg.seq_len)], cfg.seq_len,
+                                                    tokenizer.eos_id)[0]["label"]
         if all((row["label"] != IGNORE_INDEX).any() for row in pair.values()):  # else nothing to compare
             pairs.append(pair)
     if not pairs:

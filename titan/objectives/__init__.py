@@ -47,6 +47,10 @@ def step_counts(objective: Objective, micro_batches: list[dict[str, torch.Tensor
     split over. The MoE balance loss is a mean over the routed tokens in every recipe (docs/moe.md), so that its
     coefficient means the same in SFT, where only assistant tokens are items, and DPO, where pairs are."""
     items = sum(objective.count(b) for b in micro_batches)
-    counts = torch.stack([items, items.new_tensor(sum(b["input"].numel() for b in micro_batches))])
+    pooled = [sum(objective.pooled_count(b) for b in micro_batches)] if getattr(objective, "pools_tokens", False) \
+        else []  # ORPO's NLL over tokens beside its loss over pairs (preference.py): counted in the same all-reduce
+    counts = torch.stack([items, items.new_tensor(sum(b["input"].numel() for b in micro_batches)), *pooled])
     counts = all_reduce_sum(counts, mesh)
+    if pooled:
+        objective.pooled_scale = counts[0] / counts[2]
     return counts[0], counts[1]

@@ -9,8 +9,14 @@ ref_c, ref_r. Each is written as the formula of its paper:
   orpo     ORPO (Hong et al., 2024):     -pi_c / n_c - lambda log sigmoid(log odds_c - log odds_r),
            odds = p / (1 - p) with p = exp(pi / n), the reply's per-token probability
 At the start the policy is the reference: DPO's loss is then log 2 and IPO's 1 / (2 beta)^2. The reference is the base
-model with LoRA's adapters switched off when LoRA is on (no extra memory), else a frozen copy of the initial weights;
+model with LoRA's adapters switched off when LoRA is on (no extra memory), else a frozen copy of the initial weights,
+or its log-probabilities computed once before training (dpo.precompute_reference, titan/objectives/reference.py);
 SimPO and ORPO need none.
+
+Conventions, TRL's by default (docs/fine_tuning.md): `dpo.ipo_normalize` divides each IPO log-ratio by its reply's
+token count; `dpo.orpo_nll = "prompt_and_reply"` makes ORPO's NLL term the mean over every token (prompt and reply) of
+the batch's chosen rows, pooled over the global batch, instead of the reply's per-pair mean; `dpo.label_smoothing` e
+is conservative DPO: -(1 - e) log sigmoid(m) - e log sigmoid(-m).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from titan.config import DPO
 from titan.data.pretrain import IGNORE_INDEX
+from titan.objectives.token import cross_entropy_sum
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +59,12 @@ def preference_loss(cfg: DPO, policy: torch.Tensor, reference: torch.Tensor | No
         chosen, rejected = pc - rc, pr - rr  # log-ratios to the reference
         if cfg.loss == "sigmoid":
             chosen, rejected = cfg.beta * chosen, cfg.beta * rejected
-            return -F.logsigmoid(chosen - rejected), chosen, rejected
+            e = cfg.label_smoothing  # cDPO: a label is wrong with probability e
+            loss = -F.logsigmoid(chosen - rejected) if e == 0 else \
+                -(1 - e) * F.logsigmoid(chosen - rejected) - e * F.logsigmoid(rejected - chosen)
+            return loss, chosen, rejected
+        if cfg.ipo_normalize:  # per-token log-ratios (TRL)
+            chosen, rejected = chosen / nc, rejected / nr
         loss = (chosen - rejected - 1 / (2 * cfg.beta)) ** 2
         return loss, cfg.beta * chosen, cfg.beta * rejected
     avg_c, avg_r = pc / nc, pr / nr  # per-token log-probabilities: length-normalised
@@ -60,7 +72,9 @@ def preference_loss(cfg: DPO, policy: torch.Tensor, reference: torch.Tensor | No
         chosen, rejected = cfg.beta * avg_c, cfg.beta * avg_r
         return -F.logsigmoid(chosen - rejected - cfg.simpo_gamma), chosen, rejected
     chosen, rejected = avg_c - log1mexp(avg_c), avg_r - log1mexp(avg_r)  # ORPO: log odds
-    return -avg_c - cfg.orpo_lambda * F.logsigmoid(chosen - rejected), chosen, rejected
+    odds_ratio = -cfg.orpo_lambda * F.logsigmoid(chosen - rejected)
+    # orpo_nll = prompt_and_reply: the NLL is pooled over the batch's tokens, added by DPOLoss (not a per-pair term)
+    return (odds_ratio if cfg.orpo_nll == "prompt_and_reply" else odds_ratio - avg_c), chosen, rejected
 
 
 class DPOLoss:
@@ -73,17 +87,28 @@ class DPOLoss:
     rows_per_sample = 2  # a chosen and a rejected sequence
 
     def __init__(self, cfg: DPO, reference=None, autocast=contextlib.nullcontext):
-        if (reference is None) != (cfg.loss in self.REFERENCE_FREE):
-            raise ValueError(f"dpo.loss={cfg.loss} {'needs' if reference is None else 'takes no'} reference model")
+        needs = cfg.loss not in self.REFERENCE_FREE and not cfg.precompute_reference
+        if (reference is not None) != needs:
+            raise ValueError(f"dpo.loss={cfg.loss} {'needs' if needs else 'takes no'} reference model")
         self.cfg, self.reference, self.autocast = cfg, reference, autocast
+        self.pooled_scale: torch.Tensor | None = None  # pairs / pooled tokens of the global batch (step_counts)
         self._sums = None
         self._pairs = None
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(batch["input"].shape[0] // 2, device=batch["input"].device)
 
+    @property
+    def pools_tokens(self) -> bool:
+        """ORPO with TRL's NLL: a mean over the global batch's chosen tokens, next to a mean over its pairs."""
+        return self.cfg.loss == "orpo" and self.cfg.orpo_nll == "prompt_and_reply"
+
+    def pooled_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tokens ORPO's pooled NLL averages over: every labelled token (prompt and reply) of the chosen rows."""
+        return (batch["sequence_label"].chunk(2)[0] != IGNORE_INDEX).sum()
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels, ref = batch["label"], None
+        labels, ref = batch["label"], batch.get("reference_logps")  # precomputed (dpo.precompute_reference), or:
         if self.reference is not None:
             with torch.no_grad(), self.autocast():  # the reference first: its activations are gone before ours exist
                 ref, _ = sequence_logps(self.reference(batch), labels)
@@ -91,7 +116,13 @@ class DPOLoss:
             logits = model(batch["input"])
         policy, n_tokens = sequence_logps(logits, labels)
         losses, chosen, rejected = preference_loss(self.cfg, policy, ref, n_tokens)
-        margin = (chosen - rejected).detach()
+        if self.pools_tokens:  # the loop divides by the global pair count: scale the token sum to a token mean
+            chosen_rows = len(logits) // 2
+            nll = cross_entropy_sum(logits[:chosen_rows], batch["sequence_label"][:chosen_rows])
+            scale = self.pooled_scale if self.pooled_scale is not None else \
+                self.count(batch) / self.pooled_count(batch)
+            losses = torch.cat([losses, (nll * scale).reshape(1)])
+        margin = (chosen - rejected).detach()  # (of the pairs: `losses` may end with ORPO's pooled NLL)
         self._accumulate(torch.stack([margin.sum(), (margin > 0).float().sum(), chosen.detach().sum(),
                                       rejected.detach().sum()]), len(margin))
         return losses.sum()
