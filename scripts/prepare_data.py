@@ -5,7 +5,8 @@ time (`--training.dataset_path DIR`). See docs/data.md for the formats, the layo
     python scripts/prepare_data.py --input corpus/ more/*.jsonl.gz --output data/corpus [--tokenizer PATH]
         [--workers N] [--text_key text] [--shard_mb 256] [--num_shards K --shard_index I]
 
-Inputs: files, folders (searched recursively) and globs of .txt (one document per file), .jsonl / .jsonl.gz /
+Inputs: Hugging Face datasets (hf:org/name[:split], from the local datasets cache; the datasets extra), files, folders
+(searched recursively) and globs of .txt (one document per file), .jsonl / .jsonl.gz /
 .jsonl.zst (one document per line, in its --text_key field) and .parquet (one per row; .zst and .parquet need
 `pip install -e ".[data]"`). The output is the same, byte for byte, whatever --workers is; an interrupted run keeps
 its finished shards and resumes. With --num_shards K --shard_index I, each of K jobs (a Slurm array, say:
@@ -19,6 +20,7 @@ import argparse
 import os
 import sys
 
+from titan.data.hub import materialize
 from titan.data.prepare import prepare
 from titan.errors import ConfigError
 
@@ -34,9 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard_mb", type=float, default=256.0, help="input MB per shard (default 256)")
     p.add_argument("--num_shards", type=int, default=1, help="split the input into K parts (one job each)")
     p.add_argument("--shard_index", type=int, default=0, help="the part this job prepares, 0 <= I < K")
+    p.add_argument("--streaming", action="store_true", help="hf: inputs: stream the records (no Arrow copy)")
     args = p.parse_args(argv)
     try:
-        prepare(args.input, args.output, args.tokenizer, args.workers, args.text_key, args.shard_mb,
+        # A Hugging Face dataset (hf:org/name[:split], the datasets extra) is read as the JSONL file of its split.
+        inputs = [str(materialize("--input", x, "train", (), args.streaming)) if x.startswith("hf:") else x
+                  for x in args.input]
+        prepare(inputs, args.output, args.tokenizer, args.workers, args.text_key, args.shard_mb,
                 args.num_shards, args.shard_index)
     except ConfigError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)

@@ -128,7 +128,16 @@ class Training:
     )
     dataset: str = opt(
         "austen", "dataset name: austen (documents), tiny_chat / tiny_alpaca / tiny_sharegpt / tiny_prompt_completion "
-        "(SFT), tiny_preferences (DPO); see docs/config.md"
+        "(SFT), tiny_preferences (DPO); or a Hugging Face dataset hf:org/name[/subset][:split] (or hf:/a/folder) from "
+        "the local datasets cache (the datasets extra); see docs/data.md"
+    )
+    dataset_columns: list[str] = opt(
+        [], "hf: datasets: rename columns to the fields titan reads, as field=column (e.g. text=content, "
+        "messages=conversation)"
+    )
+    dataset_streaming: bool = opt(
+        False, "hf: datasets, pre-training: stream the records (no Arrow copy of the whole set) into the JSONL file "
+        "titan reads"
     )
     dataset_path: str = opt(
         "", "a folder prepared by scripts/prepare_data.py, or text files (.txt, .jsonl, .jsonl.gz, .jsonl.zst, "
@@ -246,7 +255,8 @@ class Metrics:
 @dataclass
 class Validation:
     enable: bool = opt(False, "evaluate on held-out data during training")
-    dataset: str = opt("austen", "dataset name; the named dataset's validation split is used")
+    dataset: str = opt("austen", "dataset name (or hf:org/name[:split]); the named dataset's validation split is used")
+    dataset_columns: list[str] = opt([], "hf: datasets: rename columns to the fields titan reads, as field=column")
     dataset_path: str = opt(
         "", "a prepared folder, or text files or a folder of them (as training.dataset_path); overrides the named "
         "dataset's validation split"

@@ -349,7 +349,7 @@ def _truncation_note(n_cut: int, n: int, what: str, seq_len: int) -> None:
 
 
 def sft_rows(section: str, data_cfg, sft: SFT, tokenizer: Tokenizer, seq_len: int, split: str) -> list[dict]:
-    path, key = locate(section, data_cfg.dataset, data_cfg.dataset_path, split)
+    path, key = locate(section, data_cfg.dataset, data_cfg.dataset_path, split, data_cfg.dataset_columns)
     template = chat_template(tokenizer, sft.chat_template)
     rendered = [template.render(c, sft.train_on_prompt) for c in read_conversations(path, key, sft.format)]
     _truncation_note(sum(len(ids) > seq_len + 1 for ids, _ in rendered), len(rendered), "conversations", seq_len)
@@ -383,7 +383,7 @@ def build_sft_validation_dataloader(cfg: Validation, sft: SFT, tokenizer: Tokeni
 
 def preference_rows(cfg: Training, sft: SFT, tokenizer: Tokenizer) -> list[dict]:
     """Each pair as {"chosen": row, "rejected": row}: prompt then reply, loss flags on the reply only."""
-    path, key = locate("training", cfg.dataset, cfg.dataset_path, "train")
+    path, key = locate("training", cfg.dataset, cfg.dataset_path, "train", cfg.dataset_columns)
     template = chat_template(tokenizer, sft.chat_template)
     pairs, n_cut = [], 0
     for prompt, chosen, rejected in read_preferences(path, key):

@@ -39,13 +39,20 @@ DATASETS: dict[str, dict[str, Path]] = {
 }
 
 
-def locate(section: str, dataset: str, dataset_path: str, split: str) -> tuple[Path, str]:
-    """(path to read, config key to blame): `dataset_path` overrides the named dataset's split."""
+def locate(section: str, dataset: str, dataset_path: str, split: str, columns: list[str] | tuple = (),
+           streaming: bool = False) -> tuple[Path, str]:
+    """(path to read, config key to blame): `dataset_path` overrides the named dataset's split. A Hugging Face
+    dataset (`hf:org/name`, titan/data/hub.py) becomes a local JSONL file of the split, its columns renamed by
+    `columns` ("field=column"), streamed into the file with `streaming`."""
     if dataset_path:
         return Path(dataset_path), f"{section}.dataset_path"
+    if dataset.startswith("hf:"):
+        from titan.data import hub
+
+        return hub.materialize(f"{section}.dataset", dataset, split, columns, streaming), f"{section}.dataset"
     if dataset not in DATASETS:
         raise ConfigError(
-            f"{section}.dataset: unknown dataset {dataset!r} (known: {', '.join(DATASETS)}); "
+            f"{section}.dataset: unknown dataset {dataset!r} (known: {', '.join(DATASETS)}, or hf:org/name); "
             f"or set {section}.dataset_path to a prepared folder, or to text files or a folder of them"
         )
     if split not in DATASETS[dataset]:

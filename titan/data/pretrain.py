@@ -125,7 +125,8 @@ def build_pretrain_dataloader(cfg: Training, tokenizer: Tokenizer, dp_rank: int,
         logger.info("data: mixing " + ", ".join(f"{n} {w / sum(weights):.1%} ({len(s):,} windows)"
                                                 for n, w, s in zip(names, weights, sources)))
     else:
-        path, key = locate("training", cfg.dataset, cfg.dataset_path, "train")
+        path, key = locate("training", cfg.dataset, cfg.dataset_path, "train", cfg.dataset_columns,
+                           cfg.dataset_streaming)
         sources, names, weights = [_windows(key, path, tokenizer, cfg.seq_len, cfg)], None, None
     sampler = GlobalOrderSampler([len(s) for s in sources], cfg.local_batch_size, cfg.seed, dp_rank, dp_size,
                                  weights, names)
@@ -142,7 +143,7 @@ def build_validation_dataloader(cfg: Validation, training: Training, tokenizer: 
                                 dp_size: int) -> StatefulDataLoader:
     """Finite, unshuffled batches of the validation split; each iter() is one pass (partial last round dropped).
     Windows are cut (and masked) as training's are."""
-    path, key = locate("validation", cfg.dataset, cfg.dataset_path, "validation")
+    path, key = locate("validation", cfg.dataset, cfg.dataset_path, "validation", cfg.dataset_columns)
     windows = _windows(key, path, tokenizer, training.seq_len, training)
     sampler = SequentialBlocks(len(windows), cfg.local_batch_size, dp_rank, dp_size)
     if len(sampler) == 0:
