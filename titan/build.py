@@ -9,6 +9,7 @@ goes through the same checks and the same `build_model`, without the weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -282,6 +283,7 @@ def build_metrics(cfg: Config, args: TransformerArgs, model: ModelParts, dims: P
         cfg.metrics, cfg.job.dump_folder, rank=dist.get_rank(), world_size=dims.world_size, device=device,
         flops_per_token=flops, total_steps=t.steps, extra_header=float8.metrics_header(cfg.float8),
         peak_flops=peak_flops(device, float8.mfu_dtype(cfg.float8, DTYPES[t.mixed_precision_param])), append=append,
+        run_config=dataclasses.asdict(cfg) if cfg.metrics.wandb or cfg.metrics.mlflow else None,
     )
 
 

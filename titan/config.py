@@ -250,6 +250,13 @@ class Metrics:
     log_freq: int = opt(10, "print and record metrics every N steps (the first step is always logged)",
                         valid=POSITIVE)
     enable_tensorboard: bool = opt(True, "write TensorBoard scalars to <dump_folder>/tb")
+    wandb: bool = opt(False, "also log the same scalars to Weights & Biases (the wandb extra; WANDB_MODE=offline "
+                      "keeps the run local)")
+    wandb_project: str = opt("titan", "W&B project")
+    mlflow: bool = opt(False, "also log the same scalars to MLflow (the mlflow extra; MLFLOW_TRACKING_URI, default "
+                       "a file store <dump_folder>/mlruns)")
+    mlflow_experiment: str = opt("titan", "MLflow experiment")
+    run_name: str = opt("", "the run's name in W&B / MLflow; empty = the dump folder's name")
 
 
 @dataclass

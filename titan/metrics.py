@@ -139,6 +139,7 @@ class MetricsLogger:
         total_steps: int,
         extra_header: str = "",
         append: bool = False,
+        run_config: dict | None = None,
     ):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
@@ -148,6 +149,7 @@ class MetricsLogger:
         self._data_time: float | None = None  # since the last log, when the loop reports it
         self._logged_any = False
         self._jsonl = self._tb = None
+        self._trackers = []  # W&B, MLflow (titan/trackers.py): the TensorBoard scalars, under the same tags
         if rank != 0:
             return
         os.makedirs(dump_folder, exist_ok=True)
@@ -157,6 +159,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(dump_folder, "tb"))
+        if cfg.wandb or cfg.mlflow:
+            from titan.trackers import open_trackers
+
+            self._trackers = open_trackers(cfg, dump_folder, run_config)
         peak = f"{peak_flops / 1e12:.1f} TFLOP/s per device" if peak_flops else "unknown for this device (MFU n/a)"
         header = f"metrics: every {cfg.log_freq} steps, {flops_per_token:.3e} FLOPs/token, peak {peak}"
         logger.info(header + (f"; {extra_header}" if extra_header else ""))
@@ -205,7 +211,7 @@ class MetricsLogger:
                   "tps_per_device": tps_per_device, "mfu": mfu, "step_time": avg_step_time, **timing, **mem, **extra,
                   **details}
         self._write(record)
-        if self._tb is not None:
+        if self._tb is not None or self._trackers:
             scalars = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr,
                        "throughput/tps": tps, "throughput/tps_per_device": tps_per_device,
                        "time/step_time_s": avg_step_time, **{f"time/{k}_s": v for k, v in timing.items()},
@@ -225,7 +231,7 @@ class MetricsLogger:
             + "".join(f"  val_{k} {v:.4g}" for k, v in extra.items())
         )
         self._write({"step": step, "val_loss": loss, **{f"val_{k}": v for k, v in extra.items()}})
-        if self._tb is not None:
+        if self._tb is not None or self._trackers:
             self._tb_write(step, {"val/loss": loss, **{f"val/{k}": v for k, v in extra.items()}})
 
     def close(self) -> None:
@@ -235,6 +241,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
     # -----------------------------------------------------------------------------------------------------------
 
@@ -256,6 +265,11 @@ class MetricsLogger:
         self._jsonl.flush()  # one line per log step: a crash keeps everything logged so far
 
     def _tb_write(self, step: int, scalars: dict[str, float | list[float]]) -> None:
+        plain = {tag: value for tag, value in scalars.items() if not isinstance(value, list)}
+        for tracker in self._trackers:
+            tracker.log(step, plain)
+        if self._tb is None:
+            return
         for tag, value in scalars.items():
             if isinstance(value, list):  # e.g. a layer's tokens per expert: a histogram per step
                 self._tb.add_histogram(tag, torch.tensor(value, dtype=torch.float32), step)
