@@ -35,6 +35,7 @@ from titan.data.chat_template import template_source
 from titan.data.pretrain import build_pretrain_dataloader, build_validation_dataloader
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
+from titan.evaluation import InLoop
 from titan.lifecycle import RunLock, claim_dump_folder
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora, moe
@@ -100,6 +101,7 @@ class Run:
     timer: StepTimer = field(default_factory=StepTimer)  # scripts/benchmark.py swaps in a CUDA-syncing one
     checkpointer: Checkpointer | None = None
     lock: RunLock = field(default_factory=RunLock)  # job.dump_folder's one-writer lock (held by rank 0)
+    downstream: Callable[[], dict[str, float]] | None = None  # validation.lm_eval_tasks' scores (titan/evaluation.py)
 
     def close(self) -> None:
         """Wait for a background save, close the metrics files, release the lock (in this order)."""
@@ -172,12 +174,15 @@ def build_run(cfg: Config, device: torch.device) -> Run:
                                                                                                   dims),
                              dump_folder=cfg.job.dump_folder, reference_source=reference_weights(cfg))
     metrics = build_metrics(cfg, args, model, dims, device, append=checkpointer.step > 0)
+    v = cfg.validation
+    downstream = InLoop(model.parts[0], tokenizer, v.lm_eval_tasks, v.lm_eval_include, v.lm_eval_limit, device) \
+        if v.lm_eval_tasks else None
     log_summary(cfg, args, model, dims, grad_accum)
     return Run(cfg=cfg, device=device, dims=dims, mesh=mesh, model_parts=model.parts, pipeline=model.pipeline,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                metrics=metrics, grad_accum=grad_accum, autocast=autocast,
                loss_context=loss_parallel_context(cfg.parallelism, dims), loss_fn=model.loss_fn, objective=objective,
-               checkpointer=checkpointer)
+               checkpointer=checkpointer, downstream=downstream)
 
 
 def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None:

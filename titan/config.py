@@ -271,6 +271,12 @@ class Validation:
     local_batch_size: int = opt(8, "sequences per validation batch on each data-parallel rank", valid=POSITIVE)
     freq: int = opt(100, "validate every N steps", valid=POSITIVE)
     steps: int = opt(10, "batches per validation; -1 = the whole split", valid=Range(0, lo_open=True, also=(AUTO,)))
+    lm_eval_tasks: list[str] = opt(
+        [], "lm-evaluation-harness tasks scored on the model at every validation, logged beside the loss as "
+        "val_<task>_<metric> (the eval extra; not with pipeline or context parallelism); see docs/evaluation.md"
+    )
+    lm_eval_include: str = opt("", "a folder of lm-eval task YAMLs (tasks over local files, offline)")
+    lm_eval_limit: int = opt(0, "at most this many documents per task; 0 = all", valid=NON_NEGATIVE)
 
 
 CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -607,6 +613,13 @@ def _validate_finetuning(cfg: Config) -> None:
         if cfg.validation.enable:
             raise ConfigError("validation.enable is not supported with training.recipe=dpo (the logged reward "
                               "accuracy and margin are the progress measures)")
+    v = cfg.validation
+    if v.lm_eval_tasks and not v.enable:
+        raise ConfigError("validation.lm_eval_tasks are scored at every validation: set validation.enable = true")
+    if v.lm_eval_tasks and (p.pipeline_parallel_degree > 1 or p.context_parallel_degree > 1):
+        raise ConfigError("validation.lm_eval_tasks needs every rank to hold whole sequences: not with parallelism."
+                          "pipeline_parallel_degree or context_parallel_degree > 1 (score the export with "
+                          "scripts/eval.py instead)")
     if cfg.lora.init_from and not cfg.lora.enable:
         raise ConfigError(f"lora.init_from={cfg.lora.init_from} loads LoRA adapters: set lora.enable = true")
     if cfg.lora.enable and cfg.float8.enable:

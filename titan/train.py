@@ -121,7 +121,7 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
 
         if run.val_loader is not None and (step % cfg.validation.freq == 0 or step == cfg.training.steps):
             with timer("validation", in_step=False):
-                run.metrics.validation(step, loss=evaluate(run))
+                run.metrics.validation(step, loss=evaluate(run), **(run.downstream() if run.downstream else {}))
         signal_name = stop.poll()  # SIGTERM, SIGUSR1 or SIGINT on any rank: save this step and stop
         with timer("checkpoint"):  # at checkpoint.interval, the last step and on a signal (async: only the staging)
             run.checkpointer.end_of_step(step, tokens_per_step, guard.total, updated=not skipped,
