@@ -37,96 +37,104 @@ def _lm_eval(key: str):
     return lm_eval
 
 
-@functools.cache
-def _lm_class():
-    from lm_eval import utils
-    from lm_eval.api.model import TemplateLM
+class _TitanLM:
+    """lm-eval's model interface over a titan model (in eval mode for each call) and tokenizer; the class lm-eval
+    sees is this plus lm-eval's TemplateLM (`_lm_class`: lm_eval is imported only when it is used)."""
 
-    class TitanLM(TemplateLM):
-        """lm-eval's model interface over a titan model (in eval mode for each call) and tokenizer."""
+    def __init__(self, model: torch.nn.Module, tokenizer, max_length: int | None = None,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.model, self.tokenizer, self._device = model, tokenizer, torch.device(device)
+        self.max_length = max_length or model.args.max_seq_len
+        self.backend = "causal"
+        # As the Hugging Face tokenizer of titan's export encodes text by default (what lm-eval's hf model
+        # does): with the BOS, unless there is none or it is ChatML's <|im_start|> (SmolLM2), which opens a turn.
+        bos = next((n for n, i in tokenizer.special_tokens.items() if i == tokenizer.bos_id), None)
+        self.add_bos = tokenizer.bos_id is not None and bos != "<|im_start|>"
 
-        def __init__(self, model: torch.nn.Module, tokenizer, max_length: int | None = None,
-                     device: torch.device | str = "cpu"):
-            super().__init__()
-            self.model, self.tokenizer, self._device = model, tokenizer, torch.device(device)
-            self.max_length = max_length or model.args.max_seq_len
-            self.backend = "causal"
-            # As the Hugging Face tokenizer of titan's export encodes text by default (what lm-eval's hf model
-            # does): with the BOS, unless there is none or it is ChatML's <|im_start|> (SmolLM2), which opens a turn.
-            bos = next((n for n, i in tokenizer.special_tokens.items() if i == tokenizer.bos_id), None)
-            self.add_bos = tokenizer.bos_id is not None and bos != "<|im_start|>"
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
-        @property
-        def device(self) -> torch.device:
-            return self._device
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
 
-        @property
-        def eot_token_id(self) -> int:
-            return self.tokenizer.eos_id
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
 
-        @property
-        def prefix_token_id(self) -> int:
-            return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        bos = self.add_bos if add_special_tokens is None else add_special_tokens and self.add_bos
+        return self.tokenizer.encode(string, bos=bos)
 
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-            bos = self.add_bos if add_special_tokens is None else add_special_tokens and self.add_bos
-            return self.tokenizer.encode(string, bos=bos)
+    @torch.no_grad()
+    def _logprobs(self, ids: list[int]) -> torch.Tensor:
+        """log-softmax of the model's logits for one sequence: (len, vocab), fp32."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(torch.tensor([ids], device=self._device))[0]
+        finally:
+            self.model.train(was_training)
+        logits = logits.full_tensor() if isinstance(logits, DTensor) else logits  # loss-parallel TP
+        return F.log_softmax(logits.float(), dim=-1)
 
-        @torch.no_grad()
-        def _logprobs(self, ids: list[int]) -> torch.Tensor:
-            """log-softmax of the model's logits for one sequence: (len, vocab), fp32."""
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        out = []
+        for _, context, continuation in requests:
+            ids = (context + continuation)[-(self.max_length + 1):][:-1]
+            n = len(continuation)
+            logprobs = self._logprobs(ids)[len(ids) - n:]
+            target = torch.tensor(continuation, device=logprobs.device)
+            out.append((float(logprobs.gather(1, target[:, None]).sum()),
+                        bool((logprobs.argmax(-1) == target).all())))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (text,) in [r.args for r in requests]:
+            windows = map(_utils().make_disjoint_window, _utils().get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))
+            scores = self._loglikelihood_tokens([(None, c, t) for c, t in windows])
+            out.append(sum(s for s, _ in scores))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from titan.generation import generate
+
+        out = []
+        for context, kwargs in [r.args for r in requests]:
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            ids = self.tok_encode(context)[-(self.max_length - 1):]
+            limit = min(int(kwargs.get("max_gen_toks", 256)), self.max_length - len(ids))
             was_training = self.model.training
             self.model.eval()
             try:
-                logits = self.model(torch.tensor([ids], device=self._device))[0]
+                new = generate(self.model, ids, limit, stop_ids={self.eot_token_id})
             finally:
                 self.model.train(was_training)
-            logits = logits.full_tensor() if isinstance(logits, DTensor) else logits  # loss-parallel TP
-            return F.log_softmax(logits.float(), dim=-1)
+            text = self.tokenizer.decode([t for t in new if t != self.eot_token_id])
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-            out = []
-            for _, context, continuation in requests:
-                ids = (context + continuation)[-(self.max_length + 1):][:-1]
-                n = len(continuation)
-                logprobs = self._logprobs(ids)[len(ids) - n:]
-                target = torch.tensor(continuation, device=logprobs.device)
-                out.append((float(logprobs.gather(1, target[:, None]).sum()),
-                            bool((logprobs.argmax(-1) == target).all())))
-            return out
 
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            out = []
-            for (text,) in [r.args for r in requests]:
-                windows = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1))
-                scores = self._loglikelihood_tokens([(None, c, t) for c, t in windows])
-                out.append(sum(s for s, _ in scores))
-            return out
 
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            from titan.generation import generate
+def _utils():
+    from lm_eval import utils
 
-            out = []
-            for context, kwargs in [r.args for r in requests]:
-                until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                ids = self.tok_encode(context)[-(self.max_length - 1):]
-                limit = min(int(kwargs.get("max_gen_toks", 256)), self.max_length - len(ids))
-                was_training = self.model.training
-                self.model.eval()
-                try:
-                    new = generate(self.model, ids, limit, stop_ids={self.eot_token_id})
-                finally:
-                    self.model.train(was_training)
-                text = self.tokenizer.decode([t for t in new if t != self.eot_token_id])
-                for stop in until:
-                    text = text.split(stop)[0]
-                out.append(text)
-            return out
+    return utils
 
-    return TitanLM
+
+@functools.cache
+def _lm_class():
+    from lm_eval.api.model import TemplateLM
+
+    return type("TitanLM", (_TitanLM, TemplateLM), {})
 
 
 def titan_lm(model: torch.nn.Module, tokenizer, max_length: int | None = None, device="cpu", key: str = "lm_eval"):
