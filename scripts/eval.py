@@ -1,4 +1,4 @@
-"""Score a titan checkpoint or a Hugging Face folder on lm-evaluation-harness tasks (one process; needs the `eval` extra).
+"""Score a titan checkpoint or a Hugging Face folder on lm-evaluation-harness tasks (one process; the `eval` extra).
 
   python scripts/eval.py --checkpoint outputs/sft/checkpoint/step-200 --tasks hellaswag,arc_easy
   python scripts/eval.py --hf assets/smollm2-135m-instruct --tasks tiny_mc --include_path my_tasks/ --limit 100

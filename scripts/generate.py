@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="the run's config (default: <dump_folder>/config.toml); --checkpoint only")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template "
-                        "training used (a --checkpoint run's sft.chat_template; for --hf the folder's own Jinja template, "
-                        "else a built-in: ChatML, Qwen3 with thinking off, Llama 3) and stop at the end of the reply")
+                        "training used (a --checkpoint run's sft.chat_template; for --hf the folder's own Jinja "
+                        "template, else a built-in: ChatML, Qwen3 with thinking off, Llama 3) and stop at the end of "
+                        "the reply")
     parser.add_argument("--system", default="", help="a system message (--chat). SmolLM2's own template adds "
                         "'You are a helpful AI assistant named SmolLM, trained by Hugging Face' when none is given")
     parser.add_argument("--max_new_tokens", type=int, default=100)

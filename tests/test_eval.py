@@ -97,7 +97,8 @@ def test_eval_script_prints_the_scores_and_bad_tasks_are_one_line(setup, capsys,
     assert script.main(["--hf", str(folder), "--tasks", "tiny_mc", "--include_path", str(root / "tasks"),
                         "--output", str(out)]) == 0
     printed = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines() if line.startswith("tiny_mc"))
-    assert float(printed["tiny_mc_acc"]) == pytest.approx(json.loads(out.read_text())["results"]["tiny_mc"]["acc,none"], rel=1e-5)
+    saved = json.loads(out.read_text())["results"]["tiny_mc"]["acc,none"]
+    assert float(printed["tiny_mc_acc"]) == pytest.approx(saved, rel=1e-5)
     assert script.main(["--hf", str(folder), "--tasks", "no_such_task", "--include_path", str(root / "tasks")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval:")]
     assert err == ["eval: error: --tasks: unknown lm-eval task 'no_such_task' (no YAML under "
