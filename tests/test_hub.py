@@ -52,6 +52,10 @@ def test_save_to_disk_folder_gives_the_jsonl_rows(tmp_path, cache):
     rows = sft_rows("training", named, SFT(), tok, 64, "train")
     assert _equal_rows(rows, sft_rows("training", local, SFT(), tok, 64, "train"))
     assert list(cache.glob("titan-jsonl/*.jsonl"))  # written once, then reused
+    from titan.data.hub import materialize  # streamed record by record: the same file content
+
+    streamed = materialize("training.dataset", f"hf:{folder}", "train", ["messages=conversation"], streaming=True)
+    assert [json.loads(line) for line in streamed.read_text().splitlines()] == _records("tiny_chat")
     assert _equal_rows(sft_rows("training", named, SFT(), tok, 64, "train"), rows)
     assert len(sft_rows("training", Training(dataset=f"hf:{folder}:test", dataset_columns=["messages=conversation"]),
                         SFT(), tok, 64, "train")) == 4
