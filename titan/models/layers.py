@@ -115,6 +115,9 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
 # Layers
 
 
+FUSED_RMS_NORM = {"cuda"}  # device types whose F.rms_norm is one kernel with its own backward (torch 2.13)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -122,12 +125,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in fp32 and rounded once to x's dtype. CUDA has a fused F.rms_norm kernel with its own backward;
-        # elsewhere F.rms_norm is six ops that autograd differentiates one by one, which `RMSNormFunction` avoids.
-        xf, w = x.float(), self.weight.float()
-        if xf.device.type == "cuda":
-            return F.rms_norm(xf, (x.shape[-1],), w, self.eps).type_as(x)
-        return RMSNormFunction.apply(xf, w, self.eps).type_as(x)
+        if x.device.type in FUSED_RMS_NORM:
+            # One fused kernel in x's own dtype: it accumulates in fp32 inside and has its own backward. An fp32 copy
+            # of a bf16 input would move ~5x the bytes per norm and be what backward keeps (only a GPU shows it).
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps).type_as(x)
+        # Elsewhere F.rms_norm is six ops that autograd differentiates one by one, which `RMSNormFunction` avoids:
+        # computed in fp32 and rounded once to x's dtype.
+        return RMSNormFunction.apply(x.float(), self.weight.float(), self.eps).type_as(x)
 
     def init_weights(self):
         nn.init.ones_(self.weight)

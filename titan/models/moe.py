@@ -35,12 +35,27 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` takes these inputs (torch 2.13): fp32/bf16/fp16; every stride but the last a
     multiple of 16 bytes (so `dim` and the expert width must be multiples of 4 in fp32, 8 in bf16); on CUDA only bf16
-    on compute capability 9.0 and up (sm90's kernel), which is where it pays."""
+    on compute capability 9.0 and up. Elsewhere on CUDA (fp32, A100) torch's fallback copies the offsets to the host
+    in every call (three syncs per forward, six more in backward), so the per-expert loop's one sync is cheaper."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
         return False
     return all(s * t.element_size() % 16 == 0 for t in (x, *weights) for s in t.stride()[:-1])
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of `x` runs in: autocast's, where it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def expert_counts(experts: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0 ... n-1 occurs in `experts` (int64 [n]), with no host sync: a scatter-add of ones into n
+    bins. torch.bincount reads the ids' min and max back to the host on CUDA (two syncs per call); a 1-D scatter_add_
+    is deterministic under torch.use_deterministic_algorithms (torch's documentation), histc is not."""
+    flat = experts.flatten()
+    return torch.zeros(n, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -75,8 +90,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self.w1, self.w2, self.w3
-        if self.grouped_mm and grouped_mm_supported(x, w1, w2, w3):
-            return self._grouped(x, counts, w1, w2, w3)
+        dtype = _matmul_dtype(x)
+        if self.grouped_mm and grouped_mm_supported(x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)):
+            # Under autocast the experts' matmuls run in its dtype, as a linear layer's would: fp32 tokens (one GPU
+            # without FSDP, where the residual stream stays fp32) then take the grouped kernel, not the loop.
+            return self._grouped(x.to(dtype), counts, w1.to(dtype), w2.to(dtype), w3.to(dtype))
         return self._loop(x, counts, w1, w2, w3)
 
     @staticmethod
@@ -207,7 +225,7 @@ class MoE(nn.Module):
         weights, experts, scores = self.router(tokens)
         flat = experts.flatten()  # token t's k choices at rows t*k ... t*k + k-1
         order = torch.argsort(flat, stable=True)  # rows sorted by expert; stable: deterministic order
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = expert_counts(flat, self.n_experts)
         routed = self.experts(tokens[order // self.top_k], counts)
         # Back to (token, choice) order, weighted and summed over the k choices, in the activations' dtype.
         out = torch.empty_like(routed).index_copy_(0, order, routed)
@@ -224,7 +242,7 @@ class MoE(nn.Module):
         """Count the step's load and attach the auxiliary loss (see the class docstring)."""
         bs = experts.shape[0]
         rows = torch.arange(bs, device=experts.device).unsqueeze(1) * self.n_experts
-        local = torch.bincount((rows + experts).flatten(), minlength=bs * self.n_experts).view(bs, -1)
+        local = expert_counts(rows + experts, bs * self.n_experts).view(bs, -1)
         counts = self.load(local)
         # Activation checkpointing runs this again inside backward: the same graph (its saved tensors must match),
         # but the statistics were counted the first time.
@@ -333,9 +351,19 @@ def end_of_step(model_parts: Iterable[nn.Module], reduce: Callable[[torch.Tensor
             update_expert_bias(m, stats[row, :-1])
         m.init_buffers()
     names = {row: name for row, (name, _) in zip(rows, layers)}
-    present = (stats[:, :-1].sum(dim=1) > 0).tolist()  # the MoE layers of every stage (one host sync)
-    loads = {names.get(i, f"layers.{i}"): stats[i, :-1] for i, p in enumerate(present) if p}
+    loads = {names.get(i, f"layers.{i}"): stats[i, :-1] for i in _moe_rows(args, stats)}
     return loads, stats[:, -1].sum()
+
+
+def _moe_rows(args, stats: torch.Tensor) -> list[int]:
+    """The rows of `stats` that are MoE layers, those of other pipeline stages included: every row without `args`;
+    else the family's rule (`is_moe_layer`), known without looking at the counts; else the rows that routed tokens,
+    which costs a host sync per step."""
+    if args is None:
+        return list(range(stats.shape[0]))
+    if hasattr(args, "is_moe_layer"):
+        return [i for i in range(stats.shape[0]) if args.is_moe_layer(i)]
+    return [i for i, routed in enumerate((stats[:, :-1].sum(dim=1) > 0).tolist()) if routed]
 
 
 def _layer_index(name: str) -> int:

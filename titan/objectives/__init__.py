@@ -49,7 +49,9 @@ def step_counts(objective: Objective, micro_batches: list[dict[str, torch.Tensor
     items = sum(objective.count(b) for b in micro_batches)
     pooled = [sum(objective.pooled_count(b) for b in micro_batches)] if getattr(objective, "pools_tokens", False) \
         else []  # ORPO's NLL over tokens beside its loss over pairs (preference.py): counted in the same all-reduce
-    counts = torch.stack([items, items.new_tensor(sum(b["input"].numel() for b in micro_batches)), *pooled])
+    # new_full fills on the device from a kernel argument; new_tensor would copy a Python int from pageable host
+    # memory, which makes the host wait for the device (a sync per step on CUDA).
+    counts = torch.stack([items, items.new_full((), sum(b["input"].numel() for b in micro_batches)), *pooled])
     counts = all_reduce_sum(counts, mesh)
     if pooled:
         objective.pooled_scale = counts[0] / counts[2]
