@@ -258,10 +258,12 @@ class StopRequests:
         _exit_if_orphaned()
         if self._old_handlers is None and threading.current_thread() is threading.main_thread():
             self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
-        flag = torch.tensor(self._received)
-        if self._group is not None:
+        received = self._received
+        if self._group is not None:  # a host tensor on a gloo group: no device is involved
+            flag = torch.tensor(received)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return signal.Signals(int(flag)).name if int(flag) else None
+            received = int(flag)
+        return signal.Signals(received).name if received else None
 
 
 def exit_with(line: str, code: int) -> int:

@@ -12,10 +12,14 @@ at https://pytorch.org/memory_viz. It owns no step timing (that is `titan.metric
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import traceback
+from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan.config import Profiling
 from titan.errors import ConfigError
@@ -94,3 +98,84 @@ class Profiler:
         path = os.path.join(folder, f"rank{self.rank}_memory_snapshot.pickle")
         torch.cuda.memory._dump_snapshot(path)
         logger.info(f"profiling: wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host reads: every place the host waits for a tensor's value
+
+
+class HostReads(TorchDispatchMode):
+    """`with HostReads() as reads:` records every read of a tensor's value by the host, with the line of titan
+    (or the first caller outside torch) that made it. On CUDA each one makes the host wait until the device has
+    computed that value (a sync); on CPU nothing waits, but the same calls are made, so a CPU run counts the syncs a
+    GPU run would have. Counted: scalar reads (`.item()`, `float()`, `bool()` of a tensor: `_local_scalar_dense`),
+    `.tolist()` and `.numpy()` (patched: they read memory without dispatching an op), ops whose output size
+    depends on the data (`nonzero`, `masked_select`, boolean indexing, `unique`, `bincount`, `repeat_interleave`
+    without `output_size`, ...), tensors made from Python data (`torch.tensor`, `new_tensor`: a copy from pageable
+    host memory on CUDA) and copies between devices. `ignore(tensor)` exempts tensors that live on the host in a
+    GPU run too (torch.optim's step counters)."""
+
+    _DATA_DEPENDENT = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "bincount",
+                       "equal", "_local_scalar_dense", "lift_fresh", "lift_fresh_copy"}
+
+    def __init__(self, ignore: Callable[[torch.Tensor], bool] = lambda t: False):
+        super().__init__()
+        self.ignore, self.reads = ignore, []  # reads: (what, where)
+        self._patched: dict[str, Callable] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if self._reads_host(name, func, args, kwargs) and not (args and isinstance(args[0], torch.Tensor)
+                                                                and self.ignore(args[0])):
+            self._record(name)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _reads_host(name: str, func, args, kwargs) -> bool:
+        if name in HostReads._DATA_DEPENDENT:
+            return True
+        if name == "repeat_interleave":  # with a tensor of repeats, the output size is their sum
+            return func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
+        if name in ("index", "index_put", "index_put_"):  # a boolean mask index is a nonzero inside
+            return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ())
+        if name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device") or src.device
+            return isinstance(src, torch.Tensor) and torch.device(dst).type != src.device.type
+        return False
+
+    def _record(self, what: str) -> None:
+        self.reads.append((what, _caller()))
+
+    def __enter__(self):
+        for method in ("tolist", "numpy"):
+            original = self._patched[method] = getattr(torch.Tensor, method)
+
+            def reading(tensor, *args, _original=original, _method=method, **kwargs):
+                if not self.ignore(tensor):
+                    self._record(_method)
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, method, reading)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in self._patched.items():
+            setattr(torch.Tensor, method, original)
+        self._patched = {}
+        return super().__exit__(*exc)
+
+    def where(self) -> dict[str, int]:
+        """{"what at file:line": count}."""
+        return dict(collections.Counter(f"{what} at {site}" for what, site in self.reads))
+
+
+def _caller() -> str:
+    """file:line of the innermost frame outside torch and this file."""
+    here = os.path.abspath(__file__)
+    for frame in traceback.extract_stack()[::-1]:
+        path = os.path.abspath(frame.filename)
+        if path != here and f"{os.sep}torch{os.sep}" not in path:
+            return f"{os.path.relpath(path)}:{frame.lineno}"
+    return "?"
