@@ -6,6 +6,9 @@
 # Several nodes: run the same command on every node, pointing at one node's address (torchrun's c10d rendezvous
 # assigns the ranks; no node is special except the one hosting the endpoint):
 #   NNODES=2 NGPU=8 RDZV_ENDPOINT=node0:29500 CONFIG_FILE=train_configs/llama3_70b.toml ./scripts/run_train.sh
+# Environment set for the workers unless already set: PYTORCH_ALLOC_CONF (expandable segments), NCCL's flight
+# recorder (TORCH_NCCL_TRACE_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT, TORCH_NCCL_DEBUG_INFO_TEMP_FILE) and, on several
+# nodes, GLOO_SOCKET_IFNAME (see below and docs/parallelism.md).
 # Automatic recovery: `--max_restarts N` (or MAX_RESTARTS=N) relaunches torchrun up to N times after a crash (a killed
 # or failed worker); with checkpoint.enable each relaunch resumes from the newest complete checkpoint. Failures that
 # would only repeat (bad config: exit 2, too many skipped steps: 3, a failed save: 4) and stop signals are not
@@ -47,6 +50,45 @@ for arg in ${args[@]+"${args[@]}"}; do
   case "$arg" in -h|--help|--dry_run) exec python "${train[@]}" ;; esac
 done
 python "${train[@]}" --check --world_size $((NNODES * NGPU))
+
+# The CUDA caching allocator grows segments instead of caching fixed blocks: less fragmentation and fewer
+# cudaMalloc retries near the memory limit (the metrics line counts them). A setting of the user's wins, under
+# either name (PYTORCH_CUDA_ALLOC_CONF is the pre-2.9 one).
+if [ -z "${PYTORCH_ALLOC_CONF:-}${PYTORCH_CUDA_ALLOC_CONF:-}" ]; then
+  export PYTORCH_ALLOC_CONF=expandable_segments:True
+fi
+# NCCL's flight recorder: every rank keeps its last collectives, and when the watchdog times one out, every rank
+# writes them to $TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank> (a shared folder collects all nodes'), for
+# `python -m torch.distributed.flight_recorder.fr_trace` to say which rank stopped where.
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-${TMPDIR:-/tmp}/titan_nccl_trace_rank_}
+# titan's gloo groups (stop requests every step, checkpoint coordination) pick their network interface from the
+# hostname's address unless told, which across nodes may be one the others cannot reach (a hang, or "connection
+# refused"). Several nodes: NCCL_SOCKET_IFNAME's interface if it names one, else the one this node reaches the
+# rendezvous host through.
+gloo_interface() {
+  local addr dev
+  addr=$(getent ahostsv4 "${RDZV_ENDPOINT%:*}" 2>/dev/null | awk 'NR == 1 {print $1}')
+  [ -n "$addr" ] || return 0
+  dev=$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
+  if [ "$dev" = lo ]; then  # the rendezvous host is this node: the interface holding its address
+    dev=$(ip -o -4 addr show 2>/dev/null | awk -v a="$addr/" 'index($4, a) == 1 {print $2; exit}')
+  fi
+  echo "$dev"
+}
+if [ "$NNODES" -gt 1 ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
+  case "${NCCL_SOCKET_IFNAME:-}" in
+    '' | ^* | =*) GLOO_SOCKET_IFNAME=$(gloo_interface) ;;
+    *) GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME ;;
+  esac
+  if [ -n "$GLOO_SOCKET_IFNAME" ]; then
+    export GLOO_SOCKET_IFNAME
+  else
+    unset GLOO_SOCKET_IFNAME
+    echo "run_train.sh: warning: cannot tell which network interface reaches ${RDZV_ENDPOINT%:*}; set GLOO_SOCKET_IFNAME" >&2
+  fi
+fi
 
 # torchrun passes these signals on to the workers (its default list lacks SIGUSR1, which would kill torchrun, and
 # with it the workers, before they could save).

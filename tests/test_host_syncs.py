@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from dist_utils import REPO, TINY
+
 from titan import config_io
 from titan.build import build
 from titan.profiling import HostReads

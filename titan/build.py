@@ -47,7 +47,7 @@ from titan.parallel.context_parallel import check_seq_len, shard_rope
 from titan.parallel.mesh import ParallelDims, check_model_fits
 from titan.parallel.parallelize import materialize, parallelize
 from titan.parallel.pipeline import Pipeline
-from titan.parallel.process_group import init_distributed
+from titan.parallel.process_group import init_distributed, set_timeouts
 from titan.parallel.qlora import quantize_bases
 from titan.parallel.tensor_parallel import loss_parallel_context
 
@@ -131,7 +131,8 @@ class ModelParts:
 
 def build(cfg: Config) -> Run:
     """Every rank: the process group, then job.dump_folder's lock (before anything is written), then the run."""
-    device = init_distributed(cfg.training.deterministic, cfg.training.seed, cfg.comm.init_timeout_seconds)
+    device = init_distributed(cfg.training.deterministic, cfg.training.seed, cfg.comm.init_timeout_seconds,
+                              cpu_collectives=cfg.training.enable_cpu_offload)
     lock = claim_dump_folder(cfg.job.dump_folder)
     try:
         run = build_run(cfg, device)
@@ -152,6 +153,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
     args = build_model_args(cfg, dims, tokenizer.vocab_size)
     mesh = dims.build_mesh(device.type)
+    set_timeouts(cfg.comm.init_timeout_seconds)  # the mesh's groups too
     model = build_model(cfg, args, mesh, dims, device)
     optimizer = build_optimizer(model.trainable, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
@@ -228,7 +230,7 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
             lora.apply_lora(part, cfg.lora)
         parallelize(part, mesh, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, t, cfg.float8)
         if weights:
-            materialize(part, device, t.seed, cfg.lora if adapters else None)
+            materialize(part, device, t.seed, cfg.lora if adapters else None, cpu_offload=t.enable_cpu_offload)
             if dims.cp > 1:
                 shard_rope(part, mesh["cp"])
         return part.train()

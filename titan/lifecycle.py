@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from titan.errors import ConfigError
+from titan.parallel.process_group import new_group
 
 logger = logging.getLogger("titan")
 
@@ -236,7 +237,7 @@ class StopRequests:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, world_size: int):
-        self._group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self._group = new_group(backend="gloo") if world_size > 1 else None  # with the run's timeout
         self._received = 0
         self._old_handlers: dict | None = None
 

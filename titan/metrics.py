@@ -254,8 +254,12 @@ class MetricsLogger:
             reserved = torch.cuda.max_memory_reserved(self.device) / GiB
             # Peaks per logging window, so a spike shows at the step that caused it rather than forever after.
             torch.cuda.reset_peak_memory_stats(self.device)
-            return ({"memory_gib": alloc, "memory_reserved_gib": reserved},
-                    f"mem {alloc:6.2f}/{reserved:6.2f} GiB (max alloc/reserved)")
+            # Since start: cudaMalloc retries (the allocator freed its cache to satisfy a request: memory is nearly
+            # full and steps slow down) and out-of-memory errors caught and survived.
+            stats = torch.cuda.memory_stats(self.device)
+            retries, ooms = stats.get("num_alloc_retries", 0), stats.get("num_ooms", 0)
+            return ({"memory_gib": alloc, "memory_reserved_gib": reserved, "alloc_retries": retries, "ooms": ooms},
+                    f"mem {alloc:6.2f}/{reserved:6.2f} GiB (max alloc/reserved) retries {retries} ooms {ooms}")
         # The process's peak RSS since start (it cannot be reset); Linux reports KiB, macOS bytes.
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / GiB
         return {"memory_gib": rss}, f"peak_rss {rss:6.2f} GiB"

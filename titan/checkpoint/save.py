@@ -35,7 +35,7 @@ from titan.checkpoint.store import checksums, data_files, kill_point, new_run_id
 from titan.config import DTYPES, Checkpoint
 from titan.errors import ConfigError
 from titan.lifecycle import EXIT_SAVE_FAILED, RunFailed, agree, os_error
-from titan.parallel.process_group import gather_objects
+from titan.parallel.process_group import gather_objects, new_group
 
 logger = logging.getLogger("titan")
 MiB = 2**20
@@ -87,7 +87,7 @@ class Checkpointer:
             self.states["optimizer"] = OptimizerState(model_parts, optimizer)
         # Saves run their collectives on a gloo group of their own: a background save on the default group would
         # interleave with the training loop's collectives (gloo aborts: "data size doesn't match", torch 2.13).
-        self._pg = dist.new_group(backend="gloo") if cfg.enable else None
+        self._pg = new_group(backend="gloo") if cfg.enable else None  # with the run's timeout
         self._pending: tuple[Future, int, Path] | None = None  # the background write + commit of the last async save
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="titan-ckpt") if cfg.async_mode != "disabled" \
             else None

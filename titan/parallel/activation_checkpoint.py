@@ -16,6 +16,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from titan.models.layers import Transformer
 
+
 def _save_list() -> set:
     """The ops whose outputs selective op AC keeps (what is expensive to recompute or must not run twice), as the op
     objects the policy sees below autograd:

@@ -78,6 +78,7 @@ def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str,
     check(cfg, device_type)
     if not cfg.enable:
         return False
+    configure_compile(cfg, device_type, compiled)
     emulate = cfg.emulate
     if device_type == "cpu":
         route_cpu_matmuls_around_onednn(allow_onednn=cfg.cpu_onednn)
@@ -116,6 +117,28 @@ def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str,
     if converted == 0:
         logger.warning("float8: no linear was converted (see float8.filter_fqns / float8.auto_filter_small_kn)")
     return cfg.recipe_name == "tensorwise"
+
+
+def configure_compile(cfg: Float8, device_type: str, compiled: bool) -> None:
+    """What float8 needs from torch.compile, and a word when it runs without it.
+
+    Rowwise recipes under compile: inductor fuses the amax, the scale and the cast into one kernel and by default
+    keeps the intermediate in higher precision than eager does, which with rowwise scales after an RMSNorm gives
+    NaN (PyTorch issue 150859, open in torch 2.13); `emulate_precision_casts` makes it round as eager does
+    (torchtitan sets it for rowwise too). A process-wide inductor setting, set once and left on: it only makes
+    compiled casts bit-faithful. Eager float8 runs the amax, scale and cast as separate kernels, which usually costs
+    more than float8's matmuls save: said once at start, as a warning on a GPU. Only a GPU shows the NaN and the
+    speed (scripts/gpu_check.py's float8 lines)."""
+    if compiled and cfg.recipe_name.startswith("rowwise"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.emulate_precision_casts = True
+        logger.info("float8: rowwise under torch.compile: torch._inductor.config.emulate_precision_casts = True "
+                    "(PyTorch issue 150859)")
+    elif not compiled:
+        log = logger.warning if device_type == "cuda" else logger.info
+        log("float8: running eager (compile.enable = false): the casts to float8 run as separate kernels and are "
+            "usually slower than bf16 without float8; set compile.enable = true for float8's speed-up")
 
 
 class TPStyles(NamedTuple):

@@ -22,7 +22,9 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype, reduce_dtyp
                cpu_offload: bool, pipeline: bool = False, expert_mesh: DeviceMesh | None = None) -> None:
     kwargs = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory lets the host-to-device copies before each all-gather overlap compute; pinning needs an
+        # accelerator (a CPU mesh, as in the tests, keeps ordinary memory).
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")
     # "default": free gathered weights after forward (they come back for backward), except under pipelining, where
     # each micro-batch's forward would gather them again.
     reshard_blocks = {"default": not pipeline, "always": True, "never": False}[reshard]

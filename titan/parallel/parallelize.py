@@ -107,8 +107,13 @@ def _init_units(model: Transformer) -> list[str]:
 
 
 @torch.no_grad()
-def materialize(model: Transformer, device: torch.device, seed: int, lora_cfg: LoRA | None = None) -> None:
+def materialize(model: Transformer, device: torch.device, seed: int, lora_cfg: LoRA | None = None,
+                cpu_offload: bool = False) -> None:
     """Allocate the (possibly sharded) parameters on `device` and fill them exactly as a single-process run would.
+    With `cpu_offload` (FSDP2's CPUOffloadPolicy, training.enable_cpu_offload) the parameters are allocated in CPU
+    memory, where FSDP keeps them (it refuses parameters on the GPU at its first forward), and the buffers (RoPE
+    table, MoE statistics) on `device`, where the forward uses them; the values are drawn on `device` all the same,
+    so a run with offloading starts from the weights of one without.
 
     Each unit (embedding, one block, ...) is initialised in full on a throw-away unsharded copy, under a seed
     derived from the unit's name, then loaded through DCP's full-state-dict path, which slices out whatever this
@@ -116,7 +121,11 @@ def materialize(model: Transformer, device: torch.device, seed: int, lora_cfg: L
     is one unit, not the whole model. With `lora_cfg` the model carries LoRA adapters (titan.models.lora): they are
     drawn after the unit's base weights, so the base is the same as without LoRA.
     """
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if cpu_offload else device)
+    if cpu_offload:
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = torch.empty_like(buffer, device=device)
     model.init_buffers(device)
     with torch.device("meta"):
         reference = build_model(model.args)  # (type(model) is FSDP's subclass once sharded)

@@ -6,20 +6,26 @@ titan/parallel/mesh.py's; what runs on it is everybody else's.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger("titan")
 
-def init_distributed(deterministic: bool, seed: int, timeout_s: int = 300) -> torch.device:
+
+def init_distributed(deterministic: bool, seed: int, timeout_s: int = 300,
+                     cpu_collectives: bool = False) -> torch.device:
     """One process group for every launch (a single process gets a group of one), CUDA + NCCL when there is a GPU,
-    else CPU + gloo. `timeout_s` ([comm] init_timeout_seconds) bounds each collective until `set_train_timeout`."""
+    else CPU + gloo. `timeout_s` ([comm] init_timeout_seconds) bounds each collective until `set_train_timeout`.
+    `cpu_collectives` (CPU offload: gradients, optimizer state and their DTensors live in CPU memory) adds gloo for
+    CPU tensors to every group: "cuda:nccl,cpu:gloo", as torchtitan does."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if deterministic:
@@ -27,8 +33,14 @@ def init_distributed(deterministic: bool, seed: int, timeout_s: int = 300) -> to
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    _RUN["timeout"] = timedelta(seconds=timeout_s)
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+    if local and world > local and not os.environ.get("GLOO_SOCKET_IFNAME") and int(os.environ.get("RANK", 0)) == 0:
+        logger.warning("GLOO_SOCKET_IFNAME is not set on a job of several nodes: titan's gloo groups (stop requests, "
+                       "checkpoint coordination) may pick an interface the other nodes cannot reach and hang; "
+                       "scripts/run_train.sh sets it")
     if "RANK" in os.environ:  # launched by torchrun
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None,
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(seconds=timeout_s))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
@@ -42,15 +54,31 @@ def all_reduce_sum(x: torch.Tensor, mesh) -> torch.Tensor:
     return x
 
 
-def set_train_timeout(mesh: dict, seconds: int) -> None:
-    """[comm] train_timeout_seconds for the default group and every mesh group, as torchtitan does after step 1.
-    The barrier first: a rank still finishing step 1 under the long timeout must not make a faster one time out."""
-    dist.barrier()
+_RUN: dict = {}  # "timeout": the collective timeout this run's groups have now
+
+
+def set_timeouts(seconds: int, groups=()) -> None:
+    """`seconds` as the collective timeout of every process group this process has (c10d's registry: the default
+    group, the mesh's, titan's gloo groups; plus `groups`) and of those `new_group` makes later. Groups made with
+    dist.new_group get torch's default instead (30 minutes for gloo, 10 for NCCL), not the default group's."""
+    timeout = timedelta(seconds=seconds)
+    _RUN["timeout"] = timeout
     # torch >= 2.14 has the public set_timeout (and deprecates _set_pg_timeout with a FutureWarning); 2.13 has not.
     set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
-    groups = {None} | {m.get_group(d) for m in mesh.values() for d in range(m.ndim)}
-    for group in groups:
-        set_timeout(timedelta(seconds=seconds), group)
+    for group in {None} | set(dist.distributed_c10d._world.pg_map) | set(groups):
+        set_timeout(timeout, group)
+
+
+def new_group(**kwargs):
+    """dist.new_group with the run's current timeout ([comm] init_timeout_seconds, then train_timeout_seconds)."""
+    return dist.new_group(timeout=_RUN.get("timeout"), **kwargs)
+
+
+def set_train_timeout(mesh: dict, seconds: int) -> None:
+    """[comm] train_timeout_seconds for every group (the mesh's among them), as torchtitan does after step 1.
+    The barrier first: a rank still finishing step 1 under the long timeout must not make a faster one time out."""
+    dist.barrier()
+    set_timeouts(seconds, {m.get_group(d) for m in mesh.values() for d in range(m.ndim)})
 
 
 def timeout_hint(error: BaseException) -> str | None:
