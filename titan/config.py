@@ -291,7 +291,8 @@ class Checkpoint:
     interval: int = opt(500, "save every N steps (the last step is always saved)", valid=POSITIVE)
     async_mode: str = opt(
         "disabled", "disabled (the loop waits for the write), async (waits only for a copy to CPU memory), "
-        "async_with_pinned_mem (the copy goes to pinned memory; CUDA)", ("disabled", "async", "async_with_pinned_mem")
+        "async_with_pinned_mem (on CUDA the copy into reused pinned memory overlaps the next forward/backward)",
+        ("disabled", "async", "async_with_pinned_mem")
     )
     keep_latest_k: int = opt(
         10, "keep the newest K complete checkpoints of this run's history (its own saves and what it resumed from); "

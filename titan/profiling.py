@@ -7,7 +7,8 @@ torch.profiler records but discards) and writes one Chrome trace per rank to
 https://ui.perfetto.dev). With `enable_memory_snapshot` (CUDA only) it records the CUDA caching allocator's history
 and dumps `<dump_folder>/<save_memory_snapshot_folder>/iteration_<step>/rank<r>_memory_snapshot.pickle` at the same
 steps, and once more into `iteration_<step>_exit/` when the loop ends with an exception (e.g. out of memory); view it
-at https://pytorch.org/memory_viz. It owns no step timing (that is `titan.metrics.StepTimer`).
+at https://pytorch.org/memory_viz. `HostReads` counts the step's host syncs from Python's side
+(tests/test_host_syncs.py, scripts/gpu_check.py on CPU). It owns no step timing (that is `titan.metrics.StepTimer`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ class Profiler:
 # Host reads: every place the host waits for a tensor's value
 
 
+HOST_PIPELINE = (f"titan{os.sep}data{os.sep}", f"torch{os.sep}utils{os.sep}data{os.sep}", f"torchdata{os.sep}")
+
+
 class HostReads(TorchDispatchMode):
     """`with HostReads() as reads:` records every read of a tensor's value by the host, with the line of titan
     (or the first caller outside torch) that made it. On CUDA each one makes the host wait until the device has
@@ -112,15 +116,17 @@ class HostReads(TorchDispatchMode):
     `.tolist()` and `.numpy()` (patched: they read memory without dispatching an op), ops whose output size
     depends on the data (`nonzero`, `masked_select`, boolean indexing, `unique`, `bincount`, `repeat_interleave`
     without `output_size`, ...), tensors made from Python data (`torch.tensor`, `new_tensor`: a copy from pageable
-    host memory on CUDA) and copies between devices. `ignore(tensor)` exempts tensors that live on the host in a
-    GPU run too (torch.optim's step counters)."""
+    host memory on CUDA) and copies between devices. Not counted: reads made by `host_code` (by default the input
+    pipeline, titan/data and torch's data loaders, whose tensors are on the host in a GPU run too), and tensors for
+    which `ignore(tensor)` is true."""
 
     _DATA_DEPENDENT = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "bincount",
                        "equal", "_local_scalar_dense", "lift_fresh", "lift_fresh_copy"}
 
-    def __init__(self, ignore: Callable[[torch.Tensor], bool] = lambda t: False):
+    def __init__(self, ignore: Callable[[torch.Tensor], bool] = lambda t: False,
+                 host_code: tuple[str, ...] = HOST_PIPELINE):
         super().__init__()
-        self.ignore, self.reads = ignore, []  # reads: (what, where)
+        self.ignore, self.host_code, self.reads = ignore, host_code, []  # reads: (what, where)
         self._patched: dict[str, Callable] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -146,7 +152,9 @@ class HostReads(TorchDispatchMode):
         return False
 
     def _record(self, what: str) -> None:
-        self.reads.append((what, _caller()))
+        stack = traceback.extract_stack()
+        if not any(part in frame.filename for frame in stack for part in self.host_code):
+            self.reads.append((what, _caller(stack)))
 
     def __enter__(self):
         for method in ("tolist", "numpy"):
@@ -171,10 +179,10 @@ class HostReads(TorchDispatchMode):
         return dict(collections.Counter(f"{what} at {site}" for what, site in self.reads))
 
 
-def _caller() -> str:
+def _caller(stack) -> str:
     """file:line of the innermost frame outside torch and this file."""
     here = os.path.abspath(__file__)
-    for frame in traceback.extract_stack()[::-1]:
+    for frame in stack[::-1]:
         path = os.path.abspath(frame.filename)
         if path != here and f"{os.sep}torch{os.sep}" not in path:
             return f"{os.path.relpath(path)}:{frame.lineno}"

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from titan.checkpoint.resume import Resume
+from titan.checkpoint.staging import PinnedStager
 from titan.checkpoint.state import ModelState, OptimizerState, TrainState, load_initial_weights, one_line
 from titan.checkpoint.store import checksums, data_files, kill_point, new_run_id, owner, publish, purge, write_manifest
 from titan.config import DTYPES, Checkpoint
@@ -91,7 +92,10 @@ class Checkpointer:
         self._pending: tuple[Future, int, Path] | None = None  # the background write + commit of the last async save
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="titan-ckpt") if cfg.async_mode != "disabled" \
             else None
-        self._stager = pinned_stager() if cfg.enable and cfg.async_mode == "async_with_pinned_mem" else None
+        self._stager = None
+        if cfg.enable and cfg.async_mode == "async_with_pinned_mem":  # see staging.py
+            self._stager = PinnedStager(_device(model_parts))
+            optimizer.register_step_pre_hook(lambda *_: self._stager and self._stager.before_update())
         self.run_id = new_run_id()  # only rank 0's is written anywhere
         self.parent: dict | None = None  # {"step", "run"} of the checkpoint this run resumed from
         self.lineage = [[self.run_id, None]]  # see store.py:lineage_after
@@ -176,9 +180,9 @@ class Checkpointer:
                 logger.info(f"checkpoint: saved {self.newest} in {time.perf_counter() - start:.2f}s")
                 return
             result = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg, async_stager=self._stager)
-            if self._stager is not None:  # AsyncSaveResponse: wait for the copy into pinned memory only
-                result.staging_completion.result()
-                result = result.upload_completion
+            # With the pinned stager on CUDA, an AsyncSaveResponse: the copy goes on during the next forward/backward
+            # (the next optimizer step waits for it); the writer waits for it by itself.
+            result = getattr(result, "upload_completion", result)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - OSError, or DCP's wrapper of one
             self._failed(step, tmp, e)
             return
@@ -302,15 +306,10 @@ def estimated_bytes(model_parts: list[torch.nn.Module], optimizer: bool) -> int:
     return (weights + (moments if optimizer else 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def pinned_stager():
-    """async_with_pinned_mem's stager: pinned + shared buffers, allocated once and reused by every save; the copy is
-    non-blocking. None (ordinary CPU memory) without CUDA."""
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-    if not torch.cuda.is_available():
-        logger.info("checkpoint: async_with_pinned_mem needs CUDA; staging to ordinary CPU memory")
-        return None
-    return DefaultStager(StagingOptions(True, True, True, True))
+def _device(model_parts: list[torch.nn.Module]) -> torch.device:
+    """Where the training state lives (the device the model computes on, also under CPU offload: its buffers)."""
+    buffers = [b for part in model_parts for b in part.buffers()]
+    return buffers[0].device if buffers else next(model_parts[0].parameters()).device
 
 
 def export_hf(model_parts: list[torch.nn.Module], hf_export, out: Path, dtype: torch.dtype, group) -> None:
