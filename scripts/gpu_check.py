@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -104,6 +105,10 @@ def run_titan(name: str, argv: list[str], work: Path, audit: SyncAudit | None = 
     """One titan run; {"code", "records" (metrics.jsonl's step records), "seconds", "folder"}."""
     folder = work / name
     argv = [*argv, "--job.dump_folder", str(folder)]
+    torch._dynamo.reset()  # each run compiles for itself (and stays under dynamo's recompilation limit)
+    if torch.cuda.is_available():  # the peak the run reports is its own, not an earlier probe's
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with one_rank_fsdp(), (audit.around() if audit else contextlib.nullcontext()):
         code = train.main(argv)
