@@ -17,7 +17,12 @@ from titan.optim_states import Adam, stochastic_round_
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 MUON = dict(momentum=0.95, nesterov=True, ns_steps=5, ns_coefficients=(3.4445, -4.7750, 2.0315), ns_eps=1e-7,
             ns_dtype="bfloat16", adjust_lr="original")
+ADAMW = {"lr": 1e-3, "weight_decay": 0.01}
 ADAM = dict(betas=(0.9, 0.95), eps=1e-8, foreach=True, decoupled_weight_decay=True)
+
+
+def _muon(args: dict) -> dict:
+    return {"lr": 0.02, "weight_decay": 0.1, **args}
 
 
 def _tiny_llama() -> torch.nn.Module:
@@ -51,7 +56,7 @@ def test_equals_torch_muon_with_adamw_for_the_rest(nesterov, adjust):
     model = _tiny_llama()
     ref = copy.deepcopy(model)
     args = {**MUON, "nesterov": nesterov, "adjust_lr": adjust}
-    opt = Muon(param_groups(model.named_parameters(), 0.02, 0.1, 1e-3, 0.01, args), **ADAM)
+    opt = Muon(param_groups(model.named_parameters(), _muon(args), ADAMW), **ADAM)
     matrices = [p for n, p in ref.named_parameters() if is_hidden_matrix(n, p)]
     rest = [p for n, p in ref.named_parameters() if not is_hidden_matrix(n, p)]
     torch_muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov,
@@ -66,7 +71,7 @@ def test_equals_torch_muon_with_adamw_for_the_rest(nesterov, adjust):
 
 def test_hidden_matrix_rule_on_every_family():
     llama = _tiny_llama()
-    groups = param_groups(llama.named_parameters(), 0.02, 0.1, 1e-3, 0.0, MUON)
+    groups = param_groups(llama.named_parameters(), _muon(MUON), {**ADAMW, "weight_decay": 0.0})
     names = {id(p): n for n, p in llama.named_parameters()}
     muon_names = {names[id(p)] for p in groups[0]["params"]}
     adam_names = {names[id(p)] for p in groups[1]["params"]}
@@ -132,14 +137,14 @@ def test_bf16_states_halve_the_state_and_survive_a_reload(muon):
     sizes, runs = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         model = _tiny_llama()
-        groups = param_groups(model.named_parameters(), 0.02, 0.1, 1e-3, 0.0, MUON) if muon else model.parameters()
+        groups = param_groups(model.named_parameters(), _muon(MUON), ADAMW) if muon else model.parameters()
         opt = (Muon if muon else Adam)(groups, lr=1e-3, state_dtype=dtype, **ADAM)
         runs[dtype] = _train(model, [opt], 3)
         sizes[dtype] = _state_bytes(opt)
         assert {v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"} == {dtype}
         if dtype == torch.bfloat16:
             resumed_model = copy.deepcopy(model)
-            groups = (param_groups(resumed_model.named_parameters(), 0.02, 0.1, 1e-3, 0.0, MUON) if muon
+            groups = (param_groups(resumed_model.named_parameters(), _muon(MUON), ADAMW) if muon
                       else resumed_model.parameters())
             resumed = (Muon if muon else Adam)(groups, lr=1e-3, state_dtype=dtype, **ADAM)
             resumed.load_state_dict(copy.deepcopy(opt.state_dict()))

@@ -341,10 +341,13 @@ class Estimate:
         return f"does not fit by {-spare:.1f} GiB; the largest part is {self.dominant()}"
 
 
-def optimizer_bytes(trainable_bytes: int, name: str) -> int:
+def optimizer_bytes(trainable_bytes: int, cfg: config.Optimizer) -> int:
     """Adam and AdamW keep two moments (exp_avg, exp_avg_sq) shaped like each trainable parameter's local shard
-    (their step counters are scalars, left out)."""
-    return 2 * trainable_bytes if name in ("Adam", "AdamW") else 0
+    (their step counters are scalars, left out), bf16 moments half the fp32 parameters' bytes. Muon keeps one moment
+    for the hidden matrices and AdamW's two for the rest: counted as two for all (an upper bound). SGD keeps none."""
+    if cfg.name == "SGD":
+        return 0
+    return 2 * trainable_bytes // (2 if cfg.state_dtype == "bfloat16" else 1)
 
 
 def micro_batch(cfg: config.Config, dims: ParallelDims) -> MicroBatch:
@@ -387,7 +390,7 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
         # (the whole table on every TP rank; FSDP's reduce-scatter re-shards it when there is one).
         grads += prec.state * args.vocab_size * args.dim * (dims.tp - 1) // dims.tp
     estimate = Estimate(params=param_bytes, grads=grads,
-                        optimizer=optimizer_bytes(trainable_bytes, cfg.optimizer.name), activations=saved,
+                        optimizer=optimizer_bytes(trainable_bytes, cfg.optimizer), activations=saved,
                         logits=max(a.logits for a in acts), recompute=max(a.recompute for a in acts),
                         fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes),
                         all_to_all=max(a.all_to_all for a in acts), in_flight=in_flight)

@@ -118,13 +118,12 @@ class Muon(Adam):
             p.add_(update, alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
 
 
-def param_groups(named_params, lr: float, weight_decay: float, adamw_lr: float, adamw_weight_decay: float,
-                 muon_args: dict) -> list[dict]:
-    """Two groups: the hidden matrices (Muon, with `muon_args`) and the rest (AdamW). A group that would be empty is
-    left out. Each group records the lr the schedule scales (`initial_lr` is set by the scheduler from it)."""
+def param_groups(named_params, muon_settings: dict, adamw_settings: dict) -> list[dict]:
+    """Two groups: the hidden matrices (Muon, with `muon_settings`: lr, weight_decay, momentum, nesterov, ns_steps,
+    ns_coefficients, ns_eps, ns_dtype, adjust_lr) and the rest (AdamW, with `adamw_settings`: lr, weight_decay, ...).
+    A group that would be empty is left out."""
     matrices, rest = [], []
     for name, p in named_params:
         (matrices if is_hidden_matrix(name, p) else rest).append(p)
-    groups = [{"params": matrices, "muon": True, "lr": lr, "weight_decay": weight_decay, **muon_args},
-              {"params": rest, "muon": False, "lr": adamw_lr, "weight_decay": adamw_weight_decay}]
+    groups = [{"params": matrices, "muon": True, **muon_settings}, {"params": rest, "muon": False, **adamw_settings}]
     return [g for g in groups if g["params"]]
