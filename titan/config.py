@@ -118,7 +118,8 @@ class Optimizer:
     muon_momentum: float = opt(0.95, "muon: momentum of the hidden matrices' update", valid=Range(0, 1, hi_open=True))
     muon_nesterov: bool = opt(True, "muon: Nesterov momentum")
     muon_ns_steps: int = opt(5, "muon: Newton-Schulz iterations that orthogonalise the update", valid=Range(1, 99))
-    muon_ns_coefficients: list[float] = opt([3.4445, -4.7750, 2.0315], "muon: the quintic iteration's a, b, c")
+    muon_ns_coefficients: list[float] = opt([3.4445, -4.7750, 2.0315], "muon: the quintic iteration's a, b, c",
+                                            valid=Range())
     muon_ns_dtype: str = opt("bfloat16", "muon: dtype of the iteration (torch.optim.Muon's is bfloat16; float32 on "
                              "CPUs without fast bf16)", ("float32", "bfloat16"))
     muon_adjust_lr: str = opt(
