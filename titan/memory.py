@@ -350,6 +350,14 @@ def optimizer_bytes(trainable_bytes: int, cfg: config.Optimizer) -> int:
     return 2 * trainable_bytes // (2 if cfg.state_dtype == "bfloat16" else 1)
 
 
+def outer_bytes(trainable_bytes: int, cfg: config.SemiSync) -> int:
+    """DiLoCo's outer weights and outer momentum, each a copy of the trainable shards (titan/parallel/semi_sync.py);
+    counted with the optimizer state."""
+    if cfg.method != "diloco":
+        return 0
+    return trainable_bytes * (2 if cfg.outer_momentum > 0 else 1)
+
+
 def micro_batch(cfg: config.Config, dims: ParallelDims) -> MicroBatch:
     """What one forward pass holds: a pipeline micro-batch, or the whole local batch (DPO rows come in pairs)."""
     t, p = cfg.training, cfg.parallelism
@@ -390,7 +398,9 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
         # (the whole table on every TP rank; FSDP's reduce-scatter re-shards it when there is one).
         grads += prec.state * args.vocab_size * args.dim * (dims.tp - 1) // dims.tp
     estimate = Estimate(params=param_bytes, grads=grads,
-                        optimizer=optimizer_bytes(trainable_bytes, cfg.optimizer), activations=saved,
+                        optimizer=optimizer_bytes(trainable_bytes, cfg.optimizer) + outer_bytes(trainable_bytes,
+                                                                                               cfg.semi_sync),
+                        activations=saved,
                         logits=max(a.logits for a in acts), recompute=max(a.recompute for a in acts),
                         fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes),
                         all_to_all=max(a.all_to_all for a in acts), in_flight=in_flight)
