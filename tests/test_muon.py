@@ -5,9 +5,12 @@ The sharded layouts (fsdp2, tp2, fsdp2 x tp2) are compared with the single proce
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+
+from dist_utils import REPO
 
 from titan import models
 from titan.config import MoE
@@ -167,3 +170,58 @@ def test_stochastic_rounding_is_unbiased():
     assert ((wide - x).abs() < spacing).all()
     assert ((wide.mean(0) - x).abs() / spacing < 0.02).all()  # nearest rounding: 0.3, 0.3 and 0.5 ulp off
     assert ((x.bfloat16().float() - x).abs() / spacing > 0.25).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The debug model's curves (scripts/benchmark_optimizers.py -> tests/assets/benchmarks/optimizers.json), as the docs
+# quote them
+
+BENCHMARK = REPO / "tests" / "assets" / "benchmarks" / "optimizers.json"
+VALIDATION_STEPS = ("25", "50", "75", "100")
+
+
+def _bench() -> dict:
+    return json.loads(BENCHMARK.read_text())
+
+
+def curve_row(label: str, record: dict) -> str:
+    """A docs table row: training loss averaged over steps 1-10, ..., 91-100, then validation at 25, 50, 75, 100."""
+    windows = [sum(record["loss"][i:i + 10]) / 10 for i in range(0, 100, 10)]
+    values = windows + [record["val_loss"][s] for s in VALIDATION_STEPS]
+    return f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
+
+
+DOC_ROWS = {  # page -> (label, benchmark run) rows it shows
+    "optimizers.md": [("AdamW, lr 3e-3", "adamw"), ("Muon, lr 0.02 (AdamW 3e-3 for the rest)", "muon"),
+                      ("AdamW, bf16 states, stochastic rounding", "adamw_bf16"),
+                      ("AdamW, bf16 states, round to nearest", "adamw_bf16_nearest")],
+    "parallelism.md": [("HSDP 2 x 2", "hsdp"), ("DiLoCo 2 x 2, H = 8", "diloco_h8")],
+}
+
+
+@pytest.mark.parametrize("page", list(DOC_ROWS))
+def test_docs_quote_the_benchmark(page):
+    text, bench = (REPO / "docs" / page).read_text(), _bench()
+    missing = [curve_row(label, bench[run]) for label, run in DOC_ROWS[page]
+               if curve_row(label, bench[run]) not in text]
+    assert not missing, f"docs/{page} differs from {BENCHMARK.name}; rows it should show:\n" + "\n".join(missing)
+
+
+def test_muon_falls_at_least_as_fast_as_adamw_on_the_debug_model():
+    adamw, muon = _bench()["adamw"], _bench()["muon"]
+    assert all(muon["val_loss"][s] <= adamw["val_loss"][s] for s in VALIDATION_STEPS)
+    assert sum(muon["loss"][-10:]) <= sum(adamw["loss"][-10:])
+
+
+def test_bf16_states_halve_the_moments_and_track_fp32_on_the_debug_model():
+    bench = _bench()
+    fp32, bf16 = bench["adamw"], bench["adamw_bf16"]
+    assert bf16["optimizer_state_bytes"] * 2 == fp32["optimizer_state_bytes"] == 2 * 4 * 6_819_072
+    assert abs(bf16["val_loss"]["100"] - fp32["val_loss"]["100"]) < BF16_DEBUG_TOLERANCE
+
+
+def test_diloco_sends_8x_less_and_learns_on_the_debug_model():
+    hsdp, diloco = _bench()["hsdp"], _bench()["diloco_h8"]
+    assert hsdp["replica_bytes_per_step"] == 8 * diloco["replica_bytes_per_step"]
+    first = hsdp["loss"][0]
+    assert diloco["val_loss"]["100"] < hsdp["val_loss"]["100"] + DILOCO_DEBUG_MARGIN * (first - hsdp["val_loss"]["100"])

@@ -1,7 +1,9 @@
 """Every parallel layout trains exactly like one process: for 6 steps of the tiny Llama (fp32, deterministic, gloo on
 CPU) the per-step loss and gradient norm of each layout match the single-process run within 1e-5 relative. The
 `qwen3_*` layouts do the same for the tiny Qwen3 (QK-norm, head_dim apart from dim / n_heads) against its own
-single-process run: FSDP with AC and compile, HSDP, TP (+SP, loss parallel), PP (1F1B and Interleaved1F1B), CP.
+single-process run: FSDP with AC and compile, HSDP, TP (+SP, loss parallel), PP (1F1B and Interleaved1F1B), CP. The
+`muon_*` layouts train with Muon (fsdp2, tp2, fsdp2 x tp2) against a Muon single-process run. DiLoCo runs on 2 replica
+groups x 2 shards in the 4-rank spawn too (SEMI_SYNC: its identity with HSDP, its bytes, its learning).
 
 The global batch (8 sequences) and seed are fixed, so every layout sees the same samples per step and starts from
 the same weights (titan.parallel.parallelize.materialize); only the split of work over ranks differs.
