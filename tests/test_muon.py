@@ -120,6 +120,22 @@ def test_stacked_experts_are_orthogonalised_one_by_one():
     torch.testing.assert_close(experts.detach(), torch.stack([s.detach() for s in singles]), rtol=0, atol=1e-6)
 
 
+def test_the_optimizer_section_builds_muon_and_a_resume_takes_its_new_values():
+    from titan.config import LRScheduler, Optimizer
+    from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
+
+    model = _tiny_llama()
+    cfg = Optimizer(name="muon", lr=0.02, adamw_lr=3e-3, muon_momentum=0.9, muon_ns_steps=4)
+    opt = build_optimizer(list(model.named_parameters()), cfg)
+    matrices, rest = opt.param_groups
+    assert type(opt) is Muon and matrices["muon"] and not rest["muon"]
+    assert (matrices["lr"], matrices["momentum"], matrices["ns_steps"], rest["lr"], rest["weight_decay"]) == (
+        0.02, 0.9, 4, 3e-3, 0.1)  # adamw_weight_decay -1: optimizer.weight_decay
+    scheduler = build_lr_scheduler(opt, LRScheduler(warmup_steps=0), 10)
+    reapply_hyperparameters(opt, scheduler, Optimizer(name="muon", lr=0.01, adamw_lr=1e-3, adamw_weight_decay=0.0))
+    assert scheduler.base_lrs == [0.01, 1e-3] and (matrices["momentum"], rest["weight_decay"]) == (0.95, 0.0)
+
+
 def test_float32_states_are_torch_adamw_bit_for_bit():
     model = _tiny_llama()
     ref = copy.deepcopy(model)

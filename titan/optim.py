@@ -31,10 +31,10 @@ import warnings
 import torch
 from torch.distributed.tensor import DTensor
 
-from titan import muon, optim_states
+from titan import optim_states
 from titan.config import AUTO, DTYPES, LRScheduler, Optimizer
 from titan.errors import ConfigError
-from titan.muon import NS_EPS, Muon
+from titan.muon import NS_EPS, Muon, param_groups
 from titan.parallel.process_group import all_reduce_sum
 
 logger = logging.getLogger("titan")
@@ -52,21 +52,21 @@ def build_optimizer(named_params, cfg: Optimizer) -> torch.optim.Optimizer:
     are titan/optim_states.py's Adam (the same update)."""
     params = [p for _, p in named_params]
     if cfg.name == "SGD":
-        return torch.optim.SGD(params, **group_settings(cfg, muon=False), **_IMPLEMENTATION[cfg.implementation])
-    adam_args = {**group_settings(cfg, muon=False), **_IMPLEMENTATION[cfg.implementation]}
+        return torch.optim.SGD(params, **group_settings(cfg, matrices=False), **_IMPLEMENTATION[cfg.implementation])
+    adam_args = {**group_settings(cfg, matrices=False), **_IMPLEMENTATION[cfg.implementation]}
     states = {"state_dtype": DTYPES[cfg.state_dtype], "stochastic_rounding": cfg.state_rounding == "stochastic"}
     if cfg.name == "muon":
-        return Muon(muon.param_groups(named_params, group_settings(cfg, muon=True), group_settings(cfg, muon=False)),
-                    decoupled_weight_decay=True, **states, **adam_args)
+        groups = param_groups(named_params, group_settings(cfg, matrices=True), group_settings(cfg, matrices=False))
+        return Muon(groups, decoupled_weight_decay=True, **states, **adam_args)
     if cfg.state_dtype == "float32":
         return {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name](params, **adam_args)
     return optim_states.Adam(params, decoupled_weight_decay=cfg.name == "AdamW", **states, **adam_args)
 
 
-def group_settings(cfg: Optimizer, muon: bool) -> dict:
-    """The hyper-parameters of a param group as this config sets them: Muon's for the hidden matrices, else those of
-    AdamW / Adam (under muon: adamw_lr and adamw_weight_decay) or SGD."""
-    if muon:
+def group_settings(cfg: Optimizer, matrices: bool) -> dict:
+    """The hyper-parameters of a param group as this config sets them: Muon's for its group of hidden `matrices`,
+    else those of AdamW / Adam (under muon: adamw_lr and adamw_weight_decay) or SGD."""
+    if matrices:
         return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
                     ns_steps=cfg.muon_ns_steps, ns_coefficients=tuple(cfg.muon_ns_coefficients), ns_eps=NS_EPS,
                     ns_dtype=cfg.muon_ns_dtype, adjust_lr=cfg.muon_adjust_lr)
@@ -121,7 +121,7 @@ def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: Op
     optimizer state (param groups) and the scheduler (base lrs) brought back, and the lr of the next step from this
     run's schedule (training.steps or the warm-up may have changed too)."""
     for group in optimizer.param_groups:
-        settings = group_settings(cfg, muon=group.get("muon", False))
+        settings = group_settings(cfg, matrices=group.get("muon", False))
         group.update(initial_lr=settings.pop("lr"), **settings)
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     scheduler.last_epoch -= 1
