@@ -9,13 +9,12 @@ import json
 
 import pytest
 import torch
-
 from dist_utils import REPO
 
 from titan import models
 from titan.config import MoE
 from titan.muon import Muon, adjusted_lr, is_hidden_matrix, newton_schulz, param_groups
-from titan.optim_states import Adam, stochastic_round_
+from titan.optim_states import Adam, stochastic_round_, store_
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 MUON = dict(momentum=0.95, nesterov=True, ns_steps=5, ns_coefficients=(3.4445, -4.7750, 2.0315), ns_eps=1e-7,
@@ -188,12 +187,30 @@ def test_stochastic_rounding_is_unbiased():
     assert ((x.bfloat16().float() - x).abs() / spacing > 0.25).all()
 
 
+def test_nearest_rounding_stalls_a_slow_second_moment_and_stochastic_does_not():
+    """Adam's v <- beta2 v + (1 - beta2) g^2 with beta2 = 0.999 and g^2 = 2, from v = 1, 1000 steps (1000 elements):
+    fp32 reaches 1.632; rounded to nearest in bf16 each update (0.1 %) is below half of bf16's step (0.4 %) and v stays
+    at 1.0; stochastic rounding gives 1.635 on average (docs/optimizers.md quotes these)."""
+    g2 = torch.full((1000,), 2.0)
+    fp32, nearest, stochastic = torch.ones(1000), torch.ones(1000, dtype=torch.bfloat16), torch.ones(1000,
+                                                                                                    dtype=torch.bfloat16)
+    for t in range(1000):
+        fp32.mul_(0.999).add_(g2, alpha=0.001)
+        store_(nearest, nearest.float().mul_(0.999).add_(g2, alpha=0.001), t, stochastic=False)
+        store_(stochastic, stochastic.float().mul_(0.999).add_(g2, alpha=0.001), t, stochastic=True)
+    assert fp32.mean().item() == pytest.approx(1.632, abs=1e-3)
+    assert torch.all(nearest == 1.0)
+    assert stochastic.float().mean().item() == pytest.approx(fp32.mean().item(), abs=0.01)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The debug model's curves (scripts/benchmark_optimizers.py -> tests/assets/benchmarks/optimizers.json), as the docs
 # quote them
 
 BENCHMARK = REPO / "tests" / "assets" / "benchmarks" / "optimizers.json"
 VALIDATION_STEPS = ("25", "50", "75", "100")
+BF16_DEBUG_TOLERANCE = 0.1  # validation loss at step 100, bf16 states against fp32 (docs/optimizers.md states it)
+DILOCO_DEBUG_MARGIN = 0.1  # DiLoCo's validation loss at step 100 at most this share of HSDP's fall above HSDP's
 
 
 def _bench() -> dict:
@@ -240,4 +257,5 @@ def test_diloco_sends_8x_less_and_learns_on_the_debug_model():
     hsdp, diloco = _bench()["hsdp"], _bench()["diloco_h8"]
     assert hsdp["replica_bytes_per_step"] == 8 * diloco["replica_bytes_per_step"]
     first = hsdp["loss"][0]
-    assert diloco["val_loss"]["100"] < hsdp["val_loss"]["100"] + DILOCO_DEBUG_MARGIN * (first - hsdp["val_loss"]["100"])
+    fall = first - hsdp["val_loss"]["100"]
+    assert diloco["val_loss"]["100"] < hsdp["val_loss"]["100"] + DILOCO_DEBUG_MARGIN * fall
