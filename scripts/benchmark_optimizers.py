@@ -10,7 +10,8 @@ Runs (train_configs/debug_model.toml, 100 steps, fp32 on CPU, every step logged;
   adamw_bf16          AdamW with bf16 moments, stochastic rounding (optimizer.state_dtype = "bfloat16")
   adamw_bf16_nearest  the same, rounded to nearest
   hsdp                2 replica groups x 2 shards (torchrun, 4 ranks), the same 8 sequences per step
-  diloco_h8           the same with [semi_sync] method = "diloco", sync_every = 8
+  diloco_h8           the same with [semi_sync] method = "diloco", sync_every = 8 (outer lr 0.7, momentum 0.9)
+  diloco_h8_momentum_0.5, diloco_h8_averaging   outer momentum 0.5; outer lr 1 without momentum (plain averaging)
 Each record holds the training loss of every step, the validation losses, and: for one-process runs the bytes of the
 optimizer's state tensors after training (measured on the live optimizer, step counters left out), for the 4-rank
 runs the bytes each rank sent over dp_replicate per step (the `replica_bytes` metric, counted). Runs already in the
@@ -39,7 +40,10 @@ RUNS = {  # name -> (config, ranks, overrides)
     "adamw_bf16_nearest": (PRESET, 1, ["--optimizer.state_dtype", "bfloat16", "--optimizer.state_rounding",
                                        "nearest"]),
     "hsdp": (PRESET, 4, FOUR_RANKS),
-    "diloco_h8": (PRESET, 4, FOUR_RANKS + ["--semi_sync.method", "diloco", "--semi_sync.sync_every", "8"]),
+    **{name: (PRESET, 4, FOUR_RANKS + ["--semi_sync.method", "diloco", "--semi_sync.sync_every", "8",
+                                       "--semi_sync.outer_lr", lr, "--semi_sync.outer_momentum", momentum])
+       for name, lr, momentum in (("diloco_h8", "0.7", "0.9"), ("diloco_h8_momentum_0.5", "0.7", "0.5"),
+                                  ("diloco_h8_averaging", "1", "0"))},
 }
 
 

@@ -241,9 +241,12 @@ def test_docs_quote_the_benchmark(page):
 
 
 def test_muon_falls_at_least_as_fast_as_adamw_on_the_debug_model():
+    """At every validation and over the last 10 steps (Muon starts slower: the first 20 steps, see the docs)."""
     adamw, muon = _bench()["adamw"], _bench()["muon"]
     assert all(muon["val_loss"][s] <= adamw["val_loss"][s] for s in VALIDATION_STEPS)
     assert sum(muon["loss"][-10:]) <= sum(adamw["loss"][-10:])
+    # One moment for the 4,718,592 hidden-matrix elements, two for the other 2,100,480 (embedding, head, norms).
+    assert muon["optimizer_state_bytes"] == 4 * (4_718_592 + 2 * 2_100_480)
 
 
 def test_bf16_states_halve_the_moments_and_track_fp32_on_the_debug_model():
@@ -254,8 +257,10 @@ def test_bf16_states_halve_the_moments_and_track_fp32_on_the_debug_model():
 
 
 def test_diloco_sends_8x_less_and_learns_on_the_debug_model():
+    """Bytes: an outer step sends what HSDP sends in one step; 13 outer steps in 100 (every 8th and the last): 8x
+    fewer per 8 steps, 7.7x over the run."""
     hsdp, diloco = _bench()["hsdp"], _bench()["diloco_h8"]
-    assert hsdp["replica_bytes_per_step"] == 8 * diloco["replica_bytes_per_step"]
+    assert round(diloco["replica_bytes_per_step"] * 100) == 13 * hsdp["replica_bytes_per_step"]
     first = hsdp["loss"][0]
     fall = first - hsdp["val_loss"]["100"]
     assert diloco["val_loss"]["100"] < hsdp["val_loss"]["100"] + DILOCO_DEBUG_MARGIN * fall

@@ -486,10 +486,10 @@ class SemiSync:
     method: str = opt(
         "none", "none: gradients are reduced across dp_replicate every step (HSDP); diloco: each replica group trains "
         "sync_every steps on its own, then the replicas average their progress in an outer step", ("none", "diloco"))
-    sync_every: int = opt(8, "diloco: inner steps H between outer steps", valid=Range(1))
-    outer_lr: float = opt(0.7, "diloco: lr of the outer SGD step", valid=POSITIVE)
-    outer_momentum: float = opt(0.9, "diloco: Nesterov momentum of the outer step (0 = plain SGD)",
-                                valid=Range(0, 1, hi_open=True))
+    sync_every: int = opt(500, "diloco: inner steps H between outer steps (the DiLoCo paper's 500)", valid=Range(1))
+    outer_lr: float = opt(0.7, "diloco: lr of the outer SGD step (the paper's 0.7)", valid=POSITIVE)
+    outer_momentum: float = opt(0.9, "diloco: Nesterov momentum of the outer step (the paper's 0.9; 0 = plain SGD, "
+                                "which with outer_lr 1 averages the replicas)", valid=Range(0, 1, hi_open=True))
     fragments: int = opt(1, "diloco: parameter fragments synchronised in turn, one every sync_every / fragments "
                          "steps (streaming DiLoCo)", valid=Range(1))
     comm_dtype: str = opt("float32", "diloco: dtype the pseudo-gradient is all-reduced in", ("float32", "bfloat16"))
