@@ -54,7 +54,7 @@ def _train(model, optimizers, steps: int, seed: int = 1) -> list[float]:
 @pytest.mark.parametrize("nesterov, adjust", [(True, "original"), (False, "match_rms_adamw")])
 def test_equals_torch_muon_with_adamw_for_the_rest(nesterov, adjust):
     """10 steps of the tiny Llama: titan's Muon == torch.optim.Muon on the hidden matrices + torch.optim.AdamW on the
-    rest, same hyper-parameters, within 1e-6 (measured: bitwise equal)."""
+    rest, same hyper-parameters: bitwise equal (the issue asks for 1e-6)."""
     model = _tiny_llama()
     ref = copy.deepcopy(model)
     args = {**MUON, "nesterov": nesterov, "adjust_lr": adjust}
@@ -67,7 +67,7 @@ def test_equals_torch_muon_with_adamw_for_the_rest(nesterov, adjust):
     got, want = _train(model, [opt], 10), _train(ref, [torch_muon, torch_adamw], 10)
     assert got == want
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(a, b), name
     assert want[-1] < want[0] - 0.5  # it learns: not a comparison of two frozen models
 
 
@@ -210,7 +210,7 @@ def test_nearest_rounding_stalls_a_slow_second_moment_and_stochastic_does_not():
 BENCHMARK = REPO / "tests" / "assets" / "benchmarks" / "optimizers.json"
 VALIDATION_STEPS = ("25", "50", "75", "100")
 BF16_DEBUG_TOLERANCE = 0.1  # validation loss at step 100, bf16 states against fp32 (docs/optimizers.md states it)
-DILOCO_DEBUG_MARGIN = 0.1  # DiLoCo's validation loss at step 100 at most this share of HSDP's fall above HSDP's
+DILOCO_DEBUG_MARGIN = 0.02  # DiLoCo (averaging) validation loss at step 100 at most this much above HSDP's, relative
 
 
 def _bench() -> dict:
@@ -228,7 +228,9 @@ DOC_ROWS = {  # page -> (label, benchmark run) rows it shows
     "optimizers.md": [("AdamW, lr 3e-3", "adamw"), ("Muon, lr 0.02 (AdamW 3e-3 for the rest)", "muon"),
                       ("AdamW, bf16 states, stochastic rounding", "adamw_bf16"),
                       ("AdamW, bf16 states, round to nearest", "adamw_bf16_nearest")],
-    "parallelism.md": [("HSDP 2 x 2", "hsdp"), ("DiLoCo 2 x 2, H = 8", "diloco_h8")],
+    "parallelism.md": [("HSDP", "hsdp"), ("DiLoCo H = 8, outer lr 0.7, momentum 0.9", "diloco_h8"),
+                       ("DiLoCo H = 8, outer lr 0.7, momentum 0.5", "diloco_h8_momentum_0.5"),
+                       ("DiLoCo H = 8, outer lr 1, no momentum (averaging)", "diloco_h8_averaging")],
 }
 
 
@@ -258,9 +260,11 @@ def test_bf16_states_halve_the_moments_and_track_fp32_on_the_debug_model():
 
 def test_diloco_sends_8x_less_and_learns_on_the_debug_model():
     """Bytes: an outer step sends what HSDP sends in one step; 13 outer steps in 100 (every 8th and the last): 8x
-    fewer per 8 steps, 7.7x over the run."""
-    hsdp, diloco = _bench()["hsdp"], _bench()["diloco_h8"]
-    assert round(diloco["replica_bytes_per_step"] * 100) == 13 * hsdp["replica_bytes_per_step"]
-    first = hsdp["loss"][0]
-    fall = first - hsdp["val_loss"]["100"]
-    assert diloco["val_loss"]["100"] < hsdp["val_loss"]["100"] + DILOCO_DEBUG_MARGIN * fall
+    fewer per 8 steps, 7.7x over the run. Every outer setting learns; averaging ends within DILOCO_DEBUG_MARGIN
+    (relative) of HSDP's validation loss (measured +0.1 %; momentum 0.5 +1.5 %, the paper's 0.9 +17 %)."""
+    bench = _bench()
+    hsdp, runs = bench["hsdp"], [bench[n] for n in ("diloco_h8", "diloco_h8_momentum_0.5", "diloco_h8_averaging")]
+    assert all(round(r["replica_bytes_per_step"] * 100) == 13 * hsdp["replica_bytes_per_step"] for r in runs)
+    assert all(r["val_loss"]["100"] < r["loss"][0] - 2.5 for r in runs)
+    averaging = bench["diloco_h8_averaging"]["val_loss"]["100"]
+    assert averaging < hsdp["val_loss"]["100"] * (1 + DILOCO_DEBUG_MARGIN)

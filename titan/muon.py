@@ -14,8 +14,8 @@ rank. Each rank all-gathers the update of one matrix (`full_tensor()`, over ever
 iterates on the whole matrix and keeps its own block (`distribute_tensor(..., src_data_rank=None)` only slices: every
 rank computed the same matrix, so nothing travels back). Cost per optimizer step, per rank: it receives (n-1)/n of
 every hidden matrix in fp32 (n = ranks sharding it) - as many bytes as one FSDP all-gather of those weights in fp32,
-twice a bf16 one - and runs the iteration on every matrix, the same work as one process, not 1/n of it. torchtitan's
-and Megatron's distributed Muon instead give each matrix to one owner rank and scatter the result back, spreading the
+twice a bf16 one - and runs the iteration on every matrix, the same work as one process, not 1/n of it. Distributed
+Muon implementations instead orthogonalise each matrix on one rank and send the result's shards back, spreading the
 iteration's compute over the ranks; that is the next step where the iteration's time shows (docs/optimizers.md).
 """
 
