@@ -2,7 +2,7 @@
 """Loss curves of the optimizer and data-parallel choices on the debug model, and what they cost, written to one JSON
 file that the suite reads (tests/test_muon.py checks the claims docs/optimizers.md and docs/parallelism.md make).
 
-    python scripts/benchmark_optimizers.py [--out tests/assets/benchmarks/optimizers.json] [--only NAME ...]
+    python scripts/benchmark_optimizers.py [--out tests/assets/benchmarks/optimizers.json] [--only NAME ...] [--steps N]
 
 Runs (train_configs/debug_model.toml, 100 steps, fp32 on CPU, every step logged; see RUNS):
   adamw               the preset: AdamW at its tuned lr 3e-3
@@ -89,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "tests" / "assets" / "benchmarks" / "optimizers.json"))
     parser.add_argument("--only", nargs="*", choices=list(RUNS), help="runs to (re)do; default all")
+    parser.add_argument("--steps", type=int, help="training.steps instead of the preset's 100 (a quick check)")
     args = parser.parse_args(argv)
+    steps = [] if args.steps is None else ["--training.steps", str(args.steps)]
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.only or list(RUNS):
         with tempfile.TemporaryDirectory(prefix=f"titan_bench_{name}_") as dump:
-            results[name] = run_one(*RUNS[name], Path(dump))
+            config, ranks, overrides = RUNS[name]
+            results[name] = run_one(config, ranks, overrides + steps, Path(dump))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")  # after each run: a long sweep keeps what it has
         print(f"{name}: loss {results[name]['loss'][0]:.4f} -> {results[name]['loss'][-1]:.4f}, val "

@@ -1,6 +1,9 @@
 """Muon (titan/muon.py) against torch.optim.Muon + torch.optim.AdamW on one process, its parameter rule on the real
 model families, stacked experts against one matrix at a time, and bf16 optimizer states (titan/optim_states.py).
-The sharded layouts (fsdp2, tp2, fsdp2 x tp2) are compared with the single process in tests/test_parallel.py."""
+The sharded layouts (fsdp2, tp2, fsdp2 x tp2) are compared with the single process in tests/test_parallel.py.
+The debug model's curves of Muon, bf16 states and DiLoCo (scripts/benchmark_optimizers.py ->
+tests/assets/benchmarks/optimizers.json) are read here: the claims docs/optimizers.md and docs/parallelism.md make,
+and their tables."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import json
 
 import pytest
 import torch
-from dist_utils import REPO
+from dist_utils import REPO, load_script
 
 from titan import models
 from titan.config import MoE
@@ -215,6 +218,16 @@ DILOCO_DEBUG_MARGIN = 0.02  # DiLoCo (averaging) validation loss at step 100 at 
 
 def _bench() -> dict:
     return json.loads(BENCHMARK.read_text())
+
+
+def test_benchmark_script_records_what_the_docs_quote(tmp_path):
+    """scripts/benchmark_optimizers.py for 2 steps: every step's loss, the last step's validation and the optimizer's
+    state bytes (bf16 moments: 2 bytes per parameter each)."""
+    out = tmp_path / "bench.json"
+    assert load_script("benchmark_optimizers").main(["--out", str(out), "--only", "adamw_bf16", "--steps", "2"]) == 0
+    record = json.loads(out.read_text())["adamw_bf16"]
+    assert len(record["loss"]) == 2 and list(record["val_loss"]) == ["2"]
+    assert record["optimizer_state_bytes"] == 2 * 2 * 6_819_072
 
 
 def curve_row(label: str, record: dict) -> str:
