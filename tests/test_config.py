@@ -231,6 +231,7 @@ def test_missing_config_file(tmp_path):
     (["--optimizer.adamw_lr", "0"], "optimizer.adamw_lr"),
     (["--optimizer.name", "SGD", "--optimizer.state_dtype", "bfloat16"], "optimizer.state_dtype"),
     (["--optimizer.name", "muon", "--lora.enable"], "optimizer.name=muon"),
+    (["--optimizer.name", "muon", "--training.enable_cpu_offload"], "training.enable_cpu_offload"),
     (["--semi_sync.method", "diloco"], "parallelism.data_parallel_replicate_degree"),
     (["--semi_sync.method", "diloco", "--parallelism.data_parallel_replicate_degree", "2", "--semi_sync.sync_every",
       "2", "--semi_sync.fragments", "3"], "semi_sync.fragments"),

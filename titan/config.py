@@ -566,6 +566,9 @@ def validate(cfg: Config) -> None:
                           f"(got {o.muon_ns_coefficients})")
     if o.name == "SGD" and o.state_dtype != "float32":
         raise ConfigError(f"optimizer.state_dtype={o.state_dtype} with optimizer.name=SGD: plain SGD keeps no state")
+    if o.name == "muon" and cfg.training.enable_cpu_offload:
+        raise ConfigError("optimizer.name=muon with training.enable_cpu_offload is not supported (its step gathers the "
+                          "sharded matrices, which then live in host memory, where NCCL cannot gather them)")
     if o.name == "muon" and cfg.lora.enable:
         raise ConfigError("optimizer.name=muon with lora.enable is not supported (Muon is for full hidden matrices; "
                           "train LoRA adapters with AdamW)")
