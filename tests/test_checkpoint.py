@@ -44,6 +44,8 @@ CKPT = ["--checkpoint.enable", "--checkpoint.interval", "10", "--training.steps"
 ASYNC = ["--checkpoint.async_mode", "async"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 QWEN3 = ["--model.name", "qwen3", "--model.flavor", "tiny"]
+MUON = ["--optimizer.name", "muon", "--optimizer.lr", "0.02", "--optimizer.adamw_lr", "3e-3",
+        "--optimizer.muon_ns_dtype", "float32"]  # fp32 iteration: the layouts' results compare within 1e-5
 
 
 def _argv(folder, *extra, ckpt=CKPT):
@@ -92,6 +94,36 @@ def test_async_save_does_not_change_training(fsdp2):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# DiLoCo (titan/parallel/semi_sync.py): 2 replica groups x 2 shards, an outer step every 4 steps, so step-10 falls
+# between two (the replicas' weights differ): bf16 optimizer states too (their rounding bits come from the step).
+
+DILOCO = ["--parallelism.data_parallel_replicate_degree", "2", "--semi_sync.method", "diloco",
+          "--semi_sync.sync_every", "4", "--optimizer.state_dtype", "bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def diloco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diloco")
+    run_layouts(4, [_argv(root / "straight", *DILOCO)])
+    _resume_folder(root / "straight", root / "resumed")
+    run_layouts(4, [_argv(root / "resumed", *DILOCO)])
+    return root
+
+
+def test_diloco_resume_is_identical(diloco):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    straight, resumed = _losses(diloco / "straight"), _losses(diloco / "resumed")
+    assert sorted(resumed) == list(range(1, 21)) and resumed == straight
+    assert straight[20] < straight[1] - 0.2  # it learns
+    keys = FileSystemReader(str(diloco / "straight" / "checkpoint" / "step-10")).read_metadata().state_dict_metadata
+    # Outer weights and momentum once; each replica's own weights and optimizer state (replica 1's under its name).
+    for prefix in ("semi_sync.outer.", "semi_sync.momentum.", "model.layers.", "model.replica1.layers.",
+                   "optimizer.state.", "optimizer.replica1.state."):
+        assert any(k.startswith(prefix) for k in keys), prefix
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Resharding: FSDP=4 -> dp=2 x tp=2
 
 
@@ -135,12 +167,13 @@ def fsdp4(tmp_path_factory):
     """Uninterrupted 10-step FSDP=4 runs (Llama, Qwen3) saving at steps 5 and 10: the sources of the resharding
     tests."""
     root = tmp_path_factory.mktemp("fsdp4")
-    run_layouts(4, [_argv(root / "llama3", ckpt=RESHARD_CKPT), _argv(root / "qwen3", *QWEN3, ckpt=RESHARD_CKPT)])
+    run_layouts(4, [_argv(root / "llama3", ckpt=RESHARD_CKPT), _argv(root / "qwen3", *QWEN3, ckpt=RESHARD_CKPT),
+                    _argv(root / "muon", *MUON, ckpt=RESHARD_CKPT)])
     return root
 
 
 PP2 = ["--parallelism.pipeline_parallel_degree", "2"]  # 1F1B
-RESHARD = {"dp2_tp2": (TP2, {"llama3": [], "qwen3": QWEN3}), "pp2_dp2": (PP2, {"llama3": []})}
+RESHARD = {"dp2_tp2": (TP2, {"llama3": [], "qwen3": QWEN3, "muon": MUON}), "pp2_dp2": (PP2, {"llama3": []})}
 
 
 @pytest.fixture(scope="module")

@@ -227,6 +227,15 @@ def test_missing_config_file(tmp_path):
     (["--parallelism.tensor_parallel_degree", "0"], "parallelism.tensor_parallel_degree"),
     (["--validation.steps", "0"], "validation.steps"),
     (["--metrics.log_freq", "0"], "metrics.log_freq"),
+    (["--optimizer.muon_ns_coefficients", "3.4,-4.7"], "optimizer.muon_ns_coefficients"),
+    (["--optimizer.adamw_lr", "0"], "optimizer.adamw_lr"),
+    (["--optimizer.name", "SGD", "--optimizer.state_dtype", "bfloat16"], "optimizer.state_dtype"),
+    (["--optimizer.name", "muon", "--lora.enable"], "optimizer.name=muon"),
+    (["--optimizer.name", "muon", "--training.enable_cpu_offload"], "training.enable_cpu_offload"),
+    (["--semi_sync.method", "diloco"], "parallelism.data_parallel_replicate_degree"),
+    (["--semi_sync.method", "diloco", "--parallelism.data_parallel_replicate_degree", "2", "--semi_sync.sync_every",
+      "2", "--semi_sync.fragments", "3"], "semi_sync.fragments"),
+    (["--semi_sync.outer_momentum", "1"], "semi_sync.outer_momentum"),
 ])
 def test_validate_rejects_impossible_values(argv, key):
     assert key in error(argv)

@@ -38,6 +38,9 @@ CKPT = ["--checkpoint.enable", "--checkpoint.interval", "3"]
 
 F8 = ["--float8.enable", "--training.steps", "3"]
 F8_TOL = 1e-4  # tests/test_float8.py: a last-bit difference can flip one element's float8 rounding
+# Muon (titan/muon.py): each expert orthogonalised on its own, gathered over ep and efsdp; fp32 iteration.
+MUON = ["--optimizer.name", "muon", "--optimizer.lr", "0.02", "--optimizer.adamw_lr", "3e-3",
+        "--optimizer.muon_ns_dtype", "float32"]
 
 
 def _ep(n: int) -> list[str]:
@@ -55,9 +58,10 @@ LAYOUTS = {
     "ep2": (2, _ep(2) + CKPT),
     "ep2_cp2": (2, _ep(2) + ["--parallelism.context_parallel_degree", "2"]),
     "ep2_float8": (2, _ep(2) + F8),
+    "ep2_fsdp2_muon": (4, _ep(2) + MUON),
 }
 # The layouts compared to another single-process run than "reference" (its overrides, and the tolerance).
-REFERENCES = {"ep2_float8": ("float8_reference", F8, F8_TOL)}
+REFERENCES = {"ep2_float8": ("float8_reference", F8, F8_TOL), "ep2_fsdp2_muon": ("muon_reference", MUON, TOL)}
 
 
 def _argv(folder, extra=()) -> list[str]:

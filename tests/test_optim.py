@@ -88,7 +88,7 @@ def test_matches_torchtitan_v02_at_every_step(decay_type, warmup, decay_ratio, m
 
 
 def test_scheduler_drives_the_optimizer_lr():
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], Optimizer(lr=0.1, implementation="for-loop"))
+    opt = build_optimizer([("w", torch.nn.Parameter(torch.zeros(2)))], Optimizer(lr=0.1, implementation="for-loop"))
     cfg = LRScheduler(warmup_steps=2, decay_ratio=0.5, decay_type="cosine", min_lr_factor=0.1)
     sched = build_lr_scheduler(opt, cfg, 10)
     seen = []
@@ -103,7 +103,7 @@ def test_scheduler_drives_the_optimizer_lr():
 @pytest.mark.parametrize("name, cls", [("AdamW", torch.optim.AdamW), ("Adam", torch.optim.Adam)])
 def test_build_optimizer_passes_the_section(name, cls):
     cfg = Optimizer(name=name, lr=3e-4, eps=1e-6, weight_decay=0.05, betas=[0.8, 0.9], implementation="foreach")
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg)
+    opt = build_optimizer([("w", torch.nn.Parameter(torch.zeros(3)))], cfg)
     assert type(opt) is cls
     d = opt.defaults
     assert (d["lr"], d["eps"], d["weight_decay"], d["betas"], d["foreach"]) == (3e-4, 1e-6, 0.05, (0.8, 0.9), True)
@@ -115,7 +115,7 @@ def test_implementations_take_the_same_step():
     for impl, (fused, foreach) in expected.items():
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(4, 3))
-        opt = build_optimizer([p], Optimizer(implementation=impl))
+        opt = build_optimizer([("w", p)], Optimizer(implementation=impl))
         assert (opt.defaults["fused"], opt.defaults["foreach"]) == (fused, foreach)
         for _ in range(2):
             p.grad = torch.ones_like(p)

@@ -49,6 +49,7 @@ from titan.parallel.parallelize import materialize, parallelize
 from titan.parallel.pipeline import Pipeline
 from titan.parallel.process_group import init_distributed, set_timeouts
 from titan.parallel.qlora import quantize_bases
+from titan.parallel.semi_sync import Replicas, build_replicas
 from titan.parallel.tensor_parallel import loss_parallel_context
 
 logger = logging.getLogger("titan")
@@ -100,6 +101,7 @@ class Run:
     objective: Objective  # (model, batch) -> summed loss, and count(batch); see titan/objectives/
     timer: StepTimer = field(default_factory=StepTimer)  # scripts/benchmark.py swaps in a CUDA-syncing one
     checkpointer: Checkpointer | None = None
+    replicas: Replicas | None = None  # across dp_replicate: DiLoCo's outer step, or the count of HSDP's traffic
     lock: RunLock = field(default_factory=RunLock)  # job.dump_folder's one-writer lock (held by rank 0)
     downstream: Callable[[], dict[str, float]] | None = None  # validation.lm_eval_tasks' scores (titan/evaluation.py)
 
@@ -128,6 +130,10 @@ class ModelParts:
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in parameters(self.parts) if p.requires_grad]  # all, or LoRA's adapters
 
+    @property
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for part in self.parts for n, p in part.named_parameters() if p.requires_grad]
+
 
 def build(cfg: Config) -> Run:
     """Every rank: the process group, then job.dump_folder's lock (before anything is written), then the run."""
@@ -152,17 +158,19 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     grad_accum = gradient_accumulation_steps(t, dims.dp)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
     args = build_model_args(cfg, dims, tokenizer.vocab_size)
-    mesh = dims.build_mesh(device.type)
+    mesh = dims.build_mesh(device.type, replicas_apart=cfg.semi_sync.method != "none")
     set_timeouts(cfg.comm.init_timeout_seconds)  # the mesh's groups too
     model = build_model(cfg, args, mesh, dims, device)
-    optimizer = build_optimizer(model.trainable, cfg.optimizer)
+    optimizer = build_optimizer(model.named_trainable, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
     train_loader, val_loader = build_dataloaders(t, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(),
                                                  dims.dp)
-    checkpointer = build_checkpointer(cfg, args, tokenizer, model.parts, optimizer, scheduler, train_loader)
+    replicas = build_replicas(cfg.semi_sync, model.parts, mesh, t.steps, DTYPES[t.mixed_precision_reduce])
+    checkpointer = build_checkpointer(cfg, args, tokenizer, model.parts, optimizer, scheduler, train_loader, replicas)
     checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
     if cfg.lora.init_from and not checkpointer.resumed:  # adapters from a PEFT folder (titan's or PEFT's)
         peft.load_into(model.parts, cfg.lora.init_from, "lora.init_from")
+    replicas.start()  # DiLoCo: the outer weights from the weights the run starts with, unless resumed
     if checkpointer.resumed:
         honour_new_settings(cfg, checkpointer, optimizer, scheduler)
     if cfg.lora.quantize_base != "none":  # the base weights are final now: quantize them (QLoRA)
@@ -184,7 +192,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                metrics=metrics, grad_accum=grad_accum, autocast=autocast,
                loss_context=loss_parallel_context(cfg.parallelism, dims), loss_fn=model.loss_fn, objective=objective,
-               checkpointer=checkpointer, downstream=downstream)
+               checkpointer=checkpointer, downstream=downstream, replicas=replicas)
 
 
 def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None:
@@ -250,7 +258,7 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
 
 
 def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_parts: list[torch.nn.Module], optimizer,
-                       scheduler, train_loader) -> Checkpointer:
+                       scheduler, train_loader, replicas: Replicas | None = None) -> Checkpointer:
     template = None if cfg.training.recipe == "pretrain" else template_source(chat_template(tokenizer,
                                                                                            cfg.sft.chat_template))
     export = hf.exporter(args, tokenizer, cfg.model.tokenizer_path, base_model_folder(cfg.checkpoint), template)
@@ -260,7 +268,8 @@ def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_part
     adapters_only = cfg.lora.enable and (cfg.lora.save_adapter_only or cfg.lora.quantize_base != "none")
     return Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
                         cfg.training.steps, export, adapters_only=adapters_only, tokenizer=tokenizer,
-                        run_config=config_io.to_toml(cfg), adapter_export=adapter_exporter(cfg, args))
+                        run_config=config_io.to_toml(cfg), adapter_export=adapter_exporter(cfg, args),
+                        semi_sync=replicas)
 
 
 def base_model_folder(c: Checkpoint) -> str:

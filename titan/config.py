@@ -96,14 +96,35 @@ class Model:
 
 @dataclass
 class Optimizer:
-    name: str = opt("AdamW", "optimizer", choices=("AdamW", "Adam"))
-    lr: float = opt(8e-4, "peak learning rate", valid=POSITIVE)
+    name: str = opt("AdamW", "optimizer: AdamW, Adam, muon (Muon for the hidden matrices, AdamW for the rest; "
+                    "docs/optimizers.md) or SGD (plain, no momentum: for checks)",
+                    choices=("AdamW", "Adam", "muon", "SGD"))
+    lr: float = opt(8e-4, "peak learning rate (muon: of the hidden matrices)", valid=POSITIVE)
     eps: float = opt(1e-8, "Adam epsilon", valid=POSITIVE)
-    weight_decay: float = opt(0.1, "weight decay (decoupled for AdamW, L2-style for Adam)", valid=NON_NEGATIVE)
+    weight_decay: float = opt(0.1, "weight decay (decoupled for AdamW and Muon, L2-style for Adam and SGD)",
+                              valid=NON_NEGATIVE)
     betas: list[float] = opt([0.9, 0.95], "Adam beta1, beta2", valid=Range(0, 1, hi_open=True))
     implementation: str = opt(
         "foreach", "kernel flavour: fused (one kernel), foreach (batched), for-loop", ("fused", "foreach", "for-loop")
     )
+    state_dtype: str = opt("float32", "dtype of the optimizer's moments (Adam's two, Muon's momentum); bfloat16 "
+                           "halves their memory", ("float32", "bfloat16"))
+    state_rounding: str = opt("stochastic", "how bfloat16 states are rounded: stochastic (unbiased) or nearest",
+                              ("stochastic", "nearest"))
+    adamw_lr: float = opt(-1.0, "muon: peak lr of the AdamW parameters (embeddings, output head, norms, biases); "
+                          "-1 = optimizer.lr", valid=Range(0, lo_open=True, also=(AUTO,)))
+    adamw_weight_decay: float = opt(-1.0, "muon: weight decay of the AdamW parameters; -1 = optimizer.weight_decay",
+                                    valid=Range(0, also=(AUTO,)))
+    muon_momentum: float = opt(0.95, "muon: momentum of the hidden matrices' update", valid=Range(0, 1, hi_open=True))
+    muon_nesterov: bool = opt(True, "muon: Nesterov momentum")
+    muon_ns_steps: int = opt(5, "muon: Newton-Schulz iterations that orthogonalise the update", valid=Range(1, 99))
+    muon_ns_coefficients: list[float] = opt([3.4445, -4.7750, 2.0315], "muon: the quintic iteration's a, b, c",
+                                            valid=Range())
+    muon_ns_dtype: str = opt("bfloat16", "muon: dtype of the iteration (torch.optim.Muon's is bfloat16; float32 on "
+                             "CPUs without fast bf16)", ("float32", "bfloat16"))
+    muon_adjust_lr: str = opt(
+        "original", "muon: lr scaling by matrix shape A x B: original sqrt(max(1, A/B)), or match_rms_adamw "
+        "0.2 sqrt(max(A, B)) (AdamW's lr and weight decay carry over)", ("original", "match_rms_adamw"))
 
 
 @dataclass
@@ -279,7 +300,7 @@ class Validation:
     lm_eval_limit: int = opt(0, "at most this many documents per task; 0 = all", valid=NON_NEGATIVE)
 
 
-CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "semi_sync")
 
 
 @dataclass
@@ -460,6 +481,22 @@ class Comm:
 
 
 @dataclass
+class SemiSync:
+    """Low-communication data parallelism across replica groups (docs/parallelism.md, "DiLoCo")."""
+
+    method: str = opt(
+        "none", "none: gradients are reduced across dp_replicate every step (HSDP); diloco: each replica group trains "
+        "sync_every steps on its own, then the replicas average their progress in an outer step", ("none", "diloco"))
+    sync_every: int = opt(500, "diloco: inner steps H between outer steps (the DiLoCo paper's 500)", valid=Range(1))
+    outer_lr: float = opt(0.7, "diloco: lr of the outer SGD step (the paper's 0.7)", valid=POSITIVE)
+    outer_momentum: float = opt(0.9, "diloco: Nesterov momentum of the outer step (the paper's 0.9; 0 = plain SGD, "
+                                "which with outer_lr 1 averages the replicas)", valid=Range(0, 1, hi_open=True))
+    fragments: int = opt(1, "diloco: parameter fragments synchronised in turn, one every sync_every / fragments "
+                         "steps (streaming DiLoCo)", valid=Range(1))
+    comm_dtype: str = opt("float32", "diloco: dtype the pseudo-gradient is all-reduced in", ("float32", "bfloat16"))
+
+
+@dataclass
 class Config:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -475,6 +512,7 @@ class Config:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     profiling: Profiling = field(default_factory=Profiling)
     comm: Comm = field(default_factory=Comm)
+    semi_sync: SemiSync = field(default_factory=SemiSync)
     float8: Float8 = field(default_factory=Float8)
     sft: SFT = field(default_factory=SFT)
     lora: LoRA = field(default_factory=LoRA)
@@ -524,6 +562,17 @@ def validate(cfg: Config) -> None:
     o = cfg.optimizer
     if len(o.betas) != 2:
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1) (got {o.betas})")
+    if len(o.muon_ns_coefficients) != 3:
+        raise ConfigError(f"optimizer.muon_ns_coefficients must be three numbers a, b, c "
+                          f"(got {o.muon_ns_coefficients})")
+    if o.name == "SGD" and o.state_dtype != "float32":
+        raise ConfigError(f"optimizer.state_dtype={o.state_dtype} with optimizer.name=SGD: plain SGD keeps no state")
+    if o.name == "muon" and cfg.training.enable_cpu_offload:
+        raise ConfigError("optimizer.name=muon with training.enable_cpu_offload is not supported (its step gathers the "
+                          "sharded matrices, which then live in host memory, where NCCL cannot gather them)")
+    if o.name == "muon" and cfg.lora.enable:
+        raise ConfigError("optimizer.name=muon with lora.enable is not supported (Muon is for full hidden matrices; "
+                          "train LoRA adapters with AdamW)")
     for key in ("job.dump_folder", "checkpoint.folder"):
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name).strip():
@@ -548,6 +597,23 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg)
     _validate_finetuning(cfg)
     _validate_moe(cfg)
+    _validate_semi_sync(cfg)
+
+
+def _validate_semi_sync(cfg: Config) -> None:
+    s, p = cfg.semi_sync, cfg.parallelism
+    if s.method == "none":
+        return
+    if p.data_parallel_replicate_degree < 2:
+        raise ConfigError(f"semi_sync.method={s.method} trains replica groups apart: it needs parallelism."
+                          f"data_parallel_replicate_degree >= 2 (got {p.data_parallel_replicate_degree})")
+    if s.fragments > s.sync_every:
+        raise ConfigError(f"semi_sync.fragments={s.fragments} exceeds semi_sync.sync_every={s.sync_every}: each "
+                          f"fragment needs a step of its own")
+    if cfg.moe.bias_update_rate > 0:
+        # The routing bias is a buffer, which the outer step does not average: the replicas' biases would drift apart.
+        raise ConfigError(f"semi_sync.method={s.method} with moe.bias_update_rate={cfg.moe.bias_update_rate:g} is not "
+                          f"supported yet; set moe.bias_update_rate = 0 (the auxiliary loss still balances)")
 
 
 MOE_FAMILIES = ("qwen3_moe",)  # the model.name choices with Mixture-of-Experts layers (tests/test_moe.py checks)

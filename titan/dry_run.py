@@ -192,9 +192,9 @@ def _simulate(cfg: Config, args: TransformerArgs, dims: ParallelDims, rank: int,
               log: bool) -> RankReport:
     """Build `rank`'s parts as titan.build.build does, up to the weights; `tokenizer`: also build its data."""
     with fake_process_group(rank, dims.world_size), _quiet(not log):
-        mesh = dims.build_mesh("cpu")
+        mesh = dims.build_mesh("cpu", replicas_apart=cfg.semi_sync.method != "none")
         model = build_model(cfg, args, mesh, dims, torch.device("cpu"), weights=False)
-        optimizer = build_optimizer(model.trainable, cfg.optimizer)  # its settings are checked on meta tensors too
+        optimizer = build_optimizer(model.named_trainable, cfg.optimizer)  # its settings checked on meta tensors too
         scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
         if tokenizer is not None:
             build_dataloaders(cfg.training, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(), dims.dp)

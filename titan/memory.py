@@ -341,10 +341,13 @@ class Estimate:
         return f"does not fit by {-spare:.1f} GiB; the largest part is {self.dominant()}"
 
 
-def optimizer_bytes(trainable_bytes: int, name: str) -> int:
-    """Adam and AdamW keep two moments (exp_avg, exp_avg_sq) shaped like each trainable parameter's local shard
-    (their step counters are scalars, left out)."""
-    return 2 * trainable_bytes if name in ("Adam", "AdamW") else 0
+def optimizer_bytes(trainable_bytes: int, cfg: config.Config) -> int:
+    """Adam and AdamW keep two moments shaped like each trainable local shard (step counters, scalars, left out), in
+    bf16 half the fp32 parameters' bytes; Muon's matrices keep one, counted as two (an upper bound); SGD none. DiLoCo
+    adds its outer weights and momentum, each a copy of the trainable shards (titan/parallel/semi_sync.py)."""
+    o, s = cfg.optimizer, cfg.semi_sync
+    moments = 0 if o.name == "SGD" else 2 * trainable_bytes // (1 + (o.state_dtype != "float32"))
+    return moments + (trainable_bytes * (1 + (s.outer_momentum > 0)) if s.method == "diloco" else 0)
 
 
 def micro_batch(cfg: config.Config, dims: ParallelDims) -> MicroBatch:
@@ -387,7 +390,7 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
         # (the whole table on every TP rank; FSDP's reduce-scatter re-shards it when there is one).
         grads += prec.state * args.vocab_size * args.dim * (dims.tp - 1) // dims.tp
     estimate = Estimate(params=param_bytes, grads=grads,
-                        optimizer=optimizer_bytes(trainable_bytes, cfg.optimizer.name), activations=saved,
+                        optimizer=optimizer_bytes(trainable_bytes, cfg), activations=saved,
                         logits=max(a.logits for a in acts), recompute=max(a.recompute for a in acts),
                         fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes),
                         all_to_all=max(a.all_to_all for a in acts), in_flight=in_flight)

@@ -31,8 +31,10 @@ import warnings
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from titan.config import LRScheduler, Optimizer
+from titan import optim_states
+from titan.config import AUTO, DTYPES, LRScheduler, Optimizer
 from titan.errors import ConfigError
+from titan.muon import NS_EPS, Muon, param_groups
 from titan.parallel.process_group import all_reduce_sum
 
 logger = logging.getLogger("titan")
@@ -44,17 +46,37 @@ _IMPLEMENTATION = {  # config value -> torch.optim kwargs
 }
 
 
-def build_optimizer(params, cfg: Optimizer) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) or Adam (L2-style weight decay) over `params` (tensors or param groups)."""
-    cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name]
-    return cls(
-        params,
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        **_IMPLEMENTATION[cfg.implementation],
-    )
+def build_optimizer(named_params, cfg: Optimizer) -> torch.optim.Optimizer:
+    """The [optimizer] section over `named_params`, (name, parameter) pairs: the names decide which parameters take
+    Muon (titan/muon.py). AdamW and Adam with fp32 states are torch's own classes; bf16 states and Muon's AdamW half
+    are titan/optim_states.py's Adam (the same update)."""
+    params = [p for _, p in named_params]
+    if cfg.name == "SGD":
+        return torch.optim.SGD(params, **group_settings(cfg, matrices=False), **_IMPLEMENTATION[cfg.implementation])
+    adam_args = {**group_settings(cfg, matrices=False), **_IMPLEMENTATION[cfg.implementation]}
+    states = {"state_dtype": DTYPES[cfg.state_dtype], "stochastic_rounding": cfg.state_rounding == "stochastic"}
+    if cfg.name == "muon":
+        groups = param_groups(named_params, group_settings(cfg, matrices=True), group_settings(cfg, matrices=False))
+        return Muon(groups, decoupled_weight_decay=True, **states, **adam_args)
+    if cfg.state_dtype == "float32":
+        return {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name](params, **adam_args)
+    return optim_states.Adam(params, decoupled_weight_decay=cfg.name == "AdamW", **states, **adam_args)
+
+
+def group_settings(cfg: Optimizer, matrices: bool) -> dict:
+    """The hyper-parameters of a param group as this config sets them: Muon's for its group of hidden `matrices`,
+    else those of AdamW / Adam (under muon: adamw_lr and adamw_weight_decay) or SGD."""
+    if matrices:
+        return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+                    ns_steps=cfg.muon_ns_steps, ns_coefficients=tuple(cfg.muon_ns_coefficients), ns_eps=NS_EPS,
+                    ns_dtype=cfg.muon_ns_dtype, adjust_lr=cfg.muon_adjust_lr)
+    under_muon = cfg.name == "muon"
+    settings = dict(lr=cfg.adamw_lr if under_muon and cfg.adamw_lr != AUTO else cfg.lr,
+                    weight_decay=cfg.adamw_weight_decay if under_muon and cfg.adamw_weight_decay != AUTO
+                    else cfg.weight_decay)
+    if cfg.name != "SGD":
+        settings.update(betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
+    return settings
 
 
 def schedule_lengths(cfg: LRScheduler, total_steps: int) -> tuple[int, int]:
@@ -95,12 +117,13 @@ def build_lr_scheduler(optimizer, cfg: LRScheduler, total_steps: int) -> torch.o
 
 
 def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: Optimizer) -> None:
-    """After a resume: this run's lr, betas, eps and weight decay, not the ones the optimizer state (param groups) and
-    the scheduler (base lrs) brought back, and the lr of the next step from this run's schedule (training.steps or
-    the warm-up may have changed too)."""
+    """After a resume: this run's hyper-parameters (lr, weight decay, betas, eps; Muon's too), not the ones the
+    optimizer state (param groups) and the scheduler (base lrs) brought back, and the lr of the next step from this
+    run's schedule (training.steps or the warm-up may have changed too)."""
     for group in optimizer.param_groups:
-        group.update(initial_lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        settings = group_settings(cfg, matrices=group.get("muon", False))
+        group.update(initial_lr=settings.pop("lr"), **settings)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     scheduler.last_epoch -= 1
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended, nothing is skipped
         warnings.simplefilter("ignore", UserWarning)

@@ -76,8 +76,8 @@ def train(run: Run) -> None:
 def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: int) -> None:
     cfg, device, timer = run.cfg, run.device, run.timer
     guard = StepGuard(cfg.training, skipped_before=run.checkpointer.train_state.skipped_steps)
-    token_mesh = run.mesh["dp_cp"]  # where the batch is split
-    loss_mesh = run.mesh["pp_dp_cp"]  # where loss values live (only the last pipeline stage has them)
+    token_mesh = run.mesh["step_tokens"]  # where the batch is split (each replica group's own under DiLoCo)
+    loss_mesh = run.mesh["step_loss"]  # where loss values live (only the last pipeline stage has them)
     batches = iter(run.train_loader)
     tokens_per_step = (cfg.training.local_batch_size * run.dims.dp * run.grad_accum * cfg.training.seq_len
                        * run.objective.rows_per_sample)  # DPO: two sequences (chosen, rejected) per sample
@@ -106,13 +106,14 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
             lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
             loss, grad_norm, skipped = guard.check(step, loss_sum, grad_norm)  # non-finite or a spike: no update
             optimizer_step(run, update=not skipped)
+            replica_traffic = run.replicas.end_of_step(step)  # DiLoCo: the outer step every semi_sync.sync_every
             loads, aux = moe.end_of_step(run.model_parts, lambda t: all_reduce_sum(t, loss_mesh), not skipped)
 
         step_time, regions = timer.lap()  # since the previous lap, less validation
         run.metrics.step(step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step, step_time=step_time,
                          data_time=regions["data"], force=skipped, **guard.metrics(),
                          **run.objective.metrics(token_mesh), **moe.step_metrics(loads, aux, n_tokens),
-                         **tokens_per_source(run.train_loader, cfg.training.seq_len))
+                         **tokens_per_source(run.train_loader, cfg.training.seq_len), **replica_traffic)
         profiler.step()
         if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout
             set_train_timeout(run.mesh, cfg.comm.train_timeout_seconds)

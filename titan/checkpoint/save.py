@@ -70,7 +70,8 @@ class Checkpointer:
 
     def __init__(self, cfg: Checkpoint, dump_folder: str, model_parts: list[torch.nn.Module],
                  optimizer: torch.optim.Optimizer, scheduler, dataloader, total_steps: int, hf_export=None,
-                 adapters_only: bool = False, tokenizer=None, run_config: str = "", adapter_export=None):
+                 adapters_only: bool = False, tokenizer=None, run_config: str = "", adapter_export=None,
+                 semi_sync=None):
         self.cfg, self.total_steps, self.hf_export = cfg, total_steps, hf_export
         self.adapter_export = adapter_export  # LoRA: (parts, folder, group) -> writes the PEFT folder (titan/peft.py)
         self.adapters_only = adapters_only  # lora.save_adapter_only: save (and resume) the adapters alone
@@ -81,11 +82,15 @@ class Checkpointer:
                               f"weights do not depend on the layout")
         self.model_parts = model_parts
         self.train_state = TrainState(getattr(tokenizer, "identity", ""), getattr(tokenizer, "name", ""), run_config)
-        self.states = {"model": ModelState(model_parts, "adapters" if adapters_only else None),
+        # DiLoCo (`semi_sync`, titan/parallel/semi_sync.py): each replica group saves its own weights (state.py).
+        replica = getattr(semi_sync, "replica", 0)
+        self.states = {"model": ModelState(model_parts, "adapters" if adapters_only else None, replica),
                        "lr_scheduler": scheduler, "dataloader": dataloader,
                        "train_state": self.train_state}
         if cfg.enable:
-            self.states["optimizer"] = OptimizerState(model_parts, optimizer)
+            self.states["optimizer"] = OptimizerState(model_parts, optimizer, replica)
+        if cfg.enable and hasattr(semi_sync, "state_dict"):
+            self.states["semi_sync"] = semi_sync
         # Saves run their collectives on a gloo group of their own: a background save on the default group would
         # interleave with the training loop's collectives (gloo aborts: "data size doesn't match", torch 2.13).
         self._pg = new_group(backend="gloo") if cfg.enable else None  # with the run's timeout

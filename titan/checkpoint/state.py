@@ -8,6 +8,9 @@ Each state is saved under its own top-level key (names as in torchtitan, usable 
                     keeps one copy (it de-duplicates identical non-sharded keys) and any dp size can continue it
   train_state       step, tokens seen, skipped steps, the tokenizer's identity, the run's resolved config (so a
                     resume can say what changed), the RNG state of rank 0
+  semi_sync         DiLoCo's outer weights and momentum (titan/parallel/semi_sync.py); with it, replica groups hold
+                    weights of their own between outer steps, so replica r > 0 saves its model and optimizer state
+                    under `model.replica<r>.` and `optimizer.replica<r>.` (replica 0's keep the usual names)
 Also the initial weights a run starts from (`load_initial_weights`). Which checkpoint is loaded is resume.py's, saving
 save.py's.
 """
@@ -37,18 +40,21 @@ logger = logging.getLogger("titan")
 
 class ModelState:
     """The model's (or this rank's pipeline stages') parameters under their unsharded names. `only`: "adapters"
-    keeps LoRA's adapters (save_adapter_only), "base" everything else (initial weights for a LoRA model)."""
+    keeps LoRA's adapters (save_adapter_only), "base" everything else (initial weights for a LoRA model).
+    `replica`: a DiLoCo replica group's index (its names get `replica<r>.` in front when r > 0)."""
 
-    def __init__(self, parts: list[torch.nn.Module], only: str | None = None):
-        self.parts, self.only = parts, only
+    def __init__(self, parts: list[torch.nn.Module], only: str | None = None, replica: int = 0):
+        self.parts, self.only, self.prefix = parts, only, f"replica{replica}." if replica else ""
 
     def _wanted(self, name: str) -> bool:
         return self.only is None or is_adapter(name) == (self.only == "adapters")
 
     def state_dict(self) -> dict:
-        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items() if self._wanted(k)}
+        return {self.prefix + k: v for part in self.parts for k, v in get_model_state_dict(part).items()
+                if self._wanted(k)}
 
     def load_state_dict(self, state: dict) -> None:
+        state = {k.removeprefix(self.prefix): v for k, v in state.items()}
         # strict only for a whole model: a pipeline stage holds a subset of the names, a filtered state a part.
         options = StateDictOptions(strict=len(self.parts) == 1 and self.only is None)
         for part in self.parts:
@@ -82,20 +88,22 @@ def load_initial_weights(parts: list[torch.nn.Module], cfg: Checkpoint, process_
 
 
 class OptimizerState:
-    """The optimizer state keyed by parameter name (not by position), so it reshards like the model."""
+    """The optimizer state keyed by parameter name (not by position), so it reshards like the model; under
+    `replica<r>` for a DiLoCo replica group r > 0 (see ModelState)."""
 
-    def __init__(self, parts: list[torch.nn.Module], optimizer: torch.optim.Optimizer):
+    def __init__(self, parts: list[torch.nn.Module], optimizer: torch.optim.Optimizer, replica: int = 0):
         if len(parts) != 1:
             # One optimizer over several stages' parameters has no single module to name them by.
             raise ConfigError("checkpoint.enable with more than one pipeline stage per rank is not supported yet "
                               "(use a single-stage schedule such as 1F1B)")
-        self.part, self.optimizer = parts[0], optimizer
+        self.part, self.optimizer, self.key = parts[0], optimizer, f"replica{replica}" if replica else None
 
     def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.part, self.optimizer)
+        state = get_optimizer_state_dict(self.part, self.optimizer)
+        return state if self.key is None else {self.key: state}
 
     def load_state_dict(self, state: dict) -> None:
-        set_optimizer_state_dict(self.part, self.optimizer, state)
+        set_optimizer_state_dict(self.part, self.optimizer, state if self.key is None else state[self.key])
 
 
 class TrainState:

@@ -6,6 +6,9 @@ fastest links). Flattened views the rest of titan uses:
   dp_shard_cp = dp_shard x cp             -> what FSDP shards over (CP ranks hold the same weights)
   dp_cp       = dp_replicate x dp_shard x cp -> where token counts are reduced (ranks splitting the batch)
   pp_dp_cp    = pp x dp_cp                 -> where loss values are reduced (only last pipeline stages hold them)
+  step_tokens, step_loss = dp_cp, pp_dp_cp -> where a training step's token count (its loss's divisor) and its loss
+                are reduced; with replicas trained apart (semi_sync, DiLoCo: titan/parallel/semi_sync.py) they leave
+                dp_replicate out, as `fsdp` does: each replica group is a trainer of its own between outer steps
 Expert parallelism borrows ranks instead of adding a dimension: dp_shard_cp is cut into efsdp x ep (ep innermost,
 so an expert group is made of neighbouring ranks), the same ranks seen two ways (DeviceMesh._unflatten):
   ep          -> which rank holds which experts, and where tokens travel to them (titan/parallel/expert_parallel.py)
@@ -82,10 +85,11 @@ class ParallelDims:
                    + (f", replicated over dp_replicate={self.dp_replicate}" if self.dp_replicate > 1 else "")
                    if self.ep > 1 else ""))
 
-    def build_mesh(self, device_type: str) -> dict[str, DeviceMesh]:
-        """The named meshes: each of DIMS, the flattened dp / dp_shard_cp / dp_cp, and `fsdp` (what FSDP shards
-        over: dp_shard_cp, or dp_replicate x dp_shard for HSDP). Flattened views are made once and kept here, since
-        slicing them back out of the root mesh is deprecated."""
+    def build_mesh(self, device_type: str, replicas_apart: bool = False) -> dict[str, DeviceMesh]:
+        """The named meshes: each of DIMS, the flattened dp / dp_shard_cp / dp_cp, `fsdp` (what FSDP shards
+        over: dp_shard_cp, or dp_replicate x dp_shard for HSDP unless `replicas_apart`) and the step's meshes (see the
+        module docstring). Flattened views are made once and kept here, since slicing them back out of the root mesh
+        is deprecated."""
         root = init_device_mesh(device_type, tuple(getattr(self, d) for d in DIMS), mesh_dim_names=DIMS)
         meshes = {d: root[d] for d in DIMS}
         meshes["dp"] = root["dp_replicate", "dp_shard"]._flatten("dp")
@@ -95,7 +99,12 @@ class ParallelDims:
         if self.dp_replicate > 1 and self.cp > 1:
             raise ConfigError("parallelism.data_parallel_replicate_degree > 1 with context_parallel_degree > 1 is "
                               "not supported yet")
-        meshes["fsdp"] = root["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else meshes["dp_shard_cp"]
+        hsdp = self.dp_replicate > 1 and not replicas_apart
+        meshes["fsdp"] = root["dp_replicate", "dp_shard"] if hsdp else meshes["dp_shard_cp"]
+        meshes["step_tokens"], meshes["step_loss"] = meshes["dp_cp"], meshes["pp_dp_cp"]
+        if replicas_apart:
+            meshes["step_tokens"] = meshes["dp_shard_cp"]
+            meshes["step_loss"] = root["pp", "dp_shard", "cp"]._flatten("pp_dp_shard_cp")
         if self.ep > 1:
             meshes.update(self._expert_meshes(meshes["fsdp"]))
         logger.info(self.describe())
@@ -105,8 +114,8 @@ class ParallelDims:
         """`ep` and `expert_fsdp`: FSDP's last dimension (dp_shard_cp, or dp_shard under HSDP) cut into efsdp x ep."""
         last = fsdp.mesh_dim_names[-1]
         split = fsdp._unflatten(last, (fsdp[last].size() // self.ep, self.ep), ("efsdp", "ep"))
-        return {"ep": split["ep"], "expert_fsdp": split["dp_replicate", "efsdp"] if self.dp_replicate > 1
-                else split["efsdp"]}
+        return {"ep": split["ep"], "expert_fsdp": split["dp_replicate", "efsdp"] if "dp_replicate" in
+                fsdp.mesh_dim_names else split["efsdp"]}
 
 
 def check_model_fits(dims: ParallelDims, args) -> None:
