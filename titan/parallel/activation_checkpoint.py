@@ -8,6 +8,7 @@ all-gather inside a block is, under TP/FSDP).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -38,10 +39,24 @@ def _save_list() -> set:
 
 
 _SAVE_OPS = _save_list()
+_saving_paused = 0
+
+
+@contextmanager
+def recompute_all():
+    """Inside it selective op AC saves nothing: for kernels that keep their own state for backward (the CP ring keeps
+    q, k, v, its output and log-sum-exp), whose inner matmuls are per-hop fp32 scores, seq x seq / cp per layer."""
+    global _saving_paused
+    _saving_paused += 1
+    try:
+        yield
+    finally:
+        _saving_paused -= 1
 
 
 def _save_matmuls_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    saved = op in _SAVE_OPS and not _saving_paused
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_ac(model: Transformer, mode: str, selective_option: str) -> None:

@@ -34,6 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan.errors import ConfigError
 from titan.models.layers import Transformer
+from titan.parallel.activation_checkpoint import recompute_all
 
 # torch 2.13 renamed it (the old name warns on every call); torch 2.11 has the old name only.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -122,29 +123,30 @@ def _rotate(tensor: torch.Tensor, group, rank: int) -> torch.Tensor:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos, group, rank):
-        cp, scale = len(pos), 1.0 / math.sqrt(q.shape[-1])
-        qf = q.float()
-        m = torch.full(q.shape[:-1], float("-inf"), device=q.device)  # running max
-        l = torch.zeros(q.shape[:-1], device=q.device)  # running denominator
-        acc = torch.zeros(qf.shape, device=q.device)  # running unnormalised output
-        kv = torch.stack([k, v])
-        for step in range(cp):
-            # Start with our own block: its diagonal makes every row's max finite, so no -inf - -inf = nan later.
-            src = (rank - step) % cp
-            if step < cp - 1:
-                next_kv = _rotate(kv, group, rank)  # (a real overlap would post this before the maths below)
-            s = (qf @ kv[0].float().transpose(-1, -2)) * scale
-            s = s.masked_fill(pos[src][None, :] > pos[rank][:, None], float("-inf"))
-            m_new = torch.maximum(m, s.amax(-1))
-            rescale = torch.exp(m - m_new)
-            p = torch.exp(s - m_new[..., None])
-            l = l * rescale + p.sum(-1)
-            acc = acc * rescale[..., None] + p @ kv[1].float()
-            m = m_new
-            if step < cp - 1:
-                kv = next_kv
-        out = acc / l[..., None]
-        lse = m + torch.log(l)
+        with recompute_all():
+            cp, scale = len(pos), 1.0 / math.sqrt(q.shape[-1])
+            qf = q.float()
+            m = torch.full(q.shape[:-1], float("-inf"), device=q.device)  # running max
+            l = torch.zeros(q.shape[:-1], device=q.device)  # running denominator
+            acc = torch.zeros(qf.shape, device=q.device)  # running unnormalised output
+            kv = torch.stack([k, v])
+            for step in range(cp):
+                # Start with our own block: its diagonal makes every row's max finite, so no -inf - -inf = nan later.
+                src = (rank - step) % cp
+                if step < cp - 1:
+                    next_kv = _rotate(kv, group, rank)  # (a real overlap would post this before the maths below)
+                s = (qf @ kv[0].float().transpose(-1, -2)) * scale
+                s = s.masked_fill(pos[src][None, :] > pos[rank][:, None], float("-inf"))
+                m_new = torch.maximum(m, s.amax(-1))
+                rescale = torch.exp(m - m_new)
+                p = torch.exp(s - m_new[..., None])
+                l = l * rescale + p.sum(-1)
+                acc = acc * rescale[..., None] + p @ kv[1].float()
+                m = m_new
+                if step < cp - 1:
+                    kv = next_kv
+            out = acc / l[..., None]
+            lse = m + torch.log(l)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pos, ctx.group, ctx.rank = pos, group, rank
         return out.to(q.dtype)
