@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from titan.config import Metrics
+from titan.trackers import flatten, open_trackers
 
 logger = logging.getLogger("titan")
 
@@ -160,8 +161,6 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(os.path.join(dump_folder, "tb"))
         if cfg.wandb or cfg.mlflow:
-            from titan.trackers import open_trackers
-
             self._trackers = open_trackers(cfg, dump_folder, run_config)
         peak = f"{peak_flops / 1e12:.1f} TFLOP/s per device" if peak_flops else "unknown for this device (MFU n/a)"
         header = f"metrics: every {cfg.log_freq} steps, {flops_per_token:.3e} FLOPs/token, peak {peak}"
@@ -219,7 +218,7 @@ class MetricsLogger:
                        **{f"train/{k}": v for k, v in extra.items()}}
             if mfu is not None:
                 scalars["throughput/mfu_pct"] = mfu
-            self._tb_write(step, {**scalars, **_flatten(details, "train")})
+            self._tb_write(step, {**scalars, **flatten(details, "train")})
 
     def validation(self, step: int, *, loss: float, **extra: float) -> None:
         """Record one validation result (already averaged over the validation batches and ranks)."""
@@ -289,18 +288,6 @@ def _plain(value):
     if isinstance(value, torch.Tensor) and value.dim() > 0:
         return [float(v) for v in value.tolist()]
     return float(value)
-
-
-def _flatten(details: dict, prefix: str) -> dict:
-    """{"expert_load": {"layers.0": {"imbalance": 1.2, "tokens": [...]}}} -> {"train/expert_load/layers.0/imbalance":
-    1.2, ...}: scalars and lists under slash-joined tags."""
-    out = {}
-    for k, v in details.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}/{k}"))
-        else:
-            out[f"{prefix}/{k}"] = v
-    return out
 
 
 class StepTimer:

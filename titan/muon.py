@@ -82,18 +82,11 @@ class Muon(Adam):
     """Groups with `muon=True` take Muon's update, the others AdamW's (titan.optim_states.Adam). Muon groups carry
     lr, weight_decay, momentum, nesterov, ns_steps, ns_coefficients, ns_eps, ns_dtype and adjust_lr."""
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for index, group in enumerate(self.param_groups):
-            if group.get("muon"):
-                self._muon_group(group, index)
-            else:
-                self._adam_group(group, index)
-        return loss
+    def _group_step(self, group: dict, group_index: int) -> None:
+        if group.get("muon"):
+            self._muon_group(group, group_index)
+        else:
+            self._adam_group(group, group_index)
 
     def _muon_group(self, group: dict, group_index: int) -> None:
         lr, momentum = group["lr"], group["momentum"]

@@ -79,8 +79,11 @@ class Adam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            self._adam_group(group, index)
+            self._group_step(group, index)
         return loss
+
+    def _group_step(self, group: dict, group_index: int) -> None:
+        self._adam_group(group, group_index)
 
     def _adam_group(self, group: dict, group_index: int) -> None:
         """torch.optim.Adam.step's body for one group, with the moments widened around the update if they are

@@ -19,13 +19,16 @@ from titan.errors import ConfigError
 logger = logging.getLogger("titan")
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
+def flatten(details: dict, prefix: str, sep: str = "/") -> dict:
+    """{"expert_load": {"layers.0": {"imbalance": 1.2, "tokens": [...]}}} -> {"train/expert_load/layers.0/imbalance":
+    1.2, ...}: scalars and lists under joined tags (a config's dotted keys with sep=".")."""
     out = {}
-    for k, v in config.items():
+    for k, v in details.items():
+        key = f"{prefix}{sep}{k}" if prefix else k
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, key, sep))
         else:
-            out[f"{prefix}{k}"] = v
+            out[key] = v
     return out
 
 
@@ -60,7 +63,7 @@ class MLflow:
             mlflow.set_tracking_uri((Path(dump_folder).resolve() / "mlruns").as_uri())
         mlflow.set_experiment(cfg.mlflow_experiment)
         self.run = mlflow.start_run(run_name=name)
-        params = {k: str(v)[:500] for k, v in _flat(config).items()}
+        params = {k: str(v)[:500] for k, v in flatten(config, "", ".").items()}
         mlflow.log_params(params)
         logger.info(f"metrics: MLflow run {name} at {mlflow.get_tracking_uri()}")
 
