@@ -388,7 +388,9 @@ def test_incomplete_ignored_and_retention(saved):
 
     assert main(_single(saved, "--training.steps", "10", "--checkpoint.interval", "2",
                         "--checkpoint.keep_latest_k", "1")) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["step-10"]
+    # The newest checkpoint a later step confirmed (step-8: step 9 trained finitely on it) stays beside the newest:
+    # step 10's state has no step after it yet.
+    assert sorted(p.name for p in folder.iterdir()) == ["step-10", "step-8"]
 
 
 def test_exclude_from_loading(saved):
@@ -588,6 +590,29 @@ def test_fewer_steps_than_the_checkpoint_leaves_nothing_to_train(saved, capsys):
     assert main(_single(saved, "--training.steps", "2")) == 0  # was a ZeroDivisionError in the lr schedule
     assert "step 4 >= training.steps=2: nothing to train" in _stdout(capsys)
     assert [r["step"] for r in read_metrics(saved)] == [1, 2, 3, 4]
+
+
+def test_a_destructive_update_never_replaces_the_last_good_checkpoint(saved, capsys):
+    """Judging the update, not only the step (issue 31): weight decay 1e30 on resume gives step 5 a finite loss and
+    an update to weights of ~1e28, which were saved and, with keep_latest_k 1, replaced step-2/step-4; step 6 was
+    skipped as non-finite and the run exited 0. Now retention keeps the newest checkpoint a later step confirmed,
+    the skipped last step ends the run with exit code 3, step-5 is moved aside, and a sane resume trains on."""
+    folder = saved / "checkpoint"
+    argv = _single(saved, "--training.steps", "6", "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "1",
+                   "--optimizer.weight_decay", "1e30")
+    capsys.readouterr()
+    assert main(argv) == 3
+    out, err = capsys.readouterr()
+    assert "step 6: non-finite loss or gradient norm" in out and "saved " + str(folder / "step-5") in out
+    assert err.strip().splitlines() == [err.strip()] and "training.steps=6: the last step 6 had to be skipped" in err
+    assert f"the newest checkpoint is {folder / 'step-4'}" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["diverged", "step-4"]  # step-2 retired once 4 was confirmed
+    assert len(list((folder / "diverged").glob("*/step-5"))) == 1
+    assert main(_single(saved, "--training.steps", "6")) == 0
+    assert "continuing at step 5" in _stdout(capsys)
+    resumed = read_metrics(saved)[-2:]
+    assert [r["step"] for r in resumed] == [5, 6] and all(torch.isfinite(torch.tensor(r["loss"])) for r in resumed)
+    assert "skipped_steps" not in resumed[-1]
 
 
 def test_resume_with_another_tokenizer_is_refused(saved, tmp_path, capsys):

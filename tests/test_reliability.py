@@ -39,30 +39,35 @@ def _argv(folder, *extra):
 
 
 def _check_diverged(folder):
-    """What a diverged run must leave: steps 2 and 3 logged as skipped, only the finite step-1 checkpoint."""
+    """What a diverged run must leave: steps 2 and 3 logged as skipped; step-1, saved after the update the run
+    diverged from (lr 1e30 made its weights huge), moved to diverged/<run>/ and no checkpoint for a resume to take."""
     records = read_metrics(folder)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert torch.isfinite(torch.tensor([records[0]["loss"], records[0]["grad_norm"]])).all()
     for r, skipped in zip(records[1:], (1, 2)):
         assert not torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() and r["skipped_steps"] == skipped
-    assert sorted(p.name for p in (folder / "checkpoint").iterdir()) == ["step-1"]
+    assert sorted(p.name for p in (folder / "checkpoint").iterdir()) == ["diverged"]
+    assert len(list((folder / "checkpoint" / "diverged").glob("*/step-1"))) == 1
 
 
 def test_diverging_lr_stops_with_exit_3_and_keeps_the_last_finite_checkpoint(tmp_path, capsys):
     assert main(_argv(tmp_path, *DIVERGE)) == 3
     out, err = capsys.readouterr()
     assert err.splitlines() == [err.strip()] and "training.max_consecutive_skips=2: steps 2-3" in err
-    assert str(tmp_path / "checkpoint" / "step-1") in err
+    assert "no checkpoint has been saved; step-1 moved to " + str(tmp_path / "checkpoint" / "diverged") in err
     assert "step 2: non-finite loss or gradient norm" in out and "not saving step 2" in out
     _check_diverged(tmp_path)
     # Skipped steps make no update but the lr schedule advances: the lr stays a function of the step.
     cfg = load(_argv(tmp_path, *DIVERGE))
     assert [r["lr"] for r in read_metrics(tmp_path)] == [1e30 * lr_lambda(s, cfg.lr_scheduler, 10) for s in range(3)]
 
-    # The kept checkpoint is finite and loads: a resume with a sane lr trains on from it.
-    assert main(_argv(tmp_path, "--checkpoint.enable", "--training.steps", "3", "--validation.enable", "false",
+    # step-1's weights are what step 2 diverged on: a resume with a sane lr starts afresh instead of from them
+    # (before, it resumed step-1 and was NaN at once). A resume from a good checkpoint:
+    # test_checkpoint.py::test_a_destructive_update_never_replaces_the_last_good_checkpoint.
+    assert main(_argv(tmp_path, "--checkpoint.enable", "--training.steps", "2", "--validation.enable", "false",
                       "--optimizer.lr", "1e-3")) == 0
-    assert "continuing at step 2" in capsys.readouterr().out
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records][-2:] == [1, 2] and "skipped_steps" not in records[-1]
 
 
 def test_diverging_dpo_stops_with_exit_3(tmp_path):

@@ -2,7 +2,8 @@
 `training.loss_spike_factor`) whose loss exceeds that factor times the mean of the recent updated steps, is skipped:
 its gradients are dropped and the optimizer does not step (the lr schedule does: the lr stays a function of the step,
 and the skipped step's data is consumed). After `training.max_consecutive_skips` skipped steps in a row the run stops
-with exit code 3 and saves nothing from that state (titan/checkpoint.py does not save a skipped step either).
+with exit code 3 and saves nothing from that state, as does a run whose last step is skipped (titan/checkpoint/
+save.py does not save a skipped step either, and moves aside the saves no later step confirmed).
 
 It owns the decision and its counts; the loop (titan/train.py) applies it. Every rank decides alike because the loop
 passes the loss summed over the loss mesh (all pipeline stages and data ranks) and the global gradient norm.
@@ -56,12 +57,15 @@ class StepGuard:
     def stuck(self) -> bool:
         return len(self.in_a_row) >= self.limit
 
-    def failure(self, newest_checkpoint: str) -> RunFailed:
+    def failure(self, checkpoints: str) -> RunFailed:
+        """Why the run stops: max_consecutive_skips in a row, or a skipped last step (its state is not saved
+        either: a run must not end with exit code 0 on weights the guard refused to train on)."""
         steps = self.in_a_row
         span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
-        return RunFailed(f"training.max_consecutive_skips={self.limit}: {span} had to be skipped (non-finite or "
-                         f"spiking loss); stopping without saving this state ({newest_checkpoint}); lower "
-                         f"optimizer.lr or check the data, then resume", EXIT_DIVERGED)
+        why = (f"training.max_consecutive_skips={self.limit}: {span} had to be skipped" if self.stuck else
+               f"training.steps={steps[-1]}: the last {span} had to be skipped")
+        return RunFailed(f"{why} (non-finite or spiking loss); stopping without saving this state ({checkpoints}); "
+                         f"lower optimizer.lr or check the data, then resume", EXIT_DIVERGED)
 
     def metrics(self) -> dict[str, int]:
         return {"skipped_steps": self.total} if self.total else {}

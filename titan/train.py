@@ -117,8 +117,8 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
         profiler.step()
         if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout
             set_train_timeout(run.mesh, cfg.comm.train_timeout_seconds)
-        if guard.stuck:  # max_consecutive_skips in a row: nothing of this state is saved
-            raise guard.failure(run.checkpointer.newest_text())
+        if guard.stuck or (skipped and step == cfg.training.steps):  # nothing of this state is saved, and saves
+            raise guard.failure(run.checkpointer.set_aside_unconfirmed())  # no finite step confirmed move aside
 
         if run.val_loader is not None and (step % cfg.validation.freq == 0 or step == cfg.training.steps):
             with timer("validation", in_step=False):

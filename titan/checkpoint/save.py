@@ -32,11 +32,23 @@ from torch.distributed.tensor import DTensor
 from titan.checkpoint.resume import Resume
 from titan.checkpoint.staging import PinnedStager
 from titan.checkpoint.state import ModelState, OptimizerState, TrainState, load_initial_weights, one_line
-from titan.checkpoint.store import checksums, data_files, kill_point, new_run_id, owner, publish, purge, write_manifest
+from titan.checkpoint.store import (
+    DIVERGED,
+    checksums,
+    data_files,
+    kill_point,
+    lineage_members,
+    new_run_id,
+    owner,
+    publish,
+    purge,
+    set_aside,
+    write_manifest,
+)
 from titan.config import DTYPES, Checkpoint
 from titan.errors import ConfigError
 from titan.lifecycle import EXIT_SAVE_FAILED, RunFailed, agree, os_error
-from titan.parallel.process_group import gather_objects, new_group
+from titan.parallel.process_group import barrier, gather_objects, new_group
 
 logger = logging.getLogger("titan")
 MiB = 2**20
@@ -106,6 +118,12 @@ class Checkpointer:
         self.lineage = [[self.run_id, None]]  # see store.py:lineage_after
         self.newest: Path | None = None  # the newest committed checkpoint of this run's history
         self._owed = False  # a save fell due at a skipped step: the next updated step makes it
+        # Judging the update: a step's loss is computed on the weights the previous step's update made, so a step
+        # the guard lets through confirms the state of every earlier step. `_good` is the lineage key (run's
+        # position, step) up to which states are confirmed; `_unconfirmed` the step of a commit retention still has
+        # to look at again once it is confirmed.
+        self._good: tuple[int, int] = (0, -1)
+        self._unconfirmed: int | None = None
 
     @property
     def step(self) -> int:
@@ -138,6 +156,7 @@ class Checkpointer:
         resume.load(path, self.states, self.train_state)
         self.parent, self.lineage = resume.settle(step, path, aside, self.run_id)
         self.newest = path
+        self._good = (len(self.lineage) - 2, step - 1)  # the loaded state is judged by this run's first step
 
     # -- saving -----------------------------------------------------------------------------------------------
 
@@ -150,6 +169,8 @@ class Checkpointer:
         self.train_state.skipped_steps = skipped_steps
         if not self.cfg.enable:
             return
+        if updated:
+            self._confirm(step - 1)
         last = step == self.total_steps
         if not (force or last or self._owed or step % self.cfg.interval == 0):
             return
@@ -165,6 +186,34 @@ class Checkpointer:
 
     def newest_text(self) -> str:
         return f"the newest checkpoint is {self.newest}" if self.newest else "no checkpoint has been saved"
+
+    def _confirm(self, step: int) -> None:
+        """The state after `step` is good (the guard let the next step through): retention may now count the save
+        of that step as the last good one. No collective; rank 0 alone touches the folder, and not while a background
+        commit may be renaming in it (that commit applies retention itself)."""
+        self._good = (len(self.lineage) - 1, step)
+        if self._unconfirmed is None or self._unconfirmed > step or self.rank != 0:
+            return
+        if self._pending is None or self._pending[0].done():
+            self._unconfirmed = None
+            purge(self.folder, self.cfg.keep_latest_k, self.lineage, step, self._good)
+
+    def set_aside_unconfirmed(self) -> str:
+        """The run diverged (the guard skipped the last step, or too many in a row): the saves no step has
+        confirmed hold the state it diverged from. Move them to diverged/<run id>/, so that the next start resumes
+        from the newest good checkpoint (which retention kept). Every rank calls it; returns what is left, in words."""
+        if not self.cfg.enable:
+            return self.newest_text()
+        self.wait()
+        moved = set_aside(self.folder, self.lineage, self._good, self.run_id) if self.rank == 0 else []
+        barrier(self._pg)
+        if moved:
+            remaining = lineage_members(self.folder, self.lineage)
+            self.newest = remaining[-1][1] if remaining else None
+            logger.warning(f"checkpoint: moved {', '.join(p.name for p in moved)} to "
+                           f"{self.folder / DIVERGED / self.run_id} (saved after the update the run diverged from)")
+            return f"{self.newest_text()}; {', '.join(p.name for p in moved)} moved to {self.folder / DIVERGED}"
+        return self.newest_text()
 
     def save(self, step: int, model_only: bool = False) -> None:
         """Write step-<N>: in the foreground, or (async) stage a copy, write it in the background, return."""
@@ -259,7 +308,8 @@ class Checkpointer:
                 write_manifest(tmp, info, files)
                 kill_point("commit:written")
                 publish(tmp, self.folder / f"step-{step}")
-                purge(self.folder, self.cfg.keep_latest_k, self.lineage, step)
+                self._unconfirmed = step if self._good < (len(self.lineage) - 1, step) else None
+                purge(self.folder, self.cfg.keep_latest_k, self.lineage, step, self._good)
             except OSError as e:
                 error = os_error(e)
         agree(error, self._pg, _SaveError)

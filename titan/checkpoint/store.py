@@ -11,6 +11,7 @@ resume.py's, and which rank writes what, and when, save.py's.
       step-<N>.tmp/       a save being written or cut short; written in full once it holds manifest.json
       step-<N>.old/       the previous copy of step-<N> while a re-save of the same step is published
       superseded/<run>/   checkpoints that a branched resume (checkpoint.branch) moved out of its way
+      diverged/<run>/     saves whose state a later step found non-finite, moved aside when that run stopped
 
 manifest.json, written by rank 0 once every rank's files are on disk and before the rename that commits:
     {"format": 1, "step": N, "run": "<run id>", "parent": {"step": P, "run": "<id>"} or null,
@@ -31,7 +32,7 @@ import zlib
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-SUPERSEDED = "superseded"
+SUPERSEDED, DIVERGED = "superseded", "diverged"
 _STEP_DIR = re.compile(r"^step-(\d+)(\.tmp|\.old)?$")
 _RANK_FILE = re.compile(r"^__(\d+)_")  # DCP's FileSystemWriter names each rank's files __<rank>_<i>.distcp
 
@@ -187,9 +188,10 @@ def recover(folder: Path) -> list[str]:
     return done
 
 
-def supersede(folder: Path, paths: list[Path], run_id: str) -> Path:
-    """Move step folders out of the checkpoint folder's history into superseded/<run id>/ (nothing is deleted)."""
-    target = folder / SUPERSEDED / run_id
+def supersede(folder: Path, paths: list[Path], run_id: str, into: str = SUPERSEDED) -> Path:
+    """Move step folders out of the checkpoint folder's history into superseded/<run id>/ (or `into`/<run id>/;
+    nothing is deleted)."""
+    target = folder / into / run_id
     target.mkdir(parents=True, exist_ok=True)
     for path in paths:
         os.replace(path, target / path.name)
@@ -223,23 +225,44 @@ def lineage_position(manifest: dict | None, lineage: list[list]) -> int | None:
     return None
 
 
-def purge(folder: Path, keep: int, lineage: list[list], committed: int) -> list[Path]:
-    """Retention after the commit of step `committed`: keep the newest `keep` checkpoints of this run's lineage
-    (ordered by run, then step, so a run that restarted its step count still counts as newest) and delete older ones
-    of the lineage; delete `.tmp` saves older than `committed`. Checkpoints outside the lineage (other runs' branches,
-    folders without a manifest) are never deleted. `keep` = 0 keeps everything."""
-    complete, partial = scan(folder)
+def lineage_members(folder: Path, lineage: list[list]) -> list[tuple[tuple[int, int], Path]]:
+    """The complete checkpoints of `folder` that belong to `lineage`, oldest first, each with its key (position of
+    its run in the lineage, step): a run that restarted its step count still sorts after its parent."""
+    members = []
+    for step, path in scan(folder)[0].items():
+        try:
+            position = lineage_position(read_manifest(path), lineage)
+        except ValueError:
+            position = None
+        if position is not None:
+            members.append(((position, step), path))
+    return sorted(members)
+
+
+def purge(folder: Path, keep: int, lineage: list[list], committed: int,
+          confirmed: tuple[int, int] | None = None) -> list[Path]:
+    """Retention after the commit of step `committed`: keep the newest `keep` checkpoints of this run's lineage and
+    also the newest one whose state is known good (its key <= `confirmed`: a later step's loss and gradient norm,
+    computed on its weights, were finite; None = judge nothing), and delete older ones of the lineage; delete
+    `.tmp` saves older than `committed`. So a save that a diverging update made never pushes the last good one out.
+    Checkpoints outside the lineage (other runs' branches, folders without a manifest) are never deleted. `keep` = 0
+    keeps everything."""
+    _, partial = scan(folder)
     doomed = [path for step, path in partial.items() if step < committed]
     if keep > 0:
-        members = []
-        for step, path in complete.items():
-            try:
-                position = lineage_position(read_manifest(path), lineage)
-            except ValueError:
-                position = None
-            if position is not None:
-                members.append(((position, step), path))
-        doomed += [path for _, path in sorted(members)[:-keep]]
+        members = lineage_members(folder, lineage)
+        good = [path for key, path in members if confirmed is not None and key <= confirmed]
+        kept = {path for _, path in members[-keep:]} | set(good[-1:])
+        doomed += [path for _, path in members if path not in kept]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def set_aside(folder: Path, lineage: list[list], after: tuple[int, int], run_id: str) -> list[Path]:
+    """Move the lineage's checkpoints newer than key `after` (states no later step has confirmed, in a run that
+    diverged from them) to diverged/<run id>/: the next start resumes from the newest good one. Nothing is deleted."""
+    unconfirmed = [path for key, path in lineage_members(folder, lineage) if key > after]
+    if unconfirmed:
+        supersede(folder, unconfirmed, run_id, DIVERGED)
+    return unconfirmed
