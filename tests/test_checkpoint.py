@@ -427,6 +427,28 @@ def test_seed_checkpoint_and_model_only_export(tmp_path):
                  "--checkpoint.initial_load_path", str(export / "checkpoint" / "step-2")]) == 0
 
 
+def test_one_history_per_folder_on_every_path(tmp_path, capsys):
+    """Issue 31: a resume over a model-only save logged "continuing at step 1" and saved its own step-2 over the
+    first run's (and truncated metrics.jsonl); load_step without enable trained afresh beside the checkpoint. Both are
+    refused in one line with nothing changed; a new run never truncates an earlier run's metrics.jsonl."""
+    folder = tmp_path / "checkpoint"
+    assert main(_single(tmp_path, "--training.steps", "4", "--checkpoint.interval", "2",
+                        "--checkpoint.model_only")) == 0  # step-2 full, step-4 weights only
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    line = _error_line(capsys, _single(tmp_path, "--training.steps", "8"))
+    assert "step-4 holds no train_state (a checkpoint.model_only save)" in line and "step-2, step-4" in line
+    assert "checkpoint.branch" in line
+    line = _error_line(capsys, ["--config", TINY, "--job.dump_folder", str(tmp_path), "--checkpoint.load_step", "2"])
+    assert line == ("titan: error: checkpoint.load_step=2 needs checkpoint.enable = true (without it nothing is "
+                    "loaded: the run would start afresh beside that checkpoint)")
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2", "step-4"]
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    # A run without checkpoints in the same folder starts at step 1: the earlier file is kept as metrics.1.jsonl.
+    assert main(["--config", TINY, "--job.dump_folder", str(tmp_path), "--training.steps", "1"]) == 0
+    assert (tmp_path / "metrics.1.jsonl").read_bytes() == metrics
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Integrity, history and atomic commits (single process, in-process)
 

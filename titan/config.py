@@ -578,6 +578,9 @@ def validate(cfg: Config) -> None:
         if not getattr(getattr(cfg, section), name).strip():
             raise ConfigError(f"{key} must name a folder (got an empty string)")
     c = cfg.checkpoint
+    if c.load_step != AUTO and not c.enable:
+        raise ConfigError(f"checkpoint.load_step={c.load_step} needs checkpoint.enable = true (without it nothing is "
+                          f"loaded: the run would start afresh beside that checkpoint)")
     for state in c.exclude_from_loading:
         if state not in CHECKPOINT_STATES:
             raise ConfigError(f"checkpoint.exclude_from_loading: unknown state {state!r} "

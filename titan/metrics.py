@@ -105,6 +105,20 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return None
 
 
+def keep_earlier_metrics(path: str) -> None:
+    """A run starting at step 1 beside an earlier run's non-empty metrics.jsonl: move that file to the first free
+    metrics.<n>.jsonl (a new run must never truncate what another logged)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    stem = path[: -len(".jsonl")]
+    n = 1
+    while os.path.exists(f"{stem}.{n}.jsonl"):
+        n += 1
+    os.replace(path, f"{stem}.{n}.jsonl")
+    logger.warning(f"metrics: {path} held an earlier run's steps; moved it to {stem}.{n}.jsonl (this run starts at "
+                   f"step 1)")
+
+
 def _format_eta(seconds: float) -> str:
     seconds = max(0, round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -117,9 +131,9 @@ class MetricsLogger:
     of `cfg.log_freq`, or the last. Throughput and step time are averaged over all steps since the previous log;
     loss, grad norm, lr and extras are the logged step's own values.
 
-    `<dump_folder>/metrics.jsonl` is truncated when the logger is created (appended to with `append=True`, for a run
-    resumed from a checkpoint): each run has its own dump folder and the
-    file describes that run. It gets one JSON object per logged step (`step`, `loss`, `grad_norm`, `lr`, `tps`,
+    `<dump_folder>/metrics.jsonl` is appended to by a run resumed from a checkpoint (`append=True`); a run that
+    starts at step 1 first moves an earlier run's file to metrics.<n>.jsonl (`keep_earlier_metrics`: never
+    truncated), so metrics.jsonl describes one history. It gets one JSON object per logged step (`step`, `loss`, `grad_norm`, `lr`, `tps`,
     `tps_per_device`, `mfu` (percent, null without a known peak), `step_time`, `data_time` (when the loop passes it),
     `memory_gib`, extras such as `skipped_steps`; an extra that is a dict, e.g. MoE's `expert_load`, goes to the file
     and TensorBoard but not the printed line) and `{"step", "val_loss", ...}` per validation, flushed line by
@@ -154,7 +168,10 @@ class MetricsLogger:
         if rank != 0:
             return
         os.makedirs(dump_folder, exist_ok=True)
-        self._jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a" if append else "w")
+        path = os.path.join(dump_folder, "metrics.jsonl")
+        if not append:
+            keep_earlier_metrics(path)
+        self._jsonl = open(path, "a")
         if cfg.enable_tensorboard:
             # Imported lazily: tensorboard costs ~1 s to import and is unused when disabled or off rank 0.
             from torch.utils.tensorboard import SummaryWriter

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from titan.checkpoint.state import TrainState, one_line, stored_keys
+from titan.checkpoint.state import TrainState, one_line, read_keys, stored_keys
 from titan.checkpoint.store import MANIFEST, lineage_after, owner, read_manifest, recover, scan, supersede, verify
 from titan.config import CHECKPOINT_STATES, Checkpoint
 from titan.errors import ConfigError
@@ -131,12 +131,16 @@ class Resume:
     def _ahead(self, step: int, complete: dict[int, Path], rejected: list[Path]) -> list[Path]:
         """Checkpoints at or after the step this run starts with: another history, which may only be moved aside
         on purpose (checkpoint.branch)."""
-        restart = "train_state" in self.cfg.exclude_from_loading  # the step count starts again at 1
+        # The step count starts again at 1 without a train_state: excluded, or not saved (a model_only save).
+        excluded = "train_state" in self.cfg.exclude_from_loading
+        restart = excluded or "train_state" not in read_keys(complete[step], self.what)
         first = 1 if restart else step + 1
         ahead = [p for s, p in sorted(complete.items()) if s >= first and p not in rejected]
         if ahead and not self.cfg.branch:
             names = ", ".join(p.name for p in ahead)
-            why = (f"checkpoint.exclude_from_loading=train_state restarts the step count beside {names}" if restart
+            why = (f"checkpoint.exclude_from_loading=train_state restarts the step count beside {names}" if excluded
+                   else f"{complete[step].name} holds no train_state (a checkpoint.model_only save), so resuming it "
+                        f"restarts the step count beside {names}" if restart
                    else f"checkpoint.load_step={step} is older than {names}")
             raise ConfigError(f"{why} in {self.folder}: training from it would mix two histories in one folder; set "
                               f"checkpoint.branch = true to move those to {self.folder / 'superseded'}/<run id>/ and "
