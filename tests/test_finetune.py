@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -38,6 +39,14 @@ DPO = ["--training.recipe", "dpo", "--training.dataset", "tiny_preferences", "--
        "--training.global_batch_size", "4", "--training.steps", "10", "--dpo.beta", "0.5"]
 # The tiny model's weights (64 x 64, 32 x 64, ...) split into whole NF4 scale blocks of 64 x 16 on 2 FSDP ranks.
 QLORA = ["--lora.quantize_base", "nf4", "--lora.nf4_scaler_block_size", "16"]
+
+
+def _error_line(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("titan: error: "), err
+    return err[0]
 
 
 def _argv(folder, *extra):
@@ -295,7 +304,7 @@ def _dcp_model(path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in torch.load(out)["model"].items()}
 
 
-def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(tmp_path, one_thread):
+def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(tmp_path, one_thread, capsys):
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3", "--validation.enable", "false", *LORA]
     # A seed checkpoint of the base model = the weights every run starts from.
     assert main(_argv(tmp_path / "seed", "--checkpoint.create_seed_checkpoint", "--validation.enable", "false")) == 0
@@ -342,6 +351,18 @@ def test_lora_base_stays_frozen_export_merges_and_adapter_only_resume_is_exact(t
     assert main(_argv(tmp_path / "a", *only, "--training.steps", "3")) == 0
     saved = _dcp_model(tmp_path / "a" / "checkpoint" / "step-3")
     assert saved and all(lora.is_adapter(k) for k in saved)
+    # They pin their base (issue 31): a resume on a randomly initialised base, or on another seed's, is refused in
+    # one line (before, the adapters trained on silently); checkpoint.allow_base_change is the explicit override.
+    b = tmp_path / "b"
+    shutil.copytree(tmp_path / "a" / "checkpoint", b / "checkpoint")
+    line = _error_line(capsys, _argv(b, *ckpt, "--lora.save_adapter_only"))
+    assert f"holds adapters trained on the base {seed} (sha256" in line and "random initialisation" in line
+    assert "checkpoint.allow_base_change" in line
+    assert main(_argv(tmp_path / "r", *ckpt, "--lora.save_adapter_only", "--training.steps", "1")) == 0
+    line = _error_line(capsys, _argv(tmp_path / "r", *ckpt, "--lora.save_adapter_only", "--training.seed", "1"))
+    assert "llama3 tiny with training.seed 0" in line and "training.seed 1" in line
+    assert main(_argv(b, *ckpt, "--lora.save_adapter_only", "--training.steps", "4",
+                      "--checkpoint.allow_base_change")) == 0
     assert main(_argv(tmp_path / "a", *only)) == 0  # resumes at step 4, base from initial_load_path
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "a")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]

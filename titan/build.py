@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from titan import config_io, hf, models, peft
 from titan.checkpoint.save import Checkpointer
-from titan.checkpoint.state import load_initial_weights
+from titan.checkpoint.state import base_identity, load_initial_weights
 from titan.config import DPO, DTYPES, SFT, Checkpoint, Config, LoRA, Training, Validation
 from titan.data.chat import (
     build_preference_dataloader,
@@ -266,10 +266,16 @@ def build_checkpointer(cfg: Config, args: TransformerArgs, tokenizer, model_part
         export = lora.merging(export, cfg.lora.alpha / cfg.lora.rank)
     # QLoRA checkpoints hold the adapters only: the base is checkpoint.initial_load_path's, quantized again.
     adapters_only = cfg.lora.enable and (cfg.lora.save_adapter_only or cfg.lora.quantize_base != "none")
+    base = ("", "")
+    if adapters_only and cfg.checkpoint.enable:  # pinned in train_state: a resume on another base is refused
+        q = cfg.lora
+        quantized = "" if q.quantize_base == "none" else f"{q.quantize_base} (scaler block {q.nf4_scaler_block_size})"
+        base = base_identity(cfg.checkpoint.initial_load_path,
+                             f"{cfg.model.name} {cfg.model.flavor} with training.seed {cfg.training.seed}", quantized)
     return Checkpointer(cfg.checkpoint, cfg.job.dump_folder, model_parts, optimizer, scheduler, train_loader,
                         cfg.training.steps, export, adapters_only=adapters_only, tokenizer=tokenizer,
                         run_config=config_io.to_toml(cfg), adapter_export=adapter_exporter(cfg, args),
-                        semi_sync=replicas)
+                        semi_sync=replicas, base=base)
 
 
 def base_model_folder(c: Checkpoint) -> str:

@@ -333,6 +333,10 @@ class Checkpoint:
     allow_tokenizer_change: bool = opt(
         False, "resume even if the checkpoint was trained with another tokenizer (token ids change meaning)"
     )
+    allow_base_change: bool = opt(
+        False, "resume adapter-only checkpoints (lora.save_adapter_only, QLoRA) although the base weights differ "
+        "from those they were trained on (initial_load_path's files, or the seed of a random base)"
+    )
     model_only: bool = opt(False, "the last step's save holds only the model weights (in export_dtype)")
     export_dtype: str = opt("float32", "dtype of model-only and Hugging Face exports", ("float32", "bfloat16"))
     exclude_from_loading: list[str] = opt(

@@ -170,6 +170,7 @@ class Resume:
                 raise ConfigError(f"{self.what}: cannot load {path} ({one_line(e)})") from None
             if group == ["train_state"]:
                 self._check_tokenizer(path, train_state)
+                self._check_base(path, train_state)
         skipped = [n for n in CHECKPOINT_STATES if n not in names]
         logger.info(f"checkpoint: loaded {', '.join(names)} from {path} in {time.perf_counter() - start:.2f}s"
                     + (f" (not restored: {', '.join(skipped)})" if skipped else "")
@@ -186,6 +187,20 @@ class Resume:
                               f"checkpoint.allow_tokenizer_change = true to resume anyway)")
         if self.rank == 0:
             logger.warning(f"checkpoint: {text}; resuming anyway (checkpoint.allow_tokenizer_change)")
+
+    def _check_base(self, path: Path, train_state: TrainState) -> None:
+        """Adapter-only checkpoints hold no base weights: the run must supply the ones they were trained on."""
+        saved, mine = train_state.loaded, train_state.identity
+        if not saved.get("base") or not mine["base"] or saved["base"] == mine["base"]:
+            return  # the same, not adapter-only, or a checkpoint from before titan recorded it
+        text = (f"{path} holds adapters trained on the base {saved['base_name']} (sha256 {saved['base'][:12]}), this "
+                f"run's base is {mine['base_name']} (sha256 {mine['base'][:12]})")
+        if not self.cfg.allow_base_change:
+            raise ConfigError(f"{self.what}: {text}; the adapters would be applied to other weights (set "
+                              f"checkpoint.initial_load_path and training.seed as when they were trained, or "
+                              f"checkpoint.allow_base_change = true to resume anyway)")
+        if self.rank == 0:
+            logger.warning(f"checkpoint: {text}; resuming anyway (checkpoint.allow_base_change)")
 
     def settle(self, step: int, path: Path, aside: list[Path], run_id: str) -> tuple[dict, list[list]]:
         """Move checkpoints that are not this run's history out of the folder; returns where the run came from

@@ -83,7 +83,7 @@ class Checkpointer:
     def __init__(self, cfg: Checkpoint, dump_folder: str, model_parts: list[torch.nn.Module],
                  optimizer: torch.optim.Optimizer, scheduler, dataloader, total_steps: int, hf_export=None,
                  adapters_only: bool = False, tokenizer=None, run_config: str = "", adapter_export=None,
-                 semi_sync=None):
+                 semi_sync=None, base=("", "")):
         self.cfg, self.total_steps, self.hf_export = cfg, total_steps, hf_export
         self.adapter_export = adapter_export  # LoRA: (parts, folder, group) -> writes the PEFT folder (titan/peft.py)
         self.adapters_only = adapters_only  # lora.save_adapter_only: save (and resume) the adapters alone
@@ -93,7 +93,9 @@ class Checkpointer:
             raise ConfigError(f"checkpoint.create_seed_checkpoint runs on one process (got {self.world_size}); the "
                               f"weights do not depend on the layout")
         self.model_parts = model_parts
-        self.train_state = TrainState(getattr(tokenizer, "identity", ""), getattr(tokenizer, "name", ""), run_config)
+        # `base`: what adapter-only checkpoints were trained on (state.py:base_identity), checked on resume.
+        self.train_state = TrainState(getattr(tokenizer, "identity", ""), getattr(tokenizer, "name", ""), run_config,
+                                      base if adapters_only else ("", ""))
         # DiLoCo (`semi_sync`, titan/parallel/semi_sync.py): each replica group saves its own weights (state.py).
         replica = getattr(semi_sync, "replica", 0)
         self.states = {"model": ModelState(model_parts, "adapters" if adapters_only else None, replica),

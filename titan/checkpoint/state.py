@@ -6,8 +6,9 @@ Each state is saved under its own top-level key (names as in torchtitan, usable 
   lr_scheduler      LambdaLR state (the step count)
   dataloader        the loader's state; its `position` counts global samples and is the same on every rank, so DCP
                     keeps one copy (it de-duplicates identical non-sharded keys) and any dp size can continue it
-  train_state       step, tokens seen, skipped steps, the tokenizer's identity, the run's resolved config (so a
-                    resume can say what changed), the RNG state of rank 0
+  train_state       step, tokens seen, skipped steps, the tokenizer's identity, the identity of the base weights
+                    under adapter-only checkpoints (`base_identity`), the run's resolved config (so a resume can say
+                    what changed), the RNG state of rank 0
   semi_sync         DiLoCo's outer weights and momentum (titan/parallel/semi_sync.py); with it, replica groups hold
                     weights of their own between outer steps, so replica r > 0 saves its model and optimizer state
                     under `model.replica<r>.` and `optimizer.replica<r>.` (replica 0's keep the usual names)
@@ -17,6 +18,7 @@ save.py's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from titan.checkpoint.store import file_crc32
 from titan.config import Checkpoint
 from titan.errors import ConfigError
 from titan.models.lora import is_adapter
@@ -87,6 +90,29 @@ def load_initial_weights(parts: list[torch.nn.Module], cfg: Checkpoint, process_
     logger.info(f"checkpoint: initial weights from {path}")
 
 
+WEIGHT_FILES = (".safetensors", ".distcp", ".metadata", ".bin", ".pt", ".pth")
+
+
+def base_identity(initial_load_path: str, random_init: str, quantized: str = "") -> tuple[str, str]:
+    """(digest, description) of the base weights that adapter-only checkpoints (LoRA's save_adapter_only, QLoRA)
+    are trained on and do not hold: the name, size and CRC-32 of every weight file under `initial_load_path` (the
+    same files elsewhere give the same digest), or, without one, `random_init` (family, flavor and seed, which make
+    the seeded initialisation); plus how the base is quantized. ("", "") for a path that is not a folder (the load
+    reports it)."""
+    if initial_load_path:
+        path = Path(initial_load_path)
+        if not path.is_dir():
+            return "", ""
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_FILES))
+        text = "\n".join(f"{f.relative_to(path)} {f.stat().st_size} {file_crc32(f):08x}" for f in files)
+        name = str(path)
+    else:
+        text = name = f"the random initialisation of {random_init}"
+    if quantized:
+        text, name = f"{text}\nquantized {quantized}", f"{name}, quantized {quantized}"
+    return hashlib.sha256(text.encode()).hexdigest(), name
+
+
 class OptimizerState:
     """The optimizer state keyed by parameter name (not by position), so it reshards like the model; under
     `replica<r>` for a DiLoCo replica group r > 0 (see ModelState)."""
@@ -111,9 +137,11 @@ class TrainState:
     (dropout-free Llama draws no randoms while training; kept for extensions). The RNG state is rank 0's: DCP keeps
     one copy of a non-sharded key."""
 
-    def __init__(self, tokenizer: str = "", tokenizer_name: str = "", run_config: str = ""):
+    def __init__(self, tokenizer: str = "", tokenizer_name: str = "", run_config: str = "",
+                 base: tuple[str, str] = ("", "")):
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
-        self.identity = {"tokenizer": tokenizer, "tokenizer_name": tokenizer_name, "config": run_config}
+        self.identity = {"tokenizer": tokenizer, "tokenizer_name": tokenizer_name, "config": run_config,
+                         "base": base[0], "base_name": base[1]}
         self.loaded: dict[str, str] = {}  # those three as the loaded checkpoint recorded them ("" if it did not)
         self.stored: set[str] | None = None  # the keys the checkpoint being loaded has (older ones lack some)
 
