@@ -353,6 +353,11 @@ def test_errors_name_the_path(tmp_path, saved, capsys):
     (folder / "step-4" / ".metadata").write_bytes(b"garbage")
     line = _error_line(capsys, _single(saved, "--training.steps", "6", "--checkpoint.load_step", "4"))
     assert f"{folder / 'step-4' / '.metadata'} has 7 bytes" in line and "integrity" in line
+    manifest = json.loads((folder / "step-4" / "manifest.json").read_text())
+    manifest["files"][".metadata"] = "7 bytes"  # a hand-edited entry: was a ValueError traceback
+    (folder / "step-4" / "manifest.json").write_text(json.dumps(manifest))
+    line = _error_line(capsys, _single(saved, "--training.steps", "6", "--checkpoint.load_step", "4"))
+    assert "manifest.json has a malformed entry for '.metadata'" in line
 
     data = next((folder / "step-2").glob("*.distcp"))
     data.write_bytes(data.read_bytes()[:1000])  # torn data file under a valid .metadata

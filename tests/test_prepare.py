@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_utils import REPO, TINY, losses, max_rel_diff, read_metrics, rel_error, run_layouts
+from dist_utils import REPO, TINY, children, losses, max_rel_diff, read_metrics, rel_error, run_layouts
 from torch.utils.data import Dataset
 
 from titan.config import Training, Validation
@@ -488,6 +489,158 @@ def test_prepared_folder_errors_name_the_file(austen, tmp_path, tok):
     expect(copy_dir, "cannot read")
     (copy_dir / "manifest.json").write_text(json.dumps({"format": "other"}))
     expect(copy_dir, "not a titan.tokens manifest")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_every_shard_corruption_is_named_in_one_line(prepared, tmp_path, tok, capsys):
+    """Issue 31: shards were checked for size only. In-range garbage trained silently (now: --verify names the
+    shard by its CRC-32), out-of-range ids crashed in the embedding with an IndexError naming no file, a scrambled
+    .idx silently turned document masking off, and a manifest listing 12 of its 13 shards trained on less data."""
+    names = [s["name"] for s in json.loads((prepared / "manifest.json").read_text())["shards"]]
+    assert run_script(capsys, "--verify", prepared) == (0, [])
+
+    garbage = _copy(prepared, tmp_path / "garbage")  # in-range ids: only the checksum can tell
+    ids = np.fromfile(garbage / f"{names[1]}.bin", dtype="<u2")
+    ids[10:110] = 7
+    ids.tofile(garbage / f"{names[1]}.bin")
+    tokens.open_prepared(garbage, "k", tok).read(0, 10)  # the cheap start-up check passes
+    code, errors = run_script(capsys, "--verify", garbage)
+    assert code == 2 and len(errors) == 1 and f"{garbage / names[1]}.bin has CRC-32" in errors[0], errors
+
+    wild = _copy(prepared, tmp_path / "wild")  # ids outside the vocabulary
+    ids = np.fromfile(wild / f"{names[2]}.bin", dtype="<u2")
+    ids[:] = 4096
+    ids.tofile(wild / f"{names[2]}.bin")
+    stream = tokens.open_prepared(wild, "training.dataset_path", tok)
+    with pytest.raises(ConfigError, match=f"{wild / names[2]}.bin holds token id 4096 at position 0") as e:
+        stream.read(stream._offsets[2], 8)
+    assert "\n" not in str(e.value) and "--verify" in str(e.value)
+    code, errors = run_script(capsys, "--verify", wild)
+    assert code == 2 and len(errors) == 1 and f"{names[2]}.bin holds token id 4096" in errors[0], errors
+
+    scrambled = _copy(prepared, tmp_path / "scrambled")  # two offsets swapped: the same size, first and last
+    offsets = np.fromfile(scrambled / f"{names[0]}.idx", dtype="<u8")
+    offsets[[3, 5]] = offsets[[5, 3]]
+    offsets.tofile(scrambled / f"{names[0]}.idx")
+    with pytest.raises(ConfigError, match=f"{scrambled / names[0]}.idx has offsets out of order"):
+        tokens.open_prepared(scrambled, "k", tok).document_index(0, 64)
+    code, errors = run_script(capsys, "--verify", scrambled)
+    assert code == 2 and len(errors) == 1 and f"{names[0]}.idx has offsets out of order" in errors[0], errors
+
+    short = _copy(prepared, tmp_path / "short")  # the manifest lists one shard fewer than the folder holds
+    manifest = json.loads((short / "manifest.json").read_text())
+    manifest["shards"].pop()
+    (short / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="shards add up to") as e:
+        tokens.open_prepared(short, "training.dataset_path", tok)
+    assert "\n" not in str(e.value)
+    code, errors = run_script(capsys, "--verify", short)
+    assert code == 2 and any(f"{names[-1]}.bin" in line and "not once" in line for line in errors), errors
+
+    # Through training: one line naming the shard and exit code 2, not an IndexError traceback.
+    for name in names:
+        np.full(len(np.fromfile(wild / f"{name}.bin", dtype="<u2")), 4096, dtype="<u2").tofile(wild / f"{name}.bin")
+    assert main(["--config", TINY, "--job.dump_folder", str(tmp_path / "run"), "--training.dataset_path", str(wild),
+                 "--training.steps", "1", "--validation.enable", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds token id 4096" in err[0] and str(wild) in err[0], err
+
+
+def test_tokenizer_identity_is_content_and_prepared_data_has_the_override(prepared, tmp_path, tok, capsys):
+    """A re-indented sidecar with a chat_template added is the same tokenizer (it was refused: identity was the
+    files' bytes); two swapped ranks are another, refused for prepared data unless checkpoint.allow_tokenizer_change
+    (which prepared data lacked)."""
+    shipped = Path(tok.name)
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / "debug.tiktoken").write_bytes(shipped.read_bytes())
+    sidecar = json.loads(shipped.with_suffix(".json").read_text())
+    (same / "debug.json").write_text(json.dumps({**sidecar, "chat_template": "{{ messages }}"}, indent=7))
+    reindented = load_tokenizer(str(same / "debug.tiktoken"))
+    assert reindented.identity == tok.identity and reindented.file_identity != tok.file_identity
+    tokens.open_prepared(prepared, "k", reindented)
+    # A folder recorded with the files' sha256 (titan before content identity) still opens.
+    legacy = _copy(prepared, tmp_path / "legacy")
+    manifest = json.loads((legacy / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = tok.file_identity
+    (legacy / "manifest.json").write_text(json.dumps(manifest))
+    tokens.open_prepared(legacy, "k", tok)
+
+    lines = shipped.read_text().splitlines()
+    (a, rank_a), (b, rank_b) = lines[300].split(), lines[301].split()
+    lines[300], lines[301] = f"{a} {rank_b}", f"{b} {rank_a}"
+    (same / "other.tiktoken").write_text("\n".join(lines) + "\n")
+    (same / "other.json").write_text(json.dumps(sidecar))
+    other = load_tokenizer(str(same / "other.tiktoken"))
+    assert other.identity != tok.identity
+    with pytest.raises(ConfigError, match="checkpoint.allow_tokenizer_change"):
+        tokens.open_prepared(prepared, "training.dataset_path", other)
+    tokens.open_prepared(prepared, "training.dataset_path", other, allow_tokenizer_change=True)
+
+
+def test_a_dead_worker_fails_the_preparation_within_seconds(tmp_path):
+    """Issue 31: multiprocessing.Pool replaced a SIGKILLed worker (what the OOM killer does) but never delivered its
+    unit, and the driver waited forever at 0 % CPU. Now the run stops within 10 s, with one line."""
+    big = tmp_path / "big.jsonl"
+    paragraphs = [json.dumps({"text": p}) + "\n" for p in AUSTEN.read_text().split("\n\n") if p.strip()]
+    with open(big, "w") as f:
+        while f.tell() < 48 * 2**20:  # three chunks of 16 MiB: longer than the kill takes on a loaded machine
+            f.write("".join(paragraphs))
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--input", str(big), "--output", str(tmp_path / "out"),
+                             "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    def workers() -> list[int]:  # the tokenizing processes (not multiprocessing's resource tracker)
+        return [c for c in children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+    try:
+        deadline = time.time() + 120
+        while len(workers()) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        time.sleep(2)  # at work on their first chunks
+        victim = workers()[0]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=30)
+        assert time.time() - killed < 10
+    finally:
+        proc.kill()
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert proc.returncode == 1 and len(errors) == 1 and f"worker process {victim} died (killed by SIGKILL" in \
+        errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_one_run_per_output_part_and_edited_inputs_are_prepared_again(tmp_path, capsys):
+    from titan.data.prepare import part_lock
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("a", "b"):
+        (docs / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(900)))
+    out = tmp_path / "out"
+    out.mkdir()
+    with part_lock(out, 0, 1):  # another run holds the folder: refused, naming it
+        code, errors = run_script(capsys, "--input", docs, "--output", out, "--shard_mb", "0.01", "--workers", "1")
+    assert code == 2 and f"being prepared by another run (host {socket.gethostname()}, pid {os.getpid()})" in \
+        errors[0], errors
+    assert prepare([str(docs)], str(out), shard_mb=0.01, log=quiet)
+    (out / "manifest.json").unlink()  # as if interrupted before the end
+    records = {f.name: f.read_bytes() for f in out.glob("shard-*.json")}
+    with open(docs / "b.jsonl", "a") as f:  # an input edited before the resume
+        f.write(json.dumps({"text": "b, one more"}) + "\n")
+    lines = []
+    assert prepare([str(docs)], str(out), shard_mb=0.01, log=lines.append)
+    assert any("resuming, 1 of 3 shards already done" in line for line in lines), lines
+    assert (out / "shard-000000.json").read_bytes() == records["shard-000000.json"]
+    assert prepare([str(docs)], str(tmp_path / "fresh"), shard_mb=0.01, log=quiet)
+    assert folder_bytes(out) == folder_bytes(tmp_path / "fresh")
 
 
 def test_prepare_command_line_runs_in_a_fresh_process(tmp_path):

@@ -164,7 +164,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     optimizer = build_optimizer(model.named_trainable, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
     train_loader, val_loader = build_dataloaders(t, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(),
-                                                 dims.dp)
+                                                 dims.dp, allow_tokenizer_change=cfg.checkpoint.allow_tokenizer_change)
     replicas = build_replicas(cfg.semi_sync, model.parts, mesh, t.steps, DTYPES[t.mixed_precision_reduce])
     checkpointer = build_checkpointer(cfg, args, tokenizer, model.parts, optimizer, scheduler, train_loader, replicas)
     checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
@@ -389,11 +389,14 @@ def dpo_reference(model: ModelParts, args: TransformerArgs, lora_cfg: LoRA, chec
     return lambda batch: frozen(batch["input"])
 
 
-def build_dataloaders(training: Training, sft: SFT, validation: Validation, tokenizer, dp_rank: int, dp_size: int):
-    """(train loader, validation loader or None) for the recipe."""
+def build_dataloaders(training: Training, sft: SFT, validation: Validation, tokenizer, dp_rank: int, dp_size: int,
+                      allow_tokenizer_change: bool = False):
+    """(train loader, validation loader or None) for the recipe. `allow_tokenizer_change`: checkpoint's override
+    key, which also lets a prepared folder of another tokenizer be read."""
     if training.recipe == "pretrain":
-        train = build_pretrain_dataloader(training, tokenizer, dp_rank, dp_size)
-        val = build_validation_dataloader(validation, training, tokenizer, dp_rank, dp_size) \
+        allow = {"allow_tokenizer_change": allow_tokenizer_change}
+        train = build_pretrain_dataloader(training, tokenizer, dp_rank, dp_size, **allow)
+        val = build_validation_dataloader(validation, training, tokenizer, dp_rank, dp_size, **allow) \
             if validation.enable else None
     elif training.recipe == "sft":
         train = build_sft_dataloader(training, sft, tokenizer, dp_rank, dp_size)

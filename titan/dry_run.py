@@ -197,7 +197,8 @@ def _simulate(cfg: Config, args: TransformerArgs, dims: ParallelDims, rank: int,
         optimizer = build_optimizer(model.named_trainable, cfg.optimizer)  # its settings checked on meta tensors too
         scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
         if tokenizer is not None:
-            build_dataloaders(cfg.training, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(), dims.dp)
+            build_dataloaders(cfg.training, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(), dims.dp,
+                              cfg.checkpoint.allow_tokenizer_change)
         # The checkpointer's layout checks; disabled, so that it makes no process group of its own.
         Checkpointer(dataclasses.replace(cfg.checkpoint, enable=False, async_mode="disabled"), cfg.job.dump_folder,
                      model.parts, optimizer, scheduler, None, cfg.training.steps)

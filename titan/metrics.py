@@ -133,11 +133,11 @@ class MetricsLogger:
 
     `<dump_folder>/metrics.jsonl` is appended to by a run resumed from a checkpoint (`append=True`); a run that
     starts at step 1 first moves an earlier run's file to metrics.<n>.jsonl (`keep_earlier_metrics`: never
-    truncated), so metrics.jsonl describes one history. It gets one JSON object per logged step (`step`, `loss`, `grad_norm`, `lr`, `tps`,
-    `tps_per_device`, `mfu` (percent, null without a known peak), `step_time`, `data_time` (when the loop passes it),
-    `memory_gib`, extras such as `skipped_steps`; an extra that is a dict, e.g. MoE's `expert_load`, goes to the file
-    and TensorBoard but not the printed line) and `{"step", "val_loss", ...}` per validation, flushed line by
-    line so a crash keeps what was logged.
+    truncated), so metrics.jsonl describes one history. It gets one JSON object per logged step (`step`, `loss`,
+    `grad_norm`, `lr`, `tps`, `tps_per_device`, `mfu` (percent, null without a known peak), `step_time`,
+    `data_time` (when the loop passes it), `memory_gib`, extras such as `skipped_steps`; an extra that is a dict,
+    e.g. MoE's `expert_load`, goes to the file and TensorBoard but not the printed line) and `{"step", "val_loss",
+    ...}` per validation, flushed line by line so a crash keeps what was logged.
     Non-finite values are written as NaN / Infinity, which Python's json reads back.
     """
 

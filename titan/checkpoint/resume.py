@@ -178,8 +178,8 @@ class Resume:
 
     def _check_tokenizer(self, path: Path, train_state: TrainState) -> None:
         saved, mine = train_state.loaded, train_state.identity
-        if not saved.get("tokenizer") or not mine["tokenizer"] or saved["tokenizer"] == mine["tokenizer"]:
-            return  # the same, or a checkpoint from before titan recorded it
+        if not saved.get("tokenizer") or not mine["tokenizer"] or saved["tokenizer"] in train_state.tokenizer_aliases:
+            return  # the same (by content, or by the file bytes older checkpoints recorded), or not recorded
         text = (f"{path} was trained with the tokenizer {saved['tokenizer_name']} (sha256 {saved['tokenizer'][:16]}), "
                 f"this run has {mine['tokenizer_name']} (sha256 {mine['tokenizer'][:16]})")
         if not self.cfg.allow_tokenizer_change:

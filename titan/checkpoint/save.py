@@ -96,6 +96,7 @@ class Checkpointer:
         # `base`: what adapter-only checkpoints were trained on (state.py:base_identity), checked on resume.
         self.train_state = TrainState(getattr(tokenizer, "identity", ""), getattr(tokenizer, "name", ""), run_config,
                                       base if adapters_only else ("", ""))
+        self.train_state.tokenizer_aliases.add(getattr(tokenizer, "file_identity", ""))  # titan's earlier record
         # DiLoCo (`semi_sync`, titan/parallel/semi_sync.py): each replica group saves its own weights (state.py).
         replica = getattr(semi_sync, "replica", 0)
         self.states = {"model": ModelState(model_parts, "adapters" if adapters_only else None, replica),

@@ -142,6 +142,7 @@ class TrainState:
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         self.identity = {"tokenizer": tokenizer, "tokenizer_name": tokenizer_name, "config": run_config,
                          "base": base[0], "base_name": base[1]}
+        self.tokenizer_aliases = {tokenizer}  # what a checkpoint may have recorded for this tokenizer (not saved)
         self.loaded: dict[str, str] = {}  # those three as the loaded checkpoint recorded them ("" if it did not)
         self.stored: set[str] | None = None  # the keys the checkpoint being loaded has (older ones lack some)
 

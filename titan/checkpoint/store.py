@@ -71,10 +71,13 @@ def read_manifest(path: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(file.read_text())
-        manifest["files"].items()
-        return manifest
+        entries = manifest["files"].items()
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{MANIFEST} is unreadable ({type(e).__name__})") from None
+    for name, entry in entries:  # [bytes, crc32] each: a hand-edited or garbled entry is named, not a traceback
+        if not (isinstance(entry, list) and len(entry) == 2 and all(type(x) is int and x >= 0 for x in entry)):
+            raise ValueError(f"{MANIFEST} has a malformed entry for {name!r} (expected [bytes, crc32])")
+    return manifest
 
 
 def _is_written(tmp: Path) -> bool:

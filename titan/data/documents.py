@@ -97,11 +97,11 @@ def _fail(key: str, path: Path, what: str) -> ConfigError:
 
 
 def _open_text_stream(path: Path, key: str):
-    """A binary stream of the decompressed JSONL file."""
+    """(a binary stream of the decompressed JSONL file, the file underneath it)."""
     fmt = suffix(path)
     raw = open(path, "rb")
     if fmt == ".jsonl.gz":
-        return gzip.GzipFile(fileobj=raw)
+        return gzip.GzipFile(fileobj=raw), raw
     if fmt == ".jsonl.zst":
         try:
             import zstandard
@@ -109,8 +109,8 @@ def _open_text_stream(path: Path, key: str):
             raw.close()
             raise ConfigError(f"{key}: reading {path} needs the zstandard package: pip install -e \".[data]\"") \
                 from None
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    return raw
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), raw
+    return raw, raw
 
 
 def _record_text(line: bytes, key: str, path: Path, lineno, text_key: str) -> str:
@@ -125,20 +125,36 @@ def _record_text(line: bytes, key: str, path: Path, lineno, text_key: str) -> st
     return record[text_key]
 
 
+PROGRESS_BYTES = 1 << 20  # how often readers call `progress`: per MiB, not per line
+
+
 def jsonl_documents(path: Path, key: str, text_key: str = "text", start: int = 0, end: int | None = None,
                     progress=None) -> Iterator[str]:
     """The documents of the lines whose first byte lies in [start, end) (plain .jsonl; compressed files are read
-    whole). `progress(n_bytes)` is called as bytes are consumed."""
+    whole). `progress(n_bytes)` is called about every MiB with the bytes of the file on disk consumed since the
+    last call (for .gz / .zst the compressed bytes, so that progress and the input's size agree)."""
     try:
-        stream = _open_text_stream(path, key)
+        stream, raw = _open_text_stream(path, key)
     except OSError as e:
         raise _fail(key, path, f"cannot be read ({e.strerror or e})") from None
+    compressed = stream is not raw
     with stream:
         pos = start
         if start > 0:  # a line belongs to the piece holding its first byte: finish the one in progress
             stream.seek(start - 1)
             if stream.read(1) != b"\n":
                 pos += len(stream.readline())
+        marks = [pos, 0]  # where the last report was: decompressed position, and the raw one for .gz / .zst
+
+        def report() -> None:
+            if compressed:  # the raw file's position (read ahead by at most a buffer) measures the bytes on disk
+                now = raw.tell()
+                progress(now - marks[1])
+                marks[1] = now
+            else:
+                progress(pos - marks[0])
+            marks[0] = pos
+
         reader = io.BufferedReader(stream, 1 << 20) if not isinstance(stream, io.BufferedReader) else stream
         while end is None or pos < end:
             try:
@@ -148,16 +164,19 @@ def jsonl_documents(path: Path, key: str, text_key: str = "text", start: int = 0
             if not line:
                 break
             line_start, pos = pos, pos + len(line)
-            if progress is not None:
-                progress(len(line))
+            if progress is not None and pos - marks[0] >= PROGRESS_BYTES:
+                report()
             if line.strip():
                 yield _record_text(line, key, path, lambda start=line_start: _line_number(path, key, start), text_key)
+        if progress is not None and not raw.closed:
+            report()
 
 
 def _line_number(path: Path, key: str, offset: int) -> int:
     """1-based number of the line starting at decompressed byte `offset` (counted only when reporting an error)."""
     count = 0
-    with _open_text_stream(path, key) as stream:
+    stream, _ = _open_text_stream(path, key)
+    with stream:
         while offset > 0:
             chunk = stream.read(min(offset, 1 << 24))
             if not chunk:
@@ -188,6 +207,12 @@ def parquet_file(path: Path, key: str):
         raise _fail(key, path, f"is not a readable parquet file ({e})") from None
 
 
+def row_group_disk_bytes(metadata, group: int) -> int:
+    """A parquet row group's size on disk (its columns' compressed sizes): what progress counts."""
+    rg = metadata.row_group(group)
+    return sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+
+
 def parquet_documents(path: Path, key: str, text_key: str = "text", start: int = 0, end: int | None = None,
                       progress=None) -> Iterator[str]:
     """The `text_key` column of row groups [start, end)."""
@@ -198,7 +223,7 @@ def parquet_documents(path: Path, key: str, text_key: str = "text", start: int =
     for group in range(start, end):
         column = pf.read_row_group(group, columns=[text_key]).column(0)
         if progress is not None:
-            progress(pf.metadata.row_group(group).total_byte_size)
+            progress(row_group_disk_bytes(pf.metadata, group))
         for row, text in enumerate(column.to_pylist()):
             if not isinstance(text, str):
                 raise _fail(key, path, f"row group {group} row {row}: {text_key!r} is not a string")

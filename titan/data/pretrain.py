@@ -38,12 +38,14 @@ IGNORE_INDEX = -100  # label value the loss skips; it counts valid labels with `
 _STREAMS: dict[tuple, tokens.TokenStream] = {}  # (data files, tokenizer files) -> raw text's stream, this process
 
 
-def token_stream(path: Path, key: str, tokenizer: Tokenizer) -> tokens.TokenStream:
-    """The stream at `path`: a prepared folder (memory-mapped: start-up and memory do not grow with the corpus), or
-    raw documents tokenized in memory now (for small corpora; reused within a process while neither the files nor
-    the tokenizer change, so tests and scripts that build several runs tokenize a corpus once)."""
+def token_stream(path: Path, key: str, tokenizer: Tokenizer, allow_tokenizer_change: bool = False) \
+        -> tokens.TokenStream:
+    """The stream at `path`: a prepared folder (read on demand: start-up and memory do not grow with the corpus;
+    made with this tokenizer unless `allow_tokenizer_change`, checkpoint's override key), or raw documents tokenized
+    in memory now (for small corpora; reused within a process while neither the files nor the tokenizer change, so
+    tests and scripts that build several runs tokenize a corpus once)."""
     if path.is_dir() and tokens.is_prepared(path):
-        return tokens.open_prepared(path, key, tokenizer)
+        return tokens.open_prepared(path, key, tokenizer, allow_tokenizer_change)
     if path.is_dir() and any(path.glob("shard-*.idx")):
         raise ConfigError(f"{key}: {path} is an unfinished prepared dataset (no {tokens.MANIFEST} yet): finish "
                           f"scripts/prepare_data.py (every part, if it was split with --num_shards)")
@@ -99,10 +101,12 @@ class Windows(Dataset):
         return row
 
 
-def _windows(key: str, path: Path, tokenizer: Tokenizer, seq_len: int, cfg: Training) -> Windows:
+def _windows(key: str, path: Path, tokenizer: Tokenizer, seq_len: int, cfg: Training,
+             allow_tokenizer_change: bool = False) -> Windows:
     if not path.exists():
         raise ConfigError(f"{key}: {path} does not exist")
-    windows = Windows(token_stream(path, key, tokenizer), seq_len, cfg.document_masking, cfg.reset_positions)
+    stream = token_stream(path, key, tokenizer, allow_tokenizer_change)
+    windows = Windows(stream, seq_len, cfg.document_masking, cfg.reset_positions)
     if len(windows) == 0:
         raise ConfigError(f"{key}: {path} has {len(windows.stream)} tokens, fewer than training.seq_len + 1 = "
                           f"{seq_len + 1} for one window")
@@ -115,11 +119,13 @@ def source_names(paths: list[str]) -> list[str]:
     return [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def build_pretrain_dataloader(cfg: Training, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> StatefulDataLoader:
+def build_pretrain_dataloader(cfg: Training, tokenizer: Tokenizer, dp_rank: int, dp_size: int, *,
+                              allow_tokenizer_change: bool = False) -> StatefulDataLoader:
     """Infinite, shuffled batches {"input", "label"(, "document_ids", "positions")} of [local_batch_size, seq_len]
     for this dp rank, from training.dataset(_path) or the weighted mix of training.dataset_paths."""
+    allow = allow_tokenizer_change
     if cfg.dataset_paths:
-        sources = [_windows(f"training.dataset_paths[{i}]", Path(p), tokenizer, cfg.seq_len, cfg)
+        sources = [_windows(f"training.dataset_paths[{i}]", Path(p), tokenizer, cfg.seq_len, cfg, allow)
                    for i, p in enumerate(cfg.dataset_paths)]
         names, weights = source_names(cfg.dataset_paths), cfg.dataset_weights
         logger.info("data: mixing " + ", ".join(f"{n} {w / sum(weights):.1%} ({len(s):,} windows)"
@@ -127,7 +133,9 @@ def build_pretrain_dataloader(cfg: Training, tokenizer: Tokenizer, dp_rank: int,
     else:
         path, key = locate("training", cfg.dataset, cfg.dataset_path, "train", cfg.dataset_columns,
                            cfg.dataset_streaming)
-        sources, names, weights = [_windows(key, path, tokenizer, cfg.seq_len, cfg)], None, None
+        sources, names, weights = [_windows(key, path, tokenizer, cfg.seq_len, cfg, allow)], None, None
+        kind = "prepared" if tokens.is_prepared(path) else "tokenized at start"
+        logger.info(f"data: {path} ({kind}, {len(sources[0].stream):,} tokens, {len(sources[0]):,} windows)")
     sampler = GlobalOrderSampler([len(s) for s in sources], cfg.local_batch_size, cfg.seed, dp_rank, dp_size,
                                  weights, names)
     return make_loader(ConcatDataset(sources) if len(sources) > 1 else sources[0], sampler)
@@ -140,11 +148,11 @@ def tokens_per_source(loader: StatefulDataLoader, seq_len: int) -> dict[str, int
 
 
 def build_validation_dataloader(cfg: Validation, training: Training, tokenizer: Tokenizer, dp_rank: int,
-                                dp_size: int) -> StatefulDataLoader:
+                                dp_size: int, *, allow_tokenizer_change: bool = False) -> StatefulDataLoader:
     """Finite, unshuffled batches of the validation split; each iter() is one pass (partial last round dropped).
     Windows are cut (and masked) as training's are."""
     path, key = locate("validation", cfg.dataset, cfg.dataset_path, "validation", cfg.dataset_columns)
-    windows = _windows(key, path, tokenizer, training.seq_len, training)
+    windows = _windows(key, path, tokenizer, training.seq_len, training, allow_tokenizer_change)
     sampler = SequentialBlocks(len(windows), cfg.local_batch_size, dp_rank, dp_size)
     if len(sampler) == 0:
         raise ConfigError(

@@ -60,9 +60,11 @@ class Tokenizer:
         # Byte values with no token of their own (SmolLM2 lacks 21): tiktoken panics on text containing them.
         self._missing = re.compile(b"[" + re.escape(missing_bytes) + b"]") if missing_bytes else None
         self.source: tuple | None = None  # set by load_tokenizer: the files it was read from
-        # set by load_tokenizer: sha256 of those files' bytes -- what prepared data and checkpoints record, so a
-        # run notices another tokenizer even when its vocabulary size is the same (a path can move, bytes cannot)
+        # set by load_tokenizer: sha256 of what makes the ids (`content_identity`) -- what prepared data and
+        # checkpoints record, so a run notices another tokenizer even when its vocabulary size is the same (a path
+        # can move, the vocabulary cannot), while a re-indented or annotated file is still the same tokenizer
         self.identity: str = ""
+        self.file_identity: str = ""  # sha256 of the files' bytes: what titan recorded before; still accepted
         self.name: str = ""  # for messages: the rank file's path
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -191,15 +193,27 @@ def load_tokenizer(path: str = "") -> Tokenizer | HFTokenizer:
         raise _fail(path, f"cannot build the encoding: {e}") from None
     missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
     tokenizer = Tokenizer(encoding, specials, meta["bos_token"], meta["eos_token"], missing, meta.get("unk_token"))
-    _identify(tokenizer, path, [f for f in (path, _sidecar_path(path)) if f.is_file()])
+    content = {"kind": "tiktoken", "pattern": meta["pattern"], "special_tokens": specials,
+               "bos": meta["bos_token"], "eos": meta["eos_token"], "unk": meta.get("unk_token"),
+               "ranks": hashlib.sha256(b"".join(base64.b64encode(t) + b" %d\n" % r
+                                                for t, r in sorted(ranks.items(), key=lambda x: x[1]))).hexdigest()}
+    _identify(tokenizer, path, [f for f in (path, _sidecar_path(path)) if f.is_file()], content)
     return tokenizer
 
 
-def _identify(tokenizer, path: Path, files: list[Path]) -> None:
+def _identify(tokenizer, path: Path, files: list[Path], content: dict) -> None:
     # Identifies these files as they are now: lets data loaders reuse a token stream within one process.
     tokenizer.source = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-    tokenizer.identity = files_sha256(files)
+    tokenizer.identity = content_identity(content)
+    tokenizer.file_identity = files_sha256(files)
     tokenizer.name = str(path)
+
+
+def content_identity(content: dict) -> str:
+    """sha256 of what decides the ids text becomes -- the vocabulary, merges or ranks, the split pattern or
+    pre-tokenizer and normaliser, the special tokens and the bos/eos ids -- as canonical JSON: the same tokenizer
+    whatever its files' formatting, key order or extra fields (a chat_template added to a sidecar, say)."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
 def files_sha256(files: list[Path]) -> str:
@@ -244,8 +258,15 @@ class HFTokenizer:
         pad = self._id(path, names, "pad_token")
         self.pad_id = self.eos_id if pad is None else pad
         self.unk_id = self._id(path, names, "unk_token")
-        self.source, self.identity, self.name = None, "", ""
-        _identify(self, path, [path.parent / f for f in HF_TOKENIZER_FILES if (path.parent / f).is_file()])
+        self.source, self.identity, self.file_identity, self.name = None, "", "", ""
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _fail(path, f"cannot read the Hugging Face tokenizer ({e})") from None
+        content = {"kind": "tokenizers", **{k: spec.get(k) for k in ("model", "added_tokens", "normalizer",
+                                                                      "pre_tokenizer")},
+                   "ids": [self.bos_id, self.eos_id, self.pad_id, self.unk_id]}
+        _identify(self, path, [path.parent / f for f in HF_TOKENIZER_FILES if (path.parent / f).is_file()], content)
 
     def _id(self, path: Path, names: dict, key: str) -> int | None:
         name = names.get(key)

@@ -4,26 +4,35 @@ token ids, held either in memory (raw text tokenized at start) or as memory-mapp
 A prepared folder (written by scripts/prepare_data.py, or by any tool that follows this layout; see docs/data.md):
 
     manifest.json          {"format": "titan.tokens", "version": 1, "dtype": "uint16", "tokenizer": {...},
-                            "num_tokens": T, "num_documents": D, "shards": [{"name", "num_tokens", "num_documents"}],
-                            "inputs": [...]}   -- written last: a folder without it is not (yet) a dataset
+                            "num_tokens": T, "num_documents": D, "shards": [{"name", "num_tokens", "num_documents",
+                            "bin_crc32", "idx_crc32"}], "inputs": [...]}   -- written last: a folder without it is
+                            not (yet) a dataset (the CRC-32s are optional: folders written before them lack them)
     <name>.bin             the shard's token ids, little-endian, in `dtype` (the smallest that holds the vocabulary)
     <name>.idx             num_documents + 1 little-endian uint64 offsets into the shard: where each document starts,
                            then the shard's length
 
-The stream is the shards in manifest order. This module owns the layout (reading it, and the small helpers that
-write it) and reading the stream; not windows or the sample order (pretrain.py), nor tokenizing (prepare.py).
+The stream is the shards in manifest order. This module owns the layout (reading it, its checks, and the small
+helpers that write it) and reading the stream; not windows or the sample order (pretrain.py), nor tokenizing
+(prepare.py). Checks: at start, cheaply (the manifest's totals, every listed shard present with the size it implies,
+no unlisted one, each .idx starting at 0 and ending at its shard's length); while reading, what is read (ids inside
+the vocabulary, offsets non-decreasing); in full with `verify` (scripts/prepare_data.py --verify: every byte against
+its CRC-32, every id and offset).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from titan.errors import ConfigError
+
+logger = logging.getLogger("titan")
 
 FORMAT, VERSION = "titan.tokens", 1
 MANIFEST = "manifest.json"
@@ -76,11 +85,15 @@ class FilePiece:
     """A shard on disk, read with pread(2) on demand. Not memory-mapped: a mapping counts every page it touches in
     the process's resident memory (measured: 2 MiB per random window where the page cache holds large folios), so
     resident memory would grow with the part of the corpus read; pages read with pread stay the kernel's cache.
-    The files are opened on first use and closed by `close` (TokenStream keeps a few dozen open at most)."""
+    The files are opened on first use and closed by `close` (TokenStream keeps a few dozen open at most). What it
+    reads is checked on the way (an id outside `vocab_size`, offsets going backwards): one line naming the file,
+    where a corrupt shard used to raise an IndexError deep in the embedding or silently turn masking off."""
 
-    def __init__(self, bin_file: Path, idx_file: Path, dtype: np.dtype, num_tokens: int, num_documents: int):
+    def __init__(self, bin_file: Path, idx_file: Path, dtype: np.dtype, num_tokens: int, num_documents: int,
+                 vocab_size: int | None = None, key: str = "training.dataset_path"):
         self.bin_file, self.idx_file, self.dtype = bin_file, idx_file, dtype
         self.num_tokens, self.num_documents = num_tokens, num_documents
+        self.vocab_size, self.key = vocab_size, key
         self._fds: tuple[int, int] | None = None
         self._sparse: np.ndarray | None = None
 
@@ -92,22 +105,42 @@ class FilePiece:
         size = dtype.itemsize
         data = os.pread(self._fds[which], (hi - lo) * size, lo * size)
         if len(data) != (hi - lo) * size:
-            raise OSError(f"{(self.bin_file, self.idx_file)[which]} is shorter than its manifest says")
+            raise ConfigError(f"{self.key}: {(self.bin_file, self.idx_file)[which]} is shorter than its manifest "
+                              f"says (truncated while in use?)")
         return np.frombuffer(data, dtype=dtype)
 
+    def _corrupt(self, file: Path, what: str) -> ConfigError:
+        return ConfigError(f"{self.key}: {file} {what}: the shard is corrupt; check the folder with "
+                           f"scripts/prepare_data.py --verify {file.parent}, and prepare it again")
+
     def tokens(self, lo: int, hi: int) -> np.ndarray:
-        return self._read(0, self.dtype, lo, hi)
+        ids = self._read(0, self.dtype, lo, hi)
+        if self.vocab_size is not None and len(ids) and int(ids.max()) >= self.vocab_size:
+            at = int(np.argmax(ids >= self.vocab_size))
+            raise self._corrupt(self.bin_file, f"holds token id {int(ids[at])} at position {lo + at}, outside the "
+                                               f"tokenizer's {self.vocab_size} ids")
+        return ids
+
+    def _offsets(self, lo: int, hi: int) -> np.ndarray:
+        block = self._read(1, OFFSET_DTYPE, lo, hi).astype(np.int64)
+        if len(block) and (np.any(np.diff(block) < 0) or block[0] < 0 or block[-1] > self.num_tokens):
+            raise self._corrupt(self.idx_file, f"has offsets out of order or past the shard's {self.num_tokens} "
+                                               f"tokens (between entries {lo} and {hi})")
+        return block
 
     def documents_of(self, lo: int, hi: int) -> np.ndarray:
         """The (piece-local) document index of each position in [lo, hi): a search in every SPARSE-th offset (read
         once, on first use), then one read of the block of offsets that holds the answer."""
         n = self.num_documents + 1
         if self._sparse is None:
-            self._sparse = np.array([self._read(1, OFFSET_DTYPE, j, j + 1)[0] for j in range(0, n, self.SPARSE)],
-                                    dtype=np.int64)
+            sparse = np.array([self._read(1, OFFSET_DTYPE, j, j + 1)[0] for j in range(0, n, self.SPARSE)],
+                              dtype=np.int64)
+            if np.any(np.diff(sparse) < 0):
+                raise self._corrupt(self.idx_file, "has offsets out of order")
+            self._sparse = sparse
         first = max(0, int(np.searchsorted(self._sparse, lo, "right")) - 1) * self.SPARSE
         last = min(n, (int(np.searchsorted(self._sparse, hi - 1, "right")) + 1) * self.SPARSE)
-        block = self._read(1, OFFSET_DTYPE, first, last).astype(np.int64)
+        block = self._offsets(first, last)
         return first + np.searchsorted(block, np.arange(lo, hi, dtype=np.int64), "right") - 1
 
     def close(self) -> None:
@@ -196,29 +229,118 @@ def read_manifest(path: Path, key: str) -> dict:
     return manifest
 
 
-def open_prepared(path: Path, key: str, tokenizer) -> TokenStream:
-    """The memory-mapped stream of a prepared folder. Checks, without reading any tokens: the tokenizer is the one
-    the data was made with, every shard file exists with exactly the size the manifest implies."""
-    manifest = read_manifest(path, key)
+def _check_tokenizer(path: Path, key: str, manifest: dict, tokenizer, allow_change: bool) -> None:
     made_with = manifest["tokenizer"]
-    if made_with.get("sha256") != tokenizer.identity:
-        raise ConfigError(
-            f"{key}: {path} was prepared with tokenizer {made_with.get('path')!r} (sha256 "
+    if same_tokenizer(tokenizer, made_with.get("sha256")):
+        return
+    text = (f"{path} was prepared with tokenizer {made_with.get('path')!r} (sha256 "
             f"{str(made_with.get('sha256'))[:12]}), but this run's model.tokenizer_path is {tokenizer.name!r} "
-            f"(sha256 {tokenizer.identity[:12]}); prepare the data again with --tokenizer, or set model.tokenizer_path"
-        )
+            f"(sha256 {tokenizer.identity[:12]})")
+    if not allow_change:
+        raise ConfigError(f"{key}: {text}; prepare the data again with --tokenizer, or set model.tokenizer_path (or "
+                          f"checkpoint.allow_tokenizer_change = true to read it anyway)")
+    logger.warning(f"data: {text}; reading it anyway (checkpoint.allow_tokenizer_change)")
+
+
+def same_tokenizer(tokenizer, recorded) -> bool:
+    """Whether `recorded` (a manifest's or checkpoint's sha256) names this tokenizer: its content identity, or the
+    sha256 of its files' bytes, which titan recorded before it compared content."""
+    return recorded in (tokenizer.identity, getattr(tokenizer, "file_identity", tokenizer.identity))
+
+
+def structure_problems(path: Path, manifest: dict) -> list[str]:
+    """What the cheap start-up check finds wrong with a prepared folder (no token is read): the manifest's totals
+    against its shards, every listed shard present with the size it implies and listed once, no unlisted shard file
+    beside them, each .idx starting at 0 and ending at its shard's length."""
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    pieces = []
-    for shard in manifest["shards"]:
+    shards, problems = manifest["shards"], []
+    for total in ("num_tokens", "num_documents"):
+        if manifest.get(total) != sum(s[total] for s in shards):
+            problems.append(f"{path / MANIFEST} says {total} {manifest.get(total)!r}, its shards add up to "
+                            f"{sum(s[total] for s in shards)} (a shard missing from its list?)")
+    names = [s["name"] for s in shards]
+    listed = {f"{n}{ext}" for n in names for ext in (".bin", ".idx")}
+    unlisted = sorted(f.name for f in path.iterdir() if f.suffix in (".bin", ".idx") and f.name not in listed)
+    if len(set(names)) != len(names) or unlisted:
+        problems.append(f"{path / MANIFEST} lists {len(set(names))} of the shards in the folder "
+                        f"({', '.join(unlisted[:3]) or 'a name twice'} not once)")
+    for shard in shards:
         bin_file, idx_file = path / f"{shard['name']}.bin", path / f"{shard['name']}.idx"
         for file, expected in ((bin_file, shard["num_tokens"] * dtype.itemsize),
                                (idx_file, (shard["num_documents"] + 1) * OFFSET_DTYPE.itemsize)):
             try:
                 size = file.stat().st_size
             except OSError:
-                raise ConfigError(f"{key}: shard file {file} is missing") from None
+                problems.append(f"shard file {file} is missing")
+                continue
             if size != expected:
-                raise ConfigError(f"{key}: shard file {file} has {size} bytes, the manifest says {expected} "
-                                  f"(truncated or overwritten; prepare the data again)")
-        pieces.append(FilePiece(bin_file, idx_file, dtype, shard["num_tokens"], shard["num_documents"]))
+                problems.append(f"shard file {file} has {size} bytes, the manifest says {expected} (truncated or "
+                                f"overwritten; prepare the data again)")
+        if problems:
+            continue
+        with open(idx_file, "rb") as f:
+            first = np.frombuffer(f.read(8), OFFSET_DTYPE)[0]
+            f.seek(-8, os.SEEK_END)
+            last = np.frombuffer(f.read(8), OFFSET_DTYPE)[0]
+        if first != 0 or last != shard["num_tokens"]:
+            problems.append(f"shard file {idx_file} runs from {first} to {last}, not from 0 to its "
+                            f"{shard['num_tokens']} tokens (scrambled)")
+    return problems
+
+
+def open_prepared(path: Path, key: str, tokenizer, allow_tokenizer_change: bool = False) -> TokenStream:
+    """The stream of a prepared folder, read on demand. Checks first, reading no token (`structure_problems`): the
+    tokenizer is the one the data was made with (by content), the manifest adds up, every shard file is there with
+    exactly the size the manifest implies, and nothing unlisted is beside them."""
+    manifest = read_manifest(path, key)
+    _check_tokenizer(path, key, manifest, tokenizer, allow_tokenizer_change)
+    problems = structure_problems(path, manifest)
+    if problems:
+        raise ConfigError(f"{key}: {problems[0]}" + (f" (and {len(problems) - 1} more problems; scripts/"
+                                                      f"prepare_data.py --verify lists them)" if len(problems) > 1
+                                                      else ""))
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    pieces = [FilePiece(path / f"{s['name']}.bin", path / f"{s['name']}.idx", dtype, s["num_tokens"],
+                        s["num_documents"], tokenizer.vocab_size, key) for s in manifest["shards"]]
     return TokenStream(pieces, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The full check (scripts/prepare_data.py --verify)
+
+_BLOCK = 1 << 24  # elements per read: bounded memory whatever the shard size
+
+
+def verify(path: Path, key: str = "--verify") -> list[str]:
+    """Everything wrong with the prepared folder `path`, one line each ([] = sound): the start-up checks, then every
+    byte of every shard against the manifest's CRC-32 (where recorded), every token id inside the recorded
+    vocabulary, every .idx non-decreasing from 0 to its shard's length."""
+    manifest = read_manifest(path, key)
+    problems = structure_problems(path, manifest)
+    if problems:
+        return problems
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    vocab = manifest["tokenizer"].get("vocab_size")
+    for shard in manifest["shards"]:
+        for ext, file_dtype in ((".bin", dtype), (".idx", OFFSET_DTYPE)):
+            file, crc, previous, bad = path / f"{shard['name']}{ext}", 0, 0, None
+            with open(file, "rb") as f:
+                position = 0
+                while chunk := f.read(_BLOCK * file_dtype.itemsize):
+                    crc = zlib.crc32(chunk, crc)
+                    values = np.frombuffer(chunk, file_dtype)
+                    if bad is None and ext == ".bin" and isinstance(vocab, int) and values.max() >= vocab:
+                        at = int(np.argmax(values >= vocab))
+                        bad = f"holds token id {int(values[at])} at position {position + at}, outside {vocab} ids"
+                    if bad is None and ext == ".idx":
+                        steps = np.diff(np.concatenate([[previous], values.astype(np.int64)]))
+                        if np.any(steps < 0):
+                            bad = f"has offsets out of order (near entry {position + int(np.argmax(steps < 0))})"
+                        previous = int(values[-1])
+                    position += len(values)
+            recorded = shard.get(f"{ext[1:]}_crc32")
+            if bad is None and isinstance(recorded, int) and crc != recorded:
+                bad = f"has CRC-32 {crc:08x}, {recorded:08x} recorded (bytes changed since it was prepared)"
+            if bad:
+                problems.append(f"shard file {file} {bad}")
+    return problems
