@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import sys
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from titan.metrics import num_flops_per_token
 from titan.models.layers import TransformerArgs, count_params
 from titan.models.moe import active_params
 from titan.parallel.mesh import ParallelDims
+from titan.parallel.parallelize import check_options
 from titan.parallel.pipeline import build_schedule, stage_layers, stages_of_rank
 from titan.parallel.pipeline import check as check_pipeline
 
@@ -84,6 +86,8 @@ class Layout:
                    cfg.training.local_batch_size, micro, p.pipeline_parallel_schedule, p.fsdp_reshard_after_forward)
 
     def apply(self, cfg: config.Config, global_batch: int) -> config.Config:
+        """`cfg` with this layout, validated as the command line with these flags would be (config.validate: e.g.
+        sft.packing refuses pipeline parallelism), so the planner never suggests what the dry run refuses."""
         p = dataclasses.replace(
             cfg.parallelism, data_parallel_replicate_degree=self.dp_replicate,
             data_parallel_shard_degree=self.dp_shard, tensor_parallel_degree=self.tp,
@@ -92,7 +96,9 @@ class Layout:
             pipeline_parallel_layers_per_stage=None, pipeline_parallel_split_points=[])
         ac = dataclasses.replace(cfg.activation_checkpoint, mode=self.ac, selective_ac_option="op")
         t = dataclasses.replace(cfg.training, local_batch_size=self.local_batch, global_batch_size=global_batch)
-        return dataclasses.replace(cfg, parallelism=p, activation_checkpoint=ac, training=t)
+        applied = dataclasses.replace(cfg, parallelism=p, activation_checkpoint=ac, training=t)
+        config.validate(applied)
+        return applied
 
     def flags(self, global_batch: int) -> str:
         out = [f"--parallelism.data_parallel_shard_degree {self.dp_shard}",
@@ -102,8 +108,7 @@ class Layout:
         if self.pp > 1:
             out += [f"--parallelism.pipeline_parallel_schedule {self.schedule}",
                     f"--parallelism.pipeline_parallel_microbatch_size {self.micro}"]
-        if self.reshard != "default":
-            out.append(f"--parallelism.fsdp_reshard_after_forward {self.reshard}")
+        out.append(f"--parallelism.fsdp_reshard_after_forward {self.reshard}")  # a preset may set another
         out += [f"--activation_checkpoint.mode {self.ac}", f"--training.local_batch_size {self.local_batch}",
                 f"--training.global_batch_size {global_batch}"]
         return " ".join(out)
@@ -122,7 +127,8 @@ class Candidate:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def families(args: TransformerArgs, world: int, global_batch: int, hw: Hardware):
@@ -247,11 +253,13 @@ def estimate(cfg: config.Config, model: Model, layout: Layout, global_batch: int
 
 
 def check(cfg: config.Config, layout: Layout, global_batch: int, vocab: int) -> None:
-    """titan's own checks of the degrees, batch sizes and model shapes (ConfigError), as in a real run."""
+    """titan's own checks of the config, degrees, batch sizes, model shapes and GPU options (ConfigError), as the
+    dry run makes them before it builds (tests/test_dry_run.py dry-runs the suggestions of every preset)."""
     c = layout.apply(cfg, global_batch)
     dims = ParallelDims.from_config(c.parallelism, layout.world)
     gradient_accumulation_steps(c.training, dims.dp)
     build_model_args(c, dims, vocab)
+    check_options(c.parallelism, c.compile, c.training, dims, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,8 +330,7 @@ def data_parallel_time(cfg: config.Config, model: Model, layout: Layout, global_
 def plan(cfg: config.Config, world: int, device_gib: float, hw: Hardware = Hardware()) -> tuple[list[Candidate], int]:
     """(layouts that fit, fastest first; the global batch they share). A layout that does not fit stops its
     family's bigger micro-batches and its AC modes that keep more (full < selective < none)."""
-    t = cfg.training
-    global_batch = t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * world
+    global_batch = planned_global_batch(cfg, world)
     vocab = tokenizer_or_vocab(cfg, [])[1]  # the dry run's: the tokenizer's, or the flavor's if it is missing
     model = Model(build_model_args(cfg, ParallelDims(1, 1, 1, 1, 1, 1), vocab))
     device_bytes = int(device_gib * GiB)
@@ -350,6 +357,19 @@ def plan(cfg: config.Config, world: int, device_gib: float, hw: Hardware = Hardw
     return sorted(fits, key=lambda c: (c.step_time, c.memory)), global_batch
 
 
+def planned_global_batch(cfg: config.Config, world: int) -> int:
+    """The global batch every layout is planned at: training.global_batch_size, or with -1 what the config's own
+    degrees make of it on `world` ranks (local_batch_size x their data-parallel degree, as the dry run says), or,
+    where those degrees do not fit `world`, local_batch_size x world."""
+    t = cfg.training
+    if t.global_batch_size != -1:
+        return t.global_batch_size
+    try:
+        return t.local_batch_size * ParallelDims.from_config(cfg.parallelism, world).dp
+    except ConfigError:
+        return t.local_batch_size * world
+
+
 def distinct(fits: list[Candidate]) -> list[Candidate]:
     """The fastest candidate of each combination of degrees (the rest differ only in schedule or batch split)."""
     seen, out = set(), []
@@ -362,8 +382,20 @@ def distinct(fits: list[Candidate]) -> list[Candidate]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, as for every other bad input
+        self.exit(2, f"plan: error: {message} (see --help)\n")
+
+
+# Each number flag's accepted range: a bad value is one line naming it (a world of 0 asked for "more devices", NaN
+# memory or a zero bandwidth made NaN or infinite step times, 10**12 ranks never returned).
+RANGES = {"world_size": (1, 2**20), "device_memory_gib": (1e-3, 2**20), "top": (1, 1000), "verify": (0, 1000),
+          "gpus_per_node": (1, 1024), "peak_tflops": (1e-3, 1e7), "mfu": (1e-3, 1.0), "nvlink_gbps": (1e-3, 1e7),
+          "ib_gbps": (1e-3, 1e7)}
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--config", required=True)
     p.add_argument("--world_size", type=int, required=True)
     p.add_argument("--device_memory_gib", type=float, default=80.0)
@@ -375,7 +407,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--mfu", type=float, default=d.mfu, help="fraction of the peak the matmuls reach")
     p.add_argument("--nvlink_gbps", type=float, default=d.nvlink / 1e9, help="GB/s per GPU inside a node")
     p.add_argument("--ib_gbps", type=float, default=d.ib / 1e9, help="GB/s per GPU across nodes")
-    return p.parse_known_args(argv)
+    ns, overrides = p.parse_known_args(argv)
+    for name, (lo, hi) in RANGES.items():
+        value = getattr(ns, name)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            p.error(f"--{name} must be in [{lo:,}, {hi:,}] (got {value})")
+    if not ns.config.strip():
+        p.error("--config needs a file path (got an empty string)")
+    return ns, overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -413,6 +413,16 @@ def test_qwen3_training_export_import_convert_and_generate(tmp_path, capsys, one
     assert "Qwen3ForCausalLM" in capsys.readouterr().out
     a, b = hf.read_safetensors(exported), hf.read_safetensors(tmp_path / "converted")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Issue 31: the wrong family said only "CheckpointException ranks:dict_keys([0])", and converting into an
+    # existing export deleted its model.safetensors. Both are one line now, and nothing is changed.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "converted").iterdir()}
+    step = str(first / "checkpoint" / "step-1")
+    for dst, model, expect in ((tmp_path / "as_llama", "llama3", "which --model llama3 does not make"),
+                               (tmp_path / "converted", "qwen3", "convert into a new or empty folder")):
+        assert convert.main(["to-hf", step, str(dst), "--model", model, "--flavor", "tiny"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "converted").iterdir()} == before
 
     generate = load_script("generate")
     for source in (["--hf", str(exported)], ["--checkpoint", str(first / "checkpoint" / "step-1")]):

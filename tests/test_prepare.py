@@ -16,6 +16,7 @@ import copy
 import gzip
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,13 +109,21 @@ def test_every_format_reads_the_same_documents(corpus):
     assert pieces == texts["a.jsonl"]
 
 
-def test_prepare_is_byte_identical_for_any_worker_count(corpus, prepared, tmp_path, tok):
+def test_prepare_is_byte_identical_for_any_worker_count(corpus, prepared, tmp_path, tok, capsys):
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert len(manifest["shards"]) >= 4 and manifest["dtype"] == "uint16"  # 4k vocabulary
     assert manifest["tokenizer"]["sha256"] == tok.identity and manifest["tokenizer"]["vocab_size"] == 4096
     assert [i["path"] for i in manifest["inputs"]] == [str(f) for f in sorted(corpus.iterdir())]
+    assert all(isinstance(s["bin_crc32"], int) and isinstance(s["idx_crc32"], int) for s in manifest["shards"])
+    capsys.readouterr()
     assert prepare([str(corpus)], str(tmp_path / "two"), workers=2, shard_mb=0.05, log=quiet)
     assert folder_bytes(tmp_path / "two") == folder_bytes(prepared)
+    # Progress counts bytes on disk for every format: it read "18.6/3.3 MB (557%) ... ETA 23:59:34" for .parquet
+    # and .jsonl.gz inputs (decoded bytes against file sizes, and a negative ETA wrapping round).
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prepare: ") and "MB/s" in line]
+    done, total = re.match(r"prepare: ([\d.,]+)/([\d.,]+) MB \(100%\)", lines[-1]).groups()
+    assert done == total and float(total) <= sum(f.stat().st_size for f in corpus.iterdir()) / 1e6 + 0.05, lines
+    assert all(int(re.search(r"\((\d+)%\)", line).group(1)) <= 100 and "ETA -" not in line for line in lines)
     # The stream is the raw path's: every document, in order, BOS text EOS.
     raw = token_stream(corpus, "k", tok)
     stream = tokens.open_prepared(prepared, "k", tok)

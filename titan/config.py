@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -729,12 +730,15 @@ def _validate_qlora(cfg: Config) -> None:
 # Schema introspection
 
 
+@functools.cache  # the schema does not change while running; get_type_hints evaluates every annotation anew
 def sections() -> dict[str, type]:
-    """{section name: its dataclass}."""
+    """{section name: its dataclass} (shared: do not modify)."""
     return typing.get_type_hints(Config)
 
 
+@functools.cache
 def section_keys(section_cls) -> dict[str, tuple[object, dataclasses.Field]]:
+    """{key: (its type, its field)} of a section's dataclass (shared: do not modify)."""
     hints = typing.get_type_hints(section_cls)
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(section_cls)}
 
@@ -757,6 +761,24 @@ def type_name(tp) -> str:
     return f"{name} | none" if optional else name
 
 
+# Other trainers' names for titan's keys: a suggestion by meaning where spelling is too far apart
+# (`--optimizer.learning_rate` is closer in letters to `--optimizer.name` than to `--optimizer.lr`).
+SYNONYMS = {"learning_rate": "lr", "max_lr": "lr", "min_lr": "min_lr_factor", "warmup": "warmup_steps",
+            "num_warmup_steps": "warmup_steps", "max_steps": "steps", "num_steps": "steps", "train_steps": "steps",
+            "total_steps": "steps", "batch_size": "local_batch_size", "micro_batch_size": "local_batch_size",
+            "grad_clip": "max_norm", "max_grad_norm": "max_norm", "clip_grad_norm": "max_norm",
+            "gradient_clipping": "max_norm", "sequence_length": "seq_len", "max_seq_len": "seq_len",
+            "save_interval": "interval", "save_steps": "interval", "output_dir": "dump_folder",
+            "tokenizer": "tokenizer_path", "model_name": "name"}
+
+
 def did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    options = list(options)
+    head, dot, last = word.rpartition(".")
+    synonym = SYNONYMS.get(last.lstrip("-"))
+    if synonym is not None:
+        candidate = f"{head}{dot}{synonym}" if dot else word[: len(word) - len(last.lstrip("-"))] + synonym
+        if candidate in options:
+            return f" (did you mean '{candidate}'?)"
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""

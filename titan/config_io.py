@@ -146,13 +146,14 @@ class RunFlags:
             raise ConfigError("--device_memory_gib only applies with --dry_run")
         if self.world_size is not None and not (self.dry_run or self.check_only):
             raise ConfigError("--world_size only applies with --dry_run or --check")
-        for name in ("world_size", "device_memory_gib"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"--{name} must be a finite number > 0 (got {value})")
+        for name in ("world_size", "device_memory_gib"):  # at most 2**20 ranks or GiB: beyond any job, and a
+            value = getattr(self, name)  # world of 10**12 would take forever to lay out
+            if value is not None and not (0 < value <= MAX_WORLD and math.isfinite(value)):
+                raise ConfigError(f"--{name} must be a finite number in (0, {MAX_WORLD}] (got {value})")
 
 
 _RUN_FLAGS = {"--world_size": int, "--device_memory_gib": float}
+MAX_WORLD = 2**20
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, dict, RunFlags]:
@@ -235,6 +236,9 @@ def load(argv: list[str] | None = None) -> Config:
 def load_run(argv: list[str] | None = None) -> tuple[Config, RunFlags]:
     """`load`, also returning the options of `python -m titan.train` that are not config keys (`--dry_run` ...)."""
     argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):  # before anything else can fail: help is never lost behind an
+        print(help_text())  # error in the other arguments
+        raise SystemExit(0)
     config_path, overrides, flags = parse_args(argv)
     if flags.help:
         print(help_text())

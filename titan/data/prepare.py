@@ -394,9 +394,9 @@ class Progress:
     """One status line: input MB done (of the files on disk), MB/s, tokens/s, shards, ETA. Rewritten in place on a
     terminal, a plain line every 10 s otherwise (logs of batch jobs)."""
 
-    def __init__(self, total_bytes: int, total_units: int, stream=sys.stderr):
-        self.total_bytes, self.total_units, self.stream = total_bytes, total_units, stream
-        self.tty = stream.isatty()
+    def __init__(self, total_bytes: int, total_units: int, stream=None):
+        self.total_bytes, self.total_units, self.stream = total_bytes, total_units, stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.start = self.last = time.perf_counter()
         self.tokens = self.units = 0
 
