@@ -16,6 +16,7 @@ The completion (the decoded new tokens) goes to stdout, everything else to stder
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -168,11 +169,29 @@ def prompt_ids(ns, tokenizer, template_name: str = "auto") -> tuple[list[int], s
     return tokenizer.encode(ns.prompt, bos=bos), stop
 
 
+# Each number flag's accepted range: a bad value is one line naming it (NaN temperatures sampled garbage, a
+# max_seq_len of 10**12 failed allocating the RoPE table with a traceback).
+RANGES = {"max_new_tokens": (0, 2**20), "temperature": (0.0, 1e4), "top_k": (0, 2**31 - 1), "seed": (0, 2**63 - 1),
+          "max_seq_len": (0, 2**20)}
+
+
+def check_flags(ns) -> None:
+    for name, (lo, hi) in RANGES.items():
+        value = getattr(ns, name)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise ConfigError(f"--{name} must be in [{lo:,}, {hi:,}] (got {value})")
+    for name in ("hf", "checkpoint"):
+        path = getattr(ns, name)
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"--{name} {path!r} is not a folder")
+    if ns.config is not None and not Path(ns.config).is_file():
+        raise ConfigError(f"--config {ns.config!r} is not a file")
+
+
 def run(ns) -> None:
     from titan.generation import generate
 
-    if ns.max_new_tokens < 0 or ns.temperature < 0 or ns.top_k < 0:
-        raise ConfigError("--max_new_tokens, --temperature and --top_k must be >= 0")
+    check_flags(ns)
     torch.manual_seed(ns.seed)
     start = time.perf_counter()
     if ns.hf:
@@ -204,8 +223,13 @@ def run(ns) -> None:
         f"{'stopped at ' + repr(tokenizer.decode([new[-1]])) if stopped else 'reached max_new_tokens or max_seq_len'}")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, as for every other bad input
+        self.exit(2, f"generate: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="generate.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     source = parser.add_mutually_exclusive_group(required=True)

@@ -32,9 +32,15 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
-case "$MAX_RESTARTS" in
-  ''|*[!0-9]*) echo "run_train.sh: error: --max_restarts must be a number >= 0 (got '$MAX_RESTARTS')" >&2; exit 2 ;;
-esac
+check_count() {  # $1: what, $2: its value, $3: the least it may be; at most 6 digits (10^12 ranks is a typo)
+  case "$2" in
+    ''|*[!0-9]*|???????*) echo "run_train.sh: error: $1 must be a whole number in [$3, 999999] (got '$2')" >&2; exit 2 ;;
+  esac
+  [ "$2" -ge "$3" ] || { echo "run_train.sh: error: $1 must be a whole number in [$3, 999999] (got '$2')" >&2; exit 2; }
+}
+check_count --max_restarts "$MAX_RESTARTS" 0
+check_count NGPU "$NGPU" 1
+check_count NNODES "$NNODES" 1
 
 if [ "$NNODES" -eq 1 ]; then
   rdzv=(--standalone)
@@ -96,23 +102,34 @@ export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,
 # titan itself logs on global rank 0 only (other ranks print warnings and errors).
 launch=(torchrun "${rdzv[@]}" --nproc_per_node="$NGPU" "${train[@]}")
 
-if [ "$MAX_RESTARTS" -eq 0 ]; then
-  exec "${launch[@]}"
-fi
-
+# Stop signals (SIGTERM, SIGINT from Ctrl-C, SIGUSR1) go to the workers themselves: each saves the step and exits 0,
+# and torchrun then exits 0 too. Sent to torchrun (torch 2.13), they made it print its SignalException traceback and
+# exit 1 although the workers had saved. So torchrun runs in a session of its own (setsid), out of reach of the
+# Ctrl-C a terminal sends to its whole foreground process group, and this script passes signals on to torchrun's
+# children, the workers (to torchrun itself only before it has started any).
 # titan writes the exit code of a failure worth no retry here (torchrun reports every worker failure as 1).
 TITAN_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/titan-exit.XXXXXX")
 export TITAN_EXIT_FILE
 trap 'rm -f "$TITAN_EXIT_FILE"' EXIT
+session=()
+if command -v setsid >/dev/null; then session=(setsid); fi
+stop_workers() {  # $1: the signal
+  local workers
+  stopping=1
+  workers=$(pgrep -P "$pid" 2>/dev/null || true)
+  # shellcheck disable=SC2086
+  kill -"$1" ${workers:-$pid} 2>/dev/null || true
+}
 stopping=0
 for ((attempt = 0; ; attempt++)); do
   : >"$TITAN_EXIT_FILE"
-  "${launch[@]}" &
+  # A background job of a script is not a process-group leader: setsid makes its session without forking, so
+  # $! is torchrun's pid.
+  ${session[@]+"${session[@]}"} "${launch[@]}" &
   pid=$!
-  # Signals for the job go to torchrun, which passes them to the workers (they save and stop); no relaunch then.
-  trap 'stopping=1; kill -TERM $pid 2>/dev/null || true' TERM
-  trap 'stopping=1; kill -INT $pid 2>/dev/null || true' INT
-  trap 'stopping=1; kill -USR1 $pid 2>/dev/null || true' USR1
+  trap 'stop_workers TERM' TERM
+  trap 'stop_workers INT' INT
+  trap 'stop_workers USR1' USR1
   status=0
   while :; do
     wait "$pid" && status=0 || status=$?
@@ -125,4 +142,6 @@ for ((attempt = 0; ; attempt++)); do
     exit "${code:-$status}"
   fi
   echo "run_train.sh: torchrun exited with $status; relaunch $((attempt + 1)) of $MAX_RESTARTS" >&2
+  # The crashed run's rank 0 may still be on its way out, holding the dump folder's lock: wait for it.
+  export TITAN_LOCK_WAIT=${TITAN_LOCK_WAIT:-60}
 done

@@ -287,6 +287,33 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)][-2:] == [step + 1, step + 2]
 
 
+def test_ctrl_c_and_sigterm_through_run_train_sh_save_and_exit_0(tmp_path):
+    """Issue 31: under torchrun (scripts/run_train.sh) a Ctrl-C or SIGTERM saved the step, then torchrun printed its
+    40-line SignalException traceback and exited 1 (the docs say 0). Ctrl-C is SIGINT to the terminal's whole
+    foreground process group (here: the script's, started in a session of its own); SIGTERM goes to the script."""
+    from dist_utils import children
+
+    env = {**_env(), "NGPU": "2", "CONFIG_FILE": TINY}
+    argv = ["--job.dump_folder", str(tmp_path), "--checkpoint.enable", "--checkpoint.interval", "1000",
+            "--training.steps", "400", "--validation.enable", "false"]
+    for signum, stop in ((signal.SIGINT, lambda job: os.killpg(job.pid, signal.SIGINT)),
+                         (signal.SIGTERM, lambda job: job.send_signal(signal.SIGTERM))):
+        before = len(_logged_steps(tmp_path))
+        job = subprocess.Popen(["bash", "scripts/run_train.sh", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            _wait_for(lambda: len(_logged_steps(tmp_path)) >= before + 2 and children(job.pid), job)
+            stop(job)
+            out, _ = job.communicate(timeout=180)
+        finally:
+            job.kill()
+        step = _logged_steps(tmp_path)[-1]
+        assert job.returncode == 0 and "Traceback" not in out, out[-4000:]
+        assert f"received {signum.name}: stopped after step {step}" in out, out[-4000:]
+        assert (tmp_path / "checkpoint" / f"step-{step}").is_dir()
+    assert "continuing at step" in out  # the second run resumed the first's save
+
+
 def _signal_at_step3(rank, world_size, argv):
     """Run titan.train.main with rank 1 sending itself SIGINT (Ctrl-C) and rank 0 SIGUSR1 during step 3."""
     from titan.lifecycle import StopRequests

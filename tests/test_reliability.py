@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +125,19 @@ def test_a_held_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path
     lock_file.write_text(json.dumps({**holder, "pid": dead.pid, "process_start": None}))
     assert main(_argv(tmp_path, "--training.steps", "1", "--validation.enable", "false")) == 0
     assert f"taking over the stale {lock_file}" in capsys.readouterr().out and not lock_file.exists()
+
+    # A holder that has exited but was not reaped yet (a zombie: in a container whose pid 1 reaps nothing, a relaunch
+    # found its crashed predecessor's rank 0 so and gave up at once) is gone; a live one is waited for when asked
+    # (scripts/run_train.sh sets TITAN_LOCK_WAIT for a relaunch).
+    for code in ("pass", "import time; time.sleep(1.5)"):
+        holder_process = subprocess.Popen([sys.executable, "-c", code])  # never waited for: it stays a zombie
+        if code == "pass":
+            while Path(f"/proc/{holder_process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                time.sleep(0.05)
+        lock_file.write_text(json.dumps({**holder, "pid": holder_process.pid, "process_start": None}))
+        RunLock.acquire(str(tmp_path), wait=0 if code == "pass" else 60).release()
+        assert not lock_file.exists()
+        holder_process.wait()
 
     # Another host: alive while it refreshes the lock, stale after STALE_SECONDS without.
     lock_file.write_text(json.dumps({**holder, "host": "elsewhere"}))

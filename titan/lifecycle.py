@@ -84,6 +84,11 @@ def _alive(pid: int, start: int | None) -> bool:
         return False
     except PermissionError:
         pass  # it exists, owned by someone else
+    try:  # a zombie (exited, not yet reaped: a container whose pid 1 reaps nothing keeps them) is dead
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (OSError, IndexError):
+        pass
     return start is None or _process_start(pid) in (None, start)
 
 
@@ -102,7 +107,25 @@ class RunLock:
             threading.Thread(target=self._heartbeat, name="titan-lock", daemon=True).start()
 
     @classmethod
-    def acquire(cls, folder: str) -> "RunLock":
+    def acquire(cls, folder: str, wait: float | None = None) -> "RunLock":
+        """Take the lock; `wait` (default $TITAN_LOCK_WAIT, else 0) seconds for a live holder on this host to go
+        away first: scripts/run_train.sh sets it for a relaunch, whose crashed predecessor may still be exiting."""
+        if wait is None:
+            try:
+                wait = float(os.environ.get("TITAN_LOCK_WAIT", "0"))
+            except ValueError:
+                wait = 0.0
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return cls._acquire(folder)
+            except ConfigError as e:
+                if "in use by another run" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.5)
+
+    @classmethod
+    def _acquire(cls, folder: str) -> "RunLock":
         path = Path(folder) / LOCK_FILE
         record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
