@@ -302,7 +302,8 @@ def test_ctrl_c_and_sigterm_through_run_train_sh_save_and_exit_0(tmp_path):
         job = subprocess.Popen(["bash", "scripts/run_train.sh", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            _wait_for(lambda: len(_logged_steps(tmp_path)) >= before + 2 and children(job.pid), job)
+            _wait_for(lambda job=job, before=before: len(_logged_steps(tmp_path)) >= before + 2 and children(job.pid),
+                      job)
             stop(job)
             out, _ = job.communicate(timeout=180)
         finally:

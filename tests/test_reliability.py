@@ -180,3 +180,20 @@ def test_sigkilled_launcher_takes_its_workers_down(tmp_path, capsys):
         for w in workers:
             if running(w):
                 os.kill(w, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes too big for the machine
+
+
+@pytest.mark.parametrize("config, argv, key", [
+    (TINY, ["--training.seq_len", "1000000000"], "training.seq_len=1000000000 (its RoPE table)"),
+    (TINY, ["--lora.enable", "--lora.rank", "100000000"], "lora.rank=100000000 (an adapter)"),
+    (str(REPO / "tests" / "configs" / "tiny_moe.toml"), ["--moe.n_experts", "10000000"], "moe.n_experts=10000000"),
+])
+def test_an_allocation_failure_is_one_line_naming_the_key_that_sized_it(tmp_path, capsys, config, argv, key):
+    """A huge seq_len, an absurd LoRA rank and 10^7 experts each failed with an allocator traceback."""
+    assert main(["--config", config, "--job.dump_folder", str(tmp_path), "--training.steps", "1",
+                 "--validation.enable", "false", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("titan: error: out of memory: cannot allocate") and key in err[0], err

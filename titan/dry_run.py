@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,6 +299,40 @@ def _shown(result: DryRun) -> list[RankReport]:
     ranks = result.ranks
     keep = {ranks[0].rank, ranks[-1].rank, result.worst.rank}
     return [r for r in ranks if r.rank in keep]
+
+
+_ALLOCATION = re.compile(r"(?:tried to allocate|Tried to allocate) ([\d.]+) ?(bytes|[KMGT]iB)")
+
+
+def allocation_failure(cfg: Config, error: BaseException) -> str | None:
+    """One line for a failed allocation (CPU "can't allocate memory", CUDA out of memory), naming the key whose value
+    sized it: of the tensors a key's value makes (the RoPE table and the logits of training.seq_len, a LoRA adapter
+    of lora.rank, a layer's experts of moe.n_experts, the weights of model.flavor), the one nearest in size to the
+    request. None if `error` is not an allocation failure."""
+    text = str(error)
+    if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text):
+        return None
+    match = _ALLOCATION.search(text)
+    unit = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    wanted = float(match[1]) * unit[match[2]] if match else 0.0
+    t = cfg.training
+    try:
+        args = models.model_args(cfg.model.name, cfg.model.flavor, moe=cfg.moe, max_seq_len=t.seq_len)
+    except (ConfigError, ValueError, KeyError):
+        return f"out of memory ({text.splitlines()[-1][:160]}); check the sizes in [model] and [training]"
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in models.build_model(args).parameters())
+    suspects = {f"training.seq_len={t.seq_len} (its RoPE table)": t.seq_len * args.head_dim // 2 * 8,
+                f"training.seq_len={t.seq_len} (a batch's logits)": t.local_batch_size * t.seq_len * args.vocab_size
+                * 4, f"model.flavor={cfg.model.flavor} ({n_params:,} parameters)": n_params * 4}
+    if cfg.lora.enable:
+        suspects[f"lora.rank={cfg.lora.rank} (an adapter)"] = cfg.lora.rank * args.dim * 4
+    if getattr(args, "n_experts", 0):
+        suspects[f"moe.n_experts={args.n_experts} (a layer's experts)"] = \
+            args.n_experts * 3 * args.dim * args.moe_hidden_dim * 4
+    key, size = min(suspects.items(), key=lambda kv: abs(math.log2(max(kv[1], 1) / max(wanted, 1))))
+    return (f"out of memory: cannot allocate {wanted / GiB:,.1f} GiB; {key} takes about {size / GiB:,.1f} GiB; "
+            f"lower it (python -m titan.train --dry_run estimates a config's memory)")
 
 
 def check(cfg: Config, world_size: int | None = None) -> int:

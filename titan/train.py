@@ -182,7 +182,7 @@ def write_resolved_config(cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     tie_to_launcher()
-    run = None
+    run = cfg = None
     try:
         cfg, flags = config_io.load_run(argv)
         if cfg.job.description:
@@ -203,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_with(f"titan: error: {e}", e.code if isinstance(e, RunFailed) else 2)
     except KeyboardInterrupt:  # a second Ctrl-C
         return exit_with("titan: interrupted", EXIT_INTERRUPTED)
-    except RuntimeError as e:  # DistBackendError too
+    except RuntimeError as e:  # DistBackendError and torch.OutOfMemoryError too
+        too_big = dry_run.allocation_failure(cfg, e) if cfg is not None else None
+        if too_big:  # one line naming the key that sized it, not a traceback
+            return exit_with(f"titan: error: {too_big}", 2)
         hint = timeout_hint(e)
         if hint:
             logger.error(f"rank {os.environ.get('RANK', 0)}: {hint}")
