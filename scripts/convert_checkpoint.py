@@ -120,13 +120,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def check_flags(ns) -> None:
-    if not Path(ns.src).is_dir():
-        raise ConfigError(f"src: {ns.src!r} is not a folder")
     if ns.command == "to-hf":
         if not 1 <= ns.max_seq_len <= 2**24:
             raise ConfigError(f"--max-seq-len must be in [1, {2**24}] (got {ns.max_seq_len})")
-        if ns.lora_scale is not None and not (math.isfinite(ns.lora_scale) and ns.lora_scale > 0):
-            raise ConfigError(f"--lora-scale must be a finite number > 0 (got {ns.lora_scale})")
+        if ns.lora_scale is not None and not (math.isfinite(ns.lora_scale) and 0 < ns.lora_scale <= 1e6):
+            raise ConfigError(f"--lora-scale must be a finite number in (0, 1e6] (got {ns.lora_scale})")
+    if not ns.src.strip() or not Path(ns.src).is_dir():
+        raise ConfigError(f"src: {ns.src!r} is not a folder")
 
 
 def main(argv: list[str] | None = None) -> int:

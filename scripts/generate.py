@@ -182,7 +182,7 @@ def check_flags(ns) -> None:
             raise ConfigError(f"--{name} must be in [{lo:,}, {hi:,}] (got {value})")
     for name in ("hf", "checkpoint"):
         path = getattr(ns, name)
-        if path is not None and not Path(path).is_dir():
+        if path is not None and (not path.strip() or Path(path).is_file()):
             raise ConfigError(f"--{name} {path!r} is not a folder")
     if ns.config is not None and not Path(ns.config).is_file():
         raise ConfigError(f"--config {ns.config!r} is not a file")

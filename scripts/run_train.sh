@@ -27,7 +27,8 @@ fi
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --max_restarts) MAX_RESTARTS=${2:?--max_restarts needs a number}; shift 2 ;;
+    --max_restarts) [ $# -ge 2 ] || { echo "run_train.sh: error: --max_restarts needs a number" >&2; exit 2; }
+      MAX_RESTARTS=$2; shift 2 ;;
     --max_restarts=*) MAX_RESTARTS=${1#*=}; shift ;;
     *) args+=("$1"); shift ;;
   esac
