@@ -121,12 +121,10 @@ class Checkpointer:
         self.lineage = [[self.run_id, None]]  # see store.py:lineage_after
         self.newest: Path | None = None  # the newest committed checkpoint of this run's history
         self._owed = False  # a save fell due at a skipped step: the next updated step makes it
-        # Judging the update: a step's loss is computed on the weights the previous step's update made, so a step
-        # the guard lets through confirms the state of every earlier step. `_good` is the lineage key (run's
-        # position, step) up to which states are confirmed; `_unconfirmed` the step of a commit retention still has
-        # to look at again once it is confirmed.
-        self._good: tuple[int, int] = (0, -1)
-        self._unconfirmed: int | None = None
+        # A step the guard lets through confirms the state of every earlier step (see `_confirm`): `_good` is the
+        # lineage key (run's position, step) up to which states are known good; `_unconfirmed` a commit's step that
+        # retention looks at again once confirmed.
+        self._good, self._unconfirmed = (0, -1), None
 
     @property
     def step(self) -> int:
@@ -191,9 +189,10 @@ class Checkpointer:
         return f"the newest checkpoint is {self.newest}" if self.newest else "no checkpoint has been saved"
 
     def _confirm(self, step: int) -> None:
-        """The state after `step` is good (the guard let the next step through): retention may now count the save
-        of that step as the last good one. No collective; rank 0 alone touches the folder, and not while a background
-        commit may be renaming in it (that commit applies retention itself)."""
+        """The state after `step` is good: the guard let the next step through, and a step's loss is computed on the
+        weights the previous update made. Retention may now count the save of that step as the last good one. No
+        collective: rank 0 alone touches the folder, and not while a background commit may be renaming in it (that
+        commit applies retention itself)."""
         self._good = (len(self.lineage) - 1, step)
         if self._unconfirmed is None or self._unconfirmed > step or self.rank != 0:
             return
