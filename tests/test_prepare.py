@@ -276,7 +276,10 @@ def test_prepared_austen_trains_on_the_raw_paths_batches(austen, tok):
 def test_prepared_resume_same_layout_is_bitwise(austen, tmp_path, capsys):
     base = ["--config", TINY, "--training.dataset_path", str(austen), "--validation.enable", "false",
             "--training.steps", "4", "--checkpoint.enable", "--checkpoint.interval", "2"]
+    capsys.readouterr()
     assert main([*base, "--job.dump_folder", str(tmp_path / "straight")]) == 0
+    n_tokens = json.loads((austen / "manifest.json").read_text())["num_tokens"]
+    assert f"data: {austen} (prepared, {n_tokens:,} tokens, " in capsys.readouterr().out  # the log names the data
     assert main([*base, "--job.dump_folder", str(tmp_path / "resumed"), "--training.steps", "2"]) == 0
     assert main([*base, "--job.dump_folder", str(tmp_path / "resumed")]) == 0
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
