@@ -116,12 +116,21 @@ def train_step_seconds(steps: int = 3) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have exited (the prepare workers, once joined)."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 def prepare_throughput(workdir: Path, megabytes: float, rounds: int = 1) -> dict:
     """scripts/prepare_data.py on ONE JSONL file of `megabytes` MB (the Austen corpus repeated), at the default
     --shard_mb (one shard: the workers share it by chunks), with 1 and 2 workers, next to the tokenizer's own
     single-thread speed on the same documents held in memory (its encode calls alone: no reading, parsing or
-    writing). Measured side by side, `rounds` times in turn, with the load average before each row: on a shared
-    machine the ratios within a round are what counts."""
+    writing). Each row has its wall-clock MB/s, its CPU seconds (processes and workers) and the cores the machine
+    gave it (CPU seconds / wall seconds): on a shared, loaded machine the wall-clock ratios say how busy it was, the
+    CPU-time ratios what the code costs. Measured side by side, `rounds` times in turn."""
     import os
 
     from titan.data import documents
@@ -136,29 +145,36 @@ def prepare_throughput(workdir: Path, megabytes: float, rounds: int = 1) -> dict
             f.write(lines)
     mb = corpus.stat().st_size / 1e6
     tok, texts = load_tokenizer(), list(documents.documents(corpus, "bench"))
+
+    def measure(run) -> dict:
+        load, wall, cpu = os.getloadavg()[0], time.perf_counter(), _cpu_seconds()
+        run()
+        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+        return {"mb_per_s": mb / wall, "cpu_s": cpu, "cores_given": cpu / wall, "load_before": load}
+
+    def prepared(workers: int):
+        out = workdir / f"prepared-{workers}"
+        prepare([str(corpus)], str(out), workers=workers, log=lambda *_: None)
+        shutil.rmtree(out)
+
     result = {"input_mb": mb, "cpus": len(os.sched_getaffinity(0)), "rounds": []}
     for _ in range(rounds):
-        row = {"load_before": os.getloadavg()[0]}
-        start = time.perf_counter()
-        for text in texts:
-            tok.encode(text, bos=True, eos=True)
-        row["tokenizer_mb_per_s"] = mb / (time.perf_counter() - start)
-        for workers in (1, 2):
-            out = workdir / f"prepared-{workers}"
-            row[f"load_before_{workers}"] = os.getloadavg()[0]
-            start = time.perf_counter()
-            prepare([str(corpus)], str(out), workers=workers, log=lambda *_: None)
-            row[f"workers_{workers}_mb_per_s"] = mb / (time.perf_counter() - start)
-            shutil.rmtree(out)
-        for workers in (1, 2):
-            row[f"workers_{workers}_over_tokenizer"] = row[f"workers_{workers}_mb_per_s"] / row["tokenizer_mb_per_s"]
-        row["speedup_2_over_1"] = row["workers_2_mb_per_s"] / row["workers_1_mb_per_s"]
+        row = {"tokenizer": measure(lambda: [tok.encode(text, bos=True, eos=True) for text in texts]),
+               "workers_1": measure(lambda: prepared(1)), "workers_2": measure(lambda: prepared(2))}
+        base = row["tokenizer"]
+        for w in ("workers_1", "workers_2"):
+            row[w]["wall_over_tokenizer"] = row[w]["mb_per_s"] / base["mb_per_s"]
+            row[w]["cpu_over_tokenizer"] = base["cpu_s"] / row[w]["cpu_s"]  # MB per CPU second, relative
+        row["speedup_2_over_1"] = row["workers_2"]["mb_per_s"] / row["workers_1"]["mb_per_s"]
         result["rounds"].append(row)
-        print(f"prepare_data on one {mb:.0f} MB JSONL file (load average {row['load_before']:.1f} on "
-              f"{result['cpus']} CPUs): tokenizer alone {row['tokenizer_mb_per_s']:.2f} MB/s; 1 worker "
-              f"{row['workers_1_mb_per_s']:.2f} MB/s ({row['workers_1_over_tokenizer']:.2f}x the tokenizer), 2 workers "
-              f"{row['workers_2_mb_per_s']:.2f} MB/s ({row['workers_2_over_tokenizer']:.2f}x; "
-              f"{row['speedup_2_over_1']:.2f}x one worker)", flush=True)
+        one, two = row["workers_1"], row["workers_2"]
+        print(f"prepare_data on one {mb:.0f} MB JSONL file ({result['cpus']} CPUs, load average "
+              f"{base['load_before']:.0f}): tokenizer alone {base['mb_per_s']:.2f} MB/s on {base['cores_given']:.2f} "
+              f"cores; 1 worker {one['mb_per_s']:.2f} MB/s on {one['cores_given']:.2f} cores "
+              f"({one['wall_over_tokenizer']:.2f}x the tokenizer by the clock, {one['cpu_over_tokenizer']:.2f}x by "
+              f"CPU time); 2 workers {two['mb_per_s']:.2f} MB/s on {two['cores_given']:.2f} cores "
+              f"({two['wall_over_tokenizer']:.2f}x, {row['speedup_2_over_1']:.2f}x one worker; "
+              f"{two['cpu_over_tokenizer']:.2f}x by CPU time)", flush=True)
     return result
 
 
