@@ -116,6 +116,18 @@ def train_step_seconds(steps: int = 3) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
+def measured_on() -> str:
+    """When, on what and at which commit: the line docs/performance.md quotes with the figures."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    return f"{time.strftime('%Y-%m-%d')}, {cpu}, torch {torch.__version__}, commit {commit.strip() or 'unknown'}"
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and of its children that have exited (the prepare workers, once joined)."""
     import resource
@@ -190,7 +202,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.prepare_only:
         with tempfile.TemporaryDirectory(prefix="titan-bench-prepare-", dir=args.workdir) as workdir:
-            results = {"prepare": prepare_throughput(Path(workdir), args.prepare_mb, args.rounds)}
+            results = {"measured": measured_on(), "prepare": prepare_throughput(Path(workdir), args.prepare_mb,
+                                                                                 args.rounds)}
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
         return 0

@@ -9,6 +9,7 @@ they use are parsed and validated by tests/test_presets.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -140,3 +141,42 @@ def test_config_doc_lists_every_key_as_the_schema_says():
     doc = (REPO / "docs" / "config.md").read_text()
     missing = [row for rows in config_table_rows().values() for row in rows if row not in doc]
     assert not missing, "docs/config.md is out of date; missing or changed rows:\n" + "\n".join(missing)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures the pages state about shipped runs, read from the benchmark files that recorded them (issue 31: README's
+# "~4.7" and fine_tuning.md's first-step losses had gone stale; README's loss is checked by tests/test_train.py)
+
+BENCHMARKS = REPO / "docs" / "benchmarks"
+
+
+def prepare_rows(data: dict) -> list[str]:
+    """docs/performance.md's prepare_data rows, as scripts/benchmark_data.py --prepare_only --json recorded them."""
+    rows = []
+    for i, r in enumerate(data["prepare"]["rounds"], 1):
+        tok, one, two = r["tokenizer"], r["workers_1"], r["workers_2"]
+        rows.append(f"| {i} | {tok['load_before']:.0f} | {tok['mb_per_s']:.2f} MB/s on {tok['cores_given']:.2f} "
+                    f"cores | {one['mb_per_s']:.2f} MB/s on {one['cores_given']:.2f} cores: "
+                    f"{one['wall_over_tokenizer']:.2f}x by the clock, {one['cpu_over_tokenizer']:.2f}x by CPU time | "
+                    f"{two['mb_per_s']:.2f} MB/s on "
+                    f"{two['cores_given']:.2f} cores: {two['wall_over_tokenizer']:.2f}x by the clock "
+                    f"({r['speedup_2_over_1']:.2f}x one worker), {two['cpu_over_tokenizer']:.2f}x by CPU time |")
+    return rows
+
+
+def test_prepare_benchmark_rows_are_the_recorded_ones():
+    data = json.loads((BENCHMARKS / "prepare_data.json").read_text())
+    page = (REPO / "docs" / "performance.md").read_text()
+    assert data["prepare"]["input_mb"] >= 64 and len(data["prepare"]["rounds"]) >= 2
+    missing = [row for row in prepare_rows(data) if row not in page]
+    assert not missing, "docs/performance.md's prepare_data rows differ from docs/benchmarks/prepare_data.json:\n" + \
+        "\n".join(missing)
+    assert data["measured"] in page
+
+
+def test_fine_tuning_first_step_losses_are_the_recorded_ones():
+    """tests/test_assets.py (nightly) holds the file to a real first step of each preset."""
+    data = json.loads((BENCHMARKS / "fine_tuning.json").read_text())
+    page = (REPO / "docs" / "fine_tuning.md").read_text()
+    sft, qlora = (f"{data[k]:.3f}" for k in ("sft_first_step_reply_loss", "qlora_first_step_reply_loss"))
+    assert f"reply loss of {sft}" in page and f"from {sft} to {qlora}" in page
