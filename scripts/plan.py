@@ -6,8 +6,9 @@
 
 It enumerates the layouts titan can run (tensor parallel within a node, pipeline degree and schedule, context
 parallel, FSDP / HSDP over the rest, activation checkpointing, micro-batch size, FSDP's reshard policy under
-pipelining) at a fixed global batch (training.global_batch_size, or local_batch_size x world_size when that is -1),
-drops those titan's own checks reject or whose fullest rank does not fit (titan.memory's estimate, the dry run's),
+pipelining) at a fixed global batch (training.global_batch_size, or with -1 the dry run's: `planned_global_batch`),
+drops those titan's own checks reject (as the printed flags would be checked) or whose fullest rank does not fit
+(titan.memory's estimate, the dry run's),
 and ranks the rest by a simple cost model (docs/planning.md): compute per rank at `mfu` of the peak, stretched by
 the pipeline bubble, plus the communication each axis leaves exposed. Parameter shards come from the shapes
 (`titan.memory.state_from_shapes`, held equal to the dry run's real shards by tests/test_dry_run.py).

@@ -153,6 +153,16 @@ def test_unknown_cli_flag_suggests_the_closest():
     message = error(["--optimzer.lr", "1"])
     assert "--optimzer.lr" in message and "--optimizer.lr" in message
     assert "'positional'" in error(["positional"])
+    # Other trainers' names get titan's by meaning (it suggested --optimizer.name for --optimizer.learning_rate).
+    assert "(did you mean '--optimizer.lr'?)" in error(["--optimizer.learning_rate", "1e-3"])
+    assert "(did you mean '--training.steps'?)" in error(["--training.max_steps", "10"])
+
+
+def test_help_is_never_lost_behind_an_error(capsys):
+    for argv in (["--optimizer.learning_rate", "3", "--help"], ["--config", "/missing.toml", "-h"]):
+        with pytest.raises(SystemExit) as e:
+            load(argv)
+        assert e.value.code == 0 and "usage: python -m titan.train" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("line, key", [
