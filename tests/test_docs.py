@@ -180,3 +180,5 @@ def test_fine_tuning_first_step_losses_are_the_recorded_ones():
     page = (REPO / "docs" / "fine_tuning.md").read_text()
     sft, qlora = (f"{data[k]:.3f}" for k in ("sft_first_step_reply_loss", "qlora_first_step_reply_loss"))
     assert f"reply loss of {sft}" in page and f"from {sft} to {qlora}" in page
+    performance = (REPO / "docs" / "performance.md").read_text()
+    assert f"reply loss is {qlora} with QLoRA against {sft} with LoRA" in " ".join(performance.split())
