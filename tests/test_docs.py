@@ -171,7 +171,11 @@ def test_prepare_benchmark_rows_are_the_recorded_ones():
     missing = [row for row in prepare_rows(data) if row not in page]
     assert not missing, "docs/performance.md's prepare_data rows differ from docs/benchmarks/prepare_data.json:\n" + \
         "\n".join(missing)
-    assert data["measured"] in page
+    flat = " ".join(page.split())
+    assert data["measured"] in flat and f"One {data['prepare']['input_mb']:.0f} MB JSONL file" in flat
+    for label, key in (("one worker runs at", "workers_1"), ("two workers at", "workers_2")):
+        ratios = [r[key]["cpu_over_tokenizer"] for r in data["prepare"]["rounds"]]
+        assert f"{label} {min(ratios):.2f}-{max(ratios):.2f}x" in flat, label
 
 
 def test_fine_tuning_first_step_losses_are_the_recorded_ones():
