@@ -152,7 +152,9 @@ def _in_process(script: str):
     return run
 
 
-def test_every_scripts_flags_take_hostile_values_without_a_traceback_or_a_hang(tmp_path, capsys, one_thread):
+def test_every_scripts_flags_take_hostile_values_without_a_traceback_or_a_hang(tmp_path, capsys, one_thread,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a hostile value taken as a relative path ("0", "inf") lands here, not in the checkout
     a_file, a_folder = tmp_path / "a.jsonl", tmp_path / "folder"
     a_file.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
     a_folder.mkdir()
