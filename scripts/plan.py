@@ -8,11 +8,10 @@ It enumerates the layouts titan can run (tensor parallel within a node, pipeline
 parallel, FSDP / HSDP over the rest, activation checkpointing, micro-batch size, FSDP's reshard policy under
 pipelining) at a fixed global batch (training.global_batch_size, or with -1 the dry run's: `planned_global_batch`),
 drops those titan's own checks reject (as the printed flags would be checked) or whose fullest rank does not fit
-(titan.memory's estimate, the dry run's),
-and ranks the rest by a simple cost model (docs/planning.md): compute per rank at `mfu` of the peak, stretched by
-the pipeline bubble, plus the communication each axis leaves exposed. Parameter shards come from the shapes
-(`titan.memory.state_from_shapes`, held equal to the dry run's real shards by tests/test_dry_run.py).
-`--verify K` also dry-runs the first K suggestions with the real builder.
+(titan.memory's estimate, the dry run's), and ranks the rest by a simple cost model (docs/planning.md): compute per
+rank at `mfu` of the peak, stretched by the pipeline bubble, plus the communication each axis leaves exposed.
+Parameter shards come from the shapes (`titan.memory.state_from_shapes`, held equal to the dry run's real shards by
+tests/test_dry_run.py). `--verify K` also dry-runs the first K suggestions with the real builder.
 """
 
 from __future__ import annotations
@@ -388,8 +387,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"plan: error: {message} (see --help)\n")
 
 
-# Each number flag's accepted range: a bad value is one line naming it (a world of 0 asked for "more devices", NaN
-# memory or a zero bandwidth made NaN or infinite step times, 10**12 ranks never returned).
+# Each number flag's range: a bad value is one line naming it (world 0, NaN memory, zero bandwidth, 10**12 ranks).
 RANGES = {"world_size": (1, 2**20), "device_memory_gib": (1e-3, 2**20), "top": (1, 1000), "verify": (0, 1000),
           "gpus_per_node": (1, 1024), "peak_tflops": (1e-3, 1e7), "mfu": (1e-3, 1.0), "nvlink_gbps": (1e-3, 1e7),
           "ib_gbps": (1e-3, 1e7)}

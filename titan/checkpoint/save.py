@@ -228,8 +228,8 @@ class Checkpointer:
         else:
             state = dict(self.states)
         try:
-            self._fresh(tmp)
-            self._write_adapter(tmp / "adapter")
+            _fresh(tmp, self.rank, self._pg)
+            _write_adapter(self.adapter_export, self.model_parts, tmp / "adapter", self._pg)
             if self.cfg.async_mode == "disabled":
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg)
                 self._commit(step, tmp)
@@ -249,7 +249,7 @@ class Checkpointer:
         """step-0: the initialised weights only, in fp32 (create_seed_checkpoint)."""
         tmp = self.folder / "step-0.tmp"
         try:
-            self._fresh(tmp)
+            _fresh(tmp, self.rank, self._pg)
             dcp.save({"model": self.states["model"].state_dict()}, checkpoint_id=str(tmp))
             self._commit(0, tmp)
             logger.info(f"checkpoint: wrote seed checkpoint {self.newest}")
@@ -261,31 +261,8 @@ class Checkpointer:
         self.wait()
         export_hf(self.model_parts, self.hf_export, self.folder / f"step-{step}-hf", DTYPES[self.cfg.export_dtype],
                   self._pg)
-        self._write_adapter(self.folder / f"step-{step}-hf" / "adapter")
-
-    def _write_adapter(self, folder: Path) -> None:
-        """LoRA: the adapters as a PEFT folder (adapter_config.json + adapter_model.safetensors, a few MiB), inside
-        the step folder (outside its manifest: the DCP files stay the checkpoint) or beside the merged export."""
-        if self.adapter_export is None:
-            return
-        error = None
-        try:
-            self.adapter_export(self.model_parts, folder, self._pg)
-        except OSError as e:
-            error = os_error(e)
-        agree(error, self._pg, _SaveError)
-
-    def _fresh(self, tmp: Path) -> None:
-        """An empty `tmp` before anyone writes into it (a crash at this step may have left one)."""
-        error = None
-        if self.rank == 0:
-            try:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
-            except OSError as e:
-                error = os_error(e)
-        agree(error, self._pg, _SaveError)
+        _write_adapter(self.adapter_export, self.model_parts, self.folder / f"step-{step}-hf" / "adapter",
+                       self._pg)
 
     def _commit_when_written(self, upload: Future, step: int, tmp: Path) -> None:
         start = time.perf_counter()
@@ -384,3 +361,30 @@ def export_hf(model_parts: list[torch.nn.Module], hf_export, out: Path, dtype: t
         hf_export(full, out, dtype)
     if rank == 0:
         logger.info(f"checkpoint: exported {out} (Hugging Face format)")
+
+
+def _fresh(tmp: Path, rank: int, group) -> None:
+    """An empty `tmp` before anyone writes into it (a crash at this step may have left one); every rank calls it."""
+    error = None
+    if rank == 0:
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = os_error(e)
+    agree(error, group, _SaveError)
+
+
+def _write_adapter(adapter_export, model_parts: list[torch.nn.Module], folder: Path, group) -> None:
+    """LoRA (`adapter_export` set): the adapters as a PEFT folder (adapter_config.json + adapter_model.safetensors, a
+    few MiB), inside the step folder (outside its manifest: the DCP files stay the checkpoint) or beside the merged
+    export. Every rank calls it."""
+    if adapter_export is None:
+        return
+    error = None
+    try:
+        adapter_export(model_parts, folder, group)
+    except OSError as e:
+        error = os_error(e)
+    agree(error, group, _SaveError)
