@@ -86,13 +86,13 @@ class Layout:
                    cfg.training.local_batch_size, micro, p.pipeline_parallel_schedule, p.fsdp_reshard_after_forward)
 
     def apply(self, cfg: config.Config, global_batch: int) -> config.Config:
-        """`cfg` with this layout, validated as the command line with these flags would be (config.validate: e.g.
-        sft.packing refuses pipeline parallelism), so the planner never suggests what the dry run refuses."""
+        """`cfg` with this layout, as its printed `flags` make it of a preset, and validated (config.validate) alike."""
+        pipelined = {"pipeline_parallel_schedule": self.schedule, "pipeline_parallel_microbatch_size": self.micro} \
+            if self.pp > 1 else {}  # without PP the config's stay, as with the printed flags
         p = dataclasses.replace(
             cfg.parallelism, data_parallel_replicate_degree=self.dp_replicate,
-            data_parallel_shard_degree=self.dp_shard, tensor_parallel_degree=self.tp,
-            pipeline_parallel_degree=self.pp, context_parallel_degree=self.cp, pipeline_parallel_schedule=self.schedule,
-            pipeline_parallel_microbatch_size=self.micro, fsdp_reshard_after_forward=self.reshard,
+            data_parallel_shard_degree=self.dp_shard, tensor_parallel_degree=self.tp, **pipelined,
+            pipeline_parallel_degree=self.pp, context_parallel_degree=self.cp, fsdp_reshard_after_forward=self.reshard,
             pipeline_parallel_layers_per_stage=None, pipeline_parallel_split_points=[])
         ac = dataclasses.replace(cfg.activation_checkpoint, mode=self.ac, selective_ac_option="op")
         t = dataclasses.replace(cfg.training, local_batch_size=self.local_batch, global_batch_size=global_batch)

@@ -277,12 +277,17 @@ def test_every_preset_dry_runs_at_its_intended_world_size_and_its_planned_layout
                 result.worst.estimate.total, path.name
         # Issue 31: the planner sized the 70B preset at a global batch of 512 where this dry run says 64, and for
         # the Qwen3-MoE SFT preset ranked first (and --verify approved) a pipeline layout packed SFT refuses. Now
-        # its top suggestions, at this dry run's global batch, pass the dry run with exactly the printed flags.
+        # every suggestion it prints (its --top default), at this dry run's global batch, passes `--dry_run` with
+        # exactly the printed flags, and `plan.py --verify` dry-runs the very config those flags make.
         fits, planned_batch = plan.plan(cfg, world, gib or 80)
         assert planned_batch == global_batch, path.name
-        for candidate in plan.distinct(fits)[:2]:
+        top = plan.parse_args(["--config", str(path), "--world_size", str(world)])[0].top
+        for candidate in plan.distinct(fits)[:top]:
             flags = candidate.layout.flags(global_batch).split()
-            suggested = dry_run.run(config_io.load(["--config", str(path), *flags]), world, gib)  # raises if refused
+            flagged = config_io.load(["--config", str(path), *flags])
+            assert flagged == candidate.layout.apply(cfg, global_batch), (path.name, flags)  # what --verify runs
+            suggested = dry_run.run(flagged, world, gib or 80)  # raises if refused
+            assert suggested.fits, (path.name, flags, dry_run.report(suggested)[-1])
             assert not modelled or suggested.worst.estimate.total == candidate.memory, (path.name, flags)
 
 
