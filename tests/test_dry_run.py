@@ -266,7 +266,7 @@ def test_every_preset_dry_runs_at_its_intended_world_size_and_fits_its_declared_
         assert verdict.startswith("verdict: "), verdict
         if gib is not None:
             assert result.fits, f"{path.name}: {verdict}"
-        if not cfg.lora.enable and cfg.training.recipe != "dpo":
+        if not cfg.lora.enable and cfg.training.recipe in ("pretrain", "sft"):  # no reference, no sampler copy
             # The planner's figure, from shapes, is the dry run's, from the real shards.
             world = result.dims.world_size
             layout = plan.Layout.of(cfg, world)

@@ -1,5 +1,6 @@
 """scripts/: loss_compare.py passes identical runs and fails (exit code 1) on a changed seed; benchmark.py prints
-its table (with the overhead ratio and how it was measured) and writes JSON; nightly.sh is valid bash.
+its table (with the overhead ratio and how it was measured) and writes JSON; benchmark_generate.py prints its row
+after checking that the KV cache and recomputation give the same tokens; nightly.sh is valid bash.
 Kept small: the tiny golden config, 2-3 steps, one thread."""
 
 from __future__ import annotations
@@ -104,3 +105,16 @@ def test_check_validates_degrees_against_the_world_size(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "none.model" in err[0], err
     assert not (tmp_path / "d").exists()
+
+
+def test_benchmark_generate_prints_a_row_and_checks_the_tokens(tmp_path):
+    """scripts/benchmark_generate.py: the KV cache against recomputation on the tiny model (the row docs/
+    performance.md shows, from the debug model); both decodings must give the same tokens (exit 0 says they did)."""
+    out_json = tmp_path / "gen.json"
+    cmd = [sys.executable, "scripts/benchmark_generate.py", "--flavor", "tiny", "--batch", "3", "--prompt_tokens",
+           "6", "--new_tokens", "8", "--repeats", "2", "--json", str(out_json)]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.splitlines()[2].startswith("| llama3 tiny | 3 x 8 | ")
+    figures = json.loads(out_json.read_text())
+    assert figures["generated"] == 24 and figures["prompt_tokens"] == [6, 5, 4] and figures["speedup"] > 0
