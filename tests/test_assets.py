@@ -222,7 +222,7 @@ def test_qlora_fine_tune_lowers_the_reply_loss_and_its_merged_export_generates(s
 
 def _accuracy(model_folder: Path, prompts: Path) -> float:
     cmd = [sys.executable, "scripts/generate.py", "--hf", str(model_folder), "--prompts", str(prompts),
-           "--max_new_tokens", "16", "--batch_size", "50"]
+           "--max_new_tokens", "16", "--batch_size", "50", "--chat_template", "chatml"]
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr[-3000:]
     line = out.stdout.strip().splitlines()[-1]  # "titan.rewards:math_answer: mean reward 0.0600 over 100 prompts"
