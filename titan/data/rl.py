@@ -85,7 +85,7 @@ def read_prompts(training: Training, sft: SFT, tokenizer: Tokenizer, max_prompt_
     """Every record of training.dataset(_path) as a `Prompt`, and the template that rendered them. A prompt longer
     than `max_prompt_tokens` is a ConfigError naming its file and line and `budget_key` (nothing is cut: a
     completion must follow the whole prompt)."""
-    path, key = locate("training", training.dataset, training.dataset_path, "train")
+    path, key = locate("training", training.dataset, training.dataset_path, "train", training.dataset_columns)
     template = chat_template(tokenizer, sft.chat_template)
     prompts, names = [], None
     for where, record in read_records(path, key):
@@ -126,7 +126,7 @@ def read_feedback(path: Path, key: str) -> list[tuple[list[dict], list[dict], bo
 def feedback_rows(cfg: Training, sft: SFT, tokenizer: Tokenizer) -> list[dict]:
     """Each record as {"input", "label"} (prompt + completion, loss flags on the completion), {"kl_input",
     "kl_label"} (the prompt with the previous record's completion) and "desirable" (its label, 0-d bool)."""
-    path, key = locate("training", cfg.dataset, cfg.dataset_path, "train")
+    path, key = locate("training", cfg.dataset, cfg.dataset_path, "train", cfg.dataset_columns)
     template = chat_template(tokenizer, sft.chat_template)
     records = read_feedback(path, key)
     if len(records) < 2:
