@@ -3,8 +3,8 @@ special tokens) and tiny synthetic datasets about arithmetic: tiny_chat (SFT, "m
 (DPO), and one more SFT set written in each of the other record formats titan reads: tiny_alpaca, tiny_sharegpt and
 tiny_prompt_completion hold the same single-turn conversations, so they render to the same tokens. For the RL
 recipes: tiny_feedback (KTO: a reply labelled desirable or not), tiny_arithmetic (GRPO prompts of single-digit sums
-for the debug model, with their answer and a format pattern) and arithmetic (GRPO prompts of two-digit sums and
-differences for SmolLM2-135M, train and validation).
+for the debug model, with their answer and a format pattern) and arithmetic (GRPO prompts for SmolLM2-135M: a
+two-digit number plus or minus a one-digit one, train and validation).
 
     python scripts/make_chat_fixtures.py        # rewrites titan/assets/...; the output is deterministic
 
@@ -82,8 +82,8 @@ def tiny_arithmetic(rng: random.Random) -> dict:
 
 
 def arithmetic(rng: random.Random) -> dict:
-    """GRPO for SmolLM2-135M: a two-digit number plus or minus a one-digit one (SmolLM2-135M-Instruct gets about a
-    third right; two two-digit numbers, 1 in 20); the reward checks the last number of the reply."""
+    """GRPO for SmolLM2-135M: a two-digit number plus or minus a one-digit one; the reward checks the last number of
+    the reply (docs/rl.md has the model's accuracy before and after)."""
     a, b = rng.randint(10, 99), rng.randint(1, 9)
     op = rng.choice("+-")
     return {"prompt": f"What is {a} {op} {b}? Answer with the number only.", "answer": str(a + b if op == "+"
