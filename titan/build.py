@@ -33,7 +33,7 @@ from titan.data.chat import (
 )
 from titan.data.chat_template import template_source
 from titan.data.pretrain import build_pretrain_dataloader, build_validation_dataloader
-from titan.data.rl import build_feedback_dataloader, read_prompts
+from titan.data.rl import build_feedback_dataloader, grpo_prompts
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 from titan.evaluation import InLoop
@@ -441,16 +441,7 @@ def build_dataloaders(training: Training, sft: SFT, validation: Validation, toke
     elif training.recipe == "kto":
         train, val = build_feedback_dataloader(training, sft, tokenizer, dp_rank, dp_size), None
     elif training.recipe == "grpo":
-        grpo = grpo or GRPO()
-        per_rank = training.local_batch_size if training.global_batch_size == -1 else \
-            training.global_batch_size // dp_size  # completions per step on each rank
-        if per_rank % grpo.num_generations:
-            raise ConfigError(f"grpo.num_generations={grpo.num_generations} does not divide the {per_rank} "
-                              f"completions each rank trains on per step (training.global_batch_size / data-parallel "
-                              f"degree, or local_batch_size): a prompt's group must be whole on one rank")
-        budget = training.seq_len + 1 - grpo.max_completion_length
-        train, val = read_prompts(training, sft, tokenizer, budget, "training.seq_len + 1 - grpo.max_completion_"
-                                  "length"), None
+        train, val = grpo_prompts(training, sft, grpo or GRPO(), tokenizer, dp_size), None
     else:
         train, val = build_preference_dataloader(training, sft, tokenizer, dp_rank, dp_size), None
     return train, val

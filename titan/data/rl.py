@@ -27,7 +27,7 @@ from titan.data.pretrain import IGNORE_INDEX
 from titan.errors import ConfigError
 
 if TYPE_CHECKING:
-    from titan.config import SFT, Training
+    from titan.config import GRPO, SFT, Training
     from titan.data.tokenizer import Tokenizer
 
 logger = logging.getLogger("titan")
@@ -102,6 +102,20 @@ def read_prompts(training: Training, sft: SFT, tokenizer: Tokenizer, max_prompt_
             raise ConfigError(f"{where}: has the columns {sorted(columns)}, the first record {sorted(names)}")
         prompts.append(Prompt(ids, record["prompt"], columns))
     return prompts, template
+
+
+def grpo_prompts(training: Training, sft: SFT, grpo: GRPO, tokenizer: Tokenizer,
+                 dp_size: int) -> tuple[list[Prompt], ChatTemplate]:
+    """GRPO's prompts for a run on `dp_size` data-parallel ranks, each short enough to leave room for a whole
+    completion (`read_prompts`); titan/rollout.py turns them into the loader."""
+    per_rank = training.local_batch_size if training.global_batch_size == -1 else \
+        training.global_batch_size // dp_size  # completions per step on each rank
+    if per_rank % grpo.num_generations:
+        raise ConfigError(f"grpo.num_generations={grpo.num_generations} does not divide the {per_rank} "
+                          f"completions each rank trains on per step (training.global_batch_size / data-parallel "
+                          f"degree, or local_batch_size): a prompt's group must be whole on one rank")
+    budget = training.seq_len + 1 - grpo.max_completion_length
+    return read_prompts(training, sft, tokenizer, budget, "training.seq_len + 1 - grpo.max_completion_length")
 
 
 # ---------------------------------------------------------------------------------------------------------------
