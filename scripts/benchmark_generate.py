@@ -2,13 +2,16 @@
 every new token (titan/generation.py:generate_without_cache), greedy, on a registered flavor with seeded weights.
 
   python scripts/benchmark_generate.py --flavor debugmodel --new_tokens 256
-  python scripts/benchmark_generate.py --flavor debugmodel --new_tokens 256 --batch 8 --json gen.json
+  python scripts/benchmark_generate.py --flavor debugmodel --new_tokens 256 --batch 4 \
+      --record tests/assets/benchmarks/generation.json
 
 Both methods decode the same prompts (batch rows of --prompt_tokens tokens, the rows' lengths spread down to half of
 it, so the cache's left padding is exercised); every row must give the same tokens both ways (exit 1 otherwise).
 The recomputation decodes one row at a time, as it has no padding. The two alternate `--repeats` times; prints a
 markdown table row of the medians: tokens/s of each and the speed-up; `--json` writes the figures (with the load
-average: on a shared machine, say what else ran).
+average: on a shared machine, say what else ran); `--record` adds them to a file of runs under the key `key`
+returns (tests/assets/benchmarks/generation.json: the rows docs/performance.md shows, checked by
+tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,7 +62,25 @@ def measure(ns) -> dict:
             "kv_cache_tokens_per_s": n_tokens / t_cache, "recompute_tokens_per_s": n_tokens / t_full,
             "speedup": t_full / t_cache,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "load_average": os.getloadavg()}
+            "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d"), "commit": commit()}
+
+
+def commit() -> str:
+    """The checkout's short commit (what the figures were measured on), or "unknown" outside a git checkout."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                         text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def key(r: dict) -> str:
+    """A run's name in a --record file: model, flavor, batch and new tokens."""
+    return f"{r['model']}_{r['flavor']}_{r['batch']}x{r['new_tokens']}"
+
+
+def row(r: dict) -> str:
+    """The markdown table row of one run (docs/performance.md shows these)."""
+    return (f"| {r['model']} {r['flavor']} | {r['batch']} x {r['new_tokens']} | {r['kv_cache_tokens_per_s']:,.1f} | "
+            f"{r['recompute_tokens_per_s']:,.1f} | {r['speedup']:.1f}x |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds (medians reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--record", help="add the figures to this JSON file of runs (under the run's key)")
     ns = parser.parse_args(argv)
     if min(ns.batch, ns.prompt_tokens, ns.new_tokens, ns.repeats) < 1:
         print("benchmark_generate: error: --batch, --prompt_tokens, --new_tokens and --repeats must be >= 1",
@@ -84,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("| model | batch x new tokens | KV cache, tokens/s | recomputation, tokens/s | speed-up |")
     print("|---|---|---|---|---|")
-    print(f"| {r['model']} {r['flavor']} | {r['batch']} x {r['new_tokens']} | {r['kv_cache_tokens_per_s']:,.1f} | "
-          f"{r['recompute_tokens_per_s']:,.1f} | {r['speedup']:.1f}x |")
+    print(row(r))
     if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(r, f, indent=1)
+        Path(ns.json).write_text(json.dumps(r, indent=1) + "\n")
+    if ns.record:
+        path = Path(ns.record)
+        runs = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**runs, key(r): r}, indent=1, sort_keys=True) + "\n")
     return 0
 
 
