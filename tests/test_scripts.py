@@ -110,11 +110,14 @@ def test_check_validates_degrees_against_the_world_size(tmp_path, capsys):
 def test_benchmark_generate_prints_a_row_and_checks_the_tokens(tmp_path):
     """scripts/benchmark_generate.py: the KV cache against recomputation on the tiny model (the row docs/
     performance.md shows, from the debug model); both decodings must give the same tokens (exit 0 says they did)."""
-    out_json = tmp_path / "gen.json"
+    out_json, record = tmp_path / "gen.json", tmp_path / "runs.json"
+    record.write_text(json.dumps({"earlier_run": {"kept": True}}))
     cmd = [sys.executable, "scripts/benchmark_generate.py", "--flavor", "tiny", "--batch", "3", "--prompt_tokens",
-           "6", "--new_tokens", "8", "--repeats", "2", "--json", str(out_json)]
+           "6", "--new_tokens", "8", "--repeats", "2", "--json", str(out_json), "--record", str(record)]
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.splitlines()[2].startswith("| llama3 tiny | 3 x 8 | ")
     figures = json.loads(out_json.read_text())
     assert figures["generated"] == 24 and figures["prompt_tokens"] == [6, 5, 4] and figures["speedup"] > 0
+    assert json.loads(record.read_text()) == {"earlier_run": {"kept": True}, "llama3_tiny_3x8": figures}
+    assert len(figures["commit"]) >= 7 and figures["date"].startswith("20")  # what docs/performance.md names
