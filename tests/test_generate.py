@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from dist_utils import REPO, TINY
+from dist_utils import REPO, TINY, load_script
 
 from titan import hf
 from titan.config import LoRA
@@ -168,6 +168,31 @@ def test_compiled_decoding_step_gives_the_same_tokens(model, one_thread):
     other = [[9, 10], [11, 12, 13, 14, 15]]
     assert generate(model, other, 6, compiled=True) == generate(model, other, 6)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed: scripts/benchmark_generate.py --record -> tests/assets/benchmarks/generation.json, as docs/performance.md
+# quotes it (measured by the script, never timed here)
+
+GENERATION_BENCHMARK = REPO / "tests" / "assets" / "benchmarks" / "generation.json"
+MIN_SPEEDUP = 5.0  # issue 28: the KV cache at least 5x faster than recomputation at 256 new tokens on CPU
+
+
+def test_docs_quote_the_generation_benchmark():
+    """Every recorded run is a row of docs/performance.md's generation-speed table, its date, torch and commit are
+    named there; and the recorded CPU runs at 256 new tokens (one prompt, and a left-padded batch) decode at least
+    MIN_SPEEDUP times faster with the cache, having given the same tokens both ways (the script exits 1 otherwise)."""
+    script = load_script("benchmark_generate")
+    runs = json.loads(GENERATION_BENCHMARK.read_text())
+    section = (REPO / "docs" / "performance.md").read_text().split("### Generation speed", 1)[1].split("\n## ")[0]
+    section = section.split("\n### ")[0]
+    for name, r in runs.items():
+        assert name == script.key(r)
+        assert script.row(r) in section, f"docs/performance.md should show: {script.row(r)}"
+        assert r["date"] in section and r["torch"] in section and f"commit {r['commit']}" in section, name
+    measured = [runs[k] for k in ("llama3_debugmodel_1x256", "llama3_debugmodel_4x256")]
+    assert all(r["torch"].endswith("+cpu") and r["generated"] == 256 * r["batch"] for r in measured)
+    assert all(r["speedup"] >= MIN_SPEEDUP for r in measured), [r["speedup"] for r in measured]
 
 
 # ---------------------------------------------------------------------------------------------------------------
