@@ -250,6 +250,13 @@ def test_grpo_raises_smollm2s_arithmetic_accuracy(smollm2, tmp_path):
     text = (REPO / "docs" / "rl.md").read_text()
     doc = re.search(r"accuracy was \*\*([\d.]+)\*\*.*? it was \*\*([\d.]+)\*\*", text, re.S)
     assert doc and abs(before - float(doc[1])) <= 0.02 and abs(after - float(doc[2])) <= 0.1, (before, after)
+    records = read_metrics(dump)
+    first, last = (sum(r["reward"] for r in part) / 5 for part in (records[:5], records[-5:]))
+    long_first, long_last = (sum(r["completion_length"] for r in part) / 5 for part in (records[:5], records[-5:]))
+    doc = re.search(r"training reward rose\s+from ([\d.]+) \(mean of steps 1-5\) to ([\d.]+) \(steps 36-40\);\s+the\s+"
+                    r"completions' mean length fell from ([\d.]+) to ([\d.]+) tokens", text)
+    assert doc and abs(first - float(doc[1])) <= 0.1 and abs(last - float(doc[2])) <= 0.1, (first, last)
+    assert abs(long_first - float(doc[3])) <= 1.5 and abs(long_last - float(doc[4])) <= 1.5, (long_first, long_last)
 
 
 # ---------------------------------------------------------------------------------------------------------------
