@@ -2,6 +2,12 @@
 
   python scripts/generate.py --hf assets/smollm2 --chat --prompt "What is the capital of France?"
   python scripts/generate.py --checkpoint outputs/sft/checkpoint/step-200 --chat --prompt "Hello"
+  python scripts/generate.py --hf assets/smollm2 --prompts titan/assets/data/arithmetic/validation.jsonl
+
+`--prompts` scores a model on a GRPO prompt set instead (JSONL or parquet records with a "prompt" and the columns the
+reward functions read): every prompt in the chat template (as --chat picks it, or --chat_template), greedy replies in
+batches (KV cache), each reward function of `--rewards` called as GRPO calls it; prints each function's mean reward
+(the accuracy, for titan.rewards:math_answer).
 
 `--hf` takes a folder with config.json, safetensors weights and a tokenizer (tokenizer.model, or a Hugging Face
 tokenizer.json with the hf extra): what titan.hf.save and scripts/download_assets.py write, or a Qwen3 folder.
@@ -11,6 +17,7 @@ are used as trained, and an adapter-only checkpoint gets its base weights from c
 quantized to NF4 again for a QLoRA run, as training did).
 
 The completion (the decoded new tokens) goes to stdout, everything else to stderr. Greedy unless --temperature > 0.
+Decoding uses a KV cache (titan/generation.py): each new token costs one token's forward.
 """
 
 from __future__ import annotations
@@ -172,7 +179,7 @@ def prompt_ids(ns, tokenizer, template_name: str = "auto") -> tuple[list[int], s
 # Each number flag's accepted range: a bad value is one line naming it (NaN temperatures sampled garbage, a
 # max_seq_len of 10**12 failed allocating the RoPE table with a traceback).
 RANGES = {"max_new_tokens": (0, 2**20), "temperature": (0.0, 1e4), "top_k": (0, 2**31 - 1), "seed": (0, 2**63 - 1),
-          "max_seq_len": (0, 2**20)}
+          "max_seq_len": (0, 2**20), "batch_size": (1, 2**20)}
 
 
 def check_flags(ns) -> None:
@@ -180,6 +187,8 @@ def check_flags(ns) -> None:
         value = getattr(ns, name)
         if not (math.isfinite(value) and lo <= value <= hi):
             raise ConfigError(f"--{name} must be in [{lo:,}, {hi:,}] (got {value})")
+    if not 0 < ns.top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1] (got {ns.top_p})")
     for name in ("hf", "checkpoint"):
         path = getattr(ns, name)
         if path is not None and (not path.strip() or Path(path).is_file()):
@@ -189,7 +198,7 @@ def check_flags(ns) -> None:
 
 
 def run(ns) -> None:
-    from titan.generation import generate
+    from titan.generation import Sampling, generate
 
     check_flags(ns)
     torch.manual_seed(ns.seed)
@@ -202,8 +211,10 @@ def run(ns) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"loaded {n_params / 1e6:.1f} M parameters, vocabulary {tokenizer.vocab_size} in "
         f"{time.perf_counter() - start:.1f}s")
+    if ns.prompts:
+        return evaluate(ns, model, tokenizer)
     try:
-        ids, stop = prompt_ids(ns, tokenizer, getattr(model, "chat_template", "auto"))
+        ids, stop = prompt_ids(ns, tokenizer, ns.chat_template or getattr(model, "chat_template", "auto"))
     except BaseException as e:  # tiktoken panics (a BaseException) on a character whose bytes have no token
         if isinstance(e, (KeyboardInterrupt, SystemExit, ConfigError)):
             raise
@@ -213,14 +224,45 @@ def run(ns) -> None:
                           f"(--max_seq_len to raise it)")
     generator = torch.Generator().manual_seed(ns.seed)
     start = time.perf_counter()
-    new = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k, stop_ids=stop,
-                   generator=generator)
+    sampling = Sampling(ns.temperature, ns.top_k, ns.top_p)
+    new = generate(model, [ids], ns.max_new_tokens, sampling, stop_ids=stop, generators=[generator],
+                   compiled=ns.compile)[0]
     elapsed = time.perf_counter() - start
     stopped = bool(new) and new[-1] in stop
     text = tokenizer.decode(new[:-1] if stopped else new)
     print(text, flush=True)
     log(f"{len(new)} tokens in {elapsed:.1f}s ({len(new) / max(elapsed, 1e-9):.1f} tokens/s); "
         f"{'stopped at ' + repr(tokenizer.decode([new[-1]])) if stopped else 'reached max_new_tokens or max_seq_len'}")
+
+
+def evaluate(ns, model, tokenizer) -> None:
+    """--prompts: the mean reward of the model's replies to a prompt set, per reward function."""
+    from titan import rewards
+    from titan.data.chat import chat_template
+    from titan.data.rl import as_messages, read_records
+    from titan.generation import Sampling, generate
+
+    template = chat_template(tokenizer, ns.chat_template or getattr(model, "chat_template", "auto"))
+    records = read_records(Path(ns.prompts), "--prompts")
+    functions = rewards.load_reward_functions([r for r in ns.rewards.split(",") if r], [])
+    system = [{"role": "system", "content": ns.system}] if ns.system else []
+    prompts = [system + as_messages(r.get("prompt"), where, "prompt", "user") for where, r in records]
+    stop = sorted({tokenizer.eos_id, template.end_id})
+    start, replies = time.perf_counter(), []
+    for i in range(0, len(prompts), ns.batch_size):
+        ids = [template.render(p, add_generation_prompt=True)[0] for p in prompts[i:i + ns.batch_size]]
+        gens = [torch.Generator().manual_seed(ns.seed + i + j) for j in range(len(ids))]
+        replies += generate(model, ids, ns.max_new_tokens, Sampling(ns.temperature, ns.top_k, ns.top_p), stop, gens)
+    texts = [tokenizer.decode(r[:-1] if r and r[-1] in stop else r) for r in replies]
+    columns = {k: [r.get(k) for _, r in records] for k in records[0][1] if k != "prompt"}
+    plain = [r["prompt"] for _, r in records]
+    shown = [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(plain, texts)]
+    scores = rewards.score(functions, plain, shown, replies, columns, rewards.TrainerState(0, 0))
+    log(f"{len(prompts)} prompts, {sum(map(len, replies))} tokens in {time.perf_counter() - start:.1f}s; first "
+        f"reply: {texts[0]!r}")
+    for f, column in zip(functions, scores.T):
+        valid = column[~column.isnan()]
+        print(f"{f.path}: mean reward {float(valid.mean()):.4f} over {len(valid)} prompts", flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -230,24 +272,34 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="generate.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="Hugging Face model folder (config.json, safetensors, tokenizer.model or "
                         "tokenizer.json)")
     source.add_argument("--checkpoint", help="titan checkpoint step folder <dump_folder>/checkpoint/step-N")
     parser.add_argument("--config", help="the run's config (default: <dump_folder>/config.toml); --checkpoint only")
-    parser.add_argument("--prompt", required=True)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt")
+    what.add_argument("--prompts", help="score the model on a GRPO prompt set (.jsonl or .parquet; see above)")
+    parser.add_argument("--rewards", default="titan.rewards:math_answer",
+                        help="--prompts: reward functions, comma-separated \"module:function\"")
+    parser.add_argument("--batch_size", type=int, default=32, help="--prompts: prompts generated together")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template "
                         "training used (a --checkpoint run's sft.chat_template; for --hf the folder's own Jinja "
                         "template, else a built-in: ChatML, Qwen3 with thinking off, Llama 3) and stop at the end of "
                         "the reply")
+    parser.add_argument("--chat_template", choices=("auto", "tokenizer", "chatml", "qwen3", "llama3"),
+                        help="--chat and --prompts: this template instead (as sft.chat_template names them)")
     parser.add_argument("--system", default="", help="a system message (--chat). SmolLM2's own template adds "
                         "'You are a helpful AI assistant named SmolLM, trained by Hugging Face' when none is given")
     parser.add_argument("--max_new_tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    parser.add_argument("--top_p", type=float, default=1.0, help="sample among the most likely tokens whose "
+                        "probability reaches top_p (nucleus sampling); 1 = all")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (pays off for "
+                        "long generations on a GPU; a CPU spends tens of seconds compiling)")
     parser.add_argument("--max_seq_len", type=int, default=0,
                         help="RoPE table length, prompt + reply (default: config.json's max_position_embeddings, "
                              "or the run's training.seq_len)")

@@ -1,7 +1,10 @@
 """Write the shipped fine-tuning fixtures: a 4k-token chat tokenizer (the debug tokenizer with ChatML and Llama 3
 special tokens) and tiny synthetic datasets about arithmetic: tiny_chat (SFT, "messages" records), tiny_preferences
 (DPO), and one more SFT set written in each of the other record formats titan reads: tiny_alpaca, tiny_sharegpt and
-tiny_prompt_completion hold the same single-turn conversations, so they render to the same tokens.
+tiny_prompt_completion hold the same single-turn conversations, so they render to the same tokens. For the RL
+recipes: tiny_feedback (KTO: a reply labelled desirable or not), tiny_arithmetic (GRPO prompts of single-digit sums
+for the debug model, with their answer and a format pattern) and arithmetic (GRPO prompts for SmolLM2-135M: a
+two-digit number plus or minus a one-digit one, train and validation).
 
     python scripts/make_chat_fixtures.py        # rewrites titan/assets/...; the output is deterministic
 
@@ -61,6 +64,32 @@ def preference(rng: random.Random) -> dict:
     return {"prompt": question, "chosen": f"{expr} = {answer}.", "rejected": rejected}
 
 
+def feedback(rng: random.Random) -> dict:
+    """KTO: one reply, labelled desirable when it is right (about half of them)."""
+    pair = preference(rng)
+    good = rng.random() < 0.5
+    return {"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good}
+
+
+# What tiny_arithmetic's format reward asks of a completion (titan.rewards:format_regex reads the column): a number
+# first. A randomly initialised debug model says one about 4 % of the time, so GRPO has something to reinforce.
+NUMBER_FIRST = r"\s*\d+\b.*"
+
+
+def tiny_arithmetic(rng: random.Random) -> dict:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return {"prompt": f"{a} + {b} =", "answer": str(a + b), "format_pattern": NUMBER_FIRST}
+
+
+def arithmetic(rng: random.Random) -> dict:
+    """GRPO for SmolLM2-135M: a two-digit number plus or minus a one-digit one; the reward checks the last number of
+    the reply (docs/rl.md has the model's accuracy before and after)."""
+    a, b = rng.randint(10, 99), rng.randint(1, 9)
+    op = rng.choice("+-")
+    return {"prompt": f"What is {a} {op} {b}? Answer with the number only.", "answer": str(a + b if op == "+"
+                                                                                          else a - b)}
+
+
 INSTRUCTIONS = ["Compute the following.", "Work this out.", "Give the result."]
 
 
@@ -112,6 +141,11 @@ def main() -> None:
                           ("tiny_prompt_completion", as_prompt_completion)):
         for split, records in splits.items():
             write_jsonl(data / name / f"{split}.jsonl", [convert(r) for r in records])
+    rng = random.Random(2)  # the RL sets, each from the same stream after the ones above
+    write_jsonl(data / "tiny_feedback" / "train.jsonl", [feedback(rng) for _ in range(200)])
+    write_jsonl(data / "tiny_arithmetic" / "train.jsonl", [tiny_arithmetic(rng) for _ in range(200)])
+    write_jsonl(data / "arithmetic" / "train.jsonl", [arithmetic(rng) for _ in range(1000)])
+    write_jsonl(data / "arithmetic" / "validation.jsonl", [arithmetic(rng) for _ in range(200)])
     print(f"wrote fixtures under {ASSETS}")
 
 

@@ -809,7 +809,7 @@ def test_dpo_loss_matches_hand_computation(mesh):
     batch, policy_logits, ref_logits = dpo_batch(pairs)
     ref_logits.requires_grad_(True)
     model = FixedLogits(policy_logits)
-    objective = DPOLoss(DPO(beta=beta), reference=lambda b: ref_logits[b["input"][:, 0]])
+    objective = DPOLoss(DPO(beta=beta), reference=lambda tokens: ref_logits[tokens[:, 0]])
     assert int(objective.count(batch)) == pairs
     loss = objective(model, batch)
     loss.backward()
@@ -852,7 +852,7 @@ def test_dpo_against_itself_is_log2(mesh):
     pairs = 3
     batch, policy_logits, _ = dpo_batch(pairs)
     model = FixedLogits(policy_logits)
-    objective = DPOLoss(DPO(beta=0.1), reference=lambda b: model(b["input"]))
+    objective = DPOLoss(DPO(beta=0.1), reference=lambda tokens: model(tokens))
     loss = objective(model, batch)
     assert torch.equal(loss, -F.logsigmoid(torch.zeros(pairs)).sum())  # every margin exactly 0
     torch.testing.assert_close(loss, torch.tensor(pairs * math.log(2)), rtol=1e-6, atol=0)
@@ -886,7 +886,7 @@ LOSS_CFGS = {"sigmoid": DPO(loss="sigmoid", beta=0.3), "ipo": DPO(loss="ipo", be
 
 
 def make_objective(cfg, ref_logits):
-    reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else (lambda b: ref_logits[b["input"][:, 0]])
+    reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else (lambda tokens: ref_logits[tokens[:, 0]])
     return DPOLoss(cfg, reference=reference)
 
 
@@ -935,7 +935,7 @@ def test_preference_losses_at_the_start(mesh):
                 "simpo": torch.full((pairs,), math.log1p(math.exp(0.7))),
                 "orpo": nll + 0.4 * math.log(2)}
     for name, cfg in LOSS_CFGS.items():
-        reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else (lambda b: model(b["input"]))
+        reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else (lambda tokens: model(tokens))
         objective = DPOLoss(cfg, reference=reference)
         data = batch if reference is not None else twins
         torch.testing.assert_close(objective(model, data).double(), expected[name].double().sum(), rtol=1e-6,

@@ -268,7 +268,8 @@ def test_every_preset_dry_runs_at_its_intended_world_size_and_its_planned_layout
             assert result.fits, f"{path.name}: {verdict}"
         world = result.dims.world_size
         global_batch = cfg.training.local_batch_size * result.dims.dp * result.grad_accum
-        modelled = not cfg.lora.enable and cfg.training.recipe != "dpo"  # what the planner's estimate models
+        # what the planner's estimate models: no reference model, no sampler copy
+        modelled = not cfg.lora.enable and cfg.training.recipe in ("pretrain", "sft")
         if modelled:
             # The planner's figure, from shapes, is the dry run's, from the real shards.
             layout = plan.Layout.of(cfg, world)

@@ -1,6 +1,7 @@
 """Fine-tuning recipes end to end on the tiny model (fp32, deterministic): LoRA freezes the base and its export
-merges the adapters; SFT, LoRA, QLoRA and preference runs on FSDP=2 (and TP=2, PP=2 where they apply) match their
-single-process runs within 1e-5; every preference loss starts where its formula says and its reward accuracy rises;
+merges the adapters; SFT, LoRA, QLoRA, preference, GRPO (full, LoRA with a KL term, QLoRA, compiled with activation
+checkpointing) and KTO runs on FSDP=2 (and TP=2, PP=2 where they apply) match their single-process runs within 1e-5,
+GRPO from the same rollouts; every preference loss starts where its formula says and its reward accuracy rises;
 SimPO and ORPO build no reference model; adapter-only checkpoints resume exactly; malformed SFT records of every
 format exit 2 naming file and line.
 
@@ -37,6 +38,15 @@ TOL = 1e-5
 LORA = ["--lora.enable", "--optimizer.lr", "1e-2"]
 DPO = ["--training.recipe", "dpo", "--training.dataset", "tiny_preferences", "--validation.enable", "false",
        "--training.global_batch_size", "4", "--training.steps", "10", "--dpo.beta", "0.5"]
+# GRPO: 2 prompts x 4 completions per step (1 prompt per rank on FSDP=2), each prompt's group generated in a call of
+# its own, so every layout generates the same rollouts; 2 steps per rollout (the old log-probabilities, the clip). A
+# length penalty makes every completion's reward differ, so that no step's advantages are all 0.
+GRPO = ["--training.recipe", "grpo", "--training.dataset", "tiny_arithmetic", "--validation.enable", "false",
+        "--grpo.num_generations", "4", "--grpo.generation_batch_size", "4", "--grpo.max_completion_length", "6",
+        "--grpo.reward_functions", "titan.rewards:format_regex,rl_rewards:length_penalty", "--grpo.num_iterations",
+        "2", "--grpo.epsilon_high", "0.28", "--optimizer.lr", "3e-3"]
+KTO = ["--training.recipe", "kto", "--training.dataset", "tiny_feedback", "--validation.enable", "false",
+       "--kto.beta", "0.5"]
 # The tiny model's weights (64 x 64, 32 x 64, ...) split into whole NF4 scale blocks of 64 x 16 on 2 FSDP ranks.
 QLORA = ["--lora.quantize_base", "nf4", "--lora.nf4_scaler_block_size", "16"]
 
@@ -134,7 +144,13 @@ RUNS = {  # name -> (overrides, layouts compared with the single-process run)
     "dpo_orpo": (DPO + ["--dpo.loss", "orpo", "--dpo.orpo_lambda", "1.0"], ["fsdp2"]),
     # The reference's log-probabilities computed before training: the same run as dpo_frozen_reference.
     "dpo_precomputed": (DPO + ["--dpo.precompute_reference"], ["fsdp2"]),
+    "grpo": (GRPO, ["fsdp2", "tp2"]),
+    "grpo_lora_kl": (GRPO + LORA + ["--grpo.beta", "0.1", "--grpo.loss_type", "grpo"], ["fsdp2"]),
+    "kto_lora": (KTO + LORA, ["fsdp2", "tp2"]),
+    "grpo_qlora": (GRPO + LORA + QLORA, ["fsdp2"]),  # the sampler gathers and dequantizes NF4 shards
+    "grpo_compiled_ac": (GRPO + ["--compile.enable", "--activation_checkpoint.mode", "full"], ["fsdp2"]),
 }
+RL = ("dpo", "grpo", "kto")  # losses of these recipes get small: compared at the run's scale
 PREFERENCE_RUNS = {"dpo_lora": "sigmoid", "dpo_frozen_reference": "sigmoid", "dpo_ipo": "ipo", "dpo_simpo": "simpo",
                    "dpo_orpo": "orpo", "dpo_precomputed": "sigmoid"}
 LAYOUT_ARGS = {"fsdp2": [], "tp2": ["--parallelism.tensor_parallel_degree", "2"],
@@ -163,15 +179,17 @@ def test_recipe_layout_matches_single_process(runs, name, layout):
     train_ref, train_got = [r for r in ref if "loss" in r], [r for r in got if "loss" in r]
     assert [r["step"] for r in train_got] == [r["step"] for r in train_ref] and len(train_got) >= 6
     got_norms, ref_norms = [r["grad_norm"] for r in train_got], [r["grad_norm"] for r in train_ref]
-    if name.startswith("dpo"):
-        # DPO's gradient shrinks as the margins grow (0.012 at step 6 against 0.1-0.4 before it, dpo_lora): another
-        # layout's summation order leaves errors of the size of the run's gradients, so compare at that scale.
+    if name.startswith(RL):
+        # DPO's gradient shrinks as the margins grow (0.012 at step 6 against 0.1-0.4 before it, dpo_lora), GRPO's
+        # vanishes in a step whose groups got equal rewards: another layout's summation order leaves errors of the
+        # size of the run's gradients, so compare at that scale.
         assert max(abs(a - b) for a, b in zip(got_norms, ref_norms)) < TOL * max(ref_norms)
     else:
         assert max_rel_diff(got_norms, ref_norms) < TOL
-    if name.startswith("dpo"):
+    if name.startswith(RL):
         # Late in a DPO run a pair's loss -log sigmoid(m) ~ e^-m is tiny (0.0016 at m = 6.5), and its relative error
-        # is the margin's absolute error: compare relatively above 1, absolutely below (the margins are checked next).
+        # is the margin's absolute error; GRPO's loss sums advantages of both signs to about 0: compare relatively
+        # above 1, absolutely below (the margins are checked next).
         assert all(abs(a["loss"] - b["loss"]) < TOL * max(1.0, abs(b["loss"])) for a, b in zip(train_got, train_ref))
     else:
         assert max_rel_diff([r["loss"] for r in train_got], [r["loss"] for r in train_ref]) < TOL
@@ -180,10 +198,26 @@ def test_recipe_layout_matches_single_process(runs, name, layout):
         margins = [(r["reward_margin"], q["reward_margin"]) for r, q in zip(train_got, train_ref)]
         assert all(abs(a - b) < TOL * max(1.0, abs(b)) for a, b in margins), margins  # absolute below 1
         assert [r["reward_accuracy"] for r in train_got] == [r["reward_accuracy"] for r in train_ref]
+    if name.startswith("grpo"):  # the same rollouts (sampled per prompt, whatever the layout), then the same step
+        for key in ("reward", "reward_std", "completion_length", "completion_length_max"):
+            assert [r[key] for r in train_got] == [r[key] for r in train_ref], key
+        assert all(abs(a["entropy"] - b["entropy"]) < TOL * b["entropy"] for a, b in zip(train_got, train_ref))
+        assert all(abs(a[k] - b[k]) < 1e-9 for a, b in zip(train_got, train_ref) for k in ("clip_ratio_low",
+                                                                                           "clip_ratio_high"))
     val_ref, val_got = [r["val_loss"] for r in ref if "val_loss" in r], [r["val_loss"] for r in got if "val_loss" in r]
     assert len(val_got) == len(val_ref)
     if layout != "fsdp2" and val_got:  # dp == 1: the same validation batches as the reference
         assert max_rel_diff(val_got, val_ref) < TOL
+
+
+def test_grpo_compiled_with_activation_checkpointing_trains_as_eager(runs):
+    """compile + full AC change how the training model runs, not what it computes: the same rollouts (generated
+    eagerly on the CPU) and the same steps as the eager run, within 1e-5."""
+    eager, compiled = read_metrics(runs / "grpo"), read_metrics(runs / "grpo_compiled_ac")
+    assert [r["reward"] for r in compiled] == [r["reward"] for r in eager] and len(eager) == 6
+    norms = [r["grad_norm"] for r in eager]
+    assert max(abs(a["grad_norm"] - b) for a, b in zip(compiled, norms)) < TOL * max(norms)
+    assert all(abs(a["loss"] - b["loss"]) < TOL * max(1.0, abs(b["loss"])) for a, b in zip(compiled, eager))
 
 
 def test_sft_learns_and_lora_trains_only_adapters(runs):
@@ -266,7 +300,7 @@ def test_simpo_and_orpo_build_no_reference_model(runs, tmp_path, monkeypatch, on
     def no_reference(*args):
         raise AssertionError("a reference-free loss asked for a reference model")
 
-    monkeypatch.setattr(titan.build, "dpo_reference", no_reference)
+    monkeypatch.setattr(titan.build, "reference_model", no_reference)
     for name in ("dpo_simpo", "dpo_orpo"):
         built.clear()
         argv = _argv(tmp_path / name, *RUNS[name][0])

@@ -1,5 +1,6 @@
 """scripts/: loss_compare.py passes identical runs and fails (exit code 1) on a changed seed; benchmark.py prints
-its table (with the overhead ratio and how it was measured) and writes JSON; nightly.sh is valid bash; every script's
+its table (with the overhead ratio and how it was measured) and writes JSON; benchmark_generate.py prints its row
+after checking that the KV cache and recomputation give the same tokens; nightly.sh is valid bash; every script's
 flags, walked with hostile values, give one line and no traceback or hang.
 Kept small: the tiny golden config, 2-3 steps, one thread."""
 
@@ -107,6 +108,20 @@ def test_check_validates_degrees_against_the_world_size(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_benchmark_generate_prints_a_row_and_checks_the_tokens(tmp_path):
+    """scripts/benchmark_generate.py: the KV cache against recomputation on the tiny model (the row docs/
+    performance.md shows, from the debug model); both decodings must give the same tokens (exit 0 says they did)."""
+    out_json, record = tmp_path / "gen.json", tmp_path / "runs.json"
+    record.write_text(json.dumps({"earlier_run": {"kept": True}}))
+    cmd = [sys.executable, "scripts/benchmark_generate.py", "--flavor", "tiny", "--batch", "3", "--prompt_tokens",
+           "6", "--new_tokens", "8", "--repeats", "2", "--json", str(out_json), "--record", str(record)]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.splitlines()[2].startswith("| llama3 tiny | 3 x 8 | ")
+    figures = json.loads(out_json.read_text())
+    assert figures["generated"] == 24 and figures["prompt_tokens"] == [6, 5, 4] and figures["speedup"] > 0
+    assert json.loads(record.read_text()) == {"earlier_run": {"kept": True}, "llama3_tiny_3x8": figures}
+    assert len(figures["commit"]) >= 7 and figures["date"].startswith("20")  # what docs/performance.md names
 # ---------------------------------------------------------------------------------------------------------------
 # Every script's flags, walked with hostile values (issue 31)
 
@@ -184,7 +199,7 @@ def test_every_scripts_flags_take_hostile_values_without_a_traceback_or_a_hang(t
     generate = _in_process("generate")
     cases += _walk(lambda argv: generate(argv, capsys), {
         "--hf": str(a_folder), "--prompt": "x", "--max_new_tokens": "1", "--temperature": "0", "--top_k": "0",
-        "--seed": "0", "--max_seq_len": "0"}, flags, {"--hf": str(a_file)})
+        "--seed": "0", "--max_seq_len": "0", "--top_p": "1", "--batch_size": "1"}, flags, {"--hf": str(a_file)})
 
     convert = _in_process("convert_checkpoint")
     cases += _walk(lambda argv: convert(["to-hf", *argv], capsys), {

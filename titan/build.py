@@ -21,10 +21,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from titan import config_io, hf, models, peft
+from titan import config_io, hf, models, peft, rewards
 from titan.checkpoint.save import Checkpointer
 from titan.checkpoint.state import base_identity, load_initial_weights
-from titan.config import DPO, DTYPES, SFT, Checkpoint, Config, LoRA, Training, Validation
+from titan.config import DPO, DTYPES, GRPO, SFT, Checkpoint, Config, LoRA, Training, Validation
 from titan.data.chat import (
     build_preference_dataloader,
     build_sft_dataloader,
@@ -33,6 +33,7 @@ from titan.data.chat import (
 )
 from titan.data.chat_template import template_source
 from titan.data.pretrain import build_pretrain_dataloader, build_validation_dataloader
+from titan.data.rl import build_feedback_dataloader, grpo_prompts
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 from titan.evaluation import InLoop
@@ -40,7 +41,7 @@ from titan.lifecycle import RunLock, claim_dump_folder
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora, moe
 from titan.models.layers import Transformer, TransformerArgs, count_params
-from titan.objectives import DPOLoss, Objective, TokenLoss, cross_entropy_sum, reference
+from titan.objectives import DPOLoss, GRPOLoss, KTOLoss, Objective, TokenLoss, cross_entropy_sum, reference
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_seq_len, shard_rope
@@ -51,6 +52,7 @@ from titan.parallel.process_group import init_distributed, set_timeouts
 from titan.parallel.qlora import quantize_bases
 from titan.parallel.semi_sync import Replicas, build_replicas
 from titan.parallel.tensor_parallel import loss_parallel_context
+from titan.rollout import Rollouts, Sampler
 
 logger = logging.getLogger("titan")
 
@@ -99,6 +101,7 @@ class Run:
     loss_context: Callable[[], contextlib.AbstractContextManager]  # context for loss + backward
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # summed token loss; the last pipeline stage's
     objective: Objective  # (model, batch) -> summed loss, and count(batch); see titan/objectives/
+    rollouts: Rollouts | None = None  # GRPO: train_loader itself, sampling each rollout from the policy
     timer: StepTimer = field(default_factory=StepTimer)  # scripts/benchmark.py swaps in a CUDA-syncing one
     checkpointer: Checkpointer | None = None
     replicas: Replicas | None = None  # across dp_replicate: DiLoCo's outer step, or the count of HSDP's traffic
@@ -164,7 +167,12 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     optimizer = build_optimizer(model.named_trainable, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
     train_loader, val_loader = build_dataloaders(t, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(),
-                                                 dims.dp, allow_tokenizer_change=cfg.checkpoint.allow_tokenizer_change)
+                                                 dims.dp, cfg.grpo, cfg.checkpoint.allow_tokenizer_change)
+    autocast, loss_context = mixed_precision_context(t, dims, device), loss_parallel_context(cfg.parallelism, dims)
+    rollouts = None
+    if t.recipe == "grpo":  # the prompts become rollouts: completions sampled from the policy, scored
+        train_loader = rollouts = build_rollouts(cfg, args, tokenizer, train_loader, model, mesh, grad_accum, device,
+                                                 autocast, loss_context)
     replicas = build_replicas(cfg.semi_sync, model.parts, mesh, t.steps, DTYPES[t.mixed_precision_reduce])
     checkpointer = build_checkpointer(cfg, args, tokenizer, model.parts, optimizer, scheduler, train_loader, replicas)
     checkpointer.load()  # resume (the loop continues at checkpointer.step + 1) or initial weights
@@ -175,13 +183,11 @@ def build_run(cfg: Config, device: torch.device) -> Run:
         honour_new_settings(cfg, checkpointer, optimizer, scheduler)
     if cfg.lora.quantize_base != "none":  # the base weights are final now: quantize them (QLoRA)
         quantize_bases(model.parts, cfg.lora, DTYPES[t.mixed_precision_param])
-    autocast = mixed_precision_context(t, dims, device)
-    objective = build_objective(t, cfg.dpo, cfg.lora, cfg.checkpoint, model, args, autocast)
+    objective = build_objective(cfg, model, args, autocast, loss_context, rollouts)
     if precomputed_reference(t, cfg.dpo):  # one pass of the reference over the data; none while training
-        reference.precompute(train_loader.dataset, dpo_reference(model, args, cfg.lora, cfg.checkpoint),
+        reference.precompute(train_loader.dataset, reference_model(model, args, cfg.lora, cfg.checkpoint),
                              batch_size=t.local_batch_size, dp_rank=mesh["dp"].get_local_rank(), dp_size=dims.dp,
-                             device=device, autocast=autocast, loss_context=loss_parallel_context(cfg.parallelism,
-                                                                                                  dims),
+                             device=device, autocast=autocast, loss_context=loss_context,
                              dump_folder=cfg.job.dump_folder, reference_source=reference_weights(cfg))
     metrics = build_metrics(cfg, args, model, dims, device, append=checkpointer.step > 0)
     v = cfg.validation
@@ -190,9 +196,9 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     log_summary(cfg, args, model, dims, grad_accum)
     return Run(cfg=cfg, device=device, dims=dims, mesh=mesh, model_parts=model.parts, pipeline=model.pipeline,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
-               metrics=metrics, grad_accum=grad_accum, autocast=autocast,
-               loss_context=loss_parallel_context(cfg.parallelism, dims), loss_fn=model.loss_fn, objective=objective,
-               checkpointer=checkpointer, downstream=downstream, replicas=replicas)
+               metrics=metrics, grad_accum=grad_accum, autocast=autocast, loss_context=loss_context,
+               loss_fn=model.loss_fn, objective=objective, rollouts=rollouts, checkpointer=checkpointer,
+               downstream=downstream, replicas=replicas)
 
 
 def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None:
@@ -314,7 +320,7 @@ def log_summary(cfg: Config, args: TransformerArgs, model: ModelParts, dims: Par
     t = cfg.training
     logger.info(f"model: {cfg.model.name} {cfg.model.flavor}, {model.n_params:,} parameters ({model.n_embedding:,} "
                 f"in the embedding), vocab {args.vocab_size}, seq_len {t.seq_len}; recipe {t.recipe}"
-                + recipe_detail(t, cfg.dpo))
+                + recipe_detail(cfg))
     if cfg.lora.enable:
         n_local = sum(p.numel() for p in model.trainable)
         logger.info(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(lora.adapted(model.parts))}; "
@@ -337,13 +343,22 @@ def parameters(model_parts: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
 # The recipe: its objective and its data
 
 
-def build_objective(training: Training, dpo: DPO, lora_cfg: LoRA, checkpoint: Checkpoint, model: ModelParts,
-                    args: TransformerArgs, autocast) -> Objective:
-    """The recipe's objective over this rank's model (DPO's reference model, if its loss needs one, built here)."""
-    if training.recipe != "dpo":
-        return TokenLoss(model.loss_fn, autocast)
-    live = dpo.loss not in DPOLoss.REFERENCE_FREE and not dpo.precompute_reference
-    return DPOLoss(dpo, dpo_reference(model, args, lora_cfg, checkpoint) if live else None, autocast)
+def build_objective(cfg: Config, model: ModelParts, args: TransformerArgs, autocast, loss_context,
+                    rollouts: Rollouts | None) -> Objective:
+    """The recipe's objective over this rank's model (the frozen reference model, if its loss needs one, built
+    here: DPO but SimPO and ORPO, KTO, and GRPO with grpo.beta > 0)."""
+    recipe = cfg.training.recipe
+
+    def reference():
+        return reference_model(model, args, cfg.lora, cfg.checkpoint)
+
+    if recipe == "dpo":
+        return DPOLoss(cfg.dpo, reference() if needs_reference(cfg) else None, autocast)
+    if recipe == "grpo":
+        return GRPOLoss(cfg.grpo, reference() if needs_reference(cfg) else None, autocast, rollouts)
+    if recipe == "kto":
+        return KTOLoss(cfg.kto, model.parts[0], reference(), autocast, loss_context)
+    return TokenLoss(model.loss_fn, autocast)
 
 
 def reference_weights(cfg: Config) -> str:
@@ -357,14 +372,29 @@ def precomputed_reference(training: Training, dpo: DPO) -> bool:
     return training.recipe == "dpo" and dpo.precompute_reference and dpo.loss not in DPOLoss.REFERENCE_FREE
 
 
-def recipe_detail(training: Training, dpo: DPO) -> str:
+def needs_reference(cfg: Config) -> bool:
+    """Whether the recipe's loss compares the policy with a frozen reference model while it trains (DPO with
+    dpo.precompute_reference uses one only before: titan/objectives/reference.py)."""
+    recipe, d = cfg.training.recipe, cfg.dpo
+    return recipe == "kto" or (recipe == "grpo" and cfg.grpo.beta > 0) or \
+        (recipe == "dpo" and d.loss not in DPOLoss.REFERENCE_FREE and not d.precompute_reference)
+
+
+def recipe_detail(cfg: Config) -> str:
     """What the start-up line adds after the recipe's name."""
-    if training.recipe != "dpo":
-        return ""
-    free = dpo.loss in DPOLoss.REFERENCE_FREE
-    against = "no reference model" if free else "against precomputed reference log-probabilities" \
-        if dpo.precompute_reference else "against a frozen reference"
-    return f" with loss {dpo.loss} ({against})"
+    recipe, g = cfg.training.recipe, cfg.grpo
+    if recipe == "dpo":
+        free = cfg.dpo.loss in DPOLoss.REFERENCE_FREE
+        against = "no reference model" if free else "against precomputed reference log-probabilities" \
+            if cfg.dpo.precompute_reference else "against a frozen reference"
+        return f" with loss {cfg.dpo.loss} ({against})"
+    if recipe == "grpo":
+        return (f" with loss {g.loss_type}, {g.num_generations} completions per prompt, "
+                f"{'a KL penalty to a frozen reference' if g.beta else 'no reference model'}; rewards "
+                + ", ".join(g.reward_functions))
+    if recipe == "kto":
+        return " against a frozen reference"
+    return ""
 
 
 def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:
@@ -375,24 +405,38 @@ def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:
     return model.build_part(frozen, adapters=False).eval().requires_grad_(False)
 
 
-def dpo_reference(model: ModelParts, args: TransformerArgs, lora_cfg: LoRA, checkpoint: Checkpoint):
-    """batch -> the frozen reference model's logits. With LoRA: the policy with its adapters switched off (the base
-    weights never change). Else a second model holding the initial weights."""
+def reference_model(model: ModelParts, args: TransformerArgs, lora_cfg: LoRA, checkpoint: Checkpoint):
+    """tokens -> the frozen reference model's logits (DPO, KTO, GRPO's KL). With LoRA: the policy with its adapters
+    switched off (the base weights never change). Else a second model holding the initial weights."""
     policy = model.parts[0]
     if lora_cfg.enable:
-        def reference(batch):
+        def reference(tokens):
             with lora.disabled(model.parts):
-                return policy(batch["input"])
+                return policy(tokens)
         return reference
     frozen = frozen_reference(model, args)
     load_initial_weights([frozen], checkpoint)  # the policy's starting point (seeded init if none is set)
-    return lambda batch: frozen(batch["input"])
+    return frozen
+
+
+def build_rollouts(cfg: Config, args: TransformerArgs, tokenizer, prompts, model: ModelParts, mesh, grad_accum: int,
+                   device: torch.device, autocast, loss_context) -> Rollouts:
+    """GRPO's data source: the prompts, the reward functions, and the single-device copy of the policy that
+    generates (in the training's parameter dtype; its decoding step compiled with the model on CUDA: on a CPU the
+    compilation costs more than it saves)."""
+    functions = rewards.load_reward_functions(cfg.grpo.reward_functions, cfg.grpo.reward_weights)
+    sampler = Sampler(args, cfg.lora, device, DTYPES[cfg.training.mixed_precision_param])
+    prompt_list, template = prompts
+    compiled = cfg.compile.enable and "model" in cfg.compile.components and device.type == "cuda"
+    return Rollouts(cfg.grpo, cfg.training, prompt_list, template, tokenizer, model.parts[0], sampler, functions,
+                    mesh["dp"], grad_accum, autocast, loss_context, compiled)
 
 
 def build_dataloaders(training: Training, sft: SFT, validation: Validation, tokenizer, dp_rank: int, dp_size: int,
-                      allow_tokenizer_change: bool = False):
-    """(train loader, validation loader or None) for the recipe. `allow_tokenizer_change`: checkpoint's override
-    key, which also lets a prepared folder of another tokenizer be read."""
+                      grpo: GRPO | None = None, allow_tokenizer_change: bool = False):
+    """(train loader, validation loader or None) for the recipe; for GRPO (its prompts, their chat template), which
+    `build_rollouts` turns into the loader. `allow_tokenizer_change`: checkpoint's override key, which also lets a
+    prepared folder of another tokenizer be read."""
     if training.recipe == "pretrain":
         allow = {"allow_tokenizer_change": allow_tokenizer_change}
         train = build_pretrain_dataloader(training, tokenizer, dp_rank, dp_size, **allow)
@@ -402,6 +446,10 @@ def build_dataloaders(training: Training, sft: SFT, validation: Validation, toke
         train = build_sft_dataloader(training, sft, tokenizer, dp_rank, dp_size)
         val = build_sft_validation_dataloader(validation, sft, tokenizer, training.seq_len, dp_rank, dp_size) \
             if validation.enable else None
+    elif training.recipe == "kto":
+        train, val = build_feedback_dataloader(training, sft, tokenizer, dp_rank, dp_size), None
+    elif training.recipe == "grpo":
+        train, val = grpo_prompts(training, sft, grpo or GRPO(), tokenizer, dp_size), None
     else:
         train, val = build_preference_dataloader(training, sft, tokenizer, dp_rank, dp_size), None
     return train, val

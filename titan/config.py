@@ -139,19 +139,21 @@ class LRScheduler:
     min_lr_factor: float = opt(0.0, "lr at the end of the decay, as a fraction of the peak", valid=FRACTION)
 
 
-RECIPES = ("pretrain", "sft", "dpo")
+RECIPES = ("pretrain", "sft", "dpo", "grpo", "kto")
 
 
 @dataclass
 class Training:
     recipe: str = opt(
-        "pretrain", "what the loop optimises: next-token loss on documents, on chat replies (SFT), or preferences "
-        "(DPO); see docs/fine_tuning.md", RECIPES
+        "pretrain", "what the loop optimises: next-token loss on documents, on chat replies (SFT), preferences "
+        "(DPO), rewards of sampled completions (GRPO) or thumbs-up/down replies (KTO); see docs/fine_tuning.md and "
+        "docs/rl.md", RECIPES
     )
     dataset: str = opt(
         "austen", "dataset name: austen (documents), tiny_chat / tiny_alpaca / tiny_sharegpt / tiny_prompt_completion "
-        "(SFT), tiny_preferences (DPO); or a Hugging Face dataset hf:org/name[/subset][:split] (or hf:/a/folder) from "
-        "the local datasets cache (the datasets extra); see docs/data.md"
+        "(SFT), tiny_preferences (DPO), tiny_arithmetic / arithmetic (GRPO), tiny_feedback (KTO); or a Hugging Face "
+        "dataset hf:org/name[/subset][:split] (or hf:/a/folder) from the local datasets cache (the datasets extra); "
+        "see docs/data.md"
     )
     dataset_columns: list[str] = opt(
         [], "hf: datasets: rename columns to the fields titan reads, as field=column (e.g. text=content, "
@@ -463,6 +465,61 @@ class DPO:
     )
 
 
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo")
+
+
+@dataclass
+class GRPO:
+    """Online RL with verifiable rewards (training.recipe = "grpo"); keys named as TRL's GRPOConfig where it has
+    them. See titan/rollout.py, titan/objectives/grpo.py and docs/rl.md."""
+
+    num_generations: int = opt(8, "completions sampled per prompt (the group its advantages are normalised in)",
+                               valid=Range(2))
+    max_completion_length: int = opt(256, "new tokens per completion at most; a prompt may take training.seq_len + "
+                                     "1 - this many tokens", valid=POSITIVE)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts", valid=POSITIVE)
+    top_p: float = opt(1.0, "nucleus sampling: keep the most likely tokens up to this probability",
+                       valid=Range(0, 1, lo_open=True))
+    top_k: int = opt(0, "sample among the k most likely tokens; 0 = all", valid=NON_NEGATIVE)
+    reward_functions: list[str] = opt(
+        ["titan.rewards:math_answer"], "reward functions as \"package.module:function\", called as TRL calls them "
+        "(prompts=, completions=, completion_ids=, every other dataset column)")
+    reward_weights: list[float] = opt([], "one weight per reward function; empty = 1.0 each", valid=Range())
+    scale_rewards: str = opt("group", "divide advantages by the group's reward std (group, GRPO) or not (none, "
+                             "Dr. GRPO)", ("group", "none"))
+    loss_type: str = opt("dapo", "aggregation: dapo (token mean over the step), grpo (mean per completion, then "
+                         "over completions), dr_grpo (sum / (completions x max_completion_length))", GRPO_LOSSES)
+    epsilon: float = opt(0.2, "clip range below: ratio >= 1 - epsilon", valid=Range(0, 1, lo_open=True))
+    epsilon_high: float | None = opt(None, "clip range above: ratio <= 1 + epsilon_high (DAPO's clip-higher uses "
+                                     "0.28); none = epsilon", valid=POSITIVE)
+    beta: float = opt(0.0, "weight of the KL penalty to the frozen reference model (0 = no reference, as DAPO)",
+                      valid=NON_NEGATIVE)
+    num_iterations: int = opt(1, "optimizer steps on each batch of rollouts (mu; > 1 keeps the sampling "
+                              "policy's log-probabilities for the ratio)", valid=POSITIVE)
+    mask_truncated_completions: bool = opt(False, "overlong filtering: completions cut at max_completion_length "
+                                           "(no stop token) add nothing to the loss")
+    overlong_buffer_len: int = opt(0, "DAPO's soft overlong punishment: completions longer than max_completion_"
+                                   "length - this many tokens get a reward falling linearly to -factor; 0 = off",
+                                   valid=NON_NEGATIVE)
+    overlong_penalty_factor: float = opt(1.0, "the soft overlong punishment's largest penalty", valid=NON_NEGATIVE)
+    generation_batch_size: int = opt(0, "completions per call of the generator (bounds its memory); 0 = all of "
+                                     "this rank's completions of the step at once", valid=NON_NEGATIVE)
+
+
+KTO_LOSSES = ("kto",)
+
+
+@dataclass
+class KTO:
+    """Kahneman-Tversky optimisation (training.recipe = "kto") on unpaired prompt/completion/label data; keys as
+    TRL's KTOConfig. See titan/objectives/kto.py and docs/rl.md."""
+
+    beta: float = opt(0.1, "strength of the tie to the reference model", valid=POSITIVE)
+    desirable_weight: float = opt(1.0, "weight of the losses of desirable (label true) completions", valid=POSITIVE)
+    undesirable_weight: float = opt(1.0, "weight of the losses of undesirable (label false) completions",
+                                    valid=POSITIVE)
+
+
 @dataclass
 class Profiling:
     enable_profiling: bool = opt(False, "record torch.profiler traces (one profiled step every profile_freq steps)")
@@ -522,6 +579,8 @@ class Config:
     sft: SFT = field(default_factory=SFT)
     lora: LoRA = field(default_factory=LoRA)
     dpo: DPO = field(default_factory=DPO)
+    grpo: GRPO = field(default_factory=GRPO)
+    kto: KTO = field(default_factory=KTO)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -677,17 +736,22 @@ def _validate_finetuning(cfg: Config) -> None:
             if degree > 1:
                 raise ConfigError(f"sft.packing needs a per-token attention mask, which parallelism.{key}={degree} "
                                   f"does not pass on; set sft.packing = false")
-    if t.recipe == "dpo":
+    if t.recipe in ("dpo", "grpo", "kto"):
+        needs = "whole sequences' log-probabilities on one rank" + (", and generates with the whole model"
+                                                                   if t.recipe == "grpo" else "")
         for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
                             ("context_parallel_degree", p.context_parallel_degree)):
             if degree > 1:
-                raise ConfigError(f"training.recipe=dpo does not support parallelism.{key}={degree} yet (it needs "
-                                  f"whole sequences' log-probabilities on one rank)")
-        if cfg.dpo.precompute_reference and cfg.dpo.loss in ("simpo", "orpo"):
+                raise ConfigError(f"training.recipe={t.recipe} does not support parallelism.{key}={degree} yet (it "
+                                  f"needs {needs})")
+        if t.recipe == "dpo" and cfg.dpo.precompute_reference and cfg.dpo.loss in ("simpo", "orpo"):
             raise ConfigError(f"dpo.precompute_reference: dpo.loss={cfg.dpo.loss} has no reference model")
         if cfg.validation.enable:
-            raise ConfigError("validation.enable is not supported with training.recipe=dpo (the logged reward "
-                              "accuracy and margin are the progress measures)")
+            raise ConfigError(f"validation.enable is not supported with training.recipe={t.recipe} (the logged "
+                              f"{'rewards are' if t.recipe == 'grpo' else 'reward accuracy and margin are'} the "
+                              f"progress measures)")
+    if t.recipe == "grpo":
+        _validate_grpo(cfg)
     v = cfg.validation
     if v.lm_eval_tasks and not v.enable:
         raise ConfigError("validation.lm_eval_tasks are scored at every validation: set validation.enable = true")
@@ -705,6 +769,19 @@ def _validate_finetuning(cfg: Config) -> None:
         raise ConfigError(f"moe.bias_update_rate={cfg.moe.bias_update_rate:g} moves the routing of a base model that "
                           f"lora.enable keeps frozen; set moe.bias_update_rate = 0 (the auxiliary loss still works)")
     _validate_qlora(cfg)
+
+
+def _validate_grpo(cfg: Config) -> None:
+    g, t = cfg.grpo, cfg.training
+    if g.max_completion_length >= t.seq_len:
+        raise ConfigError(f"grpo.max_completion_length={g.max_completion_length} leaves no room for a prompt in "
+                          f"training.seq_len={t.seq_len} (prompt + completion <= seq_len + 1 tokens)")
+    if g.reward_weights and len(g.reward_weights) != len(g.reward_functions):
+        raise ConfigError(f"grpo.reward_weights has {len(g.reward_weights)} entries for "
+                          f"{len(g.reward_functions)} grpo.reward_functions")
+    if g.overlong_buffer_len >= g.max_completion_length:
+        raise ConfigError(f"grpo.overlong_buffer_len={g.overlong_buffer_len} must be below grpo.max_completion_"
+                          f"length={g.max_completion_length}")
 
 
 def _validate_qlora(cfg: Config) -> None:

@@ -33,9 +33,10 @@ from titan.build import (
     frozen_reference,
     gradient_accumulation_steps,
     log_summary,
+    needs_reference,
 )
 from titan.checkpoint.save import Checkpointer
-from titan.config import Config, Parallelism
+from titan.config import DTYPES, Config, Parallelism
 from titan.config_io import RunFlags
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
 from titan.errors import ConfigError
@@ -199,14 +200,18 @@ def _simulate(cfg: Config, args: TransformerArgs, dims: ParallelDims, rank: int,
         scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
         if tokenizer is not None:
             build_dataloaders(cfg.training, cfg.sft, cfg.validation, tokenizer, mesh["dp"].get_local_rank(), dims.dp,
-                              cfg.checkpoint.allow_tokenizer_change)
+                              cfg.grpo, cfg.checkpoint.allow_tokenizer_change)
         # The checkpointer's layout checks; disabled, so that it makes no process group of its own.
         Checkpointer(dataclasses.replace(cfg.checkpoint, enable=False, async_mode="disabled"), cfg.job.dump_folder,
                      model.parts, optimizer, scheduler, None, cfg.training.steps)
         held = list(model.parts)
-        if cfg.training.recipe == "dpo" and not cfg.lora.enable:
+        if needs_reference(cfg) and not cfg.lora.enable:
             held.append(frozen_reference(model, args))
         params, trainable = local_state(held)
+        if cfg.training.recipe == "grpo":  # titan/rollout.py's whole, unsharded copy of the policy that generates
+            with torch.device("meta"):
+                params += sum(p.numel() for p in models.build_model(args).parameters()) * \
+                    DTYPES[cfg.training.mixed_precision_param].itemsize
         stage_ids = model.pipeline.stage_ids if model.pipeline is not None else [0]
         stages = [Stage(i, [int(n) for n in part.layers], part.tok_embeddings is not None, part.output is not None)
                   for i, part in zip(stage_ids, model.parts)]

@@ -113,7 +113,7 @@ class _TitanLM:
             was_training = self.model.training
             self.model.eval()
             try:
-                new = generate(self.model, ids, limit, stop_ids={self.eot_token_id})
+                new = generate(self.model, [ids], limit, stop_ids={self.eot_token_id})[0]
             finally:
                 self.model.train(was_training)
             text = self.tokenizer.decode([t for t in new if t != self.eot_token_id])

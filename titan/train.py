@@ -85,6 +85,9 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
 
     timer.start()
     for step in range(first_step, cfg.training.steps + 1):
+        if run.rollouts is not None:  # GRPO: sample completions from the policy, score them (titan/rollout.py)
+            with timer("rollout"):
+                run.rollouts.prepare(step)
         with timer("data"):
             # Each context-parallel rank keeps its load-balanced part of every sequence.
             micro_batches = [to_device(shard_batch(next(batches), run.mesh["cp"]), device)

@@ -36,6 +36,11 @@ DATASETS: dict[str, dict[str, Path]] = {
                      "validation": _ASSETS / "tiny_sharegpt" / "validation.jsonl"},
     "tiny_prompt_completion": {"train": _ASSETS / "tiny_prompt_completion" / "train.jsonl",
                               "validation": _ASSETS / "tiny_prompt_completion" / "validation.jsonl"},
+    # The RL recipes' (titan/data/rl.py): KTO's labelled replies, GRPO's prompts with their answers.
+    "tiny_feedback": {"train": _ASSETS / "tiny_feedback" / "train.jsonl"},
+    "tiny_arithmetic": {"train": _ASSETS / "tiny_arithmetic" / "train.jsonl"},
+    "arithmetic": {"train": _ASSETS / "arithmetic" / "train.jsonl",
+                   "validation": _ASSETS / "arithmetic" / "validation.jsonl"},
 }
 
 

@@ -143,7 +143,7 @@ def build_pretrain_dataloader(cfg: Training, tokenizer: Tokenizer, dp_rank: int,
 
 def tokens_per_source(loader: StatefulDataLoader, seq_len: int) -> dict[str, int]:
     """Tokens drawn from each mixed source so far (the same on every rank); {} unless mixing."""
-    sampler = loader.batch_sampler
+    sampler = getattr(loader, "batch_sampler", None)  # GRPO's rollouts have none
     return sampler.tokens_per_source(seq_len) if isinstance(sampler, GlobalOrderSampler) else {}
 
 

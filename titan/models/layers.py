@@ -4,6 +4,8 @@ head size independent of dim / n_heads), SwiGLU feed-forward, the transformer bl
 tied embeddings.
 
 A family (titan/models/llama.py, qwen3.py) is a flavors table of `TransformerArgs`; it does not fork these layers.
+For generation (titan/generation.py) the stack takes a `KVCache`: each attention layer writes its keys and values
+into it and attends over what it holds, so a new token costs one token's compute.
 Nothing here knows about processes or meshes: tensor, pipeline and context parallelism, FSDP, activation
 checkpointing and compile are applied from outside by `titan.parallel`, which finds its way by these module names.
 Layers live in a `ModuleDict` keyed by their index so that pipeline stages can drop layers and keep the names (and
@@ -190,7 +192,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.sdpa = SDPA()
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         bs, seqlen, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
@@ -199,7 +202,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(q, k, freqs_cis)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:  # generation: attend over every key written so far (the mask says which)
+            k, v = cache.update(k, v)
+        out = self.sdpa(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
     def init_weights(self, init_std: float):
@@ -243,9 +249,10 @@ class TransformerBlock(nn.Module):
         """The dense SwiGLU; a family with another feed-forward (e.g. Mixture-of-Experts) overrides this."""
         return FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         # mask by keyword: tensor parallel's input preparation of `attention` covers the positional inputs only.
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask)
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self):
@@ -274,15 +281,19 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", rope_frequencies(args), persistent=False)
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """`document_ids` (batch, seq): for packed sequences, which document each token belongs to; every document
         then attends only within itself. `positions` (batch, seq): each token's RoPE position (default 0, 1, ...),
-        e.g. restarting at 0 with every document, as if it were alone."""
-        mask = None if document_ids is None else document_mask(document_ids)
+        e.g. restarting at 0 with every document, as if it were alone. `cache` (generation): the tokens are
+        written to the cache's columns `cache.slots` and attend to the columns `cache.mask` allows."""
+        mask = cache.mask if cache is not None else None if document_ids is None else document_mask(document_ids)
         freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, freqs_cis, mask)
+        for name, layer in self.layers.items():
+            if cache is None:  # the training call stays as it was (wrappers see the same arguments)
+                h = layer(h, freqs_cis, mask)
+            else:
+                h = layer(h, freqs_cis, mask, cache=cache.layer(name))
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
@@ -312,6 +323,45 @@ class Transformer(nn.Module):
             self.norm.init_weights()
         if self.output is not None and not self.args.tie_embeddings:
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class KVCache:
+    """Keys and values of every attention layer while generating, for `batch` rows of up to `max_len` tokens,
+    preallocated so that every decoding step has the same shapes (torch.compile traces it once). Each layer's
+    tensors (batch, kv_heads, max_len, head_dim) are allocated at its first write with the keys' head count and
+    dtype (a tensor-parallel rank would hold its own heads only). Before each forward the caller sets `slots`
+    (q_len,) int64, the columns the forward's tokens are written to, and `mask` (batch, q_len, max_len) bool, which
+    columns each of them may attend to (its own row's earlier tokens and itself, never a padding column)."""
+
+    def __init__(self, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.layers: dict[str, LayerCache] = {}
+        self.slots: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def layer(self, name: str) -> LayerCache:
+        if name not in self.layers:
+            self.layers[name] = LayerCache(self)
+        return self.layers[name]
+
+
+class LayerCache:
+    """One attention layer's part of a `KVCache`."""
+
+    def __init__(self, owner: KVCache):
+        self.owner = owner
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's keys and values (batch, kv_heads, q_len, head_dim) at the owner's `slots`; return
+        the whole cache (unwritten columns are zeros, which the mask hides)."""
+        if self.k is None:
+            shape = (self.owner.batch, k.shape[1], self.owner.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        self.k.index_copy_(2, self.owner.slots, k)
+        self.v.index_copy_(2, self.owner.slots, v)
+        return self.k, self.v
 
 
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,7 @@ def preference_loss(cfg: DPO, policy: torch.Tensor, reference: torch.Tensor | No
 
 class DPOLoss:
     """Summed preference loss (`dpo.loss`) over the pairs of a batch (chosen rows first, then rejected; see
-    titan/data/chat.py). `reference(batch)` returns the reference model's logits (None for simpo and orpo, which
+    titan/data/chat.py). `reference(tokens)` returns the reference model's logits (None for simpo and orpo, which
     need no reference). Also keeps sums for the logged reward statistics."""
 
     STATS = ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
@@ -111,7 +111,7 @@ class DPOLoss:
         labels, ref = batch["label"], batch.get("reference_logps")  # precomputed (dpo.precompute_reference), or:
         if self.reference is not None:
             with torch.no_grad(), self.autocast():  # the reference first: its activations are gone before ours exist
-                ref, _ = sequence_logps(self.reference(batch), labels)
+                ref, _ = sequence_logps(self.reference(batch["input"]), labels)
         with self.autocast():
             logits = model(batch["input"])
         policy, n_tokens = sequence_logps(logits, labels)
