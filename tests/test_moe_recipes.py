@@ -17,6 +17,7 @@ import torch
 from dist_utils import REPO, read_metrics
 
 import titan.build
+import titan.data.loaders
 import titan.objectives
 import titan.train
 from titan.data.tokenizer import load_tokenizer
@@ -107,7 +108,7 @@ def test_sft_adds_the_balance_loss_per_routed_token_and_moves_the_bias(tmp_path,
     # Step 1 again by hand: the initial weights, the step's micro-batches from a fresh loader.
     model.load_state_dict(initial)
     model.zero_grad(set_to_none=True)
-    loader, _ = titan.build.build_dataloaders(cfg.training, cfg.sft, cfg.validation,
+    loader, _ = titan.data.loaders.build_dataloaders(cfg.training, cfg.sft, cfg.validation,
                                               load_tokenizer(cfg.model.tokenizer_path), 0, 1)
     batches = iter(loader)
     micro = [next(batches) for _ in range(run.grad_accum)]

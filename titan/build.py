@@ -24,16 +24,10 @@ from torch.distributed.tensor import DTensor
 from titan import config_io, hf, models, peft, rewards
 from titan.checkpoint.save import Checkpointer
 from titan.checkpoint.state import base_identity, load_initial_weights
-from titan.config import DPO, DTYPES, GRPO, SFT, Checkpoint, Config, LoRA, Training, Validation
-from titan.data.chat import (
-    build_preference_dataloader,
-    build_sft_dataloader,
-    build_sft_validation_dataloader,
-    chat_template,
-)
+from titan.config import DPO, DTYPES, Checkpoint, Config, LoRA, Training
+from titan.data.chat import chat_template
 from titan.data.chat_template import template_source
-from titan.data.pretrain import build_pretrain_dataloader, build_validation_dataloader
-from titan.data.rl import build_feedback_dataloader, grpo_prompts
+from titan.data.loaders import build_dataloaders
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 from titan.evaluation import InLoop
@@ -430,26 +424,3 @@ def build_rollouts(cfg: Config, args: TransformerArgs, tokenizer, prompts, model
     compiled = cfg.compile.enable and "model" in cfg.compile.components and device.type == "cuda"
     return Rollouts(cfg.grpo, cfg.training, prompt_list, template, tokenizer, model.parts[0], sampler, functions,
                     mesh["dp"], grad_accum, autocast, loss_context, compiled)
-
-
-def build_dataloaders(training: Training, sft: SFT, validation: Validation, tokenizer, dp_rank: int, dp_size: int,
-                      grpo: GRPO | None = None, allow_tokenizer_change: bool = False):
-    """(train loader, validation loader or None) for the recipe; for GRPO (its prompts, their chat template), which
-    `build_rollouts` turns into the loader. `allow_tokenizer_change`: checkpoint's override key, which also lets a
-    prepared folder of another tokenizer be read."""
-    if training.recipe == "pretrain":
-        allow = {"allow_tokenizer_change": allow_tokenizer_change}
-        train = build_pretrain_dataloader(training, tokenizer, dp_rank, dp_size, **allow)
-        val = build_validation_dataloader(validation, training, tokenizer, dp_rank, dp_size, **allow) \
-            if validation.enable else None
-    elif training.recipe == "sft":
-        train = build_sft_dataloader(training, sft, tokenizer, dp_rank, dp_size)
-        val = build_sft_validation_dataloader(validation, sft, tokenizer, training.seq_len, dp_rank, dp_size) \
-            if validation.enable else None
-    elif training.recipe == "kto":
-        train, val = build_feedback_dataloader(training, sft, tokenizer, dp_rank, dp_size), None
-    elif training.recipe == "grpo":
-        train, val = grpo_prompts(training, sft, grpo or GRPO(), tokenizer, dp_size), None
-    else:
-        train, val = build_preference_dataloader(training, sft, tokenizer, dp_rank, dp_size), None
-    return train, val

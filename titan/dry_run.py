@@ -27,7 +27,6 @@ from torch.distributed.tensor import DTensor, Shard
 from titan import memory, models
 from titan.build import (
     ModelParts,
-    build_dataloaders,
     build_model,
     build_model_args,
     frozen_reference,
@@ -38,6 +37,7 @@ from titan.build import (
 from titan.checkpoint.save import Checkpointer
 from titan.config import DTYPES, Config, Parallelism
 from titan.config_io import RunFlags
+from titan.data.loaders import build_dataloaders
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
 from titan.errors import ConfigError
 from titan.memory import Estimate, GiB, Stage, StageActivations, Units
