@@ -84,9 +84,10 @@ class Job:
 @dataclass
 class Model:
     # The choices are the keys of titan.models.FAMILIES (tests/test_models.py checks that they agree).
-    name: str = opt("llama3", "model family (see docs/models.md)", choices=("llama3", "qwen3", "qwen3_moe"))
+    name: str = opt("llama3", "model family (see docs/models.md)",
+                    choices=("llama3", "qwen3", "qwen3_moe", "deepseek_v3", "gpt_oss"))
     flavor: str = opt("debugmodel", "size preset from the family's flavors table (e.g. debugmodel, 1B, 8B, 70B; "
-                      "qwen3: 0.6B ... 32B; qwen3_moe: 30B-A3B, 235B-A22B)")
+                      "qwen3: 0.6B ... 32B; qwen3_moe: 30B-A3B, 235B-A22B; deepseek_v3: 16B, 671B; gpt_oss: 20B, 120B)")
     tokenizer_path: str = opt(
         "", "tiktoken rank file (e.g. a Llama 3 tokenizer.model), a Hugging Face tokenizer.json (needs the hf "
         "extra), or a folder holding either; empty = the shipped 4k-token debug tokenizer, debug_chat = the same "
@@ -616,7 +617,8 @@ def _validate_semi_sync(cfg: Config) -> None:
                           f"supported yet; set moe.bias_update_rate = 0 (the auxiliary loss still balances)")
 
 
-MOE_FAMILIES = ("qwen3_moe",)  # the model.name choices with Mixture-of-Experts layers (tests/test_moe.py checks)
+# The model.name choices with Mixture-of-Experts layers (tests/test_moe.py checks).
+MOE_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 
 
 def _validate_moe(cfg: Config) -> None:

@@ -212,7 +212,9 @@ def load(folder: str | Path) -> tuple[TransformerArgs, dict[str, torch.Tensor]]:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{folder / 'config.json'}: cannot read ({e})".replace("\n", " ")) from None
     args = args_from_hf_config(config, str(folder / "config.json"))
-    return args, from_hf(read_safetensors(folder), args, str(folder))
+    tensors = read_safetensors(folder)
+    args = family_of(args).hf.with_tensors(args, set(tensors))
+    return args, from_hf(tensors, args, str(folder))
 
 
 def load_into(model_parts: list[torch.nn.Module], folder: str | Path) -> None:

@@ -2,9 +2,10 @@
 dict. The loop (titan/train.py), the parallel axes, checkpoints, Hugging Face import/export (titan/hf.py) and the
 scripts find a model's pieces here or through its arguments (`args.family`), and never import a family directly.
 
-A family is a short module (titan/models/llama.py, qwen3.py, qwen3_moe.py) declaring an args dataclass of the
-shared decoder (titan/models/layers.py), a flavors table and a `DecoderAdapter`; docs/models.md shows how to add
-one. Nothing here knows about distribution: the parallel axes follow the model's module names (titan/parallel/).
+A family is a short module (titan/models/llama.py, qwen3.py, qwen3_moe.py, deepseek_v3.py, gpt_oss.py) declaring
+an args dataclass of the shared decoder (titan/models/layers.py), a flavors table and a `DecoderAdapter`;
+docs/models.md shows how to add one. Nothing here knows about distribution: the parallel axes follow the model's
+module names (titan/parallel/).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from titan import config
 from titan.errors import ConfigError
-from titan.models import llama, qwen3, qwen3_moe
+from titan.models import deepseek_v3, gpt_oss, llama, qwen3, qwen3_moe
 from titan.models.hf_adapter import DecoderAdapter
 from titan.models.layers import Transformer, TransformerArgs
 
@@ -38,6 +39,9 @@ FAMILIES: dict[str, ModelFamily] = {
     "llama3": ModelFamily("llama3", "Llama 3", llama.FLAVORS, Transformer, llama.HF),
     "qwen3": ModelFamily("qwen3", "Qwen3", qwen3.FLAVORS, Transformer, qwen3.HF),
     "qwen3_moe": ModelFamily("qwen3_moe", "Qwen3-MoE", qwen3_moe.FLAVORS, qwen3_moe.MoETransformer, qwen3_moe.HF),
+    "deepseek_v3": ModelFamily("deepseek_v3", "DeepSeek-V3", deepseek_v3.FLAVORS, deepseek_v3.DeepSeekV3Transformer,
+                               deepseek_v3.HF),
+    "gpt_oss": ModelFamily("gpt_oss", "gpt-oss", gpt_oss.FLAVORS, gpt_oss.GptOssTransformer, gpt_oss.HF),
 }
 
 
