@@ -24,6 +24,7 @@ from titan.models.deepseek_v3 import DeepSeekV3Args
 from titan.models.layers import YarnScaling, count_params, yarn_mscale
 from titan.models.mla import softmax_scale
 from titan.models.moe import Router, limit_to_groups
+from titan.models.mtp import mtp_loss
 
 TRANSFORMERS = "needs Hugging Face transformers (pip install transformers); titan itself does not"
 
@@ -153,7 +154,8 @@ def test_mtp_loss_by_hand():
                 for t in range(12 - k):
                     if docs[b, t + k] == docs[b, t] and labels[b, t + k] != -100:
                         expected += F.cross_entropy(logits[b, t], labels[b, t + k]).item()
-        got = model.mtp_loss(tokens, labels, model.norm(_trunk(model, tokens, mask)), model.freqs_cis, mask, docs)
+        got = mtp_loss(model.mtp.values(), model.tok_embeddings, model.output, tokens, labels,
+                       model.norm(_trunk(model, tokens, mask)), model.freqs_cis, mask, docs)
     assert abs(got.item() - expected) < 1e-4 * expected
 
 
@@ -177,8 +179,8 @@ def test_mtp_gradient_is_its_weighted_loss_and_zero_weight_changes_nothing():
         logits = model(tokens, labels=labels if not direct else None)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
         if direct:
-            loss = loss + scale * model.mtp_loss(tokens, labels, model.norm(_trunk(model, tokens, None)),
-                                                 model.freqs_cis, None, None)
+            loss = loss + scale * mtp_loss(model.mtp.values(), model.tok_embeddings, model.output, tokens, labels,
+                                           model.norm(_trunk(model, tokens, None)), model.freqs_cis, None, None)
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -296,3 +298,56 @@ def test_unsupported_config_is_one_line(tmp_path, change, needle):
     with pytest.raises(ConfigError) as e:
         hf.load(folder)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MTP in the loop
+
+
+def test_mtp_in_the_loop(tmp_path):
+    """Weight 0: the run (loss, grad norm, aux loss) is the run without MTP. Weight 0.3: `mtp_loss` is logged, the
+    checkpoint holds the MTP depth, and a run resumed from step 2 continues exactly as the straight one."""
+    import shutil
+
+    from dist_utils import REPO, read_metrics
+
+    from titan.train import main
+
+    config = str(REPO / "tests" / "configs" / "tiny_deepseek_v3.toml")
+    base = ["--config", config, "--moe.grouped_mm", "false", "--training.steps", "4", "--validation.enable", "false"]
+    mtp = ["--model.mtp_layers", "1"]
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2"]
+    assert main([*base, "--job.dump_folder", str(tmp_path / "plain")]) == 0
+    assert main([*base, *mtp, "--model.mtp_loss_weight", "0", "--job.dump_folder", str(tmp_path / "zero")]) == 0
+    assert main([*base, *mtp, *ckpt, "--job.dump_folder", str(tmp_path / "on")]) == 0
+    (tmp_path / "resumed" / "checkpoint").mkdir(parents=True)
+    shutil.copytree(tmp_path / "on" / "checkpoint" / "step-2", tmp_path / "resumed" / "checkpoint" / "step-2")
+    assert main([*base, *mtp, *ckpt, "--job.dump_folder", str(tmp_path / "resumed")]) == 0
+    plain, zero, on, resumed = (read_metrics(tmp_path / n) for n in ("plain", "zero", "on", "resumed"))
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert [r[key] for r in zero] == [r[key] for r in plain], key
+    assert "mtp_loss" not in plain[0] and all(5 < r["mtp_loss"] < 10 for r in on + zero)
+    assert [r["grad_norm"] for r in on] != [r["grad_norm"] for r in plain]  # the MTP loss reaches the model
+    for key in ("loss", "grad_norm", "aux_loss", "mtp_loss"):
+        assert [r[key] for r in resumed] == [r[key] for r in on[2:]], key
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(tmp_path / "on" / "checkpoint" / "step-2")).read_metadata().state_dict_metadata
+    assert "model.mtp.0.eh_proj.weight" in stored and "model.mtp.0.block.feed_forward.router.expert_bias" in stored
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--model.mtp_layers", "1", "--parallelism.pipeline_parallel_degree", "2"],
+     "model.mtp_layers=1 with parallelism.pipeline_parallel_degree=2 is not supported"),
+    (["--model.name", "qwen3_moe", "--model.mtp_layers", "1"], "model.mtp_layers=1: qwen3_moe has no multi-token"),
+])
+def test_bad_mtp_config_is_one_line(capsys, extra, needle):
+    from dist_utils import REPO
+
+    from titan.train import main
+
+    config = str(REPO / "tests" / "configs" / "tiny_deepseek_v3.toml")
+    capsys.readouterr()
+    assert main(["--check", "--world_size", "2", "--config", config, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"titan: error: {needle}"), err

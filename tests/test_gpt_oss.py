@@ -16,7 +16,7 @@ from dist_utils import rel_error
 from safetensors.torch import save_file
 
 from titan import hf, models
-from titan.config import ConfigError
+from titan.errors import ConfigError
 from titan.generation import generate
 from titan.models.gpt_oss import FULL, SLIDING, dequantize_mxfp4
 from titan.models.layers import count_params

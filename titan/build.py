@@ -214,7 +214,7 @@ def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None
 def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> TransformerArgs:
     """The family's flavor with the tokenizer's vocabulary, checked against the parallel degrees."""
     args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=vocab_size, moe=cfg.moe,
-                             max_seq_len=cfg.training.seq_len)
+                             mtp=cfg.model, max_seq_len=cfg.training.seq_len)
     check_model_fits(dims, args)
     check_seq_len(cfg.training.seq_len, dims.cp, dims.tp)
     return args
@@ -335,7 +335,7 @@ def build_objective(training: Training, dpo: DPO, lora_cfg: LoRA, checkpoint: Ch
                     args: TransformerArgs, autocast) -> Objective:
     """The recipe's objective over this rank's model (DPO's reference model, if its loss needs one, built here)."""
     if training.recipe != "dpo":
-        return TokenLoss(model.loss_fn, autocast)
+        return TokenLoss(model.loss_fn, autocast, labels_to_model=getattr(args, "mtp_layers", 0) > 0)
     live = dpo.loss not in DPOLoss.REFERENCE_FREE and not dpo.precompute_reference
     return DPOLoss(dpo, dpo_reference(model, args, lora_cfg, checkpoint) if live else None, autocast)
 

@@ -93,6 +93,10 @@ class Model:
         "extra), or a folder holding either; empty = the shipped 4k-token debug tokenizer, debug_chat = the same "
         "with chat tokens"
     )
+    mtp_layers: int = opt(0, "multi-token prediction depths trained after the model (deepseek_v3; DeepSeek-V3 used 1; "
+                          "0 = off; see docs/models.md)", valid=NON_NEGATIVE)
+    mtp_loss_weight: float = opt(0.3, "weight of the multi-token prediction loss (the mean over depths and tokens; "
+                                 "DeepSeek-V3: 0.3, later 0.1)", valid=NON_NEGATIVE)
 
 
 @dataclass
@@ -630,6 +634,24 @@ def _validate_moe(cfg: Config) -> None:
         raise ConfigError("activation_checkpoint.selective_ac_option = op with compile.enable does not work for the "
                           f"Mixture-of-Experts blocks of model.name={cfg.model.name} yet; use activation_checkpoint."
                           "mode = full, or selective with selective_ac_option = N")
+    _validate_mtp(cfg)
+
+
+def _validate_mtp(cfg: Config) -> None:
+    """Multi-token prediction shifts each sequence by whole tokens and shares the embedding with the output head: the
+    axes that split a sequence (cp, tp's sequence parallel) or the model's ends (pp) do not carry it (yet)."""
+    if not cfg.model.mtp_layers:
+        return
+    p = cfg.parallelism
+    for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
+                        ("context_parallel_degree", p.context_parallel_degree),
+                        ("tensor_parallel_degree", p.tensor_parallel_degree)):
+        if degree > 1:
+            raise ConfigError(f"model.mtp_layers={cfg.model.mtp_layers} with parallelism.{key}={degree} is not "
+                              "supported: multi-token prediction trains under FSDP/HSDP, expert parallelism, "
+                              "activation checkpointing, compile and float8")
+    if cfg.training.recipe == "dpo":
+        raise ConfigError("model.mtp_layers is a token loss (training.recipe = pretrain or sft), not a preference one")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -57,10 +57,10 @@ def family_of(args: TransformerArgs) -> ModelFamily:
 
 
 def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, moe: config.MoE | None = None,
-               **overrides) -> TransformerArgs:
+               mtp: config.Model | None = None, **overrides) -> TransformerArgs:
     """The arguments of model.name's `flavor`, with the vocabulary set from the tokenizer (where the flavor takes it
-    from there; else the tokenizer must fit in the flavor's), the [moe] section's settings (`moe`) and other fields
-    replaced by `overrides`."""
+    from there; else the tokenizer must fit in the flavor's), the [moe] section's settings (`moe`), the [model]
+    section's multi-token prediction (`mtp`) and other fields replaced by `overrides`."""
     fam = family(name)
     if flavor not in fam.flavors:
         raise ConfigError(f"model.flavor={flavor!r} is not one of {', '.join(fam.flavors)} (model.name={name})")
@@ -73,6 +73,11 @@ def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, mo
                               f"{args.vocab_size} rows of {name} {flavor}'s embedding")
     if moe is not None:
         overrides = {**moe_settings(args, moe, f"{name} {flavor}"), **overrides}
+    if mtp is not None and mtp.mtp_layers:
+        if not hasattr(args, "mtp_layers"):
+            raise ConfigError(f"model.mtp_layers={mtp.mtp_layers}: {name} has no multi-token prediction module "
+                              f"(deepseek_v3 has)")
+        overrides = {"mtp_layers": mtp.mtp_layers, "mtp_loss_weight": mtp.mtp_loss_weight, **overrides}
     return replace(args, **overrides)
 
 

@@ -3,9 +3,9 @@
 first_k_dense_replace), then Mixture-of-Experts layers (titan/models/moe.py) with sigmoid routing limited to the best
 `topk_groups` of `n_groups` expert groups, renormalised weights times `route_scale` (routed_scaling_factor), and a
 shared expert of `shared_hidden_dim` (n_shared_experts x moe_intermediate_size) that every token passes through.
-Multi-token prediction (MTP; off unless `mtp_layers` > 0): after the main model, depth k predicts token t+k+1 from
-the depth k-1 hidden state at t and the embedding of token t+k, through its own transformer block, sharing the
-embedding and the output head; its cross-entropy, weighted, joins the loss (docs/models.md).
+Multi-token prediction (titan/models/mtp.py; off unless `mtp_layers` > 0): after the main model, depth k predicts
+token t+k+1 from the depth k-1 hidden state at t and the embedding of token t+k, through its own transformer block,
+sharing the embedding and the output head; its cross-entropy, weighted, joins the loss's gradient.
 
 A table of flavors with the official shapes and the Hugging Face mapping (`DeepseekV3ForCausalLM`, one tensor per
 expert on disk as Qwen3-MoE's; an MTP depth is the checkpoint's extra layer `model.layers.{n_layers + k}`). The
@@ -19,20 +19,17 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from titan.errors import ConfigError
 from titan.models.hf_adapter import decoder_sizes, rope_settings, yarn_from_hf, yarn_to_hf
-from titan.models.layers import FeedForward, RMSNorm, TransformerArgs, TransformerBlock, YarnScaling, document_mask
+from titan.models.layers import FeedForward, TransformerArgs, TransformerBlock, YarnScaling, document_mask
 from titan.models.mla import MLAttention
 from titan.models.moe import MoE, Router, _AuxLossGrad
+from titan.models.mtp import MultiTokenPrediction, mtp_loss
 from titan.models.qwen3_moe import MoEAdapter, MoETransformer
 
 logger = logging.getLogger("titan")
-
-IGNORE_INDEX = -100  # labels that count in no loss (titan/data: padding, masked prompt tokens)
-
 
 @dataclass
 class DeepSeekV3Args(TransformerArgs):
@@ -114,31 +111,6 @@ class DeepSeekV3Block(TransformerBlock):
                    router=router)
 
 
-class MultiTokenPrediction(nn.Module):
-    """One MTP depth: h' = norm(block(eh_proj([enorm(embedding of the next token), hnorm(h)]))), h the previous
-    depth's normalised hidden state (the main model's for depth 1), as DeepSeek-V3's paper and transformers'
-    MtpLayer compute it."""
-
-    def __init__(self, layer_id: int, args: DeepSeekV3Args, block_class: type[nn.Module]):
-        super().__init__()
-        self.enorm = RMSNorm(args.dim, args.norm_eps)
-        self.hnorm = RMSNorm(args.dim, args.norm_eps)
-        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
-        self.block = block_class(layer_id, args)
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-
-    def forward(self, h: torch.Tensor, embedded: torch.Tensor, freqs_cis: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1))
-        return self.norm(self.block(x, freqs_cis, mask))
-
-    def init_weights(self):
-        for norm in (self.enorm, self.hnorm, self.norm):
-            norm.init_weights()
-        nn.init.trunc_normal_(self.eh_proj.weight, mean=0.0, std=0.02)
-        self.block.init_weights()
-
-
 class DeepSeekV3Transformer(MoETransformer):
     """The decoder with MLA blocks and, with `mtp_layers`, the MTP depths as `mtp` ("0", "1", ...). While training
     with `labels` given, the MTP cross-entropy (summed over the depths' labelled tokens) gets the gradient scale in
@@ -167,27 +139,12 @@ class DeepSeekV3Transformer(MoETransformer):
             return h
         logits = self.output(h)
         if self.mtp is not None and labels is not None and self.training and torch.is_grad_enabled():
-            loss = self.mtp_loss(tokens, labels, h, freqs_cis, mask, document_ids)
+            loss = mtp_loss(self.mtp.values(), self.tok_embeddings, self.output, tokens, labels, h, freqs_cis, mask,
+                            document_ids)
             with torch.no_grad():
                 self.mtp_loss_sum += loss.detach()
             logits = _AuxLossGrad.apply(logits, loss, self.mtp_loss_scale)
         return logits
-
-    def mtp_loss(self, tokens, labels, h, freqs_cis, mask, document_ids) -> torch.Tensor:
-        """Summed cross-entropy of every MTP depth k: at position t, from h_t and token t+k, the label of t+k
-        (token t+k+1); positions whose target lies past the window, or in another document, count in no loss."""
-        seq, total = tokens.shape[1], 0.0
-        for k, depth in enumerate(self.mtp.values(), start=1):
-            # Token t+k at position t; the last k positions wrap around, but causal attention keeps them out of the
-            # earlier positions, and their targets are ignored.
-            h = depth(h, self.tok_embeddings(tokens.roll(-k, dims=1)), freqs_cis, mask)
-            outside = torch.arange(seq, device=tokens.device) >= seq - k
-            if document_ids is not None:
-                outside = outside | (document_ids.roll(-k, dims=1) != document_ids)
-            targets = labels.roll(-k, dims=1).masked_fill(outside, IGNORE_INDEX)
-            total = total + F.cross_entropy(self.output(h).flatten(0, 1).float(), targets.flatten(),
-                                            ignore_index=IGNORE_INDEX, reduction="sum")
-        return total
 
     def init_buffers(self, device: torch.device | None = None):
         super().init_buffers(device)

@@ -387,20 +387,21 @@ def end_of_step(model_parts: Iterable[nn.Module], reduce: Callable[[torch.Tensor
     """After the optimizer step: the step's global load of every MoE layer and its summed auxiliary loss, the
     expert-bias update (when `update`, i.e. the step was not skipped), then the statistics are reset.
 
-    One collective: `reduce` gets an fp32 tensor [n_layers, n_experts + 1] (row i: layer i's `tokens_per_expert`,
-    then its `aux_loss_sum`; zero rows for layers this rank does not hold) and must return its sum over every rank
-    that holds other tokens or other layers (data-parallel, context-parallel ranks and pipeline stages: titan's loop
-    uses its `pp_dp_cp` mesh); None in one process. Returns ({layer name: load [n_experts]} of every MoE layer of
-    the model, the step's summed auxiliary loss over all of them or None without MoE layers)."""
+    One collective: `reduce` gets an fp32 tensor [n_layers (+ MTP depths), n_experts + 1] (row i: layer i's
+    `tokens_per_expert`, then its `aux_loss_sum`; zero rows for layers this rank does not hold) and must return its
+    sum over every rank that holds other tokens or other layers (data-parallel, context-parallel ranks and pipeline
+    stages: titan's loop uses its `pp_dp_cp` mesh); None in one process. Returns ({layer name: load [n_experts]} of
+    every MoE layer of the model, the step's summed auxiliary loss over all of them or None without MoE layers)."""
     layers, first = _step_layers(model_parts), next(iter(model_parts))
     args = getattr(first, "args", None)
     # A pipeline stage of only dense layers (mlp_only_layers) still joins the other stages' reduction.
     n_experts = layers[0][1].n_experts if layers else getattr(args, "n_experts", 0)
     if not n_experts:
         return {}, None
-    rows = [_layer_index(name) for name, _ in layers] if args is not None else list(range(len(layers)))
+    n_rows = args.n_layers + getattr(args, "mtp_layers", 0) if args is not None else len(layers)
+    rows = [_layer_index(name, args.n_layers) for name, _ in layers] if args is not None else list(range(n_rows))
     device = layers[0][1].tokens_per_expert.device if layers else next(first.parameters()).device
-    stats = torch.zeros(args.n_layers if args is not None else len(layers), n_experts + 1, device=device)
+    stats = torch.zeros(n_rows, n_experts + 1, device=device)
     for row, (_, m) in zip(rows, layers):
         stats[row, :-1], stats[row, -1] = m.tokens_per_expert, m.aux_loss_sum
     if reduce is not None:
@@ -425,8 +426,10 @@ def _moe_rows(args, stats: torch.Tensor) -> list[int]:
     return [i for i, routed in enumerate((stats[:, :-1].sum(dim=1) > 0).tolist()) if routed]
 
 
-def _layer_index(name: str) -> int:
-    return int(name.rsplit(".", 1)[-1])  # "layers.3"
+def _layer_index(name: str, n_layers: int) -> int:
+    """The stats row of "layers.3" (3), or of a multi-token prediction depth's block "mtp.0.block" (n_layers + 0)."""
+    parts = name.split(".")
+    return n_layers + int(parts[1]) if parts[0] == "mtp" else int(parts[-1])
 
 
 def step_metrics(loads: dict[str, torch.Tensor], aux_loss_sum: torch.Tensor | None,
