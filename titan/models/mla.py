@@ -13,7 +13,8 @@ RoPE layout: DeepSeek's checkpoints (rope_interleave = true, the default of tran
 consecutive channel pairs of the rope part, as titan does, so no permutation is needed on import or export.
 
 The module keeps titan's attention interface (x, freqs_cis, mask) and its kernel as `.sdpa` (the shared `SDPA`,
-which takes a value head size apart from the query's), so context parallelism swaps it as for any attention. The
+which takes a value head size apart from the query's), so context parallelism swaps it as for any attention; tensor
+parallelism splits the heads (wq / wq_b, wkv_b, wo) and computes the latents whole on every rank. The
 scale is applied to q before the kernel (every kernel then uses its default 1/sqrt(head dim)). The latent norms'
 epsilon is 1e-6 whatever the model's `norm_eps` (as in DeepSeek's code and transformers').
 """
@@ -57,6 +58,9 @@ class MLAttention(nn.Module):
         self.kv_a_norm = RMSNorm(args.kv_lora_rank, args.latent_norm_eps)
         self.wkv_b = nn.Linear(args.kv_lora_rank, args.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(args.n_heads * self.v_dim, args.dim, bias=False)
+        # Hook point, the identity here: the one key RoPE part shared by every head. Under tensor parallelism each
+        # rank holds some heads, so its gradient is a partial sum that the tp axis completes (a hook on this module).
+        self.rope_key = nn.Identity()
         self.sdpa = SDPA()
         # q is multiplied by this, so that the kernel's own 1/sqrt(qk) makes the scale `softmax_scale(args)`.
         self.q_scale = softmax_scale(args) * math.sqrt(qk)
@@ -67,7 +71,7 @@ class MLAttention(nn.Module):
         q = self.wq(x) if self.wq is not None else self.wq_b(self.q_a_norm(self.wq_a(x)))
         q_nope, q_rope = q.view(bs, seqlen, -1, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        q_rope, k_rope = apply_rotary_emb(q_rope, k_rope.unsqueeze(2), freqs_cis)  # one k_rope for all heads
+        q_rope, k_rope = apply_rotary_emb(q_rope, self.rope_key(k_rope).unsqueeze(2), freqs_cis)  # for all heads
         kv = self.wkv_b(self.kv_a_norm(latent)).view(bs, seqlen, -1, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
