@@ -23,7 +23,7 @@ from titan.generation import generate
 from titan.models.deepseek_v3 import DeepSeekV3Args
 from titan.models.layers import YarnScaling, count_params, yarn_mscale
 from titan.models.mla import softmax_scale
-from titan.models.moe import Router, limit_to_groups
+from titan.models.moe import Router, active_params, limit_to_groups
 from titan.models.mtp import mtp_loss
 
 TRANSFORMERS = "needs Hugging Face transformers (pip install transformers); titan itself does not"
@@ -33,12 +33,23 @@ TRANSFORMERS = "needs Hugging Face transformers (pip install transformers); tita
 OFFICIAL = {"671B": 671_026_404_352, "16B": 15_960_108_544}
 
 
-@pytest.mark.parametrize("flavor", list(OFFICIAL))
-def test_official_parameter_counts(flavor):
+# flavor -> (all parameters, active per token) as docs/config.md's table gives them (DeepSeek: 671B, 37B activated).
+COUNTS = {"tiny": (780_608, 670_016), "debugmodel": (12_272_000, 5_390_720),
+          "16B": (OFFICIAL["16B"], 2_914_774_528), "671B": (OFFICIAL["671B"], 37_552_282_624)}
+
+
+@pytest.mark.parametrize("flavor", list(COUNTS))
+def test_parameter_counts(flavor):
     with torch.device("meta"):
         model = models.build_model(models.model_args("deepseek_v3", flavor))
-    assert count_params(model)[0] == OFFICIAL[flavor]
+    assert (count_params(model)[0], active_params(model)) == COUNTS[flavor]
     assert model.mtp is None and models.model_args("deepseek_v3", flavor).mtp_layers == 0
+
+
+def test_one_mtp_depth_of_671b_adds_11_6b_parameters():
+    with torch.device("meta"):
+        model = models.build_model(models.model_args("deepseek_v3", "671B", mtp_layers=1))
+    assert count_params(model)[0] - OFFICIAL["671B"] == 11_610_067_968
 
 
 @pytest.mark.parametrize("flavor", list(OFFICIAL))

@@ -20,7 +20,7 @@ from titan.errors import ConfigError
 from titan.generation import generate
 from titan.models.gpt_oss import FULL, SLIDING, dequantize_mxfp4
 from titan.models.layers import count_params
-from titan.models.moe import clamped_swiglu
+from titan.models.moe import active_params, clamped_swiglu
 from titan.models.sinks import sink_attention, window_mask
 
 TRANSFORMERS = "needs Hugging Face transformers (pip install transformers); titan itself does not"
@@ -28,12 +28,30 @@ TRANSFORMERS = "needs Hugging Face transformers (pip install transformers); tita
 OFFICIAL = {"20B": 20_914_757_184, "120B": 116_829_156_672}
 
 
-@pytest.mark.parametrize("flavor", list(OFFICIAL))
-def test_official_parameter_counts(flavor):
+# flavor -> (all parameters, active per token) as docs/config.md's table gives them (OpenAI's cards: 21B / 3.6B and
+# 117B / 5.1B active, the latter without the embedding's 0.58B).
+COUNTS = {"tiny": (777_584, 627_056), "debugmodel": (12_795_792, 4_495_248),
+          "20B": (OFFICIAL["20B"], 4_187_440_704), "120B": (OFFICIAL["120B"], 5_711_982_912)}
+
+
+@pytest.mark.parametrize("flavor", list(COUNTS))
+def test_parameter_counts(flavor):
     with torch.device("meta"):
         model = models.build_model(models.model_args("gpt_oss", flavor))
-    assert count_params(model)[0] == OFFICIAL[flavor]
-    assert [model.layers[str(i)].attention.sdpa.window for i in range(4)] == [128, None, 128, None]
+    assert (count_params(model)[0], active_params(model)) == COUNTS[flavor]
+    window = models.model_args("gpt_oss", flavor).sliding_window
+    assert [model.layers[str(i)].attention.sdpa.window for i in range(4)] == [window, None, window, None]
+
+
+def test_sink_scores_take_4_gib_per_sequence_and_layer_at_4096_tokens():
+    """The dense path's fp32 probabilities of the 20B flavor's 64 heads (docs/models.md, the GPU presets)."""
+    from titan.config import Training
+    from titan.memory import MicroBatch, precision
+    from titan.memory_attention import attention_bytes
+
+    args = models.model_args("gpt_oss", "20B")
+    saved = attention_bytes(args, MicroBatch(rows=1, seq_len=4096), precision(Training(), fsdp=True))
+    assert 4.0 <= 4 * 64 * 4096 * 4097 / 2**30 < 4.01 and saved > 4 * 2**30
 
 
 @pytest.mark.parametrize("flavor", list(OFFICIAL))
@@ -248,3 +266,21 @@ def test_unsupported_config_is_one_line(tmp_path, change, needle):
     with pytest.raises(ConfigError) as e:
         hf.load(folder)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lora_keeps_the_attention_biases():
+    """LoRA on gpt-oss's biased projections keeps each bias (frozen, with its weight): a fresh adapter leaves the
+    logits as they were."""
+    from titan.config import LoRA
+    from titan.models import lora
+
+    model = _model(models.model_args("gpt_oss", "tiny", max_seq_len=32))
+    tokens = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens)
+        lora.apply_lora(model, LoRA(enable=True, rank=4))
+        lora.init_adapters(model)
+        after = model(tokens)
+    wq = model.layers["0"].attention.wq
+    assert isinstance(wq, lora.LoRALinear) and wq.bias is not None and not wq.bias.requires_grad
+    assert torch.equal(before, after)

@@ -65,7 +65,9 @@ class LoRAColwiseParallel(ColwiseParallel):
     so x A^T is computed whole on every rank and x A^T B^T comes out split like x W^T."""
 
     def _partition_linear_fn(self, name, module, device_mesh):
-        _distribute(module, device_mesh, self.src_data_rank, weight=Shard(0), lora_a=Replicate(), lora_b=Shard(0))
+        bias = {} if module.bias is None else {"bias": Shard(0)}
+        _distribute(module, device_mesh, self.src_data_rank, weight=Shard(0), lora_a=Replicate(), lora_b=Shard(0),
+                    **bias)
 
 
 class LoRARowwiseParallel(RowwiseParallel):
@@ -73,7 +75,9 @@ class LoRARowwiseParallel(RowwiseParallel):
     and x A^T are both partial sums; B replicated keeps x A^T B^T partial, reduced with x W^T in one collective."""
 
     def _partition_linear_fn(self, name, module, device_mesh):
-        _distribute(module, device_mesh, self.src_data_rank, weight=Shard(1), lora_a=Shard(1), lora_b=Replicate())
+        bias = {} if module.bias is None else {"bias": Replicate()}
+        _distribute(module, device_mesh, self.src_data_rank, weight=Shard(1), lora_a=Shard(1), lora_b=Replicate(),
+                    **bias)
 
 
 LORA_STYLES = TPStyles(LoRAColwiseParallel, LoRARowwiseParallel, PrepareModuleInput)
