@@ -198,8 +198,9 @@ def stage_activations(args: TransformerArgs, m: MicroBatch, p: Precision, ac: co
         logits = (p.compute + (FP32 if p.compute != FP32 else 0)) * m.tokens * vocab
         # Multi-token prediction, per depth: its block (never checkpointed), three norms, eh_proj's input and its own
         # log-softmax over the vocabulary.
-        saved += getattr(args, "mtp_layers", 0) * (block_bytes(args, m, p, "none", True) + 3 * norm_bytes(
-            args, m, p, 1) + 2 * p.compute * m.tokens * args.dim + FP32 * m.tokens * vocab)
+        if getattr(args, "mtp_layers", 0):
+            saved += args.mtp_layers * (block_bytes(args, m, p, "none", True) + 3 * norm_bytes(args, m, p, 1)
+                                        + 2 * p.compute * m.tokens * args.dim + FP32 * m.tokens * vocab)
     else:
         saved += between  # the stage's output, kept by the schedule until its gradient comes back
     rebuilt = max((block_bytes(args, m, p, "none", moe) - per_block[mode, moe] for mode, moe in modes), default=0)
