@@ -78,7 +78,10 @@ def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, mo
             raise ConfigError(f"model.mtp_layers={mtp.mtp_layers}: {name} has no multi-token prediction module "
                               f"(deepseek_v3 has)")
         overrides = {"mtp_layers": mtp.mtp_layers, "mtp_loss_weight": mtp.mtp_loss_weight, **overrides}
-    return replace(args, **overrides)
+    try:
+        return replace(args, **overrides)
+    except ValueError as e:  # e.g. moe.n_experts that DeepSeek-V3's expert groups cannot split
+        raise ConfigError(f"{name} {flavor} with these [moe] / [model] settings: {e}") from None
 
 
 def moe_settings(args: TransformerArgs, moe: config.MoE, what: str) -> dict:

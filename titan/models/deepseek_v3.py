@@ -80,6 +80,11 @@ class DeepSeekV3Args(TransformerArgs):
             raise ValueError(f"n_kv_heads={self.n_kv_heads}: MLA gives every head its own keys and values")
         if not 0 < self.top_k <= self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be in 1 ... n_experts={self.n_experts}")
+        per_group = self.n_experts // self.n_groups
+        if self.n_experts % self.n_groups or (self.n_groups > 1 and (
+                per_group < 2 or self.top_k > self.topk_groups * per_group)):
+            raise ValueError(f"n_experts={self.n_experts} must split into n_groups={self.n_groups} groups (of 2 or "
+                             f"more) whose best topk_groups={self.topk_groups} hold top_k={self.top_k} experts")
 
     @property
     def head_dim(self) -> int:
