@@ -351,8 +351,9 @@ def test_mtp_in_the_loop(tmp_path):
     (["--model.mtp_layers", "1", "--parallelism.pipeline_parallel_degree", "2"],
      "model.mtp_layers=1 with parallelism.pipeline_parallel_degree=2 is not supported"),
     (["--model.name", "qwen3_moe", "--model.mtp_layers", "1"], "model.mtp_layers=1: qwen3_moe has no multi-token"),
+    (["--moe.n_experts", "6"], "deepseek_v3 tiny with these [moe] / [model] settings: n_experts=6 must split"),
 ])
-def test_bad_mtp_config_is_one_line(capsys, extra, needle):
+def test_bad_config_is_one_line(capsys, extra, needle):
     from dist_utils import REPO
 
     from titan.train import main
