@@ -151,11 +151,16 @@ FLAVORS: dict[str, GptOssArgs] = {
 
 _BIASES = {f"attention.{t}.bias": f"self_attn.{h}.bias" for t, h in
            (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))}
-_LAYER = {"attention.sinks": "self_attn.sinks", "feed_forward.router.gate.weight": "mlp.router.weight",
-        "feed_forward.router.gate.bias": "mlp.router.bias", "feed_forward.experts.gate_up": "mlp.experts.gate_up_proj",
-        "feed_forward.experts.gate_up_bias": "mlp.experts.gate_up_proj_bias",
-        "feed_forward.experts.down": "mlp.experts.down_proj", "feed_forward.experts.down_bias":
-        "mlp.experts.down_proj_bias"}
+_LAYER = {
+    "attention.sinks": "self_attn.sinks",
+    "feed_forward.router.gate.weight": "mlp.router.weight",
+    "feed_forward.router.gate.bias": "mlp.router.bias",
+    # to_hf / from_hf turn titan's stacked w1, w3, w2 and biases into these and back
+    "feed_forward.experts.gate_up": "mlp.experts.gate_up_proj",
+    "feed_forward.experts.gate_up_bias": "mlp.experts.gate_up_proj_bias",
+    "feed_forward.experts.down": "mlp.experts.down_proj",
+    "feed_forward.experts.down_bias": "mlp.experts.down_proj_bias",
+}
 _FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
@@ -182,6 +187,7 @@ class GptOssAdapter(MoEAdapter):
         return DecoderAdapter._heads(name.replace(".bias", ".weight"), args)  # a q/k bias is permuted like its rows
 
     def to_hf(self, state, args, dtype=None, partial=False):
+        self.warn_dropped_bias(state, args)
         state = dict(state)
         for prefix in {k.rsplit(".", 1)[0] for k in state if k.endswith(".experts.w1")}:
             w1, w2, w3 = (state.pop(f"{prefix}.{w}") for w in ("w1", "w2", "w3"))

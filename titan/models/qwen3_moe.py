@@ -141,13 +141,18 @@ class MoEAdapter(DecoderAdapter):
                 split[name] = w
                 continue
             split.update({f"{m[1]}.{j}.{m[2]}.weight": w[j] for j in range(w.shape[0])})
+        self.warn_dropped_bias(state, args)
+        return super().to_hf(split, args, dtype, partial)
+
+    def warn_dropped_bias(self, state, args) -> None:
+        """A warning when the export leaves out expert biases that the bias update moved (the architecture has
+        none), since Hugging Face may then route some tokens differently."""
         names = self.names(args)
         biased = [k for k, v in state.items() if k.endswith("expert_bias") and k not in names
                   and bool(v.abs().sum() > 0)]
         if biased:
             logger.warning(f"Hugging Face export: {self.architecture} has no expert bias; {len(biased)} layers' "
                            f"bias (from moe.bias_update_rate) is left out, so HF may route some tokens differently")
-        return super().to_hf(split, args, dtype, partial)
 
     def from_hf(self, tensors, args, where=""):
         state = super().from_hf(tensors, args, where)
