@@ -54,21 +54,21 @@ def _check_attention(rank: int, world_size: int, method: str, n_heads: int, n_kv
         assert rel_error(sl.grad, s.grad) < REL, "grad of the sinks"
 
 
+def _check_cases(rank: int, world_size: int, method: str, cases: list[tuple]) -> None:
+    for case in cases:
+        _check_attention(rank, world_size, method, *case)
+
+
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("method", ["allgather", "ring"])
 def test_cp_attention_matches_full_sdpa(cp, method):
-    spawn_gloo(_check_attention, cp, method, 4, 2)  # GQA: 4 query heads share 2 K/V heads
-
-
-@pytest.mark.parametrize("method", ["allgather", "ring"])
-def test_cp_attention_with_another_value_head_size(method):
-    """MLA (DeepSeek-V3): values narrower than queries and keys, every head its own K and V."""
-    spawn_gloo(_check_attention, 2, method, 4, 4, 5)
-
-
-def test_cp_attention_with_a_window_and_sinks():
-    """gpt-oss: a 5-token window by the true positions (across the load-balanced chunks) and a sink per head."""
-    spawn_gloo(_check_attention, 2, "allgather", 4, 2, 8, 5, True)
+    # GQA: 4 query heads share 2 K/V heads. In the same processes at cp = 2: MLA (DeepSeek-V3: values of 5 channels
+    # against queries and keys of 8, every head its own K and V), and with allgather gpt-oss's 5-token window by the
+    # true positions (across the load-balanced chunks) with a sink per head.
+    cases = [(4, 2)]
+    if cp == 2:
+        cases += [(4, 4, 5)] + ([(4, 2, 8, 5, True)] if method == "allgather" else [])
+    spawn_gloo(_check_cases, cp, method, cases)
 
 
 def test_load_balanced_positions_cover_the_sequence_evenly():
