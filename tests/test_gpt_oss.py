@@ -284,3 +284,14 @@ def test_lora_keeps_the_attention_biases():
     wq = model.layers["0"].attention.wq
     assert isinstance(wq, lora.LoRALinear) and wq.bias is not None and not wq.bias.requires_grad
     assert torch.equal(before, after)
+
+
+def test_an_export_from_a_released_folder_states_no_quantization(tmp_path):
+    """A run that started from OpenAI's MXFP4 folder keeps that folder's config.json on export (titan/hf.py), but
+    its weights go out dequantised: quantization_config stays behind."""
+    args = models.model_args("gpt_oss", "tiny", tokenizer_vocab=300, max_seq_len=32)
+    base = {**hf.hf_config(args, None, 2, torch.bfloat16), "quantization_config": {"quant_method": "mxfp4"},
+            "max_position_embeddings": 131072}
+    folder = hf.save(_model(args).state_dict(), args, tmp_path, bos_id=None, eos_id=2, base_config=base)
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["max_position_embeddings"] == 131072

@@ -299,4 +299,4 @@ def _args_from_hf(config: dict, where: str) -> DeepSeekV3Args:
 
 
 HF = DeepSeekV3Adapter(model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", config=_hf_config,
-                       args=_args_from_hf, transformers_version="4.57.0")
+                       args=_args_from_hf, transformers_version="4.57.0", export_fields=("num_nextn_predict_layers",))

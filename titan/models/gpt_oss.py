@@ -263,4 +263,4 @@ def _args_from_hf(config: dict, where: str) -> GptOssArgs:
 
 
 HF = GptOssAdapter(model_type="gpt_oss", architecture="GptOssForCausalLM", config=_hf_config, args=_args_from_hf,
-                   transformers_version="4.55.0")
+                   transformers_version="4.55.0", export_fields=("quantization_config",))  # exports are dequantised

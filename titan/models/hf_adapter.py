@@ -66,6 +66,9 @@ class DecoderAdapter:
     config: Callable[[Any], dict]
     args: Callable[[dict, str], Any]
     transformers_version: str  # the oldest transformers that knows this model_type; written into config.json
+    # config.json fields an export states itself, never kept from the folder a run started from (titan/hf.py:save):
+    # what describes the weights as written (gpt-oss's quantization_config, DeepSeek-V3's MTP depths)
+    export_fields: tuple[str, ...] = ()
 
     def names(self, args) -> dict[str, str]:
         """titan name -> HF name (without lm_head when the embeddings are tied: HF then has no such tensor)."""

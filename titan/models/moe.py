@@ -125,12 +125,12 @@ class GroupedExperts(nn.Module):
         x = _ContiguousGrad.apply(x)
         gate = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)
         up = torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
-        if self.b1 is not None:  # each row gets its expert's biases (output_size: no host sync)
+        if self.b1 is not None:  # each row gets its expert's biases (output_size: no host sync), in the matmul dtype
             expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=len(x))
-            gate, up = gate + self.b1[expert], up + self.b3[expert]
+            gate, up = gate + self.b1[expert].to(gate.dtype), up + self.b3[expert].to(up.dtype)
         out = torch._grouped_mm(self.glu(gate, up), w2.transpose(-2, -1), offs=offs)
         if self.b2 is not None:
-            out = out + self.b2[expert]
+            out = out + self.b2[expert].to(out.dtype)
         return _ContiguousGrad.apply(out)
 
     def _loop(self, x, counts, w1, w2, w3) -> torch.Tensor:
@@ -158,9 +158,9 @@ class Router(nn.Module):
     """Token-choice top-k: scores = softmax (Qwen3-MoE, gpt-oss) or sigmoid (DeepSeek-V3) of `gate(x)` (with a bias
     when `bias`: gpt-oss), in fp32. The top-k experts are chosen on scores + `expert_bias` (a persistent fp32 buffer,
     zeros unless the bias update moves it), among the `topk_groups` best of `n_groups` equal groups of experts when
-    `n_groups > 1` (DeepSeek-V3's group-limited routing: a group's score is the sum of its two best); the weights are
-    the unbiased scores of the chosen experts, renormalised to sum to 1 when `norm_topk_prob`, times `route_scale`
-    (DeepSeek-V3's routed scaling factor). gpt-oss's softmax over the top-k logits is softmax + `norm_topk_prob`.
+    `n_groups > 1` (DeepSeek-V3's group-limited routing, `limit_to_groups`; its args check the groups); the weights
+    are the unbiased scores of the chosen experts, renormalised to sum to 1 when `norm_topk_prob`, times
+    `route_scale` (DeepSeek-V3's routed scaling factor). gpt-oss's softmax of the top-k logits is softmax + norm.
 
     `forward(x [T, dim]) -> (weights [T, k] fp32, experts [T, k] int64, scores [T, n_experts] fp32)`; the scores
     (normalised over the experts for sigmoid) feed the auxiliary loss."""
@@ -170,10 +170,6 @@ class Router(nn.Module):
         super().__init__()
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func={score_func!r} is not one of {SCORE_FUNCS}")
-        if n_groups > 1 and (n_experts % n_groups or n_experts // n_groups < 2 or not 0 < topk_groups <= n_groups
-                             or top_k > topk_groups * (n_experts // n_groups)):
-            raise ValueError(f"n_groups={n_groups}, topk_groups={topk_groups}: {n_experts} experts must split into "
-                             f"groups of 2 or more, and {top_k} experts per token fit in the chosen groups")
         self.top_k, self.score_func, self.norm_topk_prob = top_k, score_func, norm_topk_prob
         self.n_groups, self.topk_groups, self.route_scale = n_groups, topk_groups, route_scale
         self.gate = nn.Linear(dim, n_experts, bias=bias)
