@@ -300,6 +300,7 @@ def test_transformers_loads_the_export_and_mtp_round_trips(tmp_path):
     ({"rope_interleave": False}, "rope_interleave=False is not supported"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic'"),
     ({"num_experts_per_tok": 9}, "top_k=9 must be in 1 ... n_experts=8"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quant_method='fp8' is not supported"),
 ])
 def test_unsupported_config_is_one_line(tmp_path, change, needle):
     args = models.model_args("deepseek_v3", "tiny", tokenizer_vocab=300, max_seq_len=32)

@@ -272,6 +272,10 @@ def _hf_config(args: DeepSeekV3Args) -> dict:
 
 
 def _args_from_hf(config: dict, where: str) -> DeepSeekV3Args:
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    if quant is not None:  # DeepSeek's own release: fp8 blocks with their scales (weight_scale_inv)
+        raise ConfigError(f"{where}: quantization_config.quant_method={quant!r} is not supported (titan reads "
+                          f"unquantised DeepSeek-V3 folders: dequantise the checkpoint to bf16 first)")
     for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("rope_interleave", True),
                       ("moe_layer_freq", 1)):
         if config.get(key, want) != want:
