@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_utils import rel_error
+from dist_utils import max_rel_diff, rel_error
 
 from titan import hf, models
 from titan.errors import ConfigError
@@ -336,8 +336,11 @@ def test_mtp_in_the_loop(tmp_path):
     shutil.copytree(tmp_path / "on" / "checkpoint" / "step-2", tmp_path / "resumed" / "checkpoint" / "step-2")
     assert main([*base, *mtp, *ckpt, "--job.dump_folder", str(tmp_path / "resumed")]) == 0
     plain, zero, on, resumed = (read_metrics(tmp_path / n) for n in ("plain", "zero", "on", "resumed"))
-    for key in ("loss", "grad_norm", "aux_loss"):
+    for key in ("loss", "aux_loss"):
         assert [r[key] for r in zero] == [r[key] for r in plain], key
+    # The norm's sum of squares holds the MTP depth's zero gradients as extra terms: its summation tree differs, the
+    # last bit may too (titan/optim.py:local_sum_of_squares); the updates, hence the losses above, are the same.
+    assert max_rel_diff([r["grad_norm"] for r in zero], [r["grad_norm"] for r in plain]) < 1e-6
     assert "mtp_loss" not in plain[0] and all(5 < r["mtp_loss"] < 10 for r in on + zero)
     assert [r["grad_norm"] for r in on] != [r["grad_norm"] for r in plain]  # the MTP loss reaches the model
     for key in ("loss", "grad_norm", "aux_loss", "mtp_loss"):

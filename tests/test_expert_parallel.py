@@ -18,7 +18,8 @@ its own single-process run within 1e-5: EP2 x FSDP2 with activation checkpointin
 projections and gpt-oss's sinks split by head), EP2 x PP2, EP2 x CP2 (allgather: gpt-oss's windows and sinks over
 the true positions), EP2 with float8 (1e-4 against the float8 run; MLA's latents kept high precision), and for
 DeepSeek-V3 also CP2 with the ring (MLA's value head size apart from the key's) and MTP under EP2 x HSDP; each
-compiled in one process against its eager run.
+compiled in one process against its eager run; and Muon on each (DeepSeek-V3 at TP2, gpt-oss at EP2) against its own
+single-process Muon run.
 
 Two spawns, one per world size (4 ranks first: EP4 writes the checkpoint the 2-rank spawn resumes).
 """
@@ -93,6 +94,12 @@ LAYOUTS.update({"ds_mtp_ep2_hsdp2": (4, MTP + _ep(2) + ["--parallelism.data_para
                 "ds_cp2_ring": (2, ["--parallelism.context_parallel_degree", "2",
                                     "--parallelism.context_parallel_rotate_method", "ring"])})
 REFERENCES.update({"ds_mtp_ep2_hsdp2": ("ds_mtp_reference", MTP, TOL), "ds_cp2_ring": ("ds_reference", [], TOL)})
+# Muon on the new families' parameters (titan/muon.py:is_hidden_matrix): MLA's per-head projections split by TP and
+# its latent projections replicated, each orthogonalised whole; gpt-oss's stacked experts split by EP, one matrix per
+# expert, while its stacked expert biases and sinks take AdamW.
+LAYOUTS.update({"ds_tp2_muon": (2, MUON + ["--parallelism.tensor_parallel_degree", "2"]),
+                "go_ep2_muon": (2, MUON + _ep(2))})
+REFERENCES.update({"ds_tp2_muon": ("ds_muon_reference", MUON, TOL), "go_ep2_muon": ("go_muon_reference", MUON, TOL)})
 
 
 def _argv(folder, extra=()) -> list[str]:
