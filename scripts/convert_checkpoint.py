@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 
 from titan import hf
 from titan.checkpoint.state import one_line
-from titan.config import DTYPES
+from titan.config import DTYPES, Model
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
 from titan.errors import ConfigError
 from titan.models import FAMILIES, build_model, lora, model_args
@@ -99,7 +99,8 @@ def to_hf(ns) -> None:
     fresh_folder(ns.dst)
     tokenizer_path = str(tokenizer_file(ns.tokenizer or ""))
     tokenizer = load_tokenizer(ns.tokenizer or "")
-    args = model_args(ns.model, ns.flavor, tokenizer_vocab=tokenizer.vocab_size, max_seq_len=ns.max_seq_len)
+    mtp = Model(name=ns.model, mtp_layers=ns.mtp_layers)  # multi-token prediction depths (deepseek_v3's) to export
+    args = model_args(ns.model, ns.flavor, tokenizer_vocab=tokenizer.vocab_size, max_seq_len=ns.max_seq_len, mtp=mtp)
     state = dcp_model_state(Path(ns.src), args, ns.lora_scale)
     out = hf.save(state, args, ns.dst, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                   tokenizer_file=tokenizer_path, tokenizer=tokenizer, dtype=DTYPES[ns.dtype])
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="", help="the run's model.tokenizer_path; default: the shipped debug "
                    "tokenizer")
     p.add_argument("--max-seq-len", type=int, default=8192, help="max_position_embeddings in config.json")
+    p.add_argument("--mtp-layers", type=int, default=0, help="the run's model.mtp_layers (deepseek_v3): its "
+                   "multi-token prediction depths go out as the checkpoint's extra layers")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--lora-scale", type=float, default=None,
                    help="for a checkpoint with LoRA adapters: the run's lora.alpha / lora.rank (merged into W)")

@@ -1,4 +1,4 @@
-"""Generate text from a Hugging Face folder (Llama, Qwen3) or a titan checkpoint (one process, CPU by default).
+"""Generate text from a Hugging Face folder (any registered family) or a titan checkpoint (one process, CPU).
 
   python scripts/generate.py --hf assets/smollm2 --chat --prompt "What is the capital of France?"
   python scripts/generate.py --checkpoint outputs/sft/checkpoint/step-200 --chat --prompt "Hello"
@@ -10,7 +10,7 @@ batches (KV cache), each reward function of `--rewards` called as GRPO calls it;
 (the accuracy, for titan.rewards:math_answer).
 
 `--hf` takes a folder with config.json, safetensors weights and a tokenizer (tokenizer.model, or a Hugging Face
-tokenizer.json with the hf extra): what titan.hf.save and scripts/download_assets.py write, or a Qwen3 folder.
+tokenizer.json with the hf extra): what titan.hf.save, scripts/download_assets.py or transformers write.
 `--checkpoint` takes a step folder `<dump>/checkpoint/step-N` and rebuilds the
 model from the run's resolved config `<dump>/config.toml` (or `--config`): flavor, tokenizer, seq_len, LoRA; adapters
 are used as trained, and an adapter-only checkpoint gets its base weights from checkpoint.initial_load_path (then

@@ -178,22 +178,28 @@ class Model:
         self.n_params, self.n_embedding = count_params(model)
         self.n_active = active_params(model)  # what FLOPs count: MoE experts a token does not reach are left out
         shapes = memory.named_shapes(model)
-        self.block = [(n, s) for n, s in shapes if n.startswith("layers.0.")]
+        # Blocks come in kinds (dense or Mixture-of-Experts: DeepSeek-V3's first layers, mlp_only_layers): each
+        # layer's shapes are those of the first block of its kind.
+        kinds = {memory.is_moe_layer(args, i): i for i in reversed(range(args.n_layers))}
+        self.block = {moe: [(n.replace(f"layers.{i}.", "layers.{}."), s) for n, s in shapes
+                            if n.startswith(f"layers.{i}.")] for moe, i in kinds.items()}
         self.embedding = [(n, s) for n, s in shapes if n.startswith("tok_embeddings")]
-        self.head = [(n, s) for n, s in shapes if n.startswith(("norm", "output"))]
+        # The head's unit, and multi-token prediction depths (DeepSeek-V3), which follow the last block.
+        self.head = [(n, s) for n, s in shapes if n.startswith(("norm", "output", "mtp."))]
         self._states: dict[tuple, tuple[int, memory.Units]] = {}
 
-    def stage_state(self, layers: int, first: bool, last: bool, tp: int, fsdp: int, ep: int = 1
+    def stage_state(self, layers: tuple[int, ...], first: bool, last: bool, tp: int, fsdp: int, ep: int = 1
                     ) -> tuple[int, memory.Units]:
-        """(parameter elements on the stage's rank 0, FSDP units) of a stage of `layers` blocks."""
-        key = (layers, first, last, tp, fsdp, ep)
+        """(parameter elements on the stage's rank 0, FSDP units) of a stage of blocks `layers`."""
+        key = (tuple(layers), first, last, tp, fsdp, ep)
         if key not in self._states:
             self._states[key] = self._stage_state(*key)
         return self._states[key]
 
-    def _stage_state(self, layers: int, first: bool, last: bool, tp: int, fsdp: int, ep: int
+    def _stage_state(self, layers: tuple[int, ...], first: bool, last: bool, tp: int, fsdp: int, ep: int
                      ) -> tuple[int, memory.Units]:
-        shapes = [(n.replace("layers.0.", f"layers.{i}."), s) for i in range(layers) for n, s in self.block]
+        moe = [memory.is_moe_layer(self.args, i) for i in layers]
+        shapes = [(n.format(i), s) for i, kind in zip(layers, moe) for n, s in self.block[kind]]
         shapes += (self.embedding if first else []) + (self.head if last else [])
         return memory.state_from_shapes(shapes, tp, fsdp, self.args.tie_embeddings, ep)
 
@@ -242,7 +248,7 @@ def estimate(cfg: config.Config, model: Model, layout: Layout, global_batch: int
     for r, stages in enumerate(per_rank):
         numel, units = 0, memory.Units(0, [], 0)
         for s in stages:
-            n, u = model.stage_state(len(s.layers), s.first, s.last, layout.tp, fsdp, dims.ep)
+            n, u = model.stage_state(tuple(s.layers), s.first, s.last, layout.tp, fsdp, dims.ep)
             numel += n
             units = memory.Units(units.embedding + u.embedding, units.blocks + u.blocks, units.head + u.head)
         state = numel * memory.FP32

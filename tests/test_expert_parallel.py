@@ -13,6 +13,14 @@ Composition, checked by what the runs' `parallelize` made of the model (`_train`
 - torch.compile: a compiled single-process run (3 steps) matches the eager reference within 1e-5; every block's
   attention and norms were compiled (fullgraph, no graph break), its MoE layer not.
 
+DeepSeek-V3 and gpt-oss (tiny flavors, both kinds of balancing on; 4 steps) ride in the same two spawns, each against
+its own single-process run within 1e-5: EP2 x FSDP2 with activation checkpointing, EP2 x TP2 (MLA's per-head
+projections and gpt-oss's sinks split by head), EP2 x PP2, EP2 x CP2 (allgather: gpt-oss's windows and sinks over
+the true positions), EP2 with float8 (1e-4 against the float8 run; MLA's latents kept high precision), and for
+DeepSeek-V3 also CP2 with the ring (MLA's value head size apart from the key's) and MTP under EP2 x HSDP; each
+compiled in one process against its eager run; and Muon on each (DeepSeek-V3 at TP2, gpt-oss at EP2) against its own
+single-process Muon run.
+
 Two spawns, one per world size (4 ranks first: EP4 writes the checkpoint the 2-rank spawn resumes).
 """
 
@@ -63,9 +71,41 @@ LAYOUTS = {
 # The layouts compared to another single-process run than "reference" (its overrides, and the tolerance).
 REFERENCES = {"ep2_float8": ("float8_reference", F8, F8_TOL), "ep2_fsdp2_muon": ("muon_reference", MUON, TOL)}
 
+# DeepSeek-V3 ("ds_": MLA, group-limited sigmoid routing, shared expert, a dense first layer; MTP where named) and
+# gpt-oss ("go_": biases, sinks, sliding windows, biased clamped-SwiGLU experts) in the same spawns, 4 steps each,
+# against their own single-process runs: every axis at least once (MLA's heads and the sinks split by TP, the window
+# and sinks across CP shards, MLA's value head size in the ring).
+FAMILIES = {"ds": str(REPO / "tests" / "configs" / "tiny_deepseek_v3.toml"),
+            "go": str(REPO / "tests" / "configs" / "tiny_gpt_oss.toml")}
+FAMILY_STEPS = ["--training.steps", "4"]
+MTP = ["--model.mtp_layers", "1"]
+for fam in FAMILIES:
+    LAYOUTS.update({
+        f"{fam}_ep2_fsdp2_ac": (4, _ep(2) + ["--activation_checkpoint.mode", "full" if fam == "ds" else "selective"]),
+        f"{fam}_ep2_tp2": (4, _ep(2) + ["--parallelism.tensor_parallel_degree", "2"]),
+        f"{fam}_ep2_pp2": (4, _ep(2) + ["--parallelism.pipeline_parallel_degree", "2"]),
+        f"{fam}_ep2_cp2": (2, _ep(2) + ["--parallelism.context_parallel_degree", "2"]),
+        f"{fam}_ep2_float8": (2, _ep(2) + F8),
+    })
+    REFERENCES.update({n: (f"{fam}_reference", [], TOL) for n in LAYOUTS if n.startswith(fam)})
+    REFERENCES[f"{fam}_ep2_float8"] = (f"{fam}_float8_reference", F8, F8_TOL)
+LAYOUTS.update({"ds_mtp_ep2_hsdp2": (4, MTP + _ep(2) + ["--parallelism.data_parallel_replicate_degree", "2",
+                                                          "--parallelism.data_parallel_shard_degree", "2"]),
+                "ds_cp2_ring": (2, ["--parallelism.context_parallel_degree", "2",
+                                    "--parallelism.context_parallel_rotate_method", "ring"])})
+REFERENCES.update({"ds_mtp_ep2_hsdp2": ("ds_mtp_reference", MTP, TOL), "ds_cp2_ring": ("ds_reference", [], TOL)})
+# Muon on the new families' parameters (titan/muon.py:is_hidden_matrix): MLA's per-head projections split by TP and
+# its latent projections replicated, each orthogonalised whole; gpt-oss's stacked experts split by EP, one matrix per
+# expert, while its stacked expert biases and sinks take AdamW.
+LAYOUTS.update({"ds_tp2_muon": (2, MUON + ["--parallelism.tensor_parallel_degree", "2"]),
+                "go_ep2_muon": (2, MUON + _ep(2))})
+REFERENCES.update({"ds_tp2_muon": ("ds_muon_reference", MUON, TOL), "go_ep2_muon": ("go_muon_reference", MUON, TOL)})
+
 
 def _argv(folder, extra=()) -> list[str]:
-    return ["--config", TINY_MOE, "--job.dump_folder", str(folder), *MOE, *STEPS, *extra]
+    family = FAMILIES.get(Path(folder).name[:2]) if Path(folder).name[2:3] == "_" else None
+    steps = [*STEPS, *FAMILY_STEPS] if family else STEPS  # the later value of a key wins
+    return ["--config", family or TINY_MOE, "--job.dump_folder", str(folder), *MOE, *steps, *extra]
 
 
 def _train(argv: list[str], rank: int = 0) -> None:
@@ -128,13 +168,14 @@ def runs(tmp_path_factory):
             jobs.append(("resume", *_resume(root, "ep4", "ep4_to_ep2", _ep(2))))
         spawn_torchrun_env_runs(_run, world, jobs)
     _train(_argv(root / "reference"))
-    for name, extra, _ in REFERENCES.values():
+    for name, extra in {name: extra for name, extra, _ in REFERENCES.values()}.items():
         _train(_argv(root / name, extra))
     from torch._dynamo.utils import counters
 
-    counters.clear()
-    _train(_argv(root / "compiled", ["--compile.enable", "--compile.components", "model", "--training.steps", "3"]))
-    (root / "dynamo_counters.json").write_text(json.dumps({k: dict(v) for k, v in counters.items()}))
+    for name in ("compiled", "ds_compiled", "go_compiled"):
+        counters.clear()
+        _train(_argv(root / name, ["--compile.enable", "--compile.components", "model", "--training.steps", "3"]))
+        (root / f"{name}.dynamo_counters.json").write_text(json.dumps({k: dict(v) for k, v in counters.items()}))
     _check_resharded_load(0, 1, *_resume(root, "ep2", "ep2_to_1", []))
     return root
 
@@ -144,8 +185,34 @@ def test_layout_matches_single_process(runs, layout):
     reference, _, tol = REFERENCES.get(layout, ("reference", [], TOL))
     ref, got = read_metrics(runs / reference), read_metrics(runs / layout)
     assert [r["step"] for r in got] == [r["step"] for r in ref] and len(got) >= 3
+    for key in ("loss", "grad_norm", "aux_loss", "mtp_loss"):
+        if key in ref[0] or key in got[0]:
+            assert max_rel_diff([r[key] for r in got], [r[key] for r in ref]) < tol, key
+
+
+@pytest.mark.parametrize("family, dense", [("ds", {"layers.0"}), ("go", set())])
+def test_compiled_new_families_match_eager(runs, family, dense):
+    """DeepSeek-V3's MLA blocks and gpt-oss's sink/window attention compile (fullgraph, no graph break) around the
+    eager MoE layers; the dense first layer of DeepSeek-V3 compiles whole; 3 steps as the eager run's."""
+    modules = _modules(runs / f"{family}_compiled")
+    counters = json.loads((runs / f"{family}_compiled.dynamo_counters.json").read_text())
+    parts = {f"layers.{i}.{p}" for i in range(4) for p in ("attention_norm", "attention", "ffn_norm")
+             if f"layers.{i}" not in dense}
+    assert set(modules["compiled"]) == parts | dense and not counters.get("graph_break")
+    ref, got = read_metrics(runs / f"{family}_reference")[:3], read_metrics(runs / f"{family}_compiled")
     for key in ("loss", "grad_norm", "aux_loss"):
-        assert max_rel_diff([r[key] for r in got], [r[key] for r in ref]) < tol, key
+        assert max_rel_diff([r[key] for r in got], [r[key] for r in ref]) < TOL, key
+
+
+def test_float8_keeps_mla_latents_and_routers_high_precision(runs):
+    """DeepSeek-V3 under float8 (EP2 and one process): the per-head projections are Float8Linear, the latent
+    down-projections (wq_a, wkv_a), the routers and the output stay nn.Linear."""
+    for modules in (_modules(runs / "ds_ep2_float8", 0), _modules(runs / "ds_float8_reference")):
+        kept = set(modules["linear"])
+        assert {f"layers.{i}.attention.{n}" for i in range(4) for n in ("wq_a", "wkv_a")} <= kept
+        assert {f"layers.{i}.feed_forward.router.gate" for i in range(1, 4)} <= kept
+        assert {f"layers.{i}.attention.{n}" for i in range(4) for n in ("wq_b", "wkv_b", "wo")} <= \
+            set(modules["float8"])
 
 
 def test_float8_converts_attention_and_keeps_experts_and_routers_high_precision(runs):
@@ -179,7 +246,7 @@ def test_debug_flavor_router_is_not_float8():
 def test_compiled_moe_run_matches_eager(runs):
     """Blocks with an MoE layer compile their attention and norms (fullgraph: no graph break), the MoE layer runs
     eagerly; the first 3 steps are those of the eager reference within 1e-5."""
-    modules, counters = _modules(runs / "compiled"), json.loads((runs / "dynamo_counters.json").read_text())
+    modules, counters = _modules(runs / "compiled"), json.loads((runs / "compiled.dynamo_counters.json").read_text())
     parts = {f"layers.{i}.{p}" for i in range(4) for p in ("attention_norm", "attention", "ffn_norm")}
     assert set(modules["compiled"]) == parts
     assert counters["stats"]["unique_graphs"] >= 2 and not counters.get("graph_break")

@@ -319,3 +319,32 @@ def test_cli_scores_a_prompt_set_with_reward_functions(gen_script, hf_folder, mo
     assert lines[0] == "titan.rewards:format_regex: mean reward 0.5000 over 4 prompts"
     penalty = sum(-0.01 * len(t) for t in texts) / 4
     assert lines[1] == f"rl_rewards:length_penalty: mean reward {penalty:.4f} over 4 prompts"
+
+
+def test_cli_hf_generates_from_a_transformers_qwen3_moe_folder(gen_script, tok, tmp_path, capsys, one_thread):
+    """Regression: a Qwen3-MoE folder written by transformers has no expert-bias tensors (Qwen3-MoE has none), and
+    `generate.py --hf` loads strictly: titan's biases start at zero, and the greedy tokens are transformers' own."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
+    import shutil
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    theirs = transformers.Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(std=1.0)  # HF initialises the router to zeros: give it distinct scores
+    theirs.save_pretrained(str(tmp_path))
+    for source, name in ((CHAT_TOKENIZER, "tokenizer.model"), (CHAT_TOKENIZER.replace(".tiktoken", ".json"),
+                                                               "tokenizer_tiktoken.json")):
+        shutil.copyfile(source, tmp_path / name)
+    assert not any("expert_bias" in k or "bias" in k for k in hf.read_safetensors(tmp_path))
+    assert gen_script.main(["--hf", str(tmp_path), "--prompt", "Emma", "--max_new_tokens", "6"]) == 0
+    ids = tok.encode("Emma", bos=True)
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(ids):].tolist()
+    assert capsys.readouterr().out == tok.decode(expected) + "\n"

@@ -330,8 +330,8 @@ def test_model_type_picks_the_family_and_unsupported_ones_are_one_line(tmp_path)
     cfg_v5 = {k: v for k, v in json.loads((tmp_path / "config.json").read_text()).items() if k != "rope_theta"}
     (tmp_path / "config.json").write_text(json.dumps(cfg_v5))
     assert hf.load(tmp_path)[0] == args
-    for changes, expect in (({"model_type": "mistral"}, "model_type 'mistral' is not supported (titan reads llama, "
-                                                        "qwen3, qwen3_moe)"),
+    for changes, expect in (({"model_type": "mistral"}, "model_type 'mistral' is not supported (titan reads "
+                                                        "deepseek_v3, gpt_oss, llama, qwen3, qwen3_moe)"),
                             ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
                             ({"use_sliding_window": True}, "use_sliding_window=true"),
                             ({"attention_bias": True}, "attention_bias=True is not supported")):

@@ -2,7 +2,9 @@
 writes step-N-hf through DCP's HuggingFaceStorageWriter (each rank its stage's tensors, consolidated into one file)
 and it holds the same weights as the single-process run's export (training agrees to fp32 rounding: 1e-5 relative);
 transformers (optional: skipped without it) loads it and its logits match the single-process export's. The files are
-group/world-readable like the folder's others (mode 0666 less the umask)."""
+group/world-readable like the folder's others (mode 0666 less the umask). DeepSeek-V3 (with MTP) and gpt-oss train
+from a converted folder exactly as from the seed it came from, and generate.py --hf runs them; the same weights
+re-saved by transformers (optional) train and generate alike."""
 
 from __future__ import annotations
 
@@ -60,3 +62,78 @@ def test_transformers_loads_the_pp_export(exports):
         with torch.no_grad():
             logits[name] = model(ids).logits
     assert rel_error(logits["pp2"], logits["single"]) < 1e-5
+
+
+@pytest.mark.parametrize("family, extra", [("deepseek_v3", ["--model.mtp_layers", "1"]), ("gpt_oss", [])])
+def test_new_families_train_and_generate_from_a_hugging_face_folder(tmp_path, capsys, family, extra):
+    """DeepSeek-V3 (with its MTP depth) and gpt-oss: a seed checkpoint converted to a Hugging Face folder
+    (scripts/convert_checkpoint.py) starts a run that takes the same steps as the run from the seed itself (the
+    weights came through whole), and `scripts/generate.py --hf` continues a prompt as the model in this process."""
+    from dist_utils import REPO, load_script, read_metrics
+
+    from titan.data.tokenizer import load_tokenizer
+    from titan.generation import generate
+    from titan.train import main
+
+    config = str(REPO / "tests" / "configs" / f"tiny_{family}.toml")
+    base = ["--config", config, "--moe.grouped_mm", "false", "--training.steps", "2", "--validation.enable", "false",
+            *extra]
+    assert main([*base, "--job.dump_folder", str(tmp_path / "seed"), "--checkpoint.enable",
+                 "--checkpoint.create_seed_checkpoint"]) == 0
+    convert = ["to-hf", str(tmp_path / "seed" / "checkpoint" / "step-0"), str(tmp_path / "hf"), "--model", family,
+               "--flavor", "tiny", "--max-seq-len", "32", "--dtype", "float32"]
+    assert load_script("convert_checkpoint").main([*convert, *(["--mtp-layers", "1"] if extra else [])]) == 0
+    if extra:
+        assert "model.layers.4.eh_proj.weight" in hf.read_safetensors(tmp_path / "hf")
+    assert main([*base, "--job.dump_folder", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--job.dump_folder", str(tmp_path / "from_hf"), "--checkpoint.initial_load_path",
+                 str(tmp_path / "hf"), "--checkpoint.initial_load_in_hf"]) == 0
+    plain, from_hf = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "from_hf")
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert max(abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(from_hf, plain)) < 1e-6, key
+    capsys.readouterr()
+    assert load_script("generate").main(["--hf", str(tmp_path / "hf"), "--prompt", "Emma", "--max_new_tokens",
+                                         "4"]) == 0
+    args, state = hf.load(tmp_path / "hf")
+    from titan import models
+
+    model = models.build_model(args)
+    model.init_buffers()
+    model.load_state_dict(state)
+    tok = load_tokenizer(str(tmp_path / "hf"))
+    expected = tok.decode(generate(model, tok.encode("Emma", bos=True), 4)) + "\n"
+    assert capsys.readouterr().out == expected
+    _from_a_transformers_folder(tmp_path, capsys, base, extra, expected)
+
+
+def _from_a_transformers_folder(tmp_path, capsys, base: list[str], extra: list[str], expected: str) -> None:
+    """The same weights in a folder as transformers writes it (its own tensor names, order and files; no MTP layer,
+    which DeepseekV3ForCausalLM drops; no titan-only buffers): a run starts from it as from the seed, and
+    `generate.py --hf` continues the prompt alike. Skipped without transformers (optional)."""
+    import shutil
+
+    from dist_utils import load_script, read_metrics
+
+    from titan.train import main
+
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    theirs.save_pretrained(str(tmp_path / "hf_tf"))
+    for f in (tmp_path / "hf").iterdir():
+        if "token" in f.name and not (tmp_path / "hf_tf" / f.name).exists():
+            shutil.copyfile(f, tmp_path / "hf_tf" / f.name)
+    assert not any(k.startswith("model.layers.4.") for k in hf.read_safetensors(tmp_path / "hf_tf"))
+    base = [a for a in base if a not in extra]  # its config.json may keep the MTP count; the folder has no MTP layer
+    if extra:  # the run to compare with: the seed without its MTP depth
+        assert main([*base, "--job.dump_folder", str(tmp_path / "plain_no_mtp"), "--checkpoint.initial_load_path",
+                     str(tmp_path / "hf"), "--checkpoint.initial_load_in_hf"]) == 0
+    plain = read_metrics(tmp_path / ("plain_no_mtp" if extra else "plain"))
+    assert main([*base, "--job.dump_folder", str(tmp_path / "from_tf"), "--checkpoint.initial_load_path",
+                 str(tmp_path / "hf_tf"), "--checkpoint.initial_load_in_hf"]) == 0
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert max(abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(read_metrics(tmp_path / "from_tf"), plain)) \
+            < 1e-6, key
+    capsys.readouterr()
+    assert load_script("generate").main(["--hf", str(tmp_path / "hf_tf"), "--prompt", "Emma", "--max_new_tokens",
+                                         "4"]) == 0
+    assert capsys.readouterr().out == expected

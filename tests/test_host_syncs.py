@@ -11,6 +11,7 @@ torch.cuda.set_sync_debug_mode.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import REPO, TINY
@@ -56,10 +57,17 @@ def test_dense_step_reads_the_host_once(tmp_path, one_thread):
         assert [what for what, _ in reads] == ["tolist"] and reads[0][1].startswith("titan/guard.py:"), reads
 
 
-def test_moe_step_reads_the_host_once_and_its_layers_never(tmp_path, one_thread):
-    """The tiny MoE model (grouped GEMM: its dims fit `_grouped_mm`'s strides): four MoE layers, each routing with
-    sync-free counts, and the end-of-step statistics read nothing either."""
-    per_step, _ = _reads_per_step(TINY_MOE, tmp_path)
+@pytest.mark.parametrize("config, extra", [
+    (TINY_MOE, []),
+    # DeepSeek-V3 (MLA, group-limited routing, a shared expert; its MTP depth and loss) and gpt-oss (sinks, windows,
+    # biased experts: each row's biases found without a sync)
+    (str(REPO / "tests" / "configs" / "tiny_deepseek_v3.toml"), ["--model.mtp_layers", "1"]),
+    (str(REPO / "tests" / "configs" / "tiny_gpt_oss.toml"), []),
+], ids=["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_moe_step_reads_the_host_once_and_its_layers_never(tmp_path, one_thread, config, extra):
+    """The tiny MoE models (grouped GEMM: their dims fit `_grouped_mm`'s strides): four MoE layers (three after
+    DeepSeek-V3's dense one), each routing with sync-free counts, and the end-of-step statistics read nothing either."""
+    per_step, _ = _reads_per_step(config, tmp_path, *extra)
     for step, reads in enumerate(per_step, 1):
         assert not [r for r in reads if "titan/models/" in r[1]], reads
         if step in (2, 3):  # not logged

@@ -92,6 +92,23 @@ def test_hidden_matrix_rule_on_every_family():
     assert not rule["layers.0.attention.q_norm.weight"] and not rule["tok_embeddings.weight"]
 
 
+def test_hidden_matrix_rule_on_deepseek_v3_and_gpt_oss():
+    """MLA's projections (latent ones included), MTP's eh_proj and 3-D experts take Muon; gpt-oss's stacked expert
+    biases (2-D: a bias row per expert, no linear map), attention biases, sinks and MLA's latent norms take AdamW."""
+    with torch.device("meta"):
+        ds = models.build_model(models.model_args("deepseek_v3", "tiny", tokenizer_vocab=256, moe=MoE(), mtp_layers=1))
+        go = models.build_model(models.model_args("gpt_oss", "tiny", tokenizer_vocab=256, moe=MoE()))
+    muon = {n for model in (ds, go) for n, p in model.named_parameters() if is_hidden_matrix(n, p)}
+    adam = {n for model in (ds, go) for n, p in model.named_parameters() if not is_hidden_matrix(n, p)}
+    mla = {f"layers.1.attention.{k}.weight" for k in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo")}
+    assert mla | {"mtp.0.eh_proj.weight", "layers.1.feed_forward.experts.w1",
+                  "layers.1.feed_forward.shared_expert.w2.weight"} <= muon
+    assert {"layers.1.attention.q_a_norm.weight", "layers.1.attention.kv_a_norm.weight", "mtp.0.enorm.weight",
+            "layers.0.attention.sinks", "layers.0.attention.wq.bias", "layers.0.feed_forward.router.gate.bias",
+            "output.weight"} | {f"layers.0.feed_forward.experts.b{i}" for i in (1, 2, 3)} <= adam
+    assert all(n.endswith(".weight") or ".experts.w" in n for n in muon)
+
+
 def test_stacked_experts_are_orthogonalised_one_by_one():
     """A [E, A, B] parameter takes the update each of its E matrices would take alone (fp32 iteration: batched and
     single-matrix matmuls round alike to 1e-6), tall and wide matrices, with the per-expert lr adjustment."""

@@ -20,7 +20,8 @@ def test_the_glob_finds_the_presets():
     names = {p.name for p in PRESETS}
     assert {"debug_model.toml", "llama3_8b.toml", "llama3_70b.toml", "llama3_405b.toml", "qwen3_debug.toml",
             "qwen3_0.6b.toml", "qwen3_8b.toml", "qwen3_moe_debug.toml", "qwen3_moe_30b_a3b.toml",
-            "qwen3_moe_235b_a22b.toml"} <= names
+            "qwen3_moe_235b_a22b.toml", "deepseek_v3_debug.toml", "deepseek_v3_16b.toml", "deepseek_v3_671b.toml",
+            "gpt_oss_debug.toml", "gpt_oss_20b.toml", "gpt_oss_120b.toml"} <= names
 
 
 def world_sizes(p: config.Parallelism) -> list[int]:

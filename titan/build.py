@@ -214,7 +214,7 @@ def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None
 def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> TransformerArgs:
     """The family's flavor with the tokenizer's vocabulary, checked against the parallel degrees."""
     args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=vocab_size, moe=cfg.moe,
-                             max_seq_len=cfg.training.seq_len)
+                             mtp=cfg.model, max_seq_len=cfg.training.seq_len)
     check_model_fits(dims, args)
     check_seq_len(cfg.training.seq_len, dims.cp, dims.tp)
     return args
@@ -352,7 +352,7 @@ def build_objective(cfg: Config, model: ModelParts, args: TransformerArgs, autoc
         return GRPOLoss(cfg.grpo, reference() if needs_reference(cfg) else None, autocast, rollouts)
     if recipe == "kto":
         return KTOLoss(cfg.kto, model.parts[0], reference(), autocast, loss_context)
-    return TokenLoss(model.loss_fn, autocast)
+    return TokenLoss(model.loss_fn, autocast, labels_to_model=getattr(args, "mtp_layers", 0) > 0)
 
 
 def reference_weights(cfg: Config) -> str:

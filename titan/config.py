@@ -85,14 +85,19 @@ class Job:
 @dataclass
 class Model:
     # The choices are the keys of titan.models.FAMILIES (tests/test_models.py checks that they agree).
-    name: str = opt("llama3", "model family (see docs/models.md)", choices=("llama3", "qwen3", "qwen3_moe"))
+    name: str = opt("llama3", "model family (see docs/models.md)",
+                    choices=("llama3", "qwen3", "qwen3_moe", "deepseek_v3", "gpt_oss"))
     flavor: str = opt("debugmodel", "size preset from the family's flavors table (e.g. debugmodel, 1B, 8B, 70B; "
-                      "qwen3: 0.6B ... 32B; qwen3_moe: 30B-A3B, 235B-A22B)")
+                      "qwen3: 0.6B ... 32B; qwen3_moe: 30B-A3B, 235B-A22B; deepseek_v3: 16B, 671B; gpt_oss: 20B, 120B)")
     tokenizer_path: str = opt(
         "", "tiktoken rank file (e.g. a Llama 3 tokenizer.model), a Hugging Face tokenizer.json (needs the hf "
         "extra), or a folder holding either; empty = the shipped 4k-token debug tokenizer, debug_chat = the same "
         "with chat tokens"
     )
+    mtp_layers: int = opt(0, "multi-token prediction depths trained after the model (deepseek_v3; DeepSeek-V3 used 1; "
+                          "0 = off; see docs/models.md)", valid=NON_NEGATIVE)
+    mtp_loss_weight: float = opt(0.3, "weight of the multi-token prediction loss (the mean over depths and tokens; "
+                                 "DeepSeek-V3: 0.3, later 0.1)", valid=NON_NEGATIVE)
 
 
 @dataclass
@@ -683,7 +688,8 @@ def _validate_semi_sync(cfg: Config) -> None:
                           f"supported yet; set moe.bias_update_rate = 0 (the auxiliary loss still balances)")
 
 
-MOE_FAMILIES = ("qwen3_moe",)  # the model.name choices with Mixture-of-Experts layers (tests/test_moe.py checks)
+# The model.name choices with Mixture-of-Experts layers (tests/test_moe.py checks).
+MOE_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 
 
 def _validate_moe(cfg: Config) -> None:
@@ -695,6 +701,24 @@ def _validate_moe(cfg: Config) -> None:
         raise ConfigError("activation_checkpoint.selective_ac_option = op with compile.enable does not work for the "
                           f"Mixture-of-Experts blocks of model.name={cfg.model.name} yet; use activation_checkpoint."
                           "mode = full, or selective with selective_ac_option = N")
+    _validate_mtp(cfg)
+
+
+def _validate_mtp(cfg: Config) -> None:
+    """Multi-token prediction shifts each sequence by whole tokens and shares the embedding with the output head: the
+    axes that split a sequence (cp, tp's sequence parallel) or the model's ends (pp) do not carry it (yet)."""
+    if not cfg.model.mtp_layers:
+        return
+    p = cfg.parallelism
+    for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
+                        ("context_parallel_degree", p.context_parallel_degree),
+                        ("tensor_parallel_degree", p.tensor_parallel_degree)):
+        if degree > 1:
+            raise ConfigError(f"model.mtp_layers={cfg.model.mtp_layers} with parallelism.{key}={degree} is not "
+                              "supported: multi-token prediction trains under FSDP/HSDP, expert parallelism, "
+                              "activation checkpointing, compile and float8")
+    if cfg.training.recipe == "dpo":
+        raise ConfigError("model.mtp_layers is a token loss (training.recipe = pretrain or sft), not a preference one")
 
 
 def _validate_data(cfg: Config) -> None:

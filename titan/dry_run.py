@@ -265,7 +265,8 @@ def fsdp_units(parts: list[torch.nn.Module]) -> Units:
         if part.tok_embeddings is not None:
             n = sum(_tp_local_numel(p) for p in part.tok_embeddings.parameters())
             embedding, head = (embedding, head + n) if tied else (embedding + n, head)
-        blocks += [sum(_tp_local_numel(p) for p in block.parameters()) for block in part.layers.values()]
+        depths = list((getattr(part, "mtp", None) or {}).values())  # multi-token prediction: units like blocks
+        blocks += [sum(_tp_local_numel(p) for p in block.parameters()) for block in [*part.layers.values(), *depths]]
         for module in (part.norm, None if tied else part.output):
             if module is not None:
                 head += sum(_tp_local_numel(p) for p in module.parameters())

@@ -101,8 +101,8 @@ def save(state: dict[str, torch.Tensor], args: TransformerArgs, folder: str | Pa
         return folder
     config = adapter.hf_config(args, bos_id, eos_id, dtype)
     if base_config:
-        config = dict(sorted({**config, **{k: v for k, v in base_config.items() if k not in ("torch_dtype", "dtype")},
-                              "torch_dtype": config["torch_dtype"]}.items()))
+        kept = {k: v for k, v in base_config.items() if k not in ("torch_dtype", "dtype", *adapter.export_fields)}
+        config = dict(sorted({**config, **kept, "torch_dtype": config["torch_dtype"]}.items()))
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id,
                   "transformers_version": adapter.transformers_version}
@@ -212,7 +212,9 @@ def load(folder: str | Path) -> tuple[TransformerArgs, dict[str, torch.Tensor]]:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{folder / 'config.json'}: cannot read ({e})".replace("\n", " ")) from None
     args = args_from_hf_config(config, str(folder / "config.json"))
-    return args, from_hf(read_safetensors(folder), args, str(folder))
+    tensors = read_safetensors(folder)
+    args = family_of(args).hf.with_tensors(args, set(tensors))
+    return args, from_hf(tensors, args, str(folder))
 
 
 def load_into(model_parts: list[torch.nn.Module], folder: str | Path) -> None:

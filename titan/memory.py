@@ -16,8 +16,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from titan import config
+from titan import config, memory_attention
 from titan.config import DTYPES
+from titan.memory_attention import attention_bytes, latent_bytes, qk_norm_bytes
 from titan.models.layers import TransformerArgs
 from titan.parallel.mesh import ParallelDims
 
@@ -70,8 +71,8 @@ class MicroBatch:
 
 def _widths(args: TransformerArgs, tp: int) -> tuple[int, int, int, int]:
     """This rank's query width, K/V width, query heads and FFN width."""
-    return (args.n_heads * args.head_dim // tp, args.n_kv_heads * args.head_dim // tp, args.n_heads // tp,
-            args.ffn_hidden_dim // tp)
+    q, kv, _, _, heads = memory_attention.widths(args, tp)
+    return q, kv, heads, args.ffn_hidden_dim // tp
 
 
 def norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, consumers: int) -> int:
@@ -83,34 +84,6 @@ def norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, consumers: in
     return FP32 * t * h + FP32 * t + product * m.tokens * h
 
 
-def qk_norm_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
-    """QK-norm (Qwen3) is an RMSNorm over each head of q and of k: it saves their normalised values and 1/rms per
-    head and token, in fp32."""
-    if not args.qk_norm:
-        return 0
-    q_width, kv_width, heads, _ = _widths(args, m.tp)
-    kv_heads = kv_width // args.head_dim
-    return FP32 * m.tokens * (q_width + kv_width) + FP32 * m.tokens * (heads + kv_heads)
-
-
-def attention_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
-    """Scaled dot-product attention (flash/efficient kernels: no score matrix) saves q after RoPE, K and V with their
-    own heads (enable_gqa), the output and the log-sum-exp; context parallelism changes what it attends to."""
-    t, e = m.tokens, p.compute
-    q_width, kv_width, heads, _ = _widths(args, m.tp)
-    lse = FP32 * t * heads
-    if m.cp == 1:
-        return 2 * e * t * (q_width + kv_width) + lse
-    if m.cp_method == "ring":
-        # _RingAttention saves q, k, v (K/V repeated to every query head) and its fp32 output; wo then saves the
-        # output re-laid (and cast) for its input.
-        cast = e * t * q_width if e != FP32 else 0
-        return 3 * e * t * q_width + FP32 * t * q_width + cast + e * t * q_width + lse
-    # allgather: K and V of the whole sequence, and the boolean causal mask of this rank's queries against all keys.
-    local, full = m.seq_len // m.cp, m.seq_len
-    return 2 * e * t * q_width + 2 * e * t * m.cp * kv_width + lse + local * full
-
-
 def is_moe_layer(args: TransformerArgs, layer_id: int) -> bool:
     return getattr(args, "n_experts", 0) > 0 and args.is_moe_layer(layer_id)
 
@@ -119,7 +92,8 @@ def moe_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
     """A Mixture-of-Experts feed-forward (titan/models/moe.py:MoE) saves, for its T tokens and R = T * top_k routed
     rows: the router's fp32 scores [T, n_experts], the chosen experts (int64) and their fp32 weights before and after
     renormalisation [T, top_k]; two int64 sort indices [R]; the routed rows' input [R, dim]; each expert's SwiGLU on
-    its rows (the dense FFN's four tensors, R rows of `moe_hidden_dim` in all); the experts' output [R, dim] (which
+    its rows (the dense FFN's four tensors, R rows of `moe_hidden_dim` in all; gpt-oss's clamped SwiGLU seven: the
+    clamped gate and up, the sigmoid, up + 1, their products); the experts' output [R, dim] (which
     `index_copy_` keeps) and the same back in token order for the weighted sum; the balance loss's fp32 f per
     sequence; a shared expert as a dense FFN on the T tokens (its sigmoid gate's product too). Not tensor-sharded:
     under TP every rank routes the whole sequence. With routing balanced an expert-parallel rank computes R rows too,
@@ -127,7 +101,8 @@ def moe_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
     t, e, k = m.tokens, p.compute, args.top_k
     rows = t * k
     router = FP32 * t * args.n_experts + 8 * t * k + FP32 * (2 * t * k + t) + FP32 * m.rows * args.n_experts
-    routed = 2 * 8 * rows + 3 * e * rows * args.dim + 4 * e * rows * args.moe_hidden_dim
+    glu = 7 if hasattr(args, "swiglu_limit") else 4
+    routed = 2 * 8 * rows + 3 * e * rows * args.dim + glu * e * rows * args.moe_hidden_dim
     shared = 4 * e * t * args.shared_hidden_dim + (e * t * (args.dim + 1) if args.shared_gate else 0)
     return router + routed + (shared if args.shared_hidden_dim else 0)
 
@@ -145,7 +120,7 @@ def block_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, mode: str, m
     rest), `op` (selective) its input and the outputs of its matmuls, attention and TP reduce-scatters. `moe`: its
     feed-forward is a Mixture of Experts (`moe_bytes`)."""
     t, ts, h, e = m.tokens, m.tokens_between, args.dim, p.compute
-    q_width, kv_width, heads, ffn = _widths(args, m.tp)
+    q_width, _, heads, ffn = _widths(args, m.tp)
     block_input = p.residual * ts * h
     if mode == "full":
         return block_input
@@ -154,14 +129,14 @@ def block_bytes(args: TransformerArgs, m: MicroBatch, p: Precision, mode: str, m
         # layer's matmuls: the router's, and w1 w3 w2 of the routed rows.
         ffn_out = e * t * (args.n_experts + args.top_k * (2 * args.moe_hidden_dim + h)) if moe else \
             e * t * (h + 2 * ffn)
-        matmuls = e * t * (q_width + 2 * kv_width + h) + ffn_out
+        matmuls = e * t * memory_attention.matmul_outputs(args, m.tp) + ffn_out
         sdpa = 0 if m.cp > 1 and m.cp_method == "ring" else e * t * q_width + FP32 * t * heads
         scatters = 2 * e * ts * h if m.tp > 1 else 0
         return block_input + matmuls + sdpa + scatters
     # SwiGLU saves w1's and w3's outputs, silu(w1 x), the product w2 reads.
     ffn_bytes = moe_bytes(args, m, p) if moe else 4 * e * t * ffn
-    return (norm_bytes(args, m, p, 3) + qk_norm_bytes(args, m, p) + attention_bytes(args, m, p)
-            + norm_bytes(args, m, p, 2) + ffn_bytes)
+    return (norm_bytes(args, m, p, memory_attention.inputs(args)) + qk_norm_bytes(args, m, p)
+            + latent_bytes(args, m, p) + attention_bytes(args, m, p) + norm_bytes(args, m, p, 2) + ffn_bytes)
 
 
 def block_modes(layer_ids: list[int], ac: config.ActivationCheckpoint) -> list[str]:
@@ -180,9 +155,9 @@ def linear_weights(args: TransformerArgs, tp: int, moe: bool = False) -> int:
     """Elements of one block's linear weights on a TP rank (what autocast copies): an MoE layer's router, every
     routed expert (the per-expert loop casts each; the grouped matmul takes fp32 inputs on CPU, GPUs the loop under
     autocast) and its shared expert."""
-    q_width, kv_width, _, ffn = _widths(args, tp)
+    ffn = args.ffn_hidden_dim // tp
     ffn_weights = args.n_experts * (1 + 3 * args.moe_hidden_dim) + 3 * args.shared_hidden_dim if moe else 3 * ffn
-    return args.dim * (2 * q_width + 2 * kv_width + ffn_weights)
+    return memory_attention.weights(args, tp) + args.dim * ffn_weights
 
 
 def local_vocab(args: TransformerArgs, m: MicroBatch) -> int:
@@ -221,6 +196,11 @@ def stage_activations(args: TransformerArgs, m: MicroBatch, p: Precision, ac: co
         saved += norm_bytes(args, m, p, 1) + FP32 * m.tokens * vocab
         saved += p.compute * vocab * args.dim if p.autocast else 0
         logits = (p.compute + (FP32 if p.compute != FP32 else 0)) * m.tokens * vocab
+        # Multi-token prediction, per depth: its block (never checkpointed), three norms, eh_proj's input and its own
+        # log-softmax over the vocabulary.
+        if getattr(args, "mtp_layers", 0):
+            saved += args.mtp_layers * (block_bytes(args, m, p, "none", True) + 3 * norm_bytes(args, m, p, 1)
+                                        + 2 * p.compute * m.tokens * args.dim + FP32 * m.tokens * vocab)
     else:
         saved += between  # the stage's output, kept by the schedule until its gradient comes back
     rebuilt = max((block_bytes(args, m, p, "none", moe) - per_block[mode, moe] for mode, moe in modes), default=0)
@@ -402,7 +382,10 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
 
 # Which dimension tensor parallelism splits (titan.parallel.tensor_parallel): column-wise linears and the embedding
 # rows split dim 0, row-wise linears dim 1; the norms are replicated.
-_TP_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 0, "output": 0}
+# MLA's per-head projections (wq_b, wkv_b) split like wq; its latents (wq_a, wkv_a and their norms) are replicated.
+# A bias splits with a column-wise linear's rows and is replicated on a row-wise one; gpt-oss's sinks split by head.
+_TP_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 0, "output": 0,
+           "wq_b": 0, "wkv_b": 0, "attention.sinks": 0}
 
 
 def shard_numel(shape: tuple[int, ...], name: str, tp: int, fsdp: int, ep: int = 1) -> tuple[int, int]:
@@ -411,7 +394,9 @@ def shard_numel(shape: tuple[int, ...], name: str, tp: int, fsdp: int, ep: int =
     experts (stacked by expert) are split by expert over `ep` instead, then by FSDP over the fsdp / ep ranks left
     (`expert_fsdp`): by expert, or by the hidden dimension where a rank holds fewer experts (titan/parallel/fsdp.py)."""
     shape = list(shape)
-    leaf = name.split(".")[-2] if name.endswith(".weight") else name
+    leaf = name.split(".")[-2] if name.endswith((".weight", ".bias")) else ".".join(name.split(".")[-2:])
+    if name.endswith(".bias") and _TP_DIM.get(leaf) == 1 or ".shared_expert." in name:
+        leaf = None  # a row-wise linear's bias is added once, whole; an MoE layer's shared expert is not TP-split
     if ep > 1 and ".experts." in name:
         shape[0] //= ep
         fsdp, dim = fsdp // ep, 0 if shape[0] >= fsdp // ep else 1
@@ -437,8 +422,8 @@ def state_from_shapes(named_shapes: list[tuple[str, tuple[int, ...]]], tp: int, 
         total += local
         if name.startswith("tok_embeddings") and not tied:
             embedding += tp_local
-        elif name.startswith("layers."):
-            block = name.split(".")[1]
+        elif name.startswith(("layers.", "mtp.")):  # a block, or a multi-token prediction depth: a unit each
+            block = ".".join(name.split(".")[:2])
             blocks[block] = blocks.get(block, 0) + tp_local
         else:
             head += tp_local

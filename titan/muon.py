@@ -35,10 +35,14 @@ OUTSIDE = ("tok_embeddings", "output")  # modules whose matrices take AdamW: the
 
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
-    """Muon's parameters: 2-D weights of the hidden layers (attention and MLP projections, the MoE router, shared
-    experts) and 3-D stacked experts (one matrix per expert). Embeddings, the output head, norms and biases take AdamW:
-    an embedding row or a logit row is a lookup, not a linear map whose shape Muon's orthogonal update suits."""
-    return param.ndim in (2, 3) and not any(part in OUTSIDE for part in name.split("."))
+    """Muon's parameters: 2-D weights of the hidden layers (attention and MLP projections, MLA's latent projections,
+    the MoE router, shared experts, MTP's eh_proj) and 3-D stacked experts (one matrix per expert). Embeddings, the
+    output head, norms, biases (gpt-oss's stacked expert biases are 2-D: one bias row per expert, not a linear map)
+    and attention sinks take AdamW: an embedding row or a logit row is a lookup, not a linear map whose shape Muon's
+    orthogonal update suits."""
+    parts = name.split(".")
+    is_matrix = param.ndim == 3 or (param.ndim == 2 and parts[-1] == "weight")
+    return is_matrix and not any(part in OUTSIDE for part in parts)
 
 
 def newton_schulz(g: torch.Tensor, steps: int, coefficients, eps: float, dtype: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ from titan.errors import ConfigError
 from titan.guard import StepGuard
 from titan.lifecycle import EXIT_INTERRUPTED, RunFailed, StopRequests, exit_with, tie_to_launcher
 from titan.metrics import setup_logging
-from titan.models import moe
+from titan.models import moe, mtp
 from titan.optim import clip_grad_norm
 from titan.parallel import float8
 from titan.parallel.context_parallel import shard_batch
@@ -97,6 +97,7 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
         # it does not average).
         n_items, n_tokens = objectives.step_counts(run.objective, micro_batches, token_mesh)
         moe.set_aux_loss_scale(run.model_parts, 1 / n_tokens)  # MoE balance loss: a mean over the routed tokens
+        mtp.set_loss_scale(run.model_parts, n_items)  # multi-token prediction (if on): its weight / depths / items
 
         loss_sum = torch.zeros((), device=device)
         with timer("forward_backward"):
@@ -116,6 +117,7 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
         run.metrics.step(step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step, step_time=step_time,
                          data_time=regions["data"], force=skipped, **guard.metrics(),
                          **run.objective.metrics(token_mesh), **moe.step_metrics(loads, aux, n_tokens),
+                         **mtp.step_metrics(run.model_parts, lambda t: all_reduce_sum(t, loss_mesh), n_items),
                          **tokens_per_source(run.train_loader, cfg.training.seq_len), **replica_traffic)
         profiler.step()
         if step == first_step:  # start-up and compilation are over: a hang now fails after the shorter timeout

@@ -2,9 +2,10 @@
 dict. The loop (titan/train.py), the parallel axes, checkpoints, Hugging Face import/export (titan/hf.py) and the
 scripts find a model's pieces here or through its arguments (`args.family`), and never import a family directly.
 
-A family is a short module (titan/models/llama.py, qwen3.py, qwen3_moe.py) declaring an args dataclass of the
-shared decoder (titan/models/layers.py), a flavors table and a `DecoderAdapter`; docs/models.md shows how to add
-one. Nothing here knows about distribution: the parallel axes follow the model's module names (titan/parallel/).
+A family is a short module (titan/models/llama.py, qwen3.py, qwen3_moe.py, deepseek_v3.py, gpt_oss.py) declaring
+an args dataclass of the shared decoder (titan/models/layers.py), a flavors table and a `DecoderAdapter`;
+docs/models.md shows how to add one. Nothing here knows about distribution: the parallel axes follow the model's
+module names (titan/parallel/).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from titan import config
 from titan.errors import ConfigError
-from titan.models import llama, qwen3, qwen3_moe
+from titan.models import deepseek_v3, gpt_oss, llama, qwen3, qwen3_moe
 from titan.models.hf_adapter import DecoderAdapter
 from titan.models.layers import Transformer, TransformerArgs
 
@@ -38,6 +39,9 @@ FAMILIES: dict[str, ModelFamily] = {
     "llama3": ModelFamily("llama3", "Llama 3", llama.FLAVORS, Transformer, llama.HF),
     "qwen3": ModelFamily("qwen3", "Qwen3", qwen3.FLAVORS, Transformer, qwen3.HF),
     "qwen3_moe": ModelFamily("qwen3_moe", "Qwen3-MoE", qwen3_moe.FLAVORS, qwen3_moe.MoETransformer, qwen3_moe.HF),
+    "deepseek_v3": ModelFamily("deepseek_v3", "DeepSeek-V3", deepseek_v3.FLAVORS, deepseek_v3.DeepSeekV3Transformer,
+                               deepseek_v3.HF),
+    "gpt_oss": ModelFamily("gpt_oss", "gpt-oss", gpt_oss.FLAVORS, gpt_oss.GptOssTransformer, gpt_oss.HF),
 }
 
 
@@ -53,10 +57,10 @@ def family_of(args: TransformerArgs) -> ModelFamily:
 
 
 def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, moe: config.MoE | None = None,
-               **overrides) -> TransformerArgs:
+               mtp: config.Model | None = None, **overrides) -> TransformerArgs:
     """The arguments of model.name's `flavor`, with the vocabulary set from the tokenizer (where the flavor takes it
-    from there; else the tokenizer must fit in the flavor's), the [moe] section's settings (`moe`) and other fields
-    replaced by `overrides`."""
+    from there; else the tokenizer must fit in the flavor's), the [moe] section's settings (`moe`), the [model]
+    section's multi-token prediction (`mtp`) and other fields replaced by `overrides`."""
     fam = family(name)
     if flavor not in fam.flavors:
         raise ConfigError(f"model.flavor={flavor!r} is not one of {', '.join(fam.flavors)} (model.name={name})")
@@ -69,7 +73,15 @@ def model_args(name: str, flavor: str, *, tokenizer_vocab: int | None = None, mo
                               f"{args.vocab_size} rows of {name} {flavor}'s embedding")
     if moe is not None:
         overrides = {**moe_settings(args, moe, f"{name} {flavor}"), **overrides}
-    return replace(args, **overrides)
+    if mtp is not None and mtp.mtp_layers:
+        if not hasattr(args, "mtp_layers"):
+            raise ConfigError(f"model.mtp_layers={mtp.mtp_layers}: {name} has no multi-token prediction module "
+                              f"(deepseek_v3 has)")
+        overrides = {"mtp_layers": mtp.mtp_layers, "mtp_loss_weight": mtp.mtp_loss_weight, **overrides}
+    try:
+        return replace(args, **overrides)
+    except ValueError as e:  # e.g. moe.n_experts that DeepSeek-V3's expert groups cannot split
+        raise ConfigError(f"{name} {flavor} with these [moe] / [model] settings: {e}") from None
 
 
 def moe_settings(args: TransformerArgs, moe: config.MoE, what: str) -> dict:

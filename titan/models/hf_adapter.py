@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from titan.errors import ConfigError
+from titan.models.layers import YarnScaling
 
 
 def to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -65,6 +66,9 @@ class DecoderAdapter:
     config: Callable[[Any], dict]
     args: Callable[[dict, str], Any]
     transformers_version: str  # the oldest transformers that knows this model_type; written into config.json
+    # config.json fields an export states itself, never kept from the folder a run started from (titan/hf.py:save):
+    # what describes the weights as written (gpt-oss's quantization_config, DeepSeek-V3's MTP depths)
+    export_fields: tuple[str, ...] = ()
 
     def names(self, args) -> dict[str, str]:
         """titan name -> HF name (without lm_head when the embeddings are tied: HF then has no such tensor)."""
@@ -105,8 +109,9 @@ class DecoderAdapter:
         return out
 
     def from_hf(self, tensors: dict[str, torch.Tensor], args, where: str = "") -> dict[str, torch.Tensor]:
-        """HF tensors -> titan full state dict; a missing tensor is a ConfigError naming it."""
-        state = {}
+        """HF tensors -> titan full state dict; a missing tensor is a ConfigError naming it. titan's own buffers that
+        Hugging Face does not have (`defaults`) come at their initial values."""
+        state = self.defaults(args)
         for name, hf_name in self.names(args).items():
             if hf_name not in tensors:
                 raise ConfigError(f"{where}: no tensor {hf_name!r} (does config.json match?)")
@@ -116,6 +121,16 @@ class DecoderAdapter:
         if args.tie_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         return state
+
+    def defaults(self, args) -> dict[str, torch.Tensor]:
+        """titan-only persistent buffers at the values a fresh model starts with (none in a dense decoder; the MoE
+        adapters add their routers' expert bias where the checkpoint has none), so that a model loads strictly."""
+        return {}
+
+    def with_tensors(self, args, names: set[str]):
+        """The arguments of config.json once the folder's tensor names are known (a family whose optional modules
+        config.json does not reliably state, e.g. DeepSeek-V3's MTP depths, counts them here)."""
+        return args
 
     def hf_config(self, args, bos_id: int | None, eos_id: int, dtype: torch.dtype) -> dict:
         """config.json: the fields every such decoder's config class reads, then the family's own."""
@@ -175,3 +190,29 @@ def rope_settings(config: dict) -> tuple[float, dict | None]:
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
     return theta, scaling
+
+
+def yarn_from_hf(s: dict, where: str) -> YarnScaling:
+    """A rope_scaling / rope_parameters dict of type "yarn" (any other type: a ConfigError naming it)."""
+    kind = s.get("rope_type", s.get("type"))
+    if kind != "yarn":
+        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported here (titan reads yarn)")
+    try:
+        return YarnScaling(
+            factor=float(s["factor"]), original_max_position_embeddings=int(s["original_max_position_embeddings"]),
+            beta_fast=float(s.get("beta_fast") or 32.0), beta_slow=float(s.get("beta_slow") or 1.0),
+            mscale=float(s.get("mscale") or 0.0), mscale_all_dim=float(s.get("mscale_all_dim") or 0.0),
+            truncate=bool(s.get("truncate", True)),
+            attention_factor=None if s.get("attention_factor") is None else float(s["attention_factor"]))
+    except KeyError as e:
+        raise ConfigError(f"{where}: rope_scaling has no {e.args[0]!r}") from None
+
+
+def yarn_to_hf(s: YarnScaling) -> dict:
+    out = {"rope_type": "yarn", "factor": s.factor, "original_max_position_embeddings":
+           s.original_max_position_embeddings, "beta_fast": s.beta_fast, "beta_slow": s.beta_slow,
+           "truncate": s.truncate}
+    out.update({k: getattr(s, k) for k in ("mscale", "mscale_all_dim") if getattr(s, k)})
+    if s.attention_factor is not None:
+        out["attention_factor"] = s.attention_factor
+    return out

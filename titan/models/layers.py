@@ -1,7 +1,7 @@
-"""The decoder every family is built from, for a single device: RMSNorm, RoPE (with Llama 3.1 frequency scaling),
-grouped-query attention through `scaled_dot_product_attention` (optionally with a per-head RMSNorm on q and k, and a
-head size independent of dim / n_heads), SwiGLU feed-forward, the transformer block and the stack, with optional
-tied embeddings.
+"""The decoder every family is built from, for a single device: RMSNorm, RoPE (with Llama 3.1 or YaRN frequency
+scaling), grouped-query attention through `scaled_dot_product_attention` (optionally with a per-head RMSNorm on q
+and k, biases, and a head size independent of dim / n_heads), SwiGLU feed-forward, the transformer block and the
+stack, with optional tied embeddings.
 
 A family (titan/models/llama.py, qwen3.py) is a flavors table of `TransformerArgs`; it does not fork these layers.
 For generation (titan/generation.py) the stack takes a `KVCache`: each attention layer writes its keys and values
@@ -34,6 +34,36 @@ class RopeScaling:
 
 
 @dataclass
+class YarnScaling:
+    """YaRN (Peng et al., 2023) long-context scaling, as DeepSeek-V3 and gpt-oss use it: each RoPE frequency is
+    interpolated by `factor` (slow ones), kept (fast ones: more than `beta_fast` turns over the original context) or
+    blended in between; the rotations' amplitude becomes `attention_factor()` (q and k both scaled, so the scores by
+    its square). `mscale` / `mscale_all_dim` are DeepSeek's refinements of that factor, and `mscale_all_dim` also
+    scales MLA's softmax (titan/models/mla.py). Hugging Face's rope_parameters of type "yarn", field for field."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0  # 0 = not given
+    mscale_all_dim: float = 0.0
+    truncate: bool = True  # round the blending band's ends to whole channel pairs
+    attention_factor: float | None = None  # explicit amplitude; None = derived from factor and the mscales
+
+    def amplitude(self) -> float:
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature, 0.1 * mscale * ln(factor) + 1 (1 without scaling)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass
 class TransformerArgs:
     """The sizes the shared decoder reads. A family's args dataclass derives from it, names its family and provides
     `head_dim` and `ffn_hidden_dim`, as fields or as properties (Llama derives them from dim, Qwen3 states them)."""
@@ -51,7 +81,7 @@ class TransformerArgs:
     vocab_size: int = 128256
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: RopeScaling | None = None
+    rope_scaling: RopeScaling | YarnScaling | None = None
     max_seq_len: int = 8192  # length of the RoPE table; set from training.seq_len
     tie_embeddings: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
@@ -59,6 +89,12 @@ class TransformerArgs:
     # True: the vocabulary is the tokenizer's (set at build). False: the flavor's, which a pretrained checkpoint's
     # embedding has (Qwen3 pads 151,669 tokens to 151,936 rows); the tokenizer must fit in it.
     vocab_from_tokenizer: bool = True
+    attention_bias: bool = False  # biases on wq, wk, wv and wo (gpt-oss)
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels of each head that RoPE rotates: all of them (MLA rotates a part of its own, titan/models/mla.py)."""
+        return self.head_dim
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -72,14 +108,17 @@ class TransformerArgs:
 
 
 def rope_frequencies(args: TransformerArgs, device=None) -> torch.Tensor:
-    """Complex rotations e^{i * pos * freq}, shape (max_seq_len, head_dim // 2)."""
-    dim = args.head_dim
+    """Complex rotations a * e^{i * pos * freq}, shape (max_seq_len, rope_dim // 2); the amplitude a is 1 except
+    under YaRN."""
+    dim, s, amplitude = args.rope_dim, args.rope_scaling, 1.0
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64)[: dim // 2] / dim))
-    if args.rope_scaling is not None:
-        freqs = _scale_frequencies(freqs, args.rope_scaling)
+    if isinstance(s, YarnScaling):
+        freqs, amplitude = _yarn_frequencies(freqs, s, dim, args.rope_theta), s.amplitude()
+    elif s is not None:
+        freqs = _scale_frequencies(freqs, s)
     pos = torch.arange(args.max_seq_len, device=device, dtype=torch.float64)
     angles = torch.outer(pos, freqs).float()
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.polar(torch.full_like(angles, amplitude), angles)
 
 
 def _scale_frequencies(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -94,6 +133,22 @@ def _scale_frequencies(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     mid = (1 - smooth) * freqs / s.factor + smooth * freqs
     return torch.where(wavelen < high_freq_wavelen, freqs,
                        torch.where(wavelen > low_freq_wavelen, freqs / s.factor, mid))
+
+
+def _yarn_frequencies(freqs: torch.Tensor, s: YarnScaling, dim: int, theta: float) -> torch.Tensor:
+    # Pair i turns (original context / wavelength_i) times over the original context. Pairs turning more than
+    # beta_fast times keep their frequency, fewer than beta_slow are interpolated (divided by factor), and a linear
+    # ramp over the pair index blends the two in between.
+    def pair_index(turns: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(s.beta_fast), pair_index(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(dim // 2, dtype=freqs.dtype, device=freqs.device) - low) / (high - low)).clamp(0, 1)
+    return freqs / s.factor * ramp + freqs * (1 - ramp)
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,11 +237,11 @@ class SDPA(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: TransformerArgs):
         super().__init__()
-        self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.head_dim, bias = args.head_dim, args.attention_bias
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
         # QK-norm: one weight of head_dim shared by all heads, so that it is whole on every tensor-parallel rank.
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
@@ -212,6 +267,9 @@ class Attention(nn.Module):
         for w in (self.wq, self.wk, self.wv):
             nn.init.trunc_normal_(w.weight, mean=0.0, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
+        for w in (self.wq, self.wk, self.wv, self.wo):
+            if w.bias is not None:
+                nn.init.zeros_(w.bias)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.init_weights()
@@ -239,11 +297,16 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: TransformerArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = self.build_attention(layer_id, args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = self.build_feed_forward(layer_id, args)
         depth = layer_id + 1 if args.depth_init else args.n_layers
         self.init_std = 0.02 / (2 * depth) ** 0.5
+
+    def build_attention(self, layer_id: int, args: TransformerArgs) -> nn.Module:
+        """Grouped-query attention; a family with another attention (MLA, sliding windows) overrides this. The module
+        takes (x, freqs_cis, mask=None) and keeps its kernel as `.sdpa` (context parallelism swaps it)."""
+        return Attention(args)
 
     def build_feed_forward(self, layer_id: int, args: TransformerArgs) -> nn.Module:
         """The dense SwiGLU; a family with another feed-forward (e.g. Mixture-of-Experts) overrides this."""

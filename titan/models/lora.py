@@ -34,15 +34,16 @@ ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
 
 
 class LoRALinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float,
+                 bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         self.rank, self.scale, self.dropout = rank, alpha / rank, dropout
         self.lora_a = nn.Parameter(torch.empty(rank, in_features))
         self.lora_b = nn.Parameter(torch.empty(out_features, rank))
         self.adapters_enabled = True  # False = the base model (DPO's reference, see `disabled`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = F.linear(x, self.weight, self.bias)
         if not self.adapters_enabled:
             return out
         if self.dropout and self.training:
@@ -88,8 +89,11 @@ def apply_lora(model: nn.Module, cfg: LoRA) -> None:
     model.requires_grad_(False)
     for parent, attr, linear in targets:
         with torch.device(linear.weight.device):
-            lora = LoRALinear(linear.in_features, linear.out_features, cfg.rank, cfg.alpha, cfg.dropout)
+            lora = LoRALinear(linear.in_features, linear.out_features, cfg.rank, cfg.alpha, cfg.dropout,
+                              bias=linear.bias is not None)
         lora.weight = linear.weight  # the same Parameter: frozen, and still tied where it was
+        if linear.bias is not None:
+            lora.bias = linear.bias  # (gpt-oss's attention biases), frozen with the weight
         setattr(parent, attr, lora)
 
 

@@ -71,9 +71,23 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """gpt-oss's gated unit: the gate clamped from above and the up projection on both sides at `limit`, then
+    (up + 1) * gate * sigmoid(alpha * gate); the clamps keep the experts' activations bounded (no gradient past
+    them)."""
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
 class GroupedExperts(nn.Module):
     """`n_experts` SwiGLU experts stored stacked: w1 (gate) and w3 (up) [n_experts, hidden, dim], w2 (down)
     [n_experts, dim, hidden], i.e. each expert's nn.Linear weights, so expert j is w2[j](silu(w1[j] x) * w3[j] x).
+    With `bias` each also has b1, b3 [n_experts, hidden] and b2 [n_experts, dim] (gpt-oss), stacked the same way;
+    `glu(gate, up)` is the gated unit (`swiglu`, or gpt-oss's `clamped_swiglu`).
 
     `forward(x [T, dim], counts [n_local] int64) -> [T, dim]`: the rows of x sorted by expert (the first counts[0]
     rows go to local expert 0, ...), counts summing to T, n_local = the leading size of the weights held at call
@@ -81,12 +95,19 @@ class GroupedExperts(nn.Module):
     all experts in three `torch._grouped_mm` calls where the inputs allow it (`grouped_mm_supported`), else the
     per-expert loop, which is also the reference the tests compare against."""
 
-    def __init__(self, dim: int, hidden_dim: int, n_experts: int, grouped_mm: bool = True):
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, grouped_mm: bool = True, bias: bool = False,
+                 glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = swiglu):
         super().__init__()
-        self.grouped_mm = grouped_mm
+        self.grouped_mm, self.glu = grouped_mm, glu
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        if bias:
+            self.b1 = nn.Parameter(torch.empty(n_experts, hidden_dim))
+            self.b2 = nn.Parameter(torch.empty(n_experts, dim))
+            self.b3 = nn.Parameter(torch.empty(n_experts, hidden_dim))
+        else:
+            self.b1 = self.b2 = self.b3 = None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self.w1, self.w2, self.w3
@@ -97,27 +118,36 @@ class GroupedExperts(nn.Module):
             return self._grouped(x.to(dtype), counts, w1.to(dtype), w2.to(dtype), w3.to(dtype))
         return self._loop(x, counts, w1, w2, w3)
 
-    @staticmethod
-    def _grouped(x, counts, w1, w2, w3) -> torch.Tensor:
+    def _grouped(self, x, counts, w1, w2, w3) -> torch.Tensor:
         # Cumulative row ends per expert, int32 as _grouped_mm wants; rows past the last end would be left
         # unwritten, which counts summing to T rules out.
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
         x = _ContiguousGrad.apply(x)
-        h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)) * \
-            torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
-        return _ContiguousGrad.apply(torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs))
+        gate = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)
+        up = torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
+        if self.b1 is not None:  # each row gets its expert's biases (output_size: no host sync), in the matmul dtype
+            expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=len(x))
+            gate, up = gate + self.b1[expert].to(gate.dtype), up + self.b3[expert].to(up.dtype)
+        out = torch._grouped_mm(self.glu(gate, up), w2.transpose(-2, -1), offs=offs)
+        if self.b2 is not None:
+            out = out + self.b2[expert].to(out.dtype)
+        return _ContiguousGrad.apply(out)
 
-    @staticmethod
-    def _loop(x, counts, w1, w2, w3) -> torch.Tensor:
+    def _loop(self, x, counts, w1, w2, w3) -> torch.Tensor:
         outs = []
+        b1, b2, b3 = (self.b1, self.b2, self.b3) if self.b1 is not None else ([None] * len(counts),) * 3
         for j, rows in enumerate(x.split(counts.tolist())):  # .tolist(): one host sync per layer
-            outs.append(F.linear(F.silu(F.linear(rows, w1[j])) * F.linear(rows, w3[j]), w2[j]))
+            h = self.glu(F.linear(rows, w1[j], b1[j]), F.linear(rows, w3[j], b3[j]))
+            outs.append(F.linear(h, w2[j], b2[j]))
         return torch.cat(outs) if outs else x.new_zeros(x.shape)
 
     def init_weights(self, init_std: float):
         nn.init.trunc_normal_(self.w1, mean=0.0, std=0.02)
         for w in (self.w2, self.w3):
             nn.init.trunc_normal_(w, mean=0.0, std=init_std)
+        for b in (self.b1, self.b2, self.b3):
+            if b is not None:
+                nn.init.zeros_(b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,35 +155,57 @@ class GroupedExperts(nn.Module):
 
 
 class Router(nn.Module):
-    """Token-choice top-k: scores = softmax (Qwen3-MoE) or sigmoid (DeepSeek-V3) of `gate(x)`, in fp32. The top-k
-    experts are chosen on scores + `expert_bias` (a persistent fp32 buffer, zeros unless the bias update moves it);
-    the weights are the unbiased scores of the chosen experts, renormalised to sum to 1 when `norm_topk_prob`.
+    """Token-choice top-k: scores = softmax (Qwen3-MoE, gpt-oss) or sigmoid (DeepSeek-V3) of `gate(x)` (with a bias
+    when `bias`: gpt-oss), in fp32. The top-k experts are chosen on scores + `expert_bias` (a persistent fp32 buffer,
+    zeros unless the bias update moves it), among the `topk_groups` best of `n_groups` equal groups of experts when
+    `n_groups > 1` (DeepSeek-V3's group-limited routing, `limit_to_groups`; its args check the groups); the weights
+    are the unbiased scores of the chosen experts, renormalised to sum to 1 when `norm_topk_prob`, times
+    `route_scale` (DeepSeek-V3's routed scaling factor). gpt-oss's softmax of the top-k logits is softmax + norm.
 
     `forward(x [T, dim]) -> (weights [T, k] fp32, experts [T, k] int64, scores [T, n_experts] fp32)`; the scores
     (normalised over the experts for sigmoid) feed the auxiliary loss."""
 
-    def __init__(self, dim: int, n_experts: int, top_k: int, score_func: str = "softmax", norm_topk_prob: bool = True):
+    def __init__(self, dim: int, n_experts: int, top_k: int, score_func: str = "softmax", norm_topk_prob: bool = True,
+                 *, n_groups: int = 1, topk_groups: int = 1, route_scale: float = 1.0, bias: bool = False):
         super().__init__()
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func={score_func!r} is not one of {SCORE_FUNCS}")
         self.top_k, self.score_func, self.norm_topk_prob = top_k, score_func, norm_topk_prob
-        self.gate = nn.Linear(dim, n_experts, bias=False)
+        self.n_groups, self.topk_groups, self.route_scale = n_groups, topk_groups, route_scale
+        self.gate = nn.Linear(dim, n_experts, bias=bias)
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.gate(x).float()
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
-        experts = torch.topk(scores.detach() + self.expert_bias, self.top_k, dim=-1).indices
+        choice = scores.detach() + self.expert_bias
+        if self.n_groups > 1:
+            choice = limit_to_groups(choice, self.n_groups, self.topk_groups)
+        experts = torch.topk(choice, self.top_k, dim=-1).indices
         weights = scores.gather(1, experts)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.route_scale != 1.0:
+            weights = weights * self.route_scale
         if self.score_func == "sigmoid":  # the balance loss wants a distribution over the experts per token
             scores = scores / scores.sum(dim=-1, keepdim=True)
         return weights, experts, scores
 
     def init_weights(self):
         nn.init.trunc_normal_(self.gate.weight, mean=0.0, std=0.02)
+        if self.gate.bias is not None:
+            nn.init.zeros_(self.gate.bias)
         self.expert_bias.zero_()
+
+
+def limit_to_groups(choice: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """`choice` [T, n_experts] with every expert outside each token's `topk_groups` best groups set to -inf; a
+    group's score is the sum of its two best experts' (DeepSeek-V3: routing stays within a few nodes when each
+    node holds one group)."""
+    grouped = choice.view(choice.shape[0], n_groups, -1)
+    best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(topk_groups, dim=-1).indices
+    keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
 
 
 class TokenLoad(nn.Module):
@@ -206,13 +258,16 @@ class MoE(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, *, score_func: str = "softmax",
                  norm_topk_prob: bool = True, shared_hidden_dim: int = 0, shared_gate: bool = False,
-                 grouped_mm: bool = True, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0):
+                 grouped_mm: bool = True, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
+                 router: Router | None = None, experts: GroupedExperts | None = None):
+        """`router`, `experts`: a family's own (group-limited routing, biased experts) instead of the plain ones
+        built from the arguments before them."""
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
-        self.router = Router(dim, n_experts, top_k, score_func, norm_topk_prob)
+        self.router = router or Router(dim, n_experts, top_k, score_func, norm_topk_prob)
         self.load = TokenLoad()
-        self.experts = GroupedExperts(dim, hidden_dim, n_experts, grouped_mm)
+        self.experts = experts or GroupedExperts(dim, hidden_dim, n_experts, grouped_mm)
         self.shared_expert = FeedForward(dim, shared_hidden_dim) if shared_hidden_dim else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_hidden_dim and shared_gate else None
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
@@ -328,20 +383,21 @@ def end_of_step(model_parts: Iterable[nn.Module], reduce: Callable[[torch.Tensor
     """After the optimizer step: the step's global load of every MoE layer and its summed auxiliary loss, the
     expert-bias update (when `update`, i.e. the step was not skipped), then the statistics are reset.
 
-    One collective: `reduce` gets an fp32 tensor [n_layers, n_experts + 1] (row i: layer i's `tokens_per_expert`,
-    then its `aux_loss_sum`; zero rows for layers this rank does not hold) and must return its sum over every rank
-    that holds other tokens or other layers (data-parallel, context-parallel ranks and pipeline stages: titan's loop
-    uses its `pp_dp_cp` mesh); None in one process. Returns ({layer name: load [n_experts]} of every MoE layer of
-    the model, the step's summed auxiliary loss over all of them or None without MoE layers)."""
+    One collective: `reduce` gets an fp32 tensor [n_layers (+ MTP depths), n_experts + 1] (row i: layer i's
+    `tokens_per_expert`, then its `aux_loss_sum`; zero rows for layers this rank does not hold) and must return its
+    sum over every rank that holds other tokens or other layers (data-parallel, context-parallel ranks and pipeline
+    stages: titan's loop uses its `pp_dp_cp` mesh); None in one process. Returns ({layer name: load [n_experts]} of
+    every MoE layer of the model, the step's summed auxiliary loss over all of them or None without MoE layers)."""
     layers, first = _step_layers(model_parts), next(iter(model_parts))
     args = getattr(first, "args", None)
     # A pipeline stage of only dense layers (mlp_only_layers) still joins the other stages' reduction.
     n_experts = layers[0][1].n_experts if layers else getattr(args, "n_experts", 0)
     if not n_experts:
         return {}, None
-    rows = [_layer_index(name) for name, _ in layers] if args is not None else list(range(len(layers)))
+    n_rows = args.n_layers + getattr(args, "mtp_layers", 0) if args is not None else len(layers)
+    rows = [_layer_index(name, args.n_layers) for name, _ in layers] if args is not None else list(range(n_rows))
     device = layers[0][1].tokens_per_expert.device if layers else next(first.parameters()).device
-    stats = torch.zeros(args.n_layers if args is not None else len(layers), n_experts + 1, device=device)
+    stats = torch.zeros(n_rows, n_experts + 1, device=device)
     for row, (_, m) in zip(rows, layers):
         stats[row, :-1], stats[row, -1] = m.tokens_per_expert, m.aux_loss_sum
     if reduce is not None:
@@ -366,8 +422,10 @@ def _moe_rows(args, stats: torch.Tensor) -> list[int]:
     return [i for i, routed in enumerate((stats[:, :-1].sum(dim=1) > 0).tolist()) if routed]
 
 
-def _layer_index(name: str) -> int:
-    return int(name.rsplit(".", 1)[-1])  # "layers.3"
+def _layer_index(name: str, n_layers: int) -> int:
+    """The stats row of "layers.3" (3), or of a multi-token prediction depth's block "mtp.0.block" (n_layers + 0)."""
+    parts = name.split(".")
+    return n_layers + int(parts[1]) if parts[0] == "mtp" else int(parts[-1])
 
 
 def step_metrics(loads: dict[str, torch.Tensor], aux_loss_sum: torch.Tensor | None,

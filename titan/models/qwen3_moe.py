@@ -101,7 +101,7 @@ FLAVORS: dict[str, Qwen3MoeArgs] = {
 # Hugging Face: Qwen3MoeForCausalLM. On disk each expert is its own gate/up/down_proj (transformers >= 5 stacks them
 # in memory and splits them again when saving); titan's router is HF's `mlp.gate`.
 
-_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight$")
+_EXPERT = re.compile(r"(.+\.feed_forward\.experts)\.(\d+)\.(w[123])\.weight$")  # any block's (MTP's too)
 _FFN_HF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
@@ -122,26 +122,44 @@ class MoEAdapter(DecoderAdapter):
             names[f"layers.{i}.feed_forward.router.gate.weight"] = f"model.layers.{i}.mlp.gate.weight"
         return names
 
+    def moe_prefixes(self, args) -> list[str]:
+        """The blocks that have an MoE layer."""
+        return [f"layers.{i}" for i in range(args.n_layers) if args.is_moe_layer(i)]
+
+    def defaults(self, args) -> dict[str, torch.Tensor]:
+        """The routers' expert bias (titan's, for the auxiliary-loss-free balancing) starts at zero where the
+        checkpoint has none (Qwen3-MoE's never does)."""
+        names = self.names(args)
+        biases = [f"{p}.feed_forward.router.expert_bias" for p in self.moe_prefixes(args)]
+        return {b: torch.zeros(args.n_experts) for b in biases if b not in names}
+
     def to_hf(self, state, args, dtype=None, partial=False):
         split = {}
         for name, w in state.items():
-            m = re.match(r"(layers\.\d+\.feed_forward\.experts)\.(w[123])$", name)
+            m = re.match(r"(.+\.feed_forward\.experts)\.(w[123])$", name)
             if m is None:
                 split[name] = w
                 continue
             split.update({f"{m[1]}.{j}.{m[2]}.weight": w[j] for j in range(w.shape[0])})
-        biased = [k for k, v in state.items() if k.endswith("expert_bias") and bool(v.abs().sum() > 0)]
-        if biased:
-            logger.warning(f"Hugging Face export: Qwen3-MoE has no expert bias; {len(biased)} layers' bias "
-                           f"(from moe.bias_update_rate) is left out, so HF may route some tokens differently")
+        self.warn_dropped_bias(state, args)
         return super().to_hf(split, args, dtype, partial)
+
+    def warn_dropped_bias(self, state, args) -> None:
+        """A warning when the export leaves out expert biases that the bias update moved (the architecture has
+        none), since Hugging Face may then route some tokens differently."""
+        names = self.names(args)
+        biased = [k for k, v in state.items() if k.endswith("expert_bias") and k not in names
+                  and bool(v.abs().sum() > 0)]
+        if biased:
+            logger.warning(f"Hugging Face export: {self.architecture} has no expert bias; {len(biased)} layers' "
+                           f"bias (from moe.bias_update_rate) is left out, so HF may route some tokens differently")
 
     def from_hf(self, tensors, args, where=""):
         state = super().from_hf(tensors, args, where)
         stacks: dict[str, list] = {}
         for name in [k for k in state if _EXPERT.match(k)]:
-            layer, j, w = _EXPERT.match(name).groups()
-            stacks.setdefault(f"layers.{layer}.feed_forward.experts.{w}", []).append((int(j), state.pop(name)))
+            prefix, j, w = _EXPERT.match(name).groups()
+            stacks.setdefault(f"{prefix}.{w}", []).append((int(j), state.pop(name)))
         for name, rows in stacks.items():
             state[name] = torch.stack([w for _, w in sorted(rows, key=lambda r: r[0])])
         return state

@@ -32,15 +32,17 @@ class TokenLoss:
 
     rows_per_sample = 1
 
-    def __init__(self, loss_fn, autocast=contextlib.nullcontext):
-        self.loss_fn, self.autocast = loss_fn, autocast
+    def __init__(self, loss_fn, autocast=contextlib.nullcontext, labels_to_model: bool = False):
+        """`labels_to_model`: the model takes the labels too (multi-token prediction's loss, titan/models/mtp.py)."""
+        self.loss_fn, self.autocast, self.labels_to_model = loss_fn, autocast, labels_to_model
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["label"] != IGNORE_INDEX).sum()
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = {"labels": batch["label"]} if self.labels_to_model else {}
         with self.autocast():
-            logits = model(batch["input"], **model_inputs(batch))
+            logits = model(batch["input"], **model_inputs(batch), **labels)
         return self.loss_fn(logits, batch["label"])
 
     def metrics(self, mesh) -> dict[str, float]:

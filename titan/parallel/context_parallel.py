@@ -34,6 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan.errors import ConfigError
 from titan.models.layers import Transformer
+from titan.models.sinks import sink_attention, window_mask
 from titan.parallel.activation_checkpoint import recompute_all
 
 # torch 2.13 renamed it (the old name warns on every call); torch 2.11 has the old name only.
@@ -68,9 +69,14 @@ def shard_batch(batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh) -> dict[str
 
 
 def apply_cp(model: Transformer, cp_mesh: DeviceMesh, rotate_method: str) -> None:
-    """Swap each block's attention kernel for the context-parallel one (before AC/compile/FSDP wrap the block)."""
-    for block in model.layers.values():
-        block.attention.sdpa = ContextParallelAttention(cp_mesh, rotate_method)
+    """Swap each block's attention kernel for the context-parallel one (before AC/compile/FSDP wrap the block),
+    keeping its sliding window (gpt-oss); windows and sinks take the allgather method."""
+    for i, block in model.layers.items():
+        window = getattr(block.attention.sdpa, "window", None)
+        if rotate_method == "ring" and (window is not None or getattr(block.attention, "sinks", None) is not None):
+            raise ConfigError(f"parallelism.context_parallel_rotate_method = ring does not do the sliding window or "
+                              f"the sinks of layers.{i}.attention; use allgather")
+        block.attention.sdpa = ContextParallelAttention(cp_mesh, rotate_method, window)
 
 
 def shard_rope(model: Transformer, cp_mesh: DeviceMesh) -> None:
@@ -83,18 +89,19 @@ def shard_rope(model: Transformer, cp_mesh: DeviceMesh) -> None:
 class ContextParallelAttention(nn.Module):
     """Causal attention for load-balanced sequence shards (batch, heads, seq/cp, head_dim); k and v may have fewer
     heads than q (grouped-query attention, as titan's `SDPA`): allgather gathers them as they are, the ring repeats
-    them first (its recurrence pairs every query head with one K/V head)."""
+    them first (its recurrence pairs every query head with one K/V head); v may have another head size (MLA).
+    allgather also takes a sliding `window` and sinks (gpt-oss, titan/models/sinks.py), by the true positions."""
 
-    def __init__(self, cp_mesh: DeviceMesh, rotate_method: str):
+    def __init__(self, cp_mesh: DeviceMesh, rotate_method: str, window: int | None = None):
         super().__init__()
         if rotate_method not in ("allgather", "ring"):
             raise ConfigError(f"parallelism.context_parallel_rotate_method={rotate_method!r} is not one of "
                               "allgather, ring")
-        self.group, self.method = cp_mesh.get_group(), rotate_method
+        self.group, self.method, self.window = cp_mesh.get_group(), rotate_method, window
         self.cp, self.rank = cp_mesh.size(), cp_mesh.get_local_rank()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:  # config validation refuses packed sequences with CP before it gets here
             raise NotImplementedError("context parallelism does not support packed-sequence masks")
         seq_len = q.shape[2] * self.cp
@@ -102,7 +109,9 @@ class ContextParallelAttention(nn.Module):
         if self.method == "allgather":
             k_all = _all_gather_autograd(k.contiguous(), gather_dim=2, group=self.group)
             v_all = _all_gather_autograd(v.contiguous(), gather_dim=2, group=self.group)
-            mask = torch.cat(pos)[None, :] <= pos[self.rank][:, None]  # gathered in rank order
+            mask = window_mask(pos[self.rank], torch.cat(pos), self.window)  # keys gathered in rank order
+            if sinks is not None:
+                return sink_attention(q, k_all, v_all, mask, sinks)
             return nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -128,20 +137,21 @@ class _RingAttention(torch.autograd.Function):
             qf = q.float()
             m = torch.full(q.shape[:-1], float("-inf"), device=q.device)  # running max
             l = torch.zeros(q.shape[:-1], device=q.device)  # running denominator
-            acc = torch.zeros(qf.shape, device=q.device)  # running unnormalised output
-            kv = torch.stack([k, v])
+            acc = torch.zeros(*q.shape[:-1], v.shape[-1], device=q.device)  # running unnormalised output
+            dk = k.shape[-1]
+            kv = torch.cat([k, v], dim=-1)  # one message per hop (v may be narrower than k: MLA)
             for step in range(cp):
                 # Start with our own block: its diagonal makes every row's max finite, so no -inf - -inf = nan later.
                 src = (rank - step) % cp
                 if step < cp - 1:
                     next_kv = _rotate(kv, group, rank)  # (a real overlap would post this before the maths below)
-                s = (qf @ kv[0].float().transpose(-1, -2)) * scale
+                s = (qf @ kv[..., :dk].float().transpose(-1, -2)) * scale
                 s = s.masked_fill(pos[src][None, :] > pos[rank][:, None], float("-inf"))
                 m_new = torch.maximum(m, s.amax(-1))
                 rescale = torch.exp(m - m_new)
                 p = torch.exp(s - m_new[..., None])
                 l = l * rescale + p.sum(-1)
-                acc = acc * rescale[..., None] + p @ kv[1].float()
+                acc = acc * rescale[..., None] + p @ kv[..., dk:].float()
                 m = m_new
                 if step < cp - 1:
                     kv = next_kv
@@ -160,17 +170,20 @@ class _RingAttention(torch.autograd.Function):
         delta = (do * out).sum(-1)  # rowsum(dO * O), the softmax-backward correction term
         dq = torch.zeros_like(qf)
         # K, V and their gradient accumulators travel together; after cp hops the accumulators are home.
-        block = torch.stack([k.float(), v.float(), torch.zeros_like(qf), torch.zeros_like(qf)])
+        widths = [k.shape[-1], v.shape[-1]] * 2
+        block = torch.cat([k.float(), v.float(), torch.zeros_like(k, dtype=torch.float32),
+                           torch.zeros_like(v, dtype=torch.float32)], dim=-1)
         for step in range(cp):
             src = (rank - step) % cp
-            kb, vb = block[0], block[1]
+            kb, vb, dkb, dvb = block.split(widths, dim=-1)
             s = (qf @ kb.transpose(-1, -2)) * scale
             s = s.masked_fill(pos[src][None, :] > pos[rank][:, None], float("-inf"))
             p = torch.exp(s - lse[..., None])  # the forward's probabilities, recomputed
             dp = do @ vb.transpose(-1, -2)
             ds = p * (dp - delta[..., None])
             dq += (ds @ kb) * scale
-            block = torch.stack([kb, vb, block[2] + (ds.transpose(-1, -2) @ qf) * scale,
-                                 block[3] + p.transpose(-1, -2) @ do])
-            block = _rotate(block, group, rank)
-        return dq.to(q.dtype), block[2].to(k.dtype), block[3].to(v.dtype), None, None, None
+            block = torch.cat([kb, vb, dkb + (ds.transpose(-1, -2) @ qf) * scale, dvb + p.transpose(-1, -2) @ do],
+                              dim=-1)
+            block = _rotate(block.contiguous(), group, rank)
+        _, _, dk, dv = block.split(widths, dim=-1)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

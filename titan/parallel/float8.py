@@ -5,7 +5,9 @@ What it converts: every linear of the transformer blocks (wq/wk/wv/wo, w1/w2/w3)
 so its three matmuls (output, grad_input, grad_weight) run in float8 with dynamic scales (one per tensor, or per
 row). What it keeps: parameters, gradients and optimizer state stay in high precision; modules named by
 `float8.filter_fqns` (default: `output`, the vocab projection, whose logits are sensitive), Mixture-of-Experts
-routers' gates (their top-k choice is discrete: a float8 rounding would send tokens to other experts) and, with
+routers' gates (their top-k choice is discrete: a float8 rounding would send tokens to other experts), MLA's
+down-projections to the latents (wq_a, wkv_a: every head's keys, values and RoPE key come from them; about 3 % of
+a DeepSeek-V3 layer's active weights; DeepSeek's own FP8 recipe converts them) and, with
 `auto_filter_small_kn`, linears too small to gain, stay plain `nn.Linear`; MoE experts (`GroupedExperts`) are not
 linears and stay in the training dtype. Collectives that change: with FSDP and
 `enable_fsdp_float8_all_gather`, the parameter all-gather moves float8 bytes (plus one amax all-reduce per weight,
@@ -25,6 +27,7 @@ from torch import nn
 
 from titan.config import Float8
 from titan.errors import ConfigError
+from titan.models.mla import MLAttention
 from titan.models.moe import moe_layers
 from titan.parallel.float8_cpu import route_cpu_matmuls_around_onednn
 
@@ -101,8 +104,10 @@ def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str,
         filter_fn = _auto_filter_for_recipe(cfg.recipe_name, cfg.filter_fqns)
     else:
         filter_fn = partial(_should_convert, cfg)
-    routers = {id(moe.router.gate) for _, moe in moe_layers([model])}
-    convert_to_float8_training(model, module_filter_fn=lambda m, fqn: id(m) not in routers and filter_fn(m, fqn),
+    keep = {id(moe.router.gate) for _, moe in moe_layers([model])}
+    keep |= {id(m.wq_a) for m in model.modules() if isinstance(m, MLAttention) and m.wq_a is not None}
+    keep |= {id(m.wkv_a) for m in model.modules() if isinstance(m, MLAttention)}
+    convert_to_float8_training(model, module_filter_fn=lambda m, fqn: id(m) not in keep and filter_fn(m, fqn),
                                config=_torchao_config(cfg, all_gather, emulate))
 
     converted = sum(isinstance(m, Float8Linear) for m in model.modules())

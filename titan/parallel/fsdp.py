@@ -31,7 +31,8 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype, reduce_dtyp
     tied = model.args.tie_embeddings
     if model.tok_embeddings is not None and not tied:  # a tied table belongs to the root, with the output
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard_blocks, **kwargs)
-    for block in model.layers.values():
+    # Multi-token prediction depths (DeepSeek-V3) are units like blocks, with their MoE layer's experts.
+    for block in [*model.layers.values(), *(getattr(model, "mtp", None) or {}).values()]:
         if expert_mesh is not None:
             _shard_experts(block, expert_mesh, reshard_blocks, kwargs)
         fully_shard(block, reshard_after_forward=reshard_blocks, **kwargs)

@@ -103,6 +103,7 @@ def _init_units(model: Transformer) -> list[str]:
     units += [] if model.norm is None else ["norm"]
     if model.output is not None and not model.args.tie_embeddings:
         units.append("output")
+    units += [f"mtp.{k}" for k in getattr(model, "mtp", None) or {}]  # multi-token prediction depths
     return units
 
 
