@@ -186,18 +186,11 @@ class Model:
         self.embedding = [(n, s) for n, s in shapes if n.startswith("tok_embeddings")]
         # The head's unit, and multi-token prediction depths (DeepSeek-V3), which follow the last block.
         self.head = [(n, s) for n, s in shapes if n.startswith(("norm", "output", "mtp."))]
-        self._states: dict[tuple, tuple[int, memory.Units]] = {}
 
+    @functools.cache  # noqa: B019 (the planner's few Model objects live as long as the script)
     def stage_state(self, layers: tuple[int, ...], first: bool, last: bool, tp: int, fsdp: int, ep: int = 1
                     ) -> tuple[int, memory.Units]:
         """(parameter elements on the stage's rank 0, FSDP units) of a stage of blocks `layers`."""
-        key = (tuple(layers), first, last, tp, fsdp, ep)
-        if key not in self._states:
-            self._states[key] = self._stage_state(*key)
-        return self._states[key]
-
-    def _stage_state(self, layers: tuple[int, ...], first: bool, last: bool, tp: int, fsdp: int, ep: int
-                     ) -> tuple[int, memory.Units]:
         moe = [memory.is_moe_layer(self.args, i) for i in layers]
         shapes = [(n.format(i), s) for i, kind in zip(layers, moe) for n, s in self.block[kind]]
         shapes += (self.embedding if first else []) + (self.head if last else [])

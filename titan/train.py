@@ -92,9 +92,7 @@ def train_steps(run: Run, profiler: Profiler, stop: StopRequests, first_step: in
             # Each context-parallel rank keeps its load-balanced part of every sequence.
             micro_batches = [to_device(shard_batch(next(batches), run.mesh["cp"]), device)
                              for _ in range(run.grad_accum)]
-        # Dividing each micro-batch's summed loss by the items (valid tokens, or DPO pairs) of the whole global
-        # batch makes the gradient independent of how the batch is split over ranks and micro-steps (and FSDP sums,
-        # it does not average).
+        # Summed losses over the global batch's items (tokens, pairs): a gradient independent of the split (FSDP sums).
         n_items, n_tokens = objectives.step_counts(run.objective, micro_batches, token_mesh)
         moe.set_aux_loss_scale(run.model_parts, 1 / n_tokens)  # MoE balance loss: a mean over the routed tokens
         mtp.set_loss_scale(run.model_parts, n_items)  # multi-token prediction (if on): its weight / depths / items

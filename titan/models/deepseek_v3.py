@@ -23,7 +23,7 @@ from torch import nn
 
 from titan.errors import ConfigError
 from titan.models.hf_adapter import decoder_sizes, rope_settings, yarn_from_hf, yarn_to_hf
-from titan.models.layers import FeedForward, TransformerArgs, TransformerBlock, YarnScaling, document_mask
+from titan.models.layers import FeedForward, KVCache, TransformerArgs, TransformerBlock, YarnScaling, document_mask
 from titan.models.mla import MLAttention
 from titan.models.moe import MoE, Router, _AuxLossGrad
 from titan.models.mtp import MultiTokenPrediction, mtp_loss
@@ -132,13 +132,14 @@ class DeepSeekV3Transformer(MoETransformer):
         self.register_buffer("mtp_loss_sum", torch.zeros(()), persistent=False)
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         # The shared decoder's forward (titan/models/layers.py:Transformer), keeping the normalised hidden state.
-        mask = None if document_ids is None else document_mask(document_ids)
+        mask = cache.mask if cache is not None else None if document_ids is None else document_mask(document_ids)
         freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, freqs_cis, mask)
+        for name, layer in self.layers.items():
+            h = layer(h, freqs_cis, mask) if cache is None else layer(h, freqs_cis, mask, cache=cache.layer(name))
         h = self.norm(h) if self.norm is not None else h
         if self.output is None:
             return h

@@ -21,7 +21,14 @@ from torch import nn
 
 from titan.errors import ConfigError
 from titan.models.hf_adapter import DecoderAdapter, decoder_sizes, rope_settings, yarn_from_hf, yarn_to_hf
-from titan.models.layers import Attention, TransformerArgs, TransformerBlock, YarnScaling, apply_rotary_emb
+from titan.models.layers import (
+    Attention,
+    LayerCache,
+    TransformerArgs,
+    TransformerBlock,
+    YarnScaling,
+    apply_rotary_emb,
+)
 from titan.models.moe import GroupedExperts, MoE, Router, clamped_swiglu
 from titan.models.qwen3_moe import MoEAdapter, MoETransformer
 from titan.models.sinks import WindowSinkSDPA
@@ -95,14 +102,20 @@ class GptOssAttention(Attention):
         self.sinks = nn.Parameter(torch.empty(args.n_heads))
         self.sdpa = WindowSinkSDPA(args.window(layer_id))
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         # Attention.forward (titan/models/layers.py) with the sinks handed to the kernel.
         bs, seqlen, _ = x.shape
         q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rotary_emb(q, k, freqs_cis)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, sinks=self.sinks)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        columns = None
+        if cache is not None:  # generation: the window counts in cache columns
+            k, v = cache.update(k, v)
+            columns = cache.owner.slots
+        out = self.sdpa(q, k, v, mask, sinks=self.sinks, q_columns=columns)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
     def init_weights(self, init_std: float):

@@ -419,9 +419,9 @@ class LayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's keys and values (batch, kv_heads, q_len, head_dim) at the owner's `slots`; return
         the whole cache (unwritten columns are zeros, which the mask hides)."""
-        if self.k is None:
-            shape = (self.owner.batch, k.shape[1], self.owner.max_len, k.shape[3])
-            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        if self.k is None:  # v's head size may differ from k's (MLA)
+            self.k = k.new_zeros(self.owner.batch, k.shape[1], self.owner.max_len, k.shape[3])
+            self.v = v.new_zeros(self.owner.batch, v.shape[1], self.owner.max_len, v.shape[3])
         self.k.index_copy_(2, self.owner.slots, k)
         self.v.index_copy_(2, self.owner.slots, v)
         return self.k, self.v

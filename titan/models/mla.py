@@ -26,7 +26,15 @@ import math
 import torch
 from torch import nn
 
-from titan.models.layers import SDPA, RMSNorm, TransformerArgs, YarnScaling, apply_rotary_emb, yarn_mscale
+from titan.models.layers import (
+    SDPA,
+    LayerCache,
+    RMSNorm,
+    TransformerArgs,
+    YarnScaling,
+    apply_rotary_emb,
+    yarn_mscale,
+)
 
 
 def softmax_scale(args: TransformerArgs) -> float:
@@ -65,7 +73,8 @@ class MLAttention(nn.Module):
         # q is multiplied by this, so that the kernel's own 1/sqrt(qk) makes the scale `softmax_scale(args)`.
         self.q_scale = softmax_scale(args) * math.sqrt(qk)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         bs, seqlen, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x) if self.wq is not None else self.wq_b(self.q_a_norm(self.wq_a(x)))
@@ -78,7 +87,10 @@ class MLAttention(nn.Module):
         if self.q_scale != 1.0:
             q = q * self.q_scale
         k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:  # generation: the expanded K and V are cached (caching the latent would be smaller)
+            k, v = cache.update(k, v)
+        out = self.sdpa(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
     def init_weights(self, init_std: float):

@@ -57,9 +57,11 @@ class WindowSinkSDPA(nn.Module):
         self.window = window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                sinks: torch.Tensor | None = None) -> torch.Tensor:
-        pos = torch.arange(q.shape[2], device=q.device)
-        allowed = window_mask(pos, pos, self.window)
+                sinks: torch.Tensor | None = None, q_columns: torch.Tensor | None = None) -> torch.Tensor:
+        """`q_columns`: the key columns the queries were written to (a KV cache's slots; a row's tokens sit in
+        consecutive columns, so column distance is token distance); default: queries and keys are the same tokens."""
+        k_pos = torch.arange(k.shape[2], device=q.device)
+        allowed = window_mask(k_pos if q_columns is None else q_columns, k_pos, self.window)
         if mask is not None:
             allowed = allowed & mask
         allowed = allowed.unsqueeze(1) if allowed.dim() == 3 else allowed
