@@ -1,7 +1,7 @@
 """The decoder every family is built from, for a single device: RMSNorm, RoPE (with Llama 3.1 frequency scaling),
-grouped-query attention through `scaled_dot_product_attention` (optionally with a per-head RMSNorm on q and k, and a
-head size independent of dim / n_heads), SwiGLU feed-forward, the transformer block and the stack, with optional
-tied embeddings.
+grouped-query attention (optionally with a per-head RMSNorm on q and k, a head size independent of dim / n_heads, and
+a sliding window per layer) through the kernels of titan/models/attention.py, SwiGLU feed-forward, the transformer
+block and the stack, with optional tied embeddings.
 
 A family (titan/models/llama.py, qwen3.py) is a flavors table of `TransformerArgs`; it does not fork these layers.
 Nothing here knows about processes or meshes: tensor, pipeline and context parallelism, FSDP, activation
@@ -19,6 +19,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from titan.models.attention import AttentionMasks, MaskBuilder, attend, document_mask  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -57,12 +59,30 @@ class TransformerArgs:
     # True: the vocabulary is the tokenizer's (set at build). False: the flavor's, which a pretrained checkpoint's
     # embedding has (Qwen3 pads 151,669 tokens to 151,936 rows); the tokenizer must fit in it.
     vocab_from_tokenizer: bool = True
+    # Sliding-window attention: one entry per layer, the tokens a query looks back over (itself included), 0 = the
+    # whole causal past; empty = every layer full. A family with windows (e.g. alternating local/global layers) sets
+    # it from its own fields, for instance with `alternating_windows`.
+    layer_windows: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        self.layer_windows = tuple(self.layer_windows)
+        if self.layer_windows and (len(self.layer_windows) != self.n_layers or min(self.layer_windows) < 0):
+            raise ValueError(f"layer_windows needs one window >= 0 per layer ({self.n_layers}), got "
+                             f"{self.layer_windows}")
+
+    def window(self, layer_id: int) -> int:
+        """The sliding window of layer `layer_id` (0 = full causal attention)."""
+        return self.layer_windows[layer_id] if self.layer_windows else 0
+
+
+def alternating_windows(n_layers: int, window: int, every: int = 2) -> tuple[int, ...]:
+    """Windowed layers with a full-attention layer every `every`-th (layers every-1, 2*every-1, ... are full), as
+    Gemma 2 (every=2) and similar families interleave them."""
+    return tuple(0 if (i + 1) % every == 0 else window for i in range(n_layers))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,23 +184,20 @@ class RMSNormFunction(torch.autograd.Function):
 
 class SDPA(nn.Module):
     """Causal attention over (batch, heads, seq, head_dim), q with a multiple of k's and v's heads (grouped-query
-    attention: each K/V head serves that many consecutive query heads). A module of its own so that context
-    parallelism can replace it from outside without touching `Attention`. `mask` (batch, seq, seq), True = may
-    attend, replaces the causal mask for packed sequences; an explicit boolean mask because FlexAttention's backward
-    fails on CPU."""
+    attention: each K/V head serves that many consecutive query heads), within a sliding `window` if > 0 and within
+    each document when the batch's `masks` say so (titan/models/attention.py picks the kernel). A module of its own so
+    that context parallelism can replace it from outside without touching `Attention`."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        # enable_gqa: the kernel reads each K/V head for its query heads, no repeated copies of K and V to save.
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=True)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: AttentionMasks | None = None,
+                window: int = 0) -> torch.Tensor:
+        return attend(q, k, v, masks, window)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: TransformerArgs):
+    def __init__(self, args: TransformerArgs, layer_id: int = 0):
         super().__init__()
         self.head_dim = args.head_dim
+        self.window = args.window(layer_id)
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
@@ -190,7 +207,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.sdpa = SDPA()
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMasks | None = None) -> torch.Tensor:
         bs, seqlen, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
@@ -199,7 +216,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(q, k, freqs_cis)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.window)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
     def init_weights(self, init_std: float):
@@ -233,7 +250,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: TransformerArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = self.build_feed_forward(layer_id, args)
         depth = layer_id + 1 if args.depth_init else args.n_layers
@@ -243,7 +260,7 @@ class TransformerBlock(nn.Module):
         """The dense SwiGLU; a family with another feed-forward (e.g. Mixture-of-Experts) overrides this."""
         return FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMasks | None = None) -> torch.Tensor:
         # mask by keyword: tensor parallel's input preparation of `attention` covers the positional inputs only.
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -272,13 +289,15 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: derived from args, so checkpoints hold only learned weights.
         self.register_buffer("freqs_cis", rope_frequencies(args), persistent=False)
+        # Builds each batch's attention masks once for all layers; context parallelism swaps in its own.
+        self.mask_builder = MaskBuilder({args.window(i) for i in range(args.n_layers)})
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """`document_ids` (batch, seq): for packed sequences, which document each token belongs to; every document
         then attends only within itself. `positions` (batch, seq): each token's RoPE position (default 0, 1, ...),
         e.g. restarting at 0 with every document, as if it were alone."""
-        mask = None if document_ids is None else document_mask(document_ids)
+        mask = self.mask_builder(document_ids, positions)  # once per batch, shared by every layer
         freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
@@ -312,13 +331,6 @@ class Transformer(nn.Module):
             self.norm.init_weights()
         if self.output is not None and not self.args.tie_embeddings:
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
-
-
-def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask (batch, seq, seq): a token sees the earlier tokens of its own document only."""
-    seqlen = document_ids.shape[1]
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
-    return (document_ids.unsqueeze(2) == document_ids.unsqueeze(1)) & causal
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
