@@ -1,6 +1,7 @@
-"""Context-parallel attention against full causal SDPA: for random q/k/v (including grouped-query attention and a
-sequence length that is not a power of two), the sharded output and the q/k/v gradients equal the unsharded ones
-within 1e-5, for cp = 2 and 4 and both rotate methods."""
+"""Context-parallel attention against the whole sequence's SDPA: for random q/k/v (grouped-query attention, a
+sequence length that is not a power of two), plain causal, with packed documents, with a sliding window and with
+both, the sharded output and the q/k/v gradients equal the unsharded ones within 1e-5, for cp = 2 and 4 and both
+rotate methods (and the allgather method's FlexAttention forward, the CUDA path, too)."""
 
 from __future__ import annotations
 
@@ -11,39 +12,59 @@ from dist_utils import rel_error, spawn_gloo
 REL = 1e-5
 
 
+MASKINGS = {"causal": (None, 0), "documents": (5.0, 0), "window": (None, 7), "documents_window": (6.0, 5)}
+
+
 def _check_attention(rank: int, world_size: int, method: str, n_heads: int, n_kv_heads: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from titan.parallel.context_parallel import ContextParallelAttention, positions
+    from titan.models.attention import Visibility, random_documents
+    from titan.parallel.context_parallel import ContextParallelAttention, ContextParallelMaskBuilder, positions
 
-    seq_len = 2 * world_size * 3  # 12 or 24: divisible by 2 x cp, not a power of two
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, n_heads, seq_len, 8, generator=g, requires_grad=True)
-    k = torch.randn(2, n_kv_heads, seq_len, 8, generator=g, requires_grad=True)
-    v = torch.randn(2, n_kv_heads, seq_len, 8, generator=g, requires_grad=True)
-    w = torch.randn(2, n_heads, seq_len, 8, generator=g)  # a random upstream gradient
-    rep = n_heads // n_kv_heads
-
-    # The reference repeats the K/V heads; the kernel gets them grouped, as titan's Attention passes them on.
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1),
-                                                           v.repeat_interleave(rep, dim=1), is_causal=True)
-    (ref * w).sum().backward()
-
+    seq_len = 2 * world_size * 6  # 24 or 48: divisible by 2 x cp, not a power of two
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
     pos = positions(seq_len, world_size, rank)
-    ql, kl, vl = (t.detach()[:, :, pos].clone().requires_grad_() for t in (q, k, v))
-    out = ContextParallelAttention(mesh["cp"], method)(ql, kl, vl)
-    (out * w[:, :, pos]).sum().backward()
+    for masking, (mean, window) in MASKINGS.items():
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, n_heads, seq_len, 8, generator=g, requires_grad=True)
+        k = torch.randn(2, n_kv_heads, seq_len, 8, generator=g, requires_grad=True)
+        v = torch.randn(2, n_kv_heads, seq_len, 8, generator=g, requires_grad=True)
+        w = torch.randn(2, n_heads, seq_len, 8, generator=g)  # a random upstream gradient
+        docs = None if mean is None else random_documents(2, seq_len, mean, g)
+        # The reference: the whole sequence with the dense mask (documents and window written out).
+        mask = Visibility.self_attention(seq_len, docs, window, "cpu").dense()
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        (ref * w).sum().backward()
 
-    assert rel_error(out, ref[:, :, pos]) < REL, "output"
-    for name, got, full in (("q", ql, q), ("k", kl, k), ("v", vl, v)):
-        assert rel_error(got.grad, full.grad[:, :, pos]) < REL, f"grad of {name} ({method}, cp={world_size})"
+        ql, kl, vl = (t.detach()[:, :, pos].clone().requires_grad_() for t in (q, k, v))
+        masks = ContextParallelMaskBuilder(world_size, rank, method, {window})(docs, pos.expand(2, -1))
+        out = ContextParallelAttention(mesh["cp"], method)(ql, kl, vl, masks, window)
+        (out * w[:, :, pos]).sum().backward()
+        where = f"{masking}, {method}, cp={world_size}"
+        assert rel_error(out, ref[:, :, pos]) < REL, f"output ({where})"
+        for name, got, full in (("q", ql, q), ("k", kl, k), ("v", vl, v)):
+            assert rel_error(got.grad, full.grad[:, :, pos]) < REL, f"grad of {name} ({where})"
+        if method == "allgather" and masking == "documents_window":  # CUDA's path (FlexAttention), forward only
+            flex = ContextParallelMaskBuilder(world_size, rank, method, {window}, flex_masks=True)
+            out = ContextParallelAttention(mesh["cp"], method)(ql.detach(), kl.detach(), vl.detach(),
+                                                               flex(docs, pos.expand(2, -1)), window)
+            assert rel_error(out, ref[:, :, pos]) < REL, f"flex output ({where})"
 
 
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("method", ["allgather", "ring"])
 def test_cp_attention_matches_full_sdpa(cp, method):
+    """Causal, documents, a sliding window, and both: output and q/k/v gradients within 1e-5."""
     spawn_gloo(_check_attention, cp, method, 4, 2)  # GQA: 4 query heads share 2 K/V heads
+
+
+def test_ring_block_kernels_match_autograd(one_thread):
+    """The fused per-block kernels (forward with log-sum-exp, backward from the merged output) against autograd
+    through SDPA for every step shape; scripts/gpu_check runs the same function on CUDA (flash / efficient)."""
+    from titan.parallel.context_parallel import check_block_kernels
+
+    worst = check_block_kernels("cpu", torch.float32, seq=48, heads=4, kv_heads=2, head_dim=8)
+    assert max(worst.values()) < 1e-5, worst
 
 
 def test_load_balanced_positions_cover_the_sequence_evenly():

@@ -43,7 +43,7 @@ from titan.models.layers import Transformer, TransformerArgs, count_params
 from titan.objectives import DPOLoss, Objective, TokenLoss, cross_entropy_sum, reference
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.parallel import float8
-from titan.parallel.context_parallel import check_seq_len, shard_rope
+from titan.parallel.context_parallel import check_masking, check_seq_len
 from titan.parallel.mesh import ParallelDims, check_model_fits
 from titan.parallel.parallelize import materialize, parallelize
 from titan.parallel.pipeline import Pipeline
@@ -220,11 +220,19 @@ def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> Transf
     return args
 
 
+def attention_is_masked(cfg: Config, args: TransformerArgs) -> bool:
+    """Whether attention needs more than causality: documents in a row (document masking, packed SFT) or windows."""
+    t = cfg.training
+    return t.document_masking or (t.recipe == "sft" and cfg.sft.packing) or any(args.layer_windows)
+
+
 def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh], dims: ParallelDims,
                 device: torch.device, weights: bool = True) -> ModelParts:
     """This rank's model parts with every parallel axis applied; with `weights=False` (the dry run) they stay on the
     meta device: every layout check runs and every local shard has its real shape, but nothing is allocated."""
     t = cfg.training
+    check_masking(dims.cp, cfg.parallelism.context_parallel_rotate_method, attention_is_masked(cfg, args),
+                  device.type)
     # Built on the meta device, so even a 405B model costs nothing until it is sharded and materialised.
     with torch.device("meta"):
         model = models.build_model(args)
@@ -239,8 +247,6 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
         parallelize(part, mesh, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, t, cfg.float8)
         if weights:
             materialize(part, device, t.seed, cfg.lora if adapters else None, cpu_offload=t.enable_cpu_offload)
-            if dims.cp > 1:
-                shard_rope(part, mesh["cp"])
         return part.train()
 
     if dims.pp > 1:

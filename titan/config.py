@@ -386,8 +386,7 @@ class SFT:
     )
     train_on_prompt: bool = opt(False, "also train on system/user tokens (default: loss on assistant replies only)")
     packing: bool = opt(
-        False, "pack several conversations per sequence, each attending only to itself (not with pipeline or "
-        "context parallelism)"
+        False, "pack several conversations per sequence (best fit), each attending only to itself"
     )
 
 
@@ -631,7 +630,7 @@ def _validate_moe(cfg: Config) -> None:
 
 
 def _validate_data(cfg: Config) -> None:
-    t, p = cfg.training, cfg.parallelism
+    t = cfg.training
     if t.dataset_paths:
         if t.dataset_path:
             raise ConfigError("training.dataset_path and training.dataset_paths are both set; use one (a single "
@@ -650,25 +649,13 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError("training.dataset_weights is set without training.dataset_paths")
     if t.reset_positions and not t.document_masking:
         raise ConfigError("training.reset_positions needs training.document_masking = true")
-    if t.document_masking:
-        if t.recipe != "pretrain":
-            raise ConfigError(f"training.document_masking applies to training.recipe = pretrain (got {t.recipe}); "
-                              f"SFT masks packed conversations with sft.packing")
-        for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
-                            ("context_parallel_degree", p.context_parallel_degree)):
-            if degree > 1:
-                raise ConfigError(f"training.document_masking needs a per-token attention mask, which parallelism."
-                                  f"{key}={degree} does not pass on; set training.document_masking = false")
+    if t.document_masking and t.recipe != "pretrain":
+        raise ConfigError(f"training.document_masking applies to training.recipe = pretrain (got {t.recipe}); "
+                          f"SFT masks packed conversations with sft.packing")
 
 
 def _validate_finetuning(cfg: Config) -> None:
     t, p = cfg.training, cfg.parallelism
-    if cfg.sft.packing and t.recipe == "sft":
-        for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
-                            ("context_parallel_degree", p.context_parallel_degree)):
-            if degree > 1:
-                raise ConfigError(f"sft.packing needs a per-token attention mask, which parallelism.{key}={degree} "
-                                  f"does not pass on; set sft.packing = false")
     if t.recipe == "dpo":
         for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
                             ("context_parallel_degree", p.context_parallel_degree)):
