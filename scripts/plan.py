@@ -10,7 +10,7 @@ pipelining) at a fixed global batch (training.global_batch_size, or local_batch_
 drops those titan's own checks reject or whose fullest rank does not fit (titan.memory's estimate, the dry run's),
 and ranks the rest by a simple cost model (docs/planning.md): compute per rank at `mfu` of the peak, stretched by
 the pipeline bubble, plus the communication each axis leaves exposed. Parameter shards come from the shapes
-(`titan.memory.state_from_shapes`, held equal to the dry run's real shards by tests/test_dry_run.py).
+(`titan.memory_shards.state_from_shapes`, held equal to the dry run's real shards by tests/test_dry_run.py).
 `--verify K` also dry-runs the first K suggestions with the real builder.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.pipelining import PipelineStage
 
-from titan import config, config_io, memory, models
+from titan import config, config_io, memory, memory_shards, models
 from titan.build import build_model_args, gradient_accumulation_steps
 from titan.dry_run import fake_process_group, tokenizer_or_vocab
 from titan.dry_run import run as dry_run
@@ -171,7 +171,7 @@ class Model:
         self.args = args
         self.n_params, self.n_embedding = count_params(model)
         self.n_active = active_params(model)  # what FLOPs count: MoE experts a token does not reach are left out
-        shapes = memory.named_shapes(model)
+        shapes = memory_shards.named_shapes(model)
         self.block = [(n, s) for n, s in shapes if n.startswith("layers.0.")]
         self.embedding = [(n, s) for n, s in shapes if n.startswith("tok_embeddings")]
         self.head = [(n, s) for n, s in shapes if n.startswith(("norm", "output"))]
@@ -189,7 +189,7 @@ class Model:
                      ) -> tuple[int, memory.Units]:
         shapes = [(n.replace("layers.0.", f"layers.{i}."), s) for i in range(layers) for n, s in self.block]
         shapes += (self.embedding if first else []) + (self.head if last else [])
-        return memory.state_from_shapes(shapes, tp, fsdp, self.args.tie_embeddings, ep)
+        return memory_shards.state_from_shapes(shapes, tp, fsdp, self.args.tie_embeddings, ep)
 
 
 def schedule_profiles(schedule: str, pp: int, n_micro: int) -> list:

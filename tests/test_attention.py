@@ -113,7 +113,8 @@ def _model(windows=(), seed=0, seq_len=48):
 
 def test_masks_are_built_once_per_batch_and_shared_by_every_layer(monkeypatch, one_thread):
     """Counted, not assumed: with documents and two distinct windows (alternating layers), one forward builds two
-    dense masks, and all four layers receive the same AttentionMasks object."""
+    dense masks, all four layers receive the same AttentionMasks object, and what their SDPA saves for backward is
+    those two tensors (built in the scores' dtype, so no layer converts and keeps a copy of its own)."""
     model = _model(alternating_windows(4, 8))
     builds, seen = [], []
     dense = Visibility.dense
@@ -122,9 +123,13 @@ def test_masks_are_built_once_per_batch_and_shared_by_every_layer(monkeypatch, o
         layer.attention.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["mask"]),
                                                   with_kwargs=True)
     tokens = torch.randint(0, 128, (2, 48))
-    model(tokens, _docs(2, 48, 10.0))
+    saved = []  # what autograd keeps: each layer's SDPA saves the mask it was given, the same two tensors
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(tokens, _docs(2, 48, 10.0))
     assert sorted(builds) == [0, 8] and len(seen) == 4 and all(m is seen[0] for m in seen)
     assert {w: tuple(m.shape) for w, m in seen[0].by_window.items()} == {0: (2, 1, 48, 48), 8: (2, 1, 48, 48)}
+    masks = {t.untyped_storage().data_ptr() for t in saved if t.shape == (2, 1, 48, 48)}
+    assert masks == {m.untyped_storage().data_ptr() for m in seen[0].by_window.values()}  # 2 masks, not 4
     builds.clear()
     model(tokens, _docs(2, 48, 10.0, seed=1))  # the next batch: built again, once
     assert sorted(builds) == [0, 8]

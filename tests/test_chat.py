@@ -35,7 +35,7 @@ from titan.data.pretrain import IGNORE_INDEX, document_positions
 from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 from titan.models.llama import Transformer, document_mask, model_args
-from titan.objectives import DPOLoss, TokenLoss, preference_loss
+from titan.objectives import DPOLoss, TokenLoss, preference_loss, row_logps
 
 CHAT_TOKENIZER = REPO / "titan" / "assets" / "tokenizer" / "debug_chat.tiktoken"
 KEY = "training.dataset_path"
@@ -406,30 +406,30 @@ def test_pad_rows():
 
 
 def check_packed(rows, examples, seq_len, pad_id):
-    """Every row holds whole examples, in order, then padding; document ids 0, 1, ... then one more for padding."""
-    it = iter(examples)
+    """Every row holds whole examples, then padding, document ids 0, 1, ... then one more for padding; every example
+    is in exactly one row; rows follow best-fit decreasing: no example would have fitted in the free space of a row
+    opened before its own (its free space when the example was placed)."""
+    remaining = {(tuple(e[0].tolist()), tuple(e[1].tolist())): 0 for e in examples}
+    for e in examples:
+        remaining[(tuple(e[0].tolist()), tuple(e[1].tolist()))] += 1
     for row in rows:
         assert set(row) == {"input", "label", "document_ids", "positions"}
         assert all(row[k].shape == (seq_len,) for k in row)
         docs = row["document_ids"]
         assert docs[0] == 0 and ((docs[1:] - docs[:-1]) >= 0).all() and ((docs[1:] - docs[:-1]) <= 1).all()
-        start = 0
+        used = 0
         for d in range(int(docs.max()) + 1):
             seg = (docs == d).nonzero().flatten()
             a, b = int(seg[0]), int(seg[-1]) + 1
-            assert a == start and b - a == len(seg)
-            start = b
-            nxt = next(it, None)
-            if nxt is not None and len(nxt[0]) == b - a and torch.equal(row["input"][a:b], nxt[0]):
-                assert torch.equal(row["label"][a:b], nxt[1])
+            assert a == used and b - a == len(seg)
+            key = (tuple(row["input"][a:b].tolist()), tuple(row["label"][a:b].tolist()))
+            if remaining.get(key, 0):
+                remaining[key] -= 1
+                used = b
                 continue
-            # Not the next example: it must be the trailing padding, and then the next example did not fit.
-            assert d == int(docs.max()) and b == seq_len, f"document {d} of a row is not the next example"
+            assert d == int(docs.max()) and b == seq_len, f"document {d} of a row is not an example"
             assert (row["input"][a:b] == pad_id).all() and (row["label"][a:b] == IGNORE_INDEX).all()
-            if nxt is not None:  # padding only where the next example cannot fit (or after the last one)
-                assert a + len(nxt[0]) > seq_len
-                it = iter([nxt, *it])
-    assert next(it, None) is None, "examples left over"
+    assert not any(remaining.values()), "examples left over"
 
 
 def test_pack_rows_synthetic():
@@ -441,15 +441,24 @@ def test_pack_rows_synthetic():
         t += n
     rows = pack_rows(examples, 8, pad_id=99)
     check_packed(rows, examples, 8, 99)
-    assert [r["document_ids"].tolist() for r in rows] == [
-        [0, 0, 0, 1, 1, 1, 1, 2],  # 3 + 4, padding
-        [0, 0, 1, 1, 1, 1, 1, 1],  # 2 + 6 fill the row exactly: no padding document
-        [0, 1, 1, 1, 1, 1, 2, 2],  # 1 + 5
-        [0, 0, 0, 0, 0, 0, 0, 0],  # 8
-        [0, 0, 1, 1, 1, 1, 1, 1],  # 2, padding
-    ]
+    # Longest first: 8 | 6 + 2 (the first 2) | 5 + 3 | 4 + 2 + 1 (best fit: the 2 fills 4's row, not a new one)
+    sizes = [torch.bincount(r["document_ids"]).tolist() for r in rows]
+    assert sizes == [[8], [6, 2], [5, 3], [4, 2, 1, 1]]
+    assert rows[1]["input"][6:].tolist() == examples[2][0].tolist()  # of equal lengths, file order
     valid = sum(int((r["label"] != IGNORE_INDEX).sum()) for r in rows)
     assert valid == sum(int((e[1] != IGNORE_INDEX).sum()) for e in examples)
+
+
+def test_pack_rows_fills_best_fit_decreasing_rows():
+    """Lognormal lengths: at least 95 % of the tokens are examples, and packing is deterministic."""
+    torch.manual_seed(0)
+    lengths = torch.distributions.LogNormal(torch.tensor(5.0), 0.8).sample((400,)).clamp(8, 512).long().tolist()
+    examples = [(torch.arange(n), torch.arange(n)) for n in lengths]
+    rows = pack_rows(examples, 1024, pad_id=0)
+    fill = sum(lengths) / (len(rows) * 1024)
+    assert fill >= 0.95, fill
+    again = pack_rows(examples, 1024, pad_id=0)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(rows, again) for k in a)
 
 
 def test_pack_rows_real_conversations(tok, tiny_chat):
@@ -594,7 +603,9 @@ def test_packed_rows_match_unpacked(tok, tiny_chat, one_thread):
     assert max([row for row, _ in docs].count(r) for r in range(len(packed["input"]))) >= 3  # a row of 3+
     per_ex = {"packed": [], "no_ids": [], "unpacked": []}
     logit_err = {"packed": [], "no_ids": []}
-    for i, (row, mask) in enumerate(docs):
+    which = {tuple(e[0].tolist()): i for i, e in enumerate(examples)}  # packing reorders: find each example
+    for row, mask in docs:
+        i = which[tuple(packed["input"][row][mask].tolist())]
         n = len(examples[i][0])
         assert torch.equal(packed["input"][row][mask], padded["input"][i][:n])
         count = (padded["label"][i] != IGNORE_INDEX).sum()
@@ -604,7 +615,7 @@ def test_packed_rows_match_unpacked(tok, tiny_chat, one_thread):
         per_ex["unpacked"].append(tok_u[i].sum() / count)
         logit_err["packed"].append(rel_error(logits_p[row][mask], logits_u[i][:n]))
         logit_err["no_ids"].append(rel_error(logits_n[row][mask], logits_u[i][:n]))
-    got, ref, broken = (torch.stack(per_ex[k]) for k in ("packed", "unpacked", "no_ids"))
+    got, ref, broken = (torch.stack(per_ex[k]) for k in ("packed", "unpacked", "no_ids"))  # in packed order
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
     assert max(logit_err["packed"]) <= 1e-5, logit_err
     # Without document ids every conversation after the first in its row sees the ones before it.
@@ -809,7 +820,7 @@ def test_dpo_loss_matches_hand_computation(mesh):
     batch, policy_logits, ref_logits = dpo_batch(pairs)
     ref_logits.requires_grad_(True)
     model = FixedLogits(policy_logits)
-    objective = DPOLoss(DPO(beta=beta), reference=lambda b: ref_logits[b["input"][:, 0]])
+    objective = DPOLoss(DPO(beta=beta), reference=lambda b: row_logps(ref_logits[b["input"][:, 0]], b["label"]))
     assert int(objective.count(batch)) == pairs
     loss = objective(model, batch)
     loss.backward()
@@ -852,7 +863,7 @@ def test_dpo_against_itself_is_log2(mesh):
     pairs = 3
     batch, policy_logits, _ = dpo_batch(pairs)
     model = FixedLogits(policy_logits)
-    objective = DPOLoss(DPO(beta=0.1), reference=lambda b: model(b["input"]))
+    objective = DPOLoss(DPO(beta=0.1), reference=lambda b: row_logps(model(b["input"]), b["label"]))
     loss = objective(model, batch)
     assert torch.equal(loss, -F.logsigmoid(torch.zeros(pairs)).sum())  # every margin exactly 0
     torch.testing.assert_close(loss, torch.tensor(pairs * math.log(2)), rtol=1e-6, atol=0)
@@ -886,7 +897,8 @@ LOSS_CFGS = {"sigmoid": DPO(loss="sigmoid", beta=0.3), "ipo": DPO(loss="ipo", be
 
 
 def make_objective(cfg, ref_logits):
-    reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else (lambda b: ref_logits[b["input"][:, 0]])
+    reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else \
+        (lambda b: row_logps(ref_logits[b["input"][:, 0]], b["label"]))
     return DPOLoss(cfg, reference=reference)
 
 
@@ -935,7 +947,8 @@ def test_preference_losses_at_the_start(mesh):
                 "simpo": torch.full((pairs,), math.log1p(math.exp(0.7))),
                 "orpo": nll + 0.4 * math.log(2)}
     for name, cfg in LOSS_CFGS.items():
-        reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else (lambda b: model(b["input"]))
+        reference = None if cfg.loss in DPOLoss.REFERENCE_FREE else \
+            (lambda b: row_logps(model(b["input"]), b["label"]))
         objective = DPOLoss(cfg, reference=reference)
         data = batch if reference is not None else twins
         torch.testing.assert_close(objective(model, data).double(), expected[name].double().sum(), rtol=1e-6,

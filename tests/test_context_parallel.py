@@ -61,7 +61,7 @@ def test_cp_attention_matches_full_sdpa(cp, method):
 def test_ring_block_kernels_match_autograd(one_thread):
     """The fused per-block kernels (forward with log-sum-exp, backward from the merged output) against autograd
     through SDPA for every step shape; scripts/gpu_check runs the same function on CUDA (flash / efficient)."""
-    from titan.parallel.context_parallel import check_block_kernels
+    from titan.parallel.ring_attention import check_block_kernels
 
     worst = check_block_kernels("cpu", torch.float32, seq=48, heads=4, kv_heads=2, head_dim=8)
     assert max(worst.values()) < 1e-5, worst

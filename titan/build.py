@@ -40,7 +40,8 @@ from titan.lifecycle import RunLock, claim_dump_folder
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora, moe
 from titan.models.layers import Transformer, TransformerArgs, count_params
-from titan.objectives import DPOLoss, Objective, TokenLoss, cross_entropy_sum, reference
+from titan.objectives import DPOLoss, HeadLoss, Objective, TokenLoss, cross_entropy_sum, reference
+from titan.objectives.token import loss_chunking
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_masking, check_seq_len
@@ -213,11 +214,24 @@ def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None
 
 def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> TransformerArgs:
     """The family's flavor with the tokenizer's vocabulary, checked against the parallel degrees."""
+    v = cfg.validation
+    longest = max(cfg.training.seq_len, v.seq_len if v.enable else 0)  # the RoPE table covers both
     args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=vocab_size, moe=cfg.moe,
-                             max_seq_len=cfg.training.seq_len)
+                             max_seq_len=longest)
     check_model_fits(dims, args)
     check_seq_len(cfg.training.seq_len, dims.cp, dims.tp)
+    if v.enable:
+        check_seq_len(v.seq_len, dims.cp, dims.tp, key="validation.seq_len")
     return args
+
+
+def loss_chunk_tokens(cfg: Config, dims: ParallelDims) -> int:
+    """training.loss_chunk_tokens where some micro-batch (training's, or validation's) has more tokens than that on
+    a rank, else 0 (titan/objectives/token.py:loss_chunking)."""
+    t, v = cfg.training, cfg.validation
+    rows = cfg.parallelism.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
+    tokens = rows * (2 if t.recipe == "dpo" else 1) * t.seq_len
+    return loss_chunking(t.loss_chunk_tokens, max(tokens, v.local_batch_size * v.seq_len if v.enable else 0) // dims.cp)
 
 
 def attention_is_masked(cfg: Config, args: TransformerArgs) -> bool:
@@ -238,7 +252,7 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
         model = models.build_model(args)
     (n_params, n_emb), n_active = count_params(model), moe.active_params(model)
     compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
-    loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
+    loss_fn = HeadLoss(loss=torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum)
 
     def build_part(part: torch.nn.Module, adapters: bool = cfg.lora.enable) -> torch.nn.Module:
         """The same for a whole model and for a pipeline stage: LoRA adapters, parallel axes, then real weights."""
@@ -256,6 +270,10 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
         parts = pipeline.parts
     else:
         pipeline, parts = None, [build_part(model)]
+    if loss_chunk_tokens(cfg, dims):  # the part with the output projection leaves it to the (chunked) loss
+        for part in parts:
+            if part.output is not None:
+                loss_fn.head, loss_fn.chunk_tokens, part.output_hidden = part.output, t.loss_chunk_tokens, True
     return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb, n_active)
 
 
@@ -343,7 +361,7 @@ def build_objective(training: Training, dpo: DPO, lora_cfg: LoRA, checkpoint: Ch
     if training.recipe != "dpo":
         return TokenLoss(model.loss_fn, autocast)
     live = dpo.loss not in DPOLoss.REFERENCE_FREE and not dpo.precompute_reference
-    return DPOLoss(dpo, dpo_reference(model, args, lora_cfg, checkpoint) if live else None, autocast)
+    return DPOLoss(dpo, dpo_reference(model, args, lora_cfg, checkpoint) if live else None, autocast, model.loss_fn)
 
 
 def reference_weights(cfg: Config) -> str:
@@ -372,21 +390,24 @@ def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:
     load)."""
     with torch.device("meta"):
         frozen = models.build_model(args)
-    return model.build_part(frozen, adapters=False).eval().requires_grad_(False)
+    frozen = model.build_part(frozen, adapters=False).eval().requires_grad_(False)
+    frozen.output_hidden = model.parts[0].output_hidden  # chunked like the policy
+    return frozen
 
 
 def dpo_reference(model: ModelParts, args: TransformerArgs, lora_cfg: LoRA, checkpoint: Checkpoint):
-    """batch -> the frozen reference model's logits. With LoRA: the policy with its adapters switched off (the base
-    weights never change). Else a second model holding the initial weights."""
-    policy = model.parts[0]
+    """batch -> the frozen reference model's per-row log-probabilities of the labels. With LoRA: the policy with its
+    adapters switched off (the base weights never change). Else a second model holding the initial weights."""
+    policy, head_loss = model.parts[0], model.loss_fn
     if lora_cfg.enable:
         def reference(batch):
-            with lora.disabled(model.parts):
-                return policy(batch["input"])
+            with lora.disabled(model.parts):  # the head's adapters too, when the loss runs the head
+                return head_loss.row_logps(policy(batch["input"]), batch["label"])
         return reference
     frozen = frozen_reference(model, args)
     load_initial_weights([frozen], checkpoint)  # the policy's starting point (seeded init if none is set)
-    return lambda batch: frozen(batch["input"])
+    frozen_loss = HeadLoss(frozen.output if head_loss.head is not None else None, head_loss.chunk_tokens)
+    return lambda batch: frozen_loss.row_logps(frozen(batch["input"]), batch["label"])
 
 
 def build_dataloaders(training: Training, sft: SFT, validation: Validation, tokenizer, dp_rank: int, dp_size: int):
@@ -397,7 +418,7 @@ def build_dataloaders(training: Training, sft: SFT, validation: Validation, toke
             if validation.enable else None
     elif training.recipe == "sft":
         train = build_sft_dataloader(training, sft, tokenizer, dp_rank, dp_size)
-        val = build_sft_validation_dataloader(validation, sft, tokenizer, training.seq_len, dp_rank, dp_size) \
+        val = build_sft_validation_dataloader(validation, sft, tokenizer, validation.seq_len, dp_rank, dp_size) \
             if validation.enable else None
     else:
         train, val = build_preference_dataloader(training, sft, tokenizer, dp_rank, dp_size), None

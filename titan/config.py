@@ -183,6 +183,10 @@ class Training:
     seq_len: int = opt(2048, "tokens per sequence", valid=POSITIVE)
     steps: int = opt(10000, "optimizer steps to train", valid=POSITIVE)
     max_norm: float = opt(1.0, "gradient-norm clipping threshold (<= 0 disables clipping)", valid=Range())
+    loss_chunk_tokens: int = opt(
+        2048, "the output projection and the loss run over chunks of this many tokens, recomputed in backward, so "
+        "only one chunk's logits are held; a micro-batch that fits in one chunk runs whole; 0 = never chunk",
+        valid=NON_NEGATIVE)
     seed: int = opt(0, "seed for weights and data order", valid=Range(0, 2**32 - 1))
     deterministic: bool = opt(False, "use deterministic algorithms: CPU runs become bitwise repeatable")
     mixed_precision_param: str = opt(
@@ -289,7 +293,11 @@ class Validation:
         "", "a prepared folder, or text files or a folder of them (as training.dataset_path); overrides the named "
         "dataset's validation split"
     )
-    local_batch_size: int = opt(8, "sequences per validation batch on each data-parallel rank", valid=POSITIVE)
+    local_batch_size: int = opt(
+        AUTO, "sequences per validation batch on each data-parallel rank; -1 = training.local_batch_size",
+        valid=Range(0, lo_open=True, also=(AUTO,)))
+    seq_len: int = opt(AUTO, "tokens per validation sequence; -1 = training.seq_len",
+                       valid=Range(0, lo_open=True, also=(AUTO,)))
     freq: int = opt(100, "validate every N steps", valid=POSITIVE)
     steps: int = opt(10, "batches per validation; -1 = the whole split", valid=Range(0, lo_open=True, also=(AUTO,)))
     lm_eval_tasks: list[str] = opt(
@@ -652,6 +660,23 @@ def _validate_data(cfg: Config) -> None:
     if t.document_masking and t.recipe != "pretrain":
         raise ConfigError(f"training.document_masking applies to training.recipe = pretrain (got {t.recipe}); "
                           f"SFT masks packed conversations with sft.packing")
+    _validate_validation(cfg)
+
+
+def _validate_validation(cfg: Config) -> None:
+    """Validation's shapes default to training's (-1); under pipeline parallelism they must be training's, whose
+    micro-batch shapes the schedule was built for."""
+    t, v = cfg.training, cfg.validation
+    if v.seq_len == AUTO:
+        v.seq_len = t.seq_len
+    if v.local_batch_size == AUTO:
+        v.local_batch_size = t.local_batch_size
+    if v.enable and cfg.parallelism.pipeline_parallel_degree > 1:
+        for key, value, train in (("seq_len", v.seq_len, t.seq_len),
+                                  ("local_batch_size", v.local_batch_size, t.local_batch_size)):
+            if value != train:
+                raise ConfigError(f"validation.{key}={value} differs from training.{key}={train}, which pipeline "
+                                  f"parallelism's schedule needs (its micro-batches have training's shape)")
 
 
 def _validate_finetuning(cfg: Config) -> None:

@@ -11,14 +11,12 @@ formula and lists what the estimate leaves out.
 from __future__ import annotations
 
 import collections
-import math
-from dataclasses import dataclass, fields
-
-import torch
+from dataclasses import dataclass, fields, replace
 
 from titan import config
 from titan.config import DTYPES
 from titan.models.layers import TransformerArgs
+from titan.objectives.token import loss_chunking
 from titan.parallel.mesh import ParallelDims
 
 GiB = 2**30
@@ -56,6 +54,9 @@ class MicroBatch:
     cp_method: str = "allgather"
     loss_parallel: bool = True
     ep: int = 1
+    masked: bool = False  # documents in a row, or sliding windows: attention masks (built once per micro-batch)
+    windows: int = 1  # distinct windows of the layers, a mask each
+    loss_chunk: int = 0  # tokens per chunk of the chunked loss (titan/objectives/token.py), 0 = whole logits
 
     @property
     def tokens(self) -> int:
@@ -102,13 +103,22 @@ def attention_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
     if m.cp == 1:
         return 2 * e * t * (q_width + kv_width) + lse
     if m.cp_method == "ring":
-        # _RingAttention saves q, k, v (K/V repeated to every query head) and its fp32 output; wo then saves the
-        # output re-laid (and cast) for its input.
-        cast = e * t * q_width if e != FP32 else 0
-        return 3 * e * t * q_width + FP32 * t * q_width + cast + e * t * q_width + lse
-    # allgather: K and V of the whole sequence, and the boolean causal mask of this rank's queries against all keys.
-    local, full = m.seq_len // m.cp, m.seq_len
-    return 2 * e * t * q_width + 2 * e * t * m.cp * kv_width + lse + local * full
+        # RingAttention saves q, k and v (their own heads), its output and lse; wo saves the output re-laid.
+        return 2 * e * t * (q_width + kv_width) + e * t * q_width + lse
+    # allgather: K and V of the whole sequence (the mask is the batch's, `mask_bytes`).
+    return 2 * e * t * q_width + 2 * e * t * m.cp * kv_width + lse
+
+
+def mask_bytes(m: MicroBatch) -> int:
+    """The micro-batch's attention masks, built once for all layers (titan/models/attention.py) and held until its
+    backward: on a GPU, FlexAttention BlockMasks of int32 tile counts and indices (by key tile and by query tile,
+    partial and full) for rows x query tiles x key tiles, one per distinct window (CP's allgather needs one even
+    for plain causal attention: its keys come in rank order). The CPU's dense masks are not modelled."""
+    gathered = m.cp > 1 and m.cp_method == "allgather"
+    if not (m.masked or gathered):
+        return 0
+    tiles = -(-m.seq_len // m.cp // 128) * -(-m.seq_len // (1 if gathered else m.cp) // 128)
+    return 16 * m.windows * (m.rows if m.masked else 1) * tiles
 
 
 def is_moe_layer(args: TransformerArgs, layer_id: int) -> bool:
@@ -190,12 +200,21 @@ def local_vocab(args: TransformerArgs, m: MicroBatch) -> int:
     return args.vocab_size // m.tp if m.tp > 1 and m.loss_parallel else args.vocab_size
 
 
+def logit_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
+    """The logits and their fp32 copy, or, chunked, one chunk's logits, fp32 copy and log-softmax: the chunk's
+    forward keeps nothing of them, its recomputation in backward holds them all at once."""
+    copy = FP32 if p.compute != FP32 else 0
+    if not m.loss_chunk:
+        return (p.compute + copy) * m.tokens * local_vocab(args, m)
+    return (p.compute + copy + FP32) * min(m.loss_chunk, m.tokens) * local_vocab(args, m)
+
+
 @dataclass(frozen=True)
 class StageActivations:
     """One micro-batch through one stage (or the whole model): saved bytes and the transients around them."""
 
     saved: int  # held from its forward until its backward
-    logits: int  # the logits and their fp32 copy, alive around the loss (last stage)
+    logits: int  # the logits and their fp32 copy (or one chunk's), alive around the loss (last stage)
     recompute: int  # a checkpointed block's activations, rebuilt during its backward
     all_to_all: int = 0  # expert parallelism's dispatch/combine buffers of one MoE layer
 
@@ -211,16 +230,15 @@ def stage_activations(args: TransformerArgs, m: MicroBatch, p: Precision, ac: co
     if p.autocast:
         saved += sum(n * p.compute * linear_weights(args, m.tp, moe) for (_, moe), n in modes.items())
     between = p.residual * m.tokens_between * args.dim
-    logits = 0
+    logits, saved = 0, saved + mask_bytes(m)
     if first:
         saved += 8 * m.tokens  # int64 token ids
     else:
         saved += between  # the stage's input, which the schedule keeps for its gradient
     if last:
-        vocab = local_vocab(args, m)
-        saved += norm_bytes(args, m, p, 1) + FP32 * m.tokens * vocab
-        saved += p.compute * vocab * args.dim if p.autocast else 0
-        logits = (p.compute + (FP32 if p.compute != FP32 else 0)) * m.tokens * vocab
+        saved += norm_bytes(args, m, p, 1) + p.compute * local_vocab(args, m) * args.dim * p.autocast
+        saved += 0 if m.loss_chunk else FP32 * m.tokens * local_vocab(args, m)  # log-softmax, for backward
+        logits = logit_bytes(args, m, p)
     else:
         saved += between  # the stage's output, kept by the schedule until its gradient comes back
     rebuilt = max((block_bytes(args, m, p, "none", moe) - per_block[mode, moe] for mode, moe in modes), default=0)
@@ -315,13 +333,14 @@ class Estimate:
     reserve: int
     all_to_all: int = 0  # expert parallelism's dispatch/combine buffers (transient)
     in_flight: float = 1.0  # micro-batches whose activations are held together (pipelining)
+    validation: int = 0  # the peak while validating (after the step: no gradients, nothing saved), 0 = none
 
     LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
               "activations": "activations", "logits": "logits (transient)", "recompute": "recomputed block",
               "fsdp_buffers": "FSDP buffers", "all_to_all": "all-to-all buffers", "reserve": "reserve"}
 
     def parts(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "in_flight"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("in_flight", "validation")}
 
     @property
     def total(self) -> int:
@@ -331,13 +350,20 @@ class Estimate:
         parts = {k: v for k, v in self.parts().items() if k != "reserve"}
         return self.LABELS[max(parts, key=parts.get)]
 
+    @property
+    def peak(self) -> int:
+        """The step's total, or validation's when that is higher."""
+        return max(self.total, self.validation)
+
     def fits(self, device_bytes: int) -> bool:
-        return self.total <= device_bytes
+        return self.peak <= device_bytes
 
     def verdict(self, device_bytes: int) -> str:
-        spare = (device_bytes - self.total) / GiB
+        spare = (device_bytes - self.peak) / GiB
         if spare >= 0:
             return f"fits with {spare:.1f} GiB to spare"
+        if self.validation > self.total:
+            return f"does not fit by {-spare:.1f} GiB while validating (validation.local_batch_size, seq_len)"
         return f"does not fit by {-spare:.1f} GiB; the largest part is {self.dominant()}"
 
 
@@ -350,13 +376,27 @@ def optimizer_bytes(trainable_bytes: int, cfg: config.Config) -> int:
     return moments + (trainable_bytes * (1 + (s.outer_momentum > 0)) if s.method == "diloco" else 0)
 
 
-def micro_batch(cfg: config.Config, dims: ParallelDims) -> MicroBatch:
-    """What one forward pass holds: a pipeline micro-batch, or the whole local batch (DPO rows come in pairs)."""
-    t, p = cfg.training, cfg.parallelism
-    rows = p.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
+def micro_batch(cfg: config.Config, dims: ParallelDims, args: TransformerArgs, validation: bool = False
+                ) -> MicroBatch:
+    """What one forward pass holds: a pipeline micro-batch, or the whole local batch (DPO rows come in pairs); with
+    `validation`, validation's."""
+    t, p, v = cfg.training, cfg.parallelism, cfg.validation
+    rows = p.pipeline_parallel_microbatch_size if dims.pp > 1 else v.local_batch_size if validation else \
+        t.local_batch_size
     rows *= 2 if t.recipe == "dpo" else 1
-    return MicroBatch(rows, t.seq_len, dims.tp, dims.cp, p.context_parallel_rotate_method, p.enable_loss_parallel,
-                      dims.ep)
+    tokens = max(rows * t.seq_len, v.local_batch_size * v.seq_len if v.enable else 0) // dims.cp
+    masked = t.document_masking or (t.recipe == "sft" and cfg.sft.packing) or any(args.layer_windows)
+    return MicroBatch(rows, v.seq_len if validation else t.seq_len, dims.tp, dims.cp,
+                      p.context_parallel_rotate_method, p.enable_loss_parallel, dims.ep, masked,
+                      len({args.window(i) for i in range(args.n_layers)}), loss_chunking(t.loss_chunk_tokens, tokens))
+
+
+def validation_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
+    """Validation's forward holds no activations for backward: one block's at a time (at most what it would save),
+    the residual stream around it, the masks, and the loss's logits (one chunk's when chunked)."""
+    moe = any(is_moe_layer(args, i) for i in range(args.n_layers))
+    return (block_bytes(args, m, p, "none", moe) + 2 * p.residual * m.tokens_between * args.dim + mask_bytes(m)
+            + logit_bytes(args, m, p))
 
 
 @dataclass(frozen=True)
@@ -376,7 +416,7 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
     pipelining), its local parameter bytes (all, and trainable) and its FSDP units. The dry run passes the real
     shards' figures, the planner those from shapes; the activations of one micro-batch per stage come back too."""
     prec = precision(cfg.training, dims.fsdp_enabled)
-    m = micro_batch(cfg, dims)
+    m = micro_batch(cfg, dims, args)
     acts = [stage_activations(args, m, prec, cfg.activation_checkpoint, s.layers, s.first, s.last) for s in stages]
     if profile is None:
         saved, in_flight = acts[0].saved, 1.0
@@ -394,57 +434,7 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
                         logits=max(a.logits for a in acts), recompute=max(a.recompute for a in acts),
                         fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes),
                         all_to_all=max(a.all_to_all for a in acts), in_flight=in_flight)
+    if cfg.validation.enable and any(s.last for s in stages):  # the last stage holds the logits
+        val = validation_bytes(args, micro_batch(cfg, dims, args, validation=True), prec)
+        estimate = replace(estimate, validation=param_bytes + estimate.optimizer + buffers + estimate.reserve + val)
     return estimate, acts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Per-shard sizes from shapes (the planner's; tests hold them equal to the dry run's real shards)
-
-# Which dimension tensor parallelism splits (titan.parallel.tensor_parallel): column-wise linears and the embedding
-# rows split dim 0, row-wise linears dim 1; the norms are replicated.
-_TP_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 0, "output": 0}
-
-
-def shard_numel(shape: tuple[int, ...], name: str, tp: int, fsdp: int, ep: int = 1) -> tuple[int, int]:
-    """(elements of a parameter's shard on rank 0, elements before FSDP's sharding): split by TP where the plan
-    splits it, then FSDP's dim-0 chunk (rank 0's is the largest, rounded up, as DTensor's and FSDP's). Routed
-    experts (stacked by expert) are split by expert over `ep` instead, then by FSDP over the fsdp / ep ranks left
-    (`expert_fsdp`): by expert, or by the hidden dimension where a rank holds fewer experts (titan/parallel/fsdp.py)."""
-    shape = list(shape)
-    leaf = name.split(".")[-2] if name.endswith(".weight") else name
-    if ep > 1 and ".experts." in name:
-        shape[0] //= ep
-        fsdp, dim = fsdp // ep, 0 if shape[0] >= fsdp // ep else 1
-        tp_local = math.prod(shape)
-        shape[dim] = -(-shape[dim] // fsdp)
-        return math.prod(shape), tp_local
-    if tp > 1 and leaf in _TP_DIM:
-        shape[_TP_DIM[leaf]] = -(-shape[_TP_DIM[leaf]] // tp)
-    tp_local = math.prod(shape)
-    if fsdp > 1:
-        shape[0] = -(-shape[0] // fsdp)
-    return math.prod(shape), tp_local
-
-
-def state_from_shapes(named_shapes: list[tuple[str, tuple[int, ...]]], tp: int, fsdp: int,
-                      tied: bool = False, ep: int = 1) -> tuple[int, Units]:
-    """(parameter elements on rank 0, FSDP units) of a stage's (or the whole model's) parameters, by name; FSDP
-    shards over `fsdp` ranks (1: no FSDP), routed experts over `ep` x the rest. A tied embedding belongs to the
-    head's unit (the root); a block's experts count in its unit (gathered while it computes)."""
-    total, embedding, blocks, head = 0, 0, {}, 0
-    for name, shape in named_shapes:
-        local, tp_local = shard_numel(shape, name, tp, fsdp, ep)
-        total += local
-        if name.startswith("tok_embeddings") and not tied:
-            embedding += tp_local
-        elif name.startswith("layers."):
-            block = name.split(".")[1]
-            blocks[block] = blocks.get(block, 0) + tp_local
-        else:
-            head += tp_local
-    return total, Units(embedding, list(blocks.values()), head)
-
-
-def named_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, global shape) of each parameter, tied ones once."""
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]

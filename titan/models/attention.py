@@ -9,9 +9,10 @@ batch needs:
   documents and/or a window, CUDA     FlexAttention with a `BlockMask`: per 128 x 128 tile of the score matrix, whether
                                       it is empty (skipped), full (no mask work) or partial; (seq/128)^2 entries per
                                       row, computed from the documents' boundaries, never a seq x seq tensor
-  documents and/or a window, CPU      SDPA with a boolean (batch, 1, seq, seq) mask (torch 2.13's FlexAttention has
-                                      no backward on CPU; SDPA's CPU flash kernel takes the mask without
-                                      materialising the scores)
+  documents and/or a window, CPU      SDPA with a (batch, 1, seq, seq) additive mask in the compute dtype, built
+                                      once and saved once for every layer (torch 2.13's FlexAttention has no
+                                      backward on CPU; SDPA's CPU flash kernel takes the mask without materialising
+                                      the scores)
 
 `MaskBuilder` (called once per batch by `Transformer.forward`) builds the masks of one batch, one per distinct window
 of the model's layers, and every layer reads them from the `AttentionMasks` it is handed: built once per batch, not
@@ -48,6 +49,12 @@ class Visibility:
     def self_attention(seq_len: int, document_ids: torch.Tensor | None, window: int, device) -> Visibility:
         pos = torch.arange(seq_len, device=device)
         return Visibility(pos, pos, document_ids, document_ids, window)
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as SDPA adds it to the scores, in the scores' dtype (0 or -inf): handed over ready, so that no
+        layer converts (and saves) a copy of its own."""
+        mask = self.dense()
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def dense(self) -> torch.Tensor:
         """The boolean mask (batch or 1, 1, q_len, k_len), True = may attend."""
@@ -132,7 +139,8 @@ def uses_flex(device: torch.device) -> bool:
 
 @dataclass
 class AttentionMasks:
-    """The masks of one batch, by window (0 = full causal attention): boolean tensors, or BlockMasks (flex)."""
+    """The masks of one batch, by window (0 = full causal attention): additive float tensors (CPU), or BlockMasks
+    (flex)."""
 
     by_window: dict[int, torch.Tensor | BlockMask] = field(default_factory=dict)
 
@@ -147,14 +155,16 @@ class MaskBuilder:
     def __init__(self, windows: set[int], flex: bool | None = None):
         self.windows, self.flex = sorted(windows), flex
 
-    def __call__(self, document_ids: torch.Tensor | None, positions: torch.Tensor | None) -> AttentionMasks | None:
+    def __call__(self, document_ids: torch.Tensor | None, positions: torch.Tensor | None,
+                 dtype: torch.dtype = torch.float32) -> AttentionMasks | None:
+        """`dtype`: the attention scores' (the compute dtype)."""
         if document_ids is None:
             return None
         flex = uses_flex(document_ids.device) if self.flex is None else self.flex
         masks = AttentionMasks()
         for window in self.windows:
             vis = Visibility.self_attention(document_ids.shape[1], document_ids, window, document_ids.device)
-            masks.by_window[window] = vis.block_mask() if flex else vis.dense()
+            masks.by_window[window] = vis.block_mask() if flex else vis.additive(dtype)
         return masks
 
 

@@ -274,7 +274,8 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Token ids (batch, seq) -> logits (batch, seq, vocab). Pipeline stages set some of tok_embeddings, norm and
-    output to None; then the stage takes or returns hidden states instead."""
+    output to None; then the stage takes or returns hidden states instead (as the whole model does, after its final
+    norm, with `output_hidden`)."""
 
     block_class: ClassVar[type[nn.Module]] = TransformerBlock  # a family with another block subclasses and sets it
 
@@ -291,19 +292,23 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", rope_frequencies(args), persistent=False)
         # Builds each batch's attention masks once for all layers; context parallelism swaps in its own.
         self.mask_builder = MaskBuilder({args.window(i) for i in range(args.n_layers)})
+        # True: forward stops after the final norm and the loss applies `output` in chunks (titan/objectives/token.py)
+        self.output_hidden = False
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """`document_ids` (batch, seq): for packed sequences, which document each token belongs to; every document
         then attends only within itself. `positions` (batch, seq): each token's RoPE position (default 0, 1, ...),
         e.g. restarting at 0 with every document, as if it were alone."""
-        mask = self.mask_builder(document_ids, positions)  # once per batch, shared by every layer
         freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype  # of the scores
+        mask = self.mask_builder(document_ids, positions, dtype)  # once per batch, shared by every layer
         for layer in self.layers.values():
             h = layer(h, freqs_cis, mask)
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        return self.output(h) if self.output is not None and not self.output_hidden else h
 
     def to_empty(self, *, device, recurse: bool = True):
         # Leaving the meta device, nn.Module gives each module its own new Parameter (torch 2.13: no in-place set_data

@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
@@ -44,11 +43,10 @@ from torch.nn.attention.flex_attention import BlockMask
 from titan.errors import ConfigError
 from titan.models.attention import Visibility, flex, uses_flex
 from titan.models.layers import Transformer
-from titan.parallel.activation_checkpoint import recompute_all
+from titan.parallel.ring_attention import RingAttention
 
 # torch 2.13 renamed it (the old name warns on every call); torch 2.11 has the old name only.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-aten = torch.ops.aten
 
 
 def positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -108,24 +106,17 @@ def apply_cp(model: Transformer, cp_mesh: DeviceMesh, rotate_method: str) -> Non
 @dataclass
 class ContextParallelMasks:
     """One batch's masks on this rank, by window: for allgather, over (local queries, keys gathered in rank order);
-    for the ring, one per step (the block from rank - step), None where the step needs no mask."""
+    for the ring, per step (the block from rank - step) an additive mask and which query rows see any of its keys,
+    or None where no step needs a mask."""
 
     gathered: dict[int, torch.Tensor | BlockMask] = field(default_factory=dict)
-    steps: dict[int, list[torch.Tensor] | None] = field(default_factory=dict)
-    _additive: dict = field(default_factory=dict)
+    steps: dict[int, list[tuple[torch.Tensor, torch.Tensor]] | None] = field(default_factory=dict)
 
     def get(self, window: int) -> torch.Tensor | BlockMask:
         return self.gathered[window]
 
-    def ring(self, window: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """(additive mask in `dtype`, which query rows see any key) per step, converted once per batch and dtype."""
-        if self.steps.get(window) is None:
-            return None
-        key = (window, dtype)
-        if key not in self._additive:
-            self._additive[key] = [(torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf")),
-                                    m.any(-1)) for m in self.steps[window]]
-        return self._additive[key]
+    def ring(self, window: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        return self.steps.get(window)
 
 
 class ContextParallelMaskBuilder:
@@ -135,7 +126,8 @@ class ContextParallelMaskBuilder:
     def __init__(self, cp: int, rank: int, method: str, windows: set[int], flex_masks: bool | None = None):
         self.cp, self.rank, self.method, self.windows, self.flex = cp, rank, method, sorted(windows), flex_masks
 
-    def __call__(self, document_ids: torch.Tensor | None, local_positions: torch.Tensor | None) -> ContextParallelMasks:
+    def __call__(self, document_ids: torch.Tensor | None, local_positions: torch.Tensor | None,
+                 dtype: torch.dtype = torch.float32) -> ContextParallelMasks:
         if local_positions is None:
             raise ValueError("context parallelism needs the batch's positions (titan.parallel.context_parallel."
                              "shard_batch adds them)")
@@ -152,11 +144,12 @@ class ContextParallelMaskBuilder:
         for window in self.windows:
             if self.method == "allgather":
                 v = vis(torch.cat(pos), window)
-                masks.gathered[window] = v.block_mask() if flex_masks else v.dense()
+                masks.gathered[window] = v.block_mask() if flex_masks else v.additive(dtype)
             elif document_ids is None and not 0 < window < seq_len:
                 masks.steps[window] = None  # plain causal: the three unmasked step shapes
             else:
-                masks.steps[window] = [vis(pos[(self.rank - s) % self.cp], window).dense() for s in range(self.cp)]
+                steps = [vis(pos[(self.rank - s) % self.cp], window) for s in range(self.cp)]
+                masks.steps[window] = [(v.additive(dtype), v.dense().any(-1)) for v in steps]
         return masks
 
 
@@ -182,158 +175,4 @@ class ContextParallelAttention(nn.Module):
             if isinstance(mask, BlockMask):
                 return flex(q, k_all, v_all, mask)
             return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
-        return _RingAttention.apply(q, k, v, masks.ring(window, q.dtype), self.group, self.rank)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The ring
-
-
-class _Exchange:
-    """Send `tensor` to the next rank of the ring and receive the previous rank's, posted now, waited for later."""
-
-    def __init__(self, tensor: torch.Tensor, group, rank: int):
-        size = dist.get_world_size(group)
-        self.received = torch.empty_like(tensor)
-        self.works = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, tensor, dist.get_global_rank(group, (rank + 1) % size), group),
-            dist.P2POp(dist.irecv, self.received, dist.get_global_rank(group, (rank - 1) % size), group)])
-
-    def wait(self) -> torch.Tensor:
-        for work in self.works:
-            work.wait()
-        return self.received
-
-
-def _step_shape(step: int, src: int, rank: int, seq: int, masked: bool):
-    """(query rows, key rows, causal) of one ring step: with masks all of them; without, the load-balanced causal
-    structure (the own block causally; an earlier rank's first chunk for every query; a later rank's whole block
-    for the second chunk's queries, which come after it)."""
-    every, half = slice(0, seq), seq // 2
-    if masked:
-        return every, every, False
-    if step == 0:
-        return every, every, True
-    return (every, slice(0, half), False) if src < rank else (slice(half, seq), every, False)
-
-
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, step_masks, group, rank):
-        cp, seq = dist.get_world_size(group), q.shape[2]
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
-        kv, n_k, rests = torch.cat([k.flatten(), v.flatten()]), k.numel(), []
-        for step in range(cp):
-            pending = _Exchange(kv, group, rank) if step < cp - 1 else None  # in flight while this block computes
-            kb, vb = kv[:n_k].view(k.shape), kv[n_k:].view(v.shape)
-            src = (rank - step) % cp
-            rows, cols, causal = _step_shape(step, src, rank, seq, step_masks is not None)
-            mask, visible = step_masks[step] if step_masks is not None else (None, None)
-            o, l, rest = _block_forward(q[:, :, rows], kb[:, :, cols], vb[:, :, cols], causal, mask)
-            if visible is not None:  # a row that sees no key of this block adds nothing (the kernel says lse 0)
-                l = l.masked_fill(~visible, float("-inf"))
-            new = torch.logaddexp(lse[:, :, rows], l)
-            out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new)[..., None]
-                               + o.float() * torch.exp(l - new)[..., None])
-            lse[:, :, rows] = new
-            rests.append(rest)
-            if pending is not None:
-                kv = pending.wait()
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.step_masks, ctx.group, ctx.rank, ctx.rests = step_masks, group, rank, rests
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        step_masks, group, rank = ctx.step_masks, ctx.group, ctx.rank
-        cp, seq = dist.get_world_size(group), q.shape[2]
-        grad_out = grad_out.contiguous()
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv, n_k = torch.cat([k.flatten(), v.flatten()]), k.numel()
-        dkv = None
-        for step in range(cp):
-            pending = _Exchange(kv, group, rank) if step < cp - 1 else None
-            kb, vb = kv[:n_k].view(k.shape), kv[n_k:].view(v.shape)
-            src = (rank - step) % cp
-            rows, cols, causal = _step_shape(step, src, rank, seq, step_masks is not None)
-            mask = step_masks[step][0] if step_masks is not None else None
-            dq_s, dk_s, dv_s = _block_backward(grad_out[:, :, rows], q[:, :, rows], kb[:, :, cols], vb[:, :, cols],
-                                               out[:, :, rows], lse[:, :, rows].contiguous(), causal, mask,
-                                               ctx.rests[step])
-            dq[:, :, rows] += dq_s.float()
-            mine = torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)
-            mine[0][:, :, cols], mine[1][:, :, cols] = dk_s.float(), dv_s.float()
-            # The accumulator of this block came from the previous rank (zero at step 0); add ours, pass it on.
-            dkv = mine if dkv is None else dkv + mine
-            dkv = _Exchange(dkv, group, rank).wait()
-            if pending is not None:
-                kv = pending.wait()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One block: a fused kernel that returns the log-sum-exp, and its backward
-
-
-def _block_forward(q, k, v, causal: bool, mask: torch.Tensor | None):
-    """(output in q's dtype, log-sum-exp in fp32 (batch, heads, q_len), what the backward needs) of one block;
-    `mask` additive in q's dtype (CPU only)."""
-    if q.device.type == "cpu":  # the CPU flash kernel reads grouped K/V heads itself
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)
-        return out, lse.float(), None
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if q.dtype in (torch.float16, torch.bfloat16):
-        out, lse, *rest = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
-        return out, lse.float(), ("flash", rest[:6])
-    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)
-    return out, lse[..., : q.shape[2]].float(), ("efficient", (seed, offset, lse.shape[-1]))
-
-
-def _block_backward(grad_out, q, k, v, out, lse, causal: bool, mask: torch.Tensor | None, rest):
-    """This block's share of dq, dk, dv (dk, dv at k's head count), given the merged output and log-sum-exp."""
-    if q.device.type == "cpu":
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask)
-    groups, rep = k.shape[1], q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    kind, saved = rest
-    if kind == "flash":
-        cum_q, cum_k, max_q, max_k, seed, offset = saved
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse.to(torch.float32), cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset)
-    else:
-        seed, offset, lse_len = saved
-        lse = F.pad(lse, (0, lse_len - lse.shape[-1]))  # the kernel's own (padded) layout
-        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            grad_out, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], causal)
-    fold = lambda g: g.unflatten(1, (groups, rep)).sum(2)  # noqa: E731 - back to the grouped K/V heads
-    return dq, fold(dk), fold(dv)
-
-
-def check_block_kernels(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seq: int = 256,
-                        heads: int = 8, kv_heads: int = 2, head_dim: int = 64, seed: int = 0) -> dict[str, float]:
-    """The per-block kernels of the ring against autograd through SDPA, on one device without a process group: for
-    each step shape (causal, unmasked, half the queries, half the keys), the largest relative difference of the
-    output, the lse-derived output and q/k/v gradients. For scripts/gpu_check: CPU tests cover the CPU kernels."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, seq, head_dim, generator=g).to(device, dtype)
-    k, v = (torch.randn(1, kv_heads, seq, head_dim, generator=g).to(device, dtype) for _ in range(2))
-    grad = torch.randn(q.shape, generator=g).to(device, dtype)
-    worst = {}
-    everything, first, second = slice(None), slice(0, seq // 2), slice(seq // 2, None)
-    for rows, cols, causal in ((everything, everything, True), (everything, everything, False),
-                               (everything, first, False), (second, everything, False)):
-        qs, ks, vs = (t[:, :, s].contiguous().requires_grad_() for t, s in ((q, rows), (k, cols), (v, cols)))
-        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
-        ref.backward(grad[:, :, rows])
-        out, lse, rest = _block_forward(qs.detach(), ks.detach(), vs.detach(), causal, None)
-        grads = _block_backward(grad[:, :, rows].contiguous(), qs.detach(), ks.detach(), vs.detach(), out, lse,
-                                causal, None, rest)
-        for label, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, qs.grad, ks.grad, vs.grad)):
-            diff = ((got.float() - want.float()).norm() / want.float().norm()).item()
-            worst[label] = max(worst.get(label, 0.0), diff)
-    return worst
+        return RingAttention.apply(q, k, v, masks.ring(window), self.group, self.rank)

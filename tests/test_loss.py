@@ -1,0 +1,93 @@
+"""The chunked loss (titan/objectives/token.py:HeadLoss): the output projection and the cross-entropy over chunks of
+the sequence, each recomputed in backward, give the loss of the whole logits within 1e-6 relative (fp32) and the same
+gradients, for the token loss (also with LoRA on the output projection) and for DPO's per-sequence log-probabilities;
+only one chunk's logits exist at a time. The layouts (TP with loss parallel, PP's last stage, FSDP) are in
+tests/test_parallel.py and tests/test_finetune.py, in their existing launches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_utils import rel_error
+from memory_probe import SavedActivations, storages
+
+from titan.config import LoRA
+from titan.data.pretrain import IGNORE_INDEX
+from titan.models import lora
+from titan.models.llama import Transformer, model_args
+from titan.objectives import HeadLoss
+
+TOL = 1e-6
+VOCAB = 512
+
+
+def _model(seed=0, output_lora=False):
+    torch.manual_seed(seed)
+    model = Transformer(model_args("tiny", vocab_size=VOCAB, max_seq_len=64))
+    model.init_weights()
+    if output_lora:
+        lora.apply_lora(model, LoRA(enable=True, rank=4, target_modules=["wq", "output"]))
+        lora.init_adapters(model)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, lora.LoRALinear):
+                    m.lora_b.normal_(std=0.05)
+    return model
+
+
+def _batch(rows=3, seq=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (rows, seq + 1), generator=g)
+    labels = tokens[:, 1:].clone()
+    labels[torch.rand(labels.shape, generator=g) < 0.3] = IGNORE_INDEX  # masked prompt tokens, padding
+    return tokens[:, :-1], labels
+
+
+def _loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn(model)
+    loss.sum().backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("chunk_tokens", [6, 21, 60, 1000])  # 2, 7, 20 tokens per row; the last = one chunk
+@pytest.mark.parametrize("kind", ["token_loss", "row_logps", "lora_output"])
+def test_chunked_loss_equals_the_whole_logits_loss(kind, chunk_tokens, one_thread):
+    tokens, labels = _batch()
+    model = _model(output_lora=kind == "lora_output")
+
+    def full(m):
+        m.output_hidden = False
+        out = m(tokens)
+        return HeadLoss().row_logps(out, labels) if kind == "row_logps" else HeadLoss()(out, labels)
+
+    def chunked(m):
+        m.output_hidden = True
+        loss = HeadLoss(m.output, chunk_tokens)
+        return loss.row_logps(m(tokens), labels) if kind == "row_logps" else loss(m(tokens), labels)
+
+    ref, ref_grads = _loss_and_grads(model, full)
+    got, got_grads = _loss_and_grads(model, chunked)
+    assert rel_error(got, ref) < TOL, (got, ref)
+    assert ref_grads.keys() == got_grads.keys()
+    for name, g in got_grads.items():
+        assert rel_error(g, ref_grads[name]) < TOL, name
+    if kind == "lora_output":
+        assert "output.lora_b" in got_grads  # the head's adapter trains through the chunks
+
+
+def test_chunked_forward_keeps_no_logits(one_thread):
+    """What the forward leaves for backward: the whole-logits loss keeps (batch x seq x vocab) floats; the chunked
+    one keeps none of them (only the hidden states each chunk recomputes from)."""
+    tokens, labels = _batch(rows=2, seq=64)
+    model = _model()
+    kept = {}
+    for name, hidden, loss in (("full", False, HeadLoss()), ("chunked", True, HeadLoss(model.output, 16))):
+        model.output_hidden = hidden
+        with SavedActivations() as probe:
+            out = loss(model(tokens), labels)
+        kept[name] = probe.live_bytes(storages([model]))
+        out.backward()
+    logits = 2 * 64 * VOCAB * 4
+    assert kept["full"] - kept["chunked"] >= logits, kept
