@@ -7,6 +7,7 @@ ORPO) and its statistics against a re-computation from its paper's formula."""
 
 import copy
 import json
+import logging
 import math
 from dataclasses import replace
 
@@ -29,6 +30,7 @@ from titan.data.chat import (
     pad_rows,
     read_conversations,
     read_preferences,
+    sft_rows,
 )
 from titan.data.documents import DATASETS
 from titan.data.pretrain import IGNORE_INDEX, document_positions
@@ -447,6 +449,15 @@ def test_pack_rows_synthetic():
     assert rows[1]["input"][6:].tolist() == examples[2][0].tolist()  # of equal lengths, file order
     valid = sum(int((r["label"] != IGNORE_INDEX).sum()) for r in rows)
     assert valid == sum(int((e[1] != IGNORE_INDEX).sum()) for e in examples)
+
+
+def test_packing_logs_its_fill_ratio(tok, caplog):
+    """The line docs/fine_tuning.md shows, from train_configs/debug_sft.toml's data."""
+    cfg = Training(dataset="tiny_chat", seq_len=256)
+    with caplog.at_level(logging.INFO, logger="titan"):
+        sft_rows("training", cfg, SFT(packing=True), tok, 256, "train")
+    line = "data: training packs 400 conversations into 69 rows of 256 tokens, 94.7% full (best-fit decreasing)"
+    assert line in caplog.text and line in (REPO / "docs" / "fine_tuning.md").read_text()
 
 
 def test_pack_rows_fills_best_fit_decreasing_rows():
@@ -1004,3 +1015,18 @@ def test_trl_conventions_equal_trls_formulas(mesh):
     torch.testing.assert_close(got.double(), trl_orpo, rtol=1e-6, atol=0)
     assert objective.metrics(mesh)["chosen_reward"] == pytest.approx(float(log_odds.new_tensor(0) + (
         avg_c - torch.log1p(-torch.exp(avg_c))).mean()), rel=1e-5)
+
+
+def test_benchmark_packing_gives_the_figures_docs_quote():
+    """scripts/benchmark_packing.py's default mix (seeded, so exact): best-fit decreasing fills >= 95 % of the rows,
+    and docs/performance.md and docs/fine_tuning.md quote its figures."""
+    from dist_utils import load_script
+
+    r = load_script("benchmark_packing").measure(20000, 4096, 400.0, 1.0)
+    assert r["best_fit_fill"] >= 0.95 > r["in_order_fill"]
+    perf = (REPO / "docs" / "performance.md").read_text()
+    row = (f"| best-fit decreasing (titan) | {r['best_fit_rows']:,} | {r['best_fit_fill']:.2%} |\n"
+           f"| in file order (before) | {r['in_order_rows']:,} | {r['in_order_fill']:.2%} |")
+    assert row in perf and f"{r['tokens']:,} tokens" in perf
+    fine = (REPO / "docs" / "fine_tuning.md").read_text()
+    assert f"{r['best_fit_fill']:.2%} full, against {r['in_order_fill']:.1%}".replace("%", " %") in fine
