@@ -47,7 +47,7 @@ from titan.parallel import float8
 from titan.parallel.context_parallel import check_masking, check_seq_len
 from titan.parallel.mesh import ParallelDims, check_model_fits
 from titan.parallel.parallelize import materialize, parallelize
-from titan.parallel.pipeline import SPLIT_BACKWARD, Pipeline
+from titan.parallel.pipeline import Pipeline
 from titan.parallel.process_group import init_distributed, set_timeouts
 from titan.parallel.qlora import quantize_bases
 from titan.parallel.semi_sync import Replicas, build_replicas
@@ -274,7 +274,7 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
         for part in parts:
             if part.output is not None:
                 loss_fn.head, loss_fn.chunk_tokens, part.output_hidden = part.output, t.loss_chunk_tokens, True
-        loss_fn.reentrant = dims.pp == 1 or cfg.parallelism.pipeline_parallel_schedule not in SPLIT_BACKWARD
+        loss_fn.reentrant = dims.pp == 1  # a pipeline stage's backward goes through autograd.grad (torch 2.13)
     return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb, n_active)
 
 

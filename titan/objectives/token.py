@@ -64,7 +64,7 @@ class HeadLoss:
     head: nn.Module | None = None
     chunk_tokens: int = 0
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum
-    reentrant: bool = True  # False where backward is split (autograd.grad): see _over_chunks
+    reentrant: bool = True  # False where backward runs through autograd.grad (pipeline stages): see _over_chunks
 
     def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._over_chunks(self.loss, output, labels)
@@ -88,8 +88,8 @@ class HeadLoss:
         # Checkpointed: forward keeps only each chunk's loss; backward recomputes that chunk's logits alone. The
         # reentrant form runs each chunk's backward on its own, so the head's weight gradient goes into .grad chunk
         # by chunk; the other form sums the chunks' weight gradients in one more buffer of the weight's size first.
-        # It cannot serve autograd.grad (a split backward: zero-bubble pipeline schedules), or a hidden state that
-        # needs no gradient (only the head trains).
+        # It cannot serve autograd.grad (pipeline stages' backward, torch 2.13), or a hidden state that needs no
+        # gradient (only the head trains).
         reentrant = self.reentrant and output.requires_grad
         return sum(checkpoint(chunk_loss, output[:, i:i + step], labels[:, i:i + step], use_reentrant=reentrant,
                               preserve_rng_state=False) for i in range(0, seq, step))

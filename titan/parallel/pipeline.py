@@ -26,7 +26,6 @@ from titan.parallel.expert_parallel import keep_statistics_out_of
 _CANDIDATES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
                "DualPipeV")
 _V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
-SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")  # input and weight gradients apart
 
 
 def schedule_names() -> list[str]:

@@ -116,7 +116,7 @@ def _block_forward(q, k, v, causal: bool, mask: torch.Tensor | None):
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)
         return out, lse.float(), None
     rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q, k, v = q.contiguous(), k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # slices: contiguous
     if q.dtype in (torch.float16, torch.bfloat16):
         out, lse, *rest = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
         return out, lse.float(), ("flash", rest[:6])
@@ -131,6 +131,7 @@ def _block_backward(grad_out, q, k, v, out, lse, causal: bool, mask: torch.Tenso
             grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask)
     groups, rep = k.shape[1], q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    grad_out, q, out = grad_out.contiguous(), q.contiguous(), out.contiguous()
     kind, saved = rest
     if kind == "flash":
         cum_q, cum_k, max_q, max_k, seed, offset = saved
@@ -149,7 +150,7 @@ def check_block_kernels(device: str = "cuda", dtype: torch.dtype = torch.bfloat1
                         heads: int = 8, kv_heads: int = 2, head_dim: int = 64, seed: int = 0) -> dict[str, float]:
     """The per-block kernels of the ring against autograd through SDPA, on one device without a process group: for
     each step shape (causal, unmasked, half the queries, half the keys), the largest relative difference of the
-    output, the lse-derived output and q/k/v gradients. For scripts/gpu_check: CPU tests cover the CPU kernels."""
+    output and of the q/k/v gradients. For scripts/gpu_check: CPU tests cover the CPU kernels."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, heads, seq, head_dim, generator=g).to(device, dtype)
     k, v = (torch.randn(1, kv_heads, seq, head_dim, generator=g).to(device, dtype) for _ in range(2))
