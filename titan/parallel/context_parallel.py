@@ -10,19 +10,12 @@ is per token and needs nothing else.
 Attention needs every earlier key, so each rank sees all K/V blocks, one of two ways (`context_parallel_rotate_method`),
 with K/V at their own (grouped-query) head count, in the training dtype:
   allgather: gather K and V from every rank once (autograd-aware functional collectives: backward reduce-scatters
-             their gradients) and attend with the rank's mask over the gathered keys (SDPA + boolean mask on CPU,
-             FlexAttention + BlockMask on CUDA).
-  ring:      pass K/V around the ring, cp - 1 hops, each hop posted before the current block is computed. Each step
-             runs a fused kernel that returns its output and log-sum-exp (SDPA's flash kernels), and the steps are
-             merged exactly: with lse the running log-sum-exp and O the running output, a block (o, l) gives
-                 lse' = log(e^lse + e^l),   O' = O e^(lse - lse') + o e^(l - lse').
-             Backward re-runs the kernels' backward per block with the merged O and lse (which yields that block's
-             share of the gradient), passing dK/dV accumulators around the ring behind the K/V; after cp hops they
-             are back on the rank that owns the block. Never more than two K/V blocks in memory.
-Without documents or windows a ring step is one of three unmasked shapes (the local block causally; an earlier
-rank's first chunk seen by all queries; a later rank's whole block seen by the second chunk's queries), as in
-PyTorch's own ring; with them, every step takes this rank's mask for that block (CPU only: on CUDA masked context
-parallelism runs `allgather`, whose FlexAttention needs no dense mask).
+             their gradients) and attend with the rank's mask over the gathered keys (SDPA with a dense mask on CPU,
+             FlexAttention with a BlockMask on CUDA).
+  ring:      pass K/V around the ring, each hop posted before the current block is computed, every block through a
+             fused kernel that returns its log-sum-exp, merged exactly (titan/parallel/ring_attention.py). Without
+             documents or windows a step is one of three unmasked shapes, as in PyTorch's own ring; with them every
+             step takes this rank's dense mask for that block (CPU only: on CUDA masked attention runs `allgather`).
 
 PyTorch's `context_parallel` (torch 2.13) dispatches SDPA through DTensor: it has no CPU strategy, so no layout of
 it can be checked against the single process here, and it takes no attention mask, so document masking needs these
