@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark_common import device_name, git_commit  # noqa: E402
 
 from titan.data.pretrain import IGNORE_INDEX  # noqa: E402
 from titan.objectives import HeadLoss  # noqa: E402
@@ -66,7 +69,7 @@ def measure(vocab: int, dim: int, tokens: int, chunk_tokens: int, device: str = 
                           ("chunked", lambda: HeadLoss(head, chunk_tokens)(hidden, labels))):
         out = {}
 
-        def step():
+        def step(loss_fn=loss_fn, out=out):  # bound now: the loop moves on
             for t in (hidden, head.weight):  # gradient buffers in place, as a model's are after its first step
                 t.grad = torch.zeros_like(t) if t.grad is None else t.grad.zero_()
             loss = loss_fn()
@@ -80,7 +83,8 @@ def measure(vocab: int, dim: int, tokens: int, chunk_tokens: int, device: str = 
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     result.update(
         vocab=vocab, dim=dim, tokens=tokens, chunk_tokens=chunk_tokens, dtype=str(dtype).removeprefix("torch."),
-        device=device.type, torch_version=torch.__version__,
+        device=device.type, device_name=device_name(device), torch_version=torch.__version__, commit=git_commit(),
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
         peak_ratio=result["whole"]["peak_bytes"] / result["chunked"]["peak_bytes"],
         loss_rel_diff=abs(result["chunked"]["loss"] - result["whole"]["loss"]) / abs(result["whole"]["loss"]),
         grad_rel_diff=max(rel(a, b) for a, b in zip(grads["chunked"], grads["whole"])))

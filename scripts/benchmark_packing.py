@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(args.conversations, args.seq_len, args.median, args.sigma)
     print(f"{r['conversations']:,} conversations (lognormal, median {r['median']:g}, sigma {r['sigma']:g}), "
           f"{r['tokens']:,} tokens, rows of {r['seq_len']}:")
-    print(f"  best-fit decreasing  {r['best_fit_rows']:>7,} rows  {r['best_fit_fill']:.2%} full  ({r['seconds']:.2f} s)")
+    print(f"  best-fit decreasing  {r['best_fit_rows']:>7,} rows  {r['best_fit_fill']:.2%} full  "
+          f"({r['seconds']:.2f} s)")
     print(f"  in file order        {r['in_order_rows']:>7,} rows  {r['in_order_fill']:.2%} full")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))

@@ -34,8 +34,8 @@ MAX_LINES = {"titan/train.py": 300, **{str(p.relative_to(REPO)): 200 for p in (R
 MAX_CLASS_LINES = 250
 MAX_FUNCTION_LINES = 60
 # titan/ today, with a little room; raise it in the change that needs more (#29: +1,160; #27: +200; #32, Muon, bf16
-# optimizer states and DiLoCo: +540)
-TITAN_TOTAL_LINES = 11_700
+# optimizer states and DiLoCo: +540; #26, attention seam, CP on fused kernels, chunked loss: +700)
+TITAN_TOTAL_LINES = 12_400
 WHOLE_CONFIG_TAKERS = {"build", "dry_run", "memory", "config", "config_io", "train"}  # the modules that split it
 TITAN_MODULE_NAMES = {p.stem for p in (REPO / "titan").rglob("*.py")} - {"__init__"}  # `hf._x` and the like
 

@@ -118,7 +118,8 @@ LAYOUTS = {
 }
 QWEN3 = str(REPO / "tests" / "configs" / "tiny_qwen3.toml")
 TINY_SFT = str(REPO / "tests" / "configs" / "tiny_sft.toml")
-CHUNKED_PAIRS = {"fsdp2_chunked_loss": "fsdp2", "tp2_chunked_loss": "tp2", "pp2_chunked_loss": "pp2_1F1B"}  # within CHUNK_TOL of each other
+# Each chunked layout within CHUNK_TOL of the same layout unchunked.
+CHUNKED_PAIRS = {"fsdp2_chunked_loss": "fsdp2", "tp2_chunked_loss": "tp2", "pp2_chunked_loss": "pp2_1F1B"}
 CHUNK_TOL = 1e-6
 
 # DiLoCo (titan/parallel/semi_sync.py) on 2 replica groups x 2 FSDP shards, in the 4-rank spawn. Plain SGD with H = 1,
