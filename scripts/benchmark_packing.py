@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark_common import git_commit  # noqa: E402
 
 from titan.data.chat import pack_rows  # noqa: E402
 
@@ -50,7 +53,8 @@ def measure(n: int, seq_len: int, median: float, sigma: float) -> dict:
     tokens, in_order = sum(lengths), in_order_rows(lengths, seq_len)
     return {"conversations": n, "seq_len": seq_len, "median": median, "sigma": sigma, "tokens": tokens,
             "best_fit_rows": len(rows), "best_fit_fill": tokens / (len(rows) * seq_len), "seconds": seconds,
-            "in_order_rows": in_order, "in_order_fill": tokens / (in_order * seq_len)}
+            "in_order_rows": in_order, "in_order_fill": tokens / (in_order * seq_len), "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def main(argv: list[str] | None = None) -> int:

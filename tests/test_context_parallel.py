@@ -85,3 +85,24 @@ def test_seq_len_not_divisible_names_the_key():
         check_seq_len(30, 2, 1)
     with pytest.raises(ConfigError, match=r"training.seq_len=36"):
         check_seq_len(36, 2, 2)
+
+
+def test_masked_ring_on_cuda_is_refused_in_one_line():
+    """The one combination that cannot work: the ring's per-block masks are dense (CPU only), so masked attention
+    (documents, packing, windows) under the ring on CUDA is refused naming the key; the dry run checks as on CUDA."""
+    from dist_utils import REPO
+
+    from titan import config_io, dry_run
+    from titan.errors import ConfigError
+    from titan.parallel.context_parallel import check_masking
+
+    with pytest.raises(ConfigError, match=r"^parallelism.context_parallel_rotate_method=ring with document masking"):
+        check_masking(2, "ring", True, "cuda")
+    for allowed in ((2, "ring", True, "cpu"), (2, "allgather", True, "cuda"), (2, "ring", False, "cuda"),
+                    (1, "ring", True, "cuda")):
+        check_masking(*allowed)
+    argv = ["--config", str(REPO / "tests" / "configs" / "tiny.toml"), "--parallelism.context_parallel_degree", "2",
+            "--parallelism.context_parallel_rotate_method", "ring", "--training.document_masking"]
+    with pytest.raises(ConfigError, match="on CUDA use allgather"):
+        dry_run.run(config_io.load(argv), 2)
+    dry_run.run(config_io.load([*argv[:-2], "allgather", argv[-1]]), 2)  # allgather: FlexAttention block masks
