@@ -12,11 +12,11 @@ import torch
 from dist_utils import rel_error
 from memory_probe import SavedActivations, storages
 
-from titan.config import LoRA
+from titan.config import DPO, LoRA
 from titan.data.pretrain import IGNORE_INDEX
 from titan.models import lora
 from titan.models.llama import Transformer, model_args
-from titan.objectives import HeadLoss
+from titan.objectives import DPOLoss, HeadLoss
 
 TOL = 1e-6
 VOCAB = 512
@@ -78,6 +78,31 @@ def test_chunked_loss_equals_the_whole_logits_loss(kind, chunk_tokens, one_threa
         assert rel_error(g, ref_grads[name]) < TOL, name
     if kind.startswith("lora"):
         assert "output.lora_b" in got_grads  # the head's adapter trains through the chunks
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "orpo"])
+def test_chunked_preference_objective_equals_the_whole_logits_one(loss, one_thread):
+    """DPOLoss over the chunked head: DPO's and IPO's per-row log-probabilities (against fixed reference ones, as a
+    precomputed reference gives them) and ORPO's pooled NLL (TRL's default, the chosen rows' head run once more,
+    chunked too) give the whole-logits objective within 1e-6, gradients too."""
+    tokens, labels = _batch(rows=4)
+    batch = {"input": tokens, "label": labels, "sequence_label": labels.clone()}
+    if loss != "orpo":
+        batch["reference_logps"] = torch.randn(4, generator=torch.Generator().manual_seed(3)) - 60
+    cfg = DPO(loss=loss, precompute_reference=loss != "orpo")
+    model = _model()
+
+    def objective(chunked):
+        def fn(m):
+            m.output_hidden = chunked
+            return DPOLoss(cfg, head_loss=HeadLoss(m.output, 21) if chunked else HeadLoss())(m, batch)
+        return fn
+
+    ref, ref_grads = _loss_and_grads(model, objective(False))
+    got, got_grads = _loss_and_grads(model, objective(True))
+    assert rel_error(got, ref) < TOL, (got, ref)
+    for name, g in got_grads.items():
+        assert rel_error(g, ref_grads[name]) < TOL, name
 
 
 def test_chunked_forward_keeps_no_logits(one_thread):
