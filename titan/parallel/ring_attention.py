@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from titan.parallel.activation_checkpoint import recompute_all
+
 aten = torch.ops.aten
 
 
@@ -51,27 +53,8 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, step_masks, group, rank):
-        cp, seq = dist.get_world_size(group), q.shape[2]
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
-        kv, n_k, rests = torch.cat([k.flatten(), v.flatten()]), k.numel(), []
-        for step in range(cp):
-            pending = _Exchange(kv, group, rank) if step < cp - 1 else None  # in flight while this block computes
-            kb, vb = kv[:n_k].view(k.shape), kv[n_k:].view(v.shape)
-            src = (rank - step) % cp
-            rows, cols, causal = _step_shape(step, src, rank, seq, step_masks is not None)
-            mask, visible = step_masks[step] if step_masks is not None else (None, None)
-            o, l, rest = _block_forward(q[:, :, rows], kb[:, :, cols], vb[:, :, cols], causal, mask)
-            if visible is not None:  # a row that sees no key of this block adds nothing (the kernel says lse 0)
-                l = l.masked_fill(~visible, float("-inf"))
-            new = torch.logaddexp(lse[:, :, rows], l)
-            out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new)[..., None]
-                               + o.float() * torch.exp(l - new)[..., None])
-            lse[:, :, rows] = new
-            rests.append(rest)
-            if pending is not None:
-                kv = pending.wait()
-        out = out.to(q.dtype)
+        with recompute_all():  # selective op AC would keep every hop's kernel output; the ring keeps its own state
+            out, lse, rests = _ring_forward(q, k, v, step_masks, group, rank)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.step_masks, ctx.group, ctx.rank, ctx.rests = step_masks, group, rank, rests
         return out
@@ -103,6 +86,31 @@ class RingAttention(torch.autograd.Function):
             if pending is not None:
                 kv = pending.wait()
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def _ring_forward(q, k, v, step_masks, group, rank):
+    """(output in q's dtype, log-sum-exp, each step's kernel state for backward): every block in turn, merged."""
+    cp, seq = dist.get_world_size(group), q.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+    kv, n_k, rests = torch.cat([k.flatten(), v.flatten()]), k.numel(), []
+    for step in range(cp):
+        pending = _Exchange(kv, group, rank) if step < cp - 1 else None  # in flight while this block computes
+        kb, vb = kv[:n_k].view(k.shape), kv[n_k:].view(v.shape)
+        src = (rank - step) % cp
+        rows, cols, causal = _step_shape(step, src, rank, seq, step_masks is not None)
+        mask, visible = step_masks[step] if step_masks is not None else (None, None)
+        o, l, rest = _block_forward(q[:, :, rows], kb[:, :, cols], vb[:, :, cols], causal, mask)
+        if visible is not None:  # a row that sees no key of this block adds nothing (the kernel says lse 0)
+            l = l.masked_fill(~visible, float("-inf"))
+        new = torch.logaddexp(lse[:, :, rows], l)
+        out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new)[..., None]
+                           + o.float() * torch.exp(l - new)[..., None])
+        lse[:, :, rows] = new
+        rests.append(rest)
+        if pending is not None:
+            kv = pending.wait()
+    return out.to(q.dtype), lse, rests
 
 
 # ---------------------------------------------------------------------------------------------------------------
