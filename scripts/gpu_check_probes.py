@@ -14,10 +14,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from titan.models.layers import SDPA, RMSNorm, RMSNormFunction, document_mask
+from titan.models.attention import MaskBuilder, compare_kernels, document_mask, random_documents
+from titan.models.layers import SDPA, RMSNorm, RMSNormFunction
 from titan.models.moe import MoE
+from titan.parallel.ring_attention import check_block_kernels
 from titan.profiling import HostReads
 
 ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -102,40 +105,58 @@ def host_syncs(device: torch.device):
 
 
 def attention(device: torch.device, small: bool) -> dict[str, tuple[str, dict, str]]:
-    """titan's attention module (`SDPA`, whatever kernel it picks) at Llama 3 8B's attention shape (32 query heads
-    of 128, 8 K/V heads, 4,096 tokens, bf16), forward + backward, per call pattern: causal GQA (no mask), packed
-    documents (a block-diagonal causal mask), context parallelism's all-gather pattern (this rank's half of the
-    queries against all keys, offset causal mask: torch-level, as the CP kernel computes it), and FlexAttention
-    with the document mask where torch has it."""
-    seq, hq, hkv, d = (64, 4, 2, 16) if small else (4096, 32, 8, 128)
+    """titan's attention at Llama 3 8B's attention shape (32 query heads of 128, 8 K/V heads, 8,192 tokens, bf16),
+    forward + backward, per call pattern (issue 26's GPU rows): causal GQA with no mask (`SDPA`: flash or cuDNN, as
+    torch picks) and with cuDNN forced; lognormal packed documents (mean 1,024 tokens) through titan's seam (a
+    FlexAttention BlockMask on CUDA) and, for comparison, as the dense boolean mask SDPA took before the seam;
+    context parallelism's all-gather pattern (this rank's half of the queries against all keys, offset causal mask);
+    FlexAttention against the dense mask (titan/models/attention.py:compare_kernels: output and gradient
+    differences, each one's peak memory); and the CP ring's per-block kernels against autograd
+    (titan/parallel/ring_attention.py:check_block_kernels)."""
+    seq, hq, hkv, d = (256, 4, 2, 16) if small else (8192, 32, 8, 128)
     dtype = torch.float32 if small and device.type == "cpu" else torch.bfloat16
 
     def qkv(n):
         return [torch.randn(1, h, n, d, device=device, dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv)]
 
-    docs = torch.zeros(1, seq, dtype=torch.long, device=device)
-    docs[:, seq // 3:] = 1
-    doc_mask = document_mask(docs)
+    mean_doc = 16.0 if small else 1024.0
+    docs = random_documents(1, seq, mean_doc, torch.Generator().manual_seed(0)).to(device)
+    seam_masks = MaskBuilder({0})(docs, None, dtype)  # what Transformer.forward builds once per batch
+    dense_mask = document_mask(docs)[:, None]
     half = seq // 2
     cp_mask = (torch.arange(seq, device=device)[None, :] <= torch.arange(half, device=device)[:, None] + half)
     sdpa = SDPA()
+
+    def cudnn_causal(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
     cases = {
-        "attention causal GQA": lambda: _fwd_bwd(lambda q, k, v: sdpa(q, k, v), *qkv(seq)),
-        "attention document mask": lambda: _fwd_bwd(lambda q, k, v: sdpa(q, k, v, doc_mask), *qkv(seq)),
-        "attention CP all-gather": lambda: _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(
-            q[:, :, :half], k, v, attn_mask=cp_mask, enable_gqa=True), *qkv(seq)),
+        "attention causal GQA": lambda q, k, v: sdpa(q, k, v),
+        "attention cuDNN causal": cudnn_causal,
+        "attention document mask": lambda q, k, v: sdpa(q, k, v, seam_masks),
+        "attention dense document mask": lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense_mask, enable_gqa=True),
+        "attention CP all-gather": lambda q, k, v: F.scaled_dot_product_attention(
+            q[:, :, :half], k, v, attn_mask=cp_mask, enable_gqa=True),
     }
     rows = {}
-    for name, fn in cases.items():
+    for name, attend in cases.items():
+        if name == "attention cuDNN causal" and device.type != "cuda":
+            rows[name] = ("SKIP", {}, "cuDNN attention needs CUDA")
+            continue
         try:
+            fn = lambda attend=attend: _fwd_bwd(attend, *qkv(seq))  # noqa: E731
             kernel = attention_kernel(fn)
-            ms = timed(fn, device, reps=1 if small else 3)
+            figures = {"kernel": kernel, "fwd_bwd_ms": timed(fn, device, reps=1 if small else 3), "seq": seq,
+                       "peak_bytes": peak_bytes(fn, device)}
             note = "the math fallback materialises the scores: slow and memory-hungry" if kernel == "math" else ""
-            rows[name] = ("WARN" if kernel == "math" and device.type == "cuda" else "PASS",
-                          {"kernel": kernel, "fwd_bwd_ms": ms, "seq": seq}, note)
+            slow = kernel == "math" and device.type == "cuda" and name != "attention dense document mask"
+            rows[name] = ("WARN" if slow else "PASS", figures, note)
         except Exception as e:  # noqa: BLE001 - a probe reports, the next one runs
             rows[name] = ("FAIL", {}, short_error(e))
-    rows["attention flex (document mask)"] = _flex(device, small, seq, qkv, docs)
+    rows["attention flex (document mask)"] = _flex(device, small, seq, mean_doc, dtype)
+    rows["attention CP ring blocks"] = _ring_blocks(device, small, dtype)
     return rows
 
 
@@ -143,26 +164,42 @@ def _fwd_bwd(attend, q, k, v):
     attend(q, k, v).float().sum().backward()
 
 
-def _flex(device, small, seq, qkv, docs):
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return "SKIP", {}, "torch has no FlexAttention"
+def peak_bytes(fn, device: torch.device) -> int | None:
+    """Peak memory allocated while fn() runs, above what was allocated before (CUDA; None elsewhere)."""
     if device.type != "cuda":
-        return "SKIP", {}, "FlexAttention's backward needs a GPU (torch 2.13)"
-    try:
-        def same_doc_causal(b, h, q_idx, kv_idx):
-            return (docs[b, q_idx] == docs[b, kv_idx]) & (q_idx >= kv_idx)
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
-        block_mask = create_block_mask(same_doc_causal, 1, None, seq, seq, device=device)
-        compiled = torch.compile(flex_attention)
-        q, k, v = qkv(seq)
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(docs).unsqueeze(1), enable_gqa=True)
-        out = compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
-        diff = float((out.float() - ref.float()).abs().max())
-        ms = timed(lambda: _fwd_bwd(lambda a, b, c: compiled(a, b, c, block_mask=block_mask, enable_gqa=True),
-                                    *qkv(seq)), device, reps=3)
-        return ("PASS" if diff < 2e-2 else "FAIL"), {"fwd_bwd_ms": ms, "max_diff_vs_sdpa": round(diff, 5)}, ""
+
+def _flex(device, small, seq, mean_doc, dtype):
+    """compare_kernels: titan's BlockMask through FlexAttention against SDPA with the dense mask. On CPU the
+    forward alone (torch 2.13's FlexAttention has no CPU backward)."""
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    try:
+        r = compare_kernels(device.type, seq_len=seq, n_heads=4 if small else 32, n_kv_heads=2 if small else 8,
+                            head_dim=16 if small else 128, mean_doc_len=mean_doc, dtype=dtype)
+        worst = max(v for k, v in r.items() if k.endswith("_rel_diff"))
+        note = "" if device.type == "cuda" else "forward only: FlexAttention has no CPU backward (torch 2.13)"
+        return ("PASS" if worst < tol else "FAIL"), {k: round(v, 6) if isinstance(v, float) else v
+                                                      for k, v in r.items()}, note
+    except Exception as e:  # noqa: BLE001
+        return "FAIL", {}, short_error(e)
+
+
+def _ring_blocks(device, small, dtype):
+    """The ring's fused per-block kernels (forward with log-sum-exp, backward from the merged output) against
+    autograd through SDPA, for every step shape."""
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    try:
+        shape = dict(seq=48, heads=4, kv_heads=2, head_dim=8) if small else dict(seq=4096, heads=32, kv_heads=8,
+                                                                                head_dim=128)
+        worst = check_block_kernels(device.type, dtype, **shape)
+        return ("PASS" if max(worst.values()) < tol else "FAIL"), {k: round(v, 6) for k, v in worst.items()}, ""
     except Exception as e:  # noqa: BLE001
         return "FAIL", {}, short_error(e)
 

@@ -10,8 +10,8 @@ pipelining) at a fixed global batch (training.global_batch_size, or with -1 the 
 drops those titan's own checks reject (as the printed flags would be checked) or whose fullest rank does not fit
 (titan.memory's estimate, the dry run's), and ranks the rest by a simple cost model (docs/planning.md): compute per
 rank at `mfu` of the peak, stretched by the pipeline bubble, plus the communication each axis leaves exposed.
-Parameter shards come from the shapes (`titan.memory.state_from_shapes`, held equal to the dry run's real shards by
-tests/test_dry_run.py). `--verify K` also dry-runs the first K suggestions with the real builder.
+Parameter shards come from the shapes (`titan.memory_shards.state_from_shapes`, held equal to the dry run's real shards
+by tests/test_dry_run.py). `--verify K` also dry-runs the first K suggestions with the real builder.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.pipelining import PipelineStage
 
-from titan import config, config_io, memory, models
+from titan import config, config_io, memory, memory_shards, models
 from titan.build import build_model_args, gradient_accumulation_steps
 from titan.dry_run import fake_process_group, tokenizer_or_vocab
 from titan.dry_run import run as dry_run
@@ -177,7 +177,7 @@ class Model:
         self.args = args
         self.n_params, self.n_embedding = count_params(model)
         self.n_active = active_params(model)  # what FLOPs count: MoE experts a token does not reach are left out
-        shapes = memory.named_shapes(model)
+        shapes = memory_shards.named_shapes(model)
         # Blocks come in kinds (dense or Mixture-of-Experts: DeepSeek-V3's first layers, mlp_only_layers): each
         # layer's shapes are those of the first block of its kind.
         kinds = {memory.is_moe_layer(args, i): i for i in reversed(range(args.n_layers))}
@@ -194,7 +194,7 @@ class Model:
         moe = [memory.is_moe_layer(self.args, i) for i in layers]
         shapes = [(n.format(i), s) for i, kind in zip(layers, moe) for n, s in self.block[kind]]
         shapes += (self.embedding if first else []) + (self.head if last else [])
-        return memory.state_from_shapes(shapes, tp, fsdp, self.args.tie_embeddings, ep)
+        return memory_shards.state_from_shapes(shapes, tp, fsdp, self.args.tie_embeddings, ep)
 
 
 def schedule_profiles(schedule: str, pp: int, n_micro: int) -> list:

@@ -347,3 +347,20 @@ def test_command_line_flags(capsys):
         config_io.load(["--dry_run"])
     _, flags = config_io.load_run(["--dry_run", "--world_size=4", "--device_memory_gib", "141"])
     assert (flags.dry_run, flags.world_size, flags.device_memory_gib) == (True, 4, 141.0)
+
+
+def test_validation_at_the_8b_preset_fits_as_docs_planning_says():
+    """Validation's own micro-batch (training's shapes by default) and the chunked loss: the 8B preset's peak while
+    validating is counted, below the step's, and docs/planning.md quotes both figures."""
+    argv = ["--config", str(REPO / "train_configs" / "llama3_8b.toml"), "--validation.enable"]
+    result = _dry(argv, 8)
+    e = result.ranks[0].estimate
+    assert result.fits and 0 < e.validation < e.total and e.peak == e.total
+    doc = (REPO / "docs" / "planning.md").read_text()
+    gib = 2**30
+    assert f"reports {e.total / gib:.2f} GiB for the step and {e.validation / gib:.2f} GiB while validating" in doc
+    old_logits = 8 * 8192 * 128256 * (2 + 4) / gib  # 8 sequences' bf16 logits and fp32 copy, unchunked
+    assert f"logits alone took about {old_logits:.0f} GiB" in doc
+    # A validation batch that would not fit is named in the verdict.
+    big = _dry([*argv, "--validation.local_batch_size", "64", "--training.loss_chunk_tokens", "0"], 8)
+    assert not big.fits and "while validating" in big.worst.estimate.verdict(big.device_bytes)

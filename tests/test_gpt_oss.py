@@ -40,7 +40,7 @@ def test_parameter_counts(flavor):
         model = models.build_model(models.model_args("gpt_oss", flavor))
     assert (count_params(model)[0], active_params(model)) == COUNTS[flavor]
     window = models.model_args("gpt_oss", flavor).sliding_window
-    assert [model.layers[str(i)].attention.sdpa.window for i in range(4)] == [window, None, window, None]
+    assert [model.layers[str(i)].attention.window for i in range(4)] == [window, 0, window, 0]
 
 
 def test_sink_scores_take_4_gib_per_sequence_and_layer_at_4096_tokens():

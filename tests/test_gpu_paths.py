@@ -498,16 +498,20 @@ def test_gpu_check_plumbing_runs_end_to_end(tmp_path, capsys, one_thread):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     rows = {r["check"]: r for r in report["checks"]}
     assert report["mode"] == "plumbing" and set(rows) == {
-        "attention causal GQA", "attention document mask", "attention CP all-gather", "attention flex (document mask)",
-        "rmsnorm fused bf16", "moe grouped GEMM", "train bf16 eager", "host syncs per step", "peak memory vs estimate",
+        "attention causal GQA", "attention cuDNN causal", "attention document mask", "attention dense document mask",
+        "attention CP all-gather", "attention flex (document mask)", "attention CP ring blocks", "rmsnorm fused bf16",
+        "moe grouped GEMM", "train bf16 eager", "host syncs per step", "peak memory vs estimate",
         "train bf16 compiled", "train float8 tensorwise compiled", "train float8 rowwise compiled",
         "checkpoint async pinned", "cpu offload"}
     skipped = {name for name, r in rows.items() if r["status"] == "SKIP"}
-    assert skipped == {"attention flex (document mask)", "peak memory vs estimate", "train bf16 compiled",
-                       "cpu offload"}, rows
+    assert skipped == {"attention cuDNN causal", "peak memory vs estimate", "train bf16 compiled", "cpu offload"}, rows
     assert all(r["status"] == "PASS" for name, r in rows.items() if name not in skipped), rows
     assert rows["host syncs per step"]["figures"]["per_step"] == [[2, 1], [3, 1]]  # the guard's read alone
     assert rows["moe grouped GEMM"]["figures"]["syncs_fwd_bwd"] == 0
+    # Issue 26's attention rows: flex against the dense mask (forward on CPU), the ring's blocks, the seam's kernel.
+    assert set(rows["attention flex (document mask)"]["figures"]) >= {"out_rel_diff", "sparsity"}
+    assert set(rows["attention CP ring blocks"]["figures"]) == {"out", "dq", "dk", "dv"}
+    assert rows["attention causal GQA"]["figures"]["seq"] == 256
     assert rows["checkpoint async pinned"]["figures"]["steps_equal_after_resume"] == [3, 4]
     table = capsys.readouterr().out
     assert "check" in table and all(name in table.split("gpu_check (plumbing")[1] for name in rows)

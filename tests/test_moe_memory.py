@@ -98,7 +98,7 @@ def test_sink_attention_activations_match_a_real_run_and_grow_with_the_square_of
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
 def test_planner_shards_equal_the_dry_run_for_mla_and_sinks(family):
-    """The planner's shards from shapes (titan/memory.py:shard_numel: MLA's per-head projections split by TP, its
+    """The planner's shards from shapes (titan/memory_shards.py:shard_numel: MLA's per-head projections split by TP, its
     latents replicated; biases with their linears; gpt-oss's sinks by head) equal the dry run's real ones."""
     plan = load_script("plan")
     config = str(REPO / "tests" / "configs" / f"tiny_{family}.toml")

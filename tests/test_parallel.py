@@ -8,12 +8,19 @@ groups x 2 shards in the 4-rank spawn too (SEMI_SYNC: its identity with HSDP, it
 The global batch (8 sequences) and seed are fixed, so every layout sees the same samples per step and starts from
 the same weights (titan.parallel.parallelize.materialize); only the split of work over ranks differs.
 
+The `masked_*` layouts train with document masking (block-causal attention inside each window of many documents,
+positions restarting with each) against their own single-process run: FSDP, TP, CP (both rotate methods), PP and
+CP x TP; `sft_cp2_tp2` does the same for packed SFT (the other packed layouts are in tests/test_finetune.py). The
+`*_chunked_loss` layouts compute the output projection and the loss in chunks: within 1e-6 of the same layout's
+unchunked run (TP with loss parallel, PP's last stage).
+
 The same spawns also run the docs' `torchrun ... -m titan.train` commands for 2 steps (tests/test_docs.py leaves
 them here: one spawn per world size instead of a torchrun launch each).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +39,7 @@ RING = ["--parallelism.context_parallel_rotate_method", "ring"]
 # fp32 Newton-Schulz like every parity run (bf16's rounding would turn 1e-7 differences of summation order into 1e-3).
 MUON = ["--optimizer.name", "muon", "--optimizer.lr", "0.02", "--optimizer.adamw_lr", "3e-3",
         "--optimizer.muon_ns_dtype", "float32"]
+CHUNKED = ["--training.loss_chunk_tokens", "16"]  # 2 rows x 32 tokens per micro-batch: 4 chunks of 8 tokens a row
 
 
 def _schedule(name):
@@ -95,8 +103,24 @@ LAYOUTS = {
     "muon_fsdp2": (2, 2, MUON),
     "muon_tp2": (2, 1, MUON + TP),
     "muon_fsdp2_tp2": (4, 2, MUON + TP),
+    # Document masking (compared to "masked_reference"), packed SFT ("sft_reference"), the chunked loss.
+    "masked_fsdp2": (2, 2, []),
+    "masked_tp2": (2, 1, TP + _whole_batch(1)),
+    "masked_cp2": (2, 1, CP + _whole_batch(1)),
+    "masked_cp2_ring": (2, 1, CP + RING + _whole_batch(1)),
+    "masked_pp2": (2, 1, PP),
+    "masked_cp2_tp2": (4, 1, CP + TP + _whole_batch(1)),
+    "masked_fsdp2_tp2": (4, 2, TP + _whole_batch(2)),
+    "sft_cp2_tp2": (4, 1, CP + TP + RING + _whole_batch(1)),
+    "fsdp2_chunked_loss": (2, 2, CHUNKED),
+    "tp2_chunked_loss": (2, 1, TP + CHUNKED),
+    "pp2_chunked_loss": (2, 1, PP + _schedule("1F1B") + CHUNKED),
 }
 QWEN3 = str(REPO / "tests" / "configs" / "tiny_qwen3.toml")
+TINY_SFT = str(REPO / "tests" / "configs" / "tiny_sft.toml")
+# Each chunked layout within CHUNK_TOL of the same layout unchunked.
+CHUNKED_PAIRS = {"fsdp2_chunked_loss": "fsdp2", "tp2_chunked_loss": "tp2", "pp2_chunked_loss": "pp2_1F1B"}
+CHUNK_TOL = 1e-6
 
 # DiLoCo (titan/parallel/semi_sync.py) on 2 replica groups x 2 FSDP shards, in the 4-rank spawn. Plain SGD with H = 1,
 # outer lr 1 and no momentum is the identity: the mean of the replicas' SGD steps is the SGD step of the mean gradient
@@ -121,22 +145,34 @@ STEPS = ["--training.steps", "6", "--validation.freq", "6"]  # 6 steps keep 35 l
 
 
 def _argv(folder, extra=()):
-    config = QWEN3 if Path(folder).name.startswith("qwen3") else TINY
-    return ["--config", config, "--job.dump_folder", str(folder), *STEPS, *extra]
+    name = Path(folder).name
+    config = QWEN3 if name.startswith("qwen3") else TINY_SFT if name.startswith("sft") else TINY
+    masked = ["--training.dataset_path", str(Path(folder).parent / "documents.jsonl"), "--training.document_masking",
+              "--training.reset_positions"] if name.startswith("masked") else []
+    return ["--config", config, "--job.dump_folder", str(folder), *STEPS, *masked, *extra]
 
 
 def _reference(layout: str) -> str:
-    return next((f"{family}_reference" for family in ("qwen3", "muon") if layout.startswith(family)), "reference")
+    return next((f"{p}_reference" for p in ("qwen3", "muon", "masked", "sft") if layout.startswith(p)), "reference")
 
 
-REFERENCES = {"reference": [], "qwen3_reference": [], "muon_reference": MUON}
+REFERENCES = {"reference": [], "qwen3_reference": [], "muon_reference": MUON, "masked_reference": [],
+              "sft_reference": []}
+
+
+def _documents(path: Path) -> None:
+    """The Austen paragraphs as documents: a 32-token window holds several, so masking changes the attention."""
+    text = (REPO / "titan" / "assets" / "data" / "austen" / "train.txt").read_text()[:100_000]
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in text.split("\n\n") if p.strip()))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Metrics of the single-process reference and of every layout (grouped by world size: one spawn each)."""
     root = tmp_path_factory.mktemp("layouts")
-    assert all(main(_argv(root / name, extra)) == 0 for name, extra in REFERENCES.items())
+    _documents(root / "documents.jsonl")
+    references = {**REFERENCES, "unmasked_documents": ["--training.dataset_path", str(root / "documents.jsonl")]}
+    assert all(main(_argv(root / name, extra)) == 0 for name, extra in references.items())
     assert all(main(_argv(root / n, extra)) == 0 for n, (w, _, extra) in LAYOUTS.items() if w == 1)
     spawns = {}  # world size -> argvs
     for n, (world, _, extra) in LAYOUTS.items():
@@ -152,7 +188,7 @@ def runs(tmp_path_factory):
                 run_layouts(world, argvs)
     finally:
         os.chdir(cwd)
-    names = [*REFERENCES, *LAYOUTS, *SEMI_SYNC, *(f"docs{i}" for i in range(len(torchrun_commands())))]
+    names = [*references, *LAYOUTS, *SEMI_SYNC, *(f"docs{i}" for i in range(len(torchrun_commands())))]
     return {n: read_metrics(root / n, validation=True) for n in names}
 
 
@@ -167,6 +203,21 @@ def test_layout_matches_single_process(runs, layout):
     assert len(val_got) == ("--validation.enable" not in LAYOUTS[layout][2])
     if LAYOUTS[layout][1] == 1 and val_got:
         assert max_rel_diff(val_got, val_ref) < TOL
+
+
+@pytest.mark.parametrize("layout, plain", list(CHUNKED_PAIRS.items()))
+def test_chunked_loss_equals_the_whole_logits_loss(runs, layout, plain):
+    """Step 1 (the same weights and data): loss and gradient norm within 1e-6 of the same layout unchunked; the
+    later steps match the single process as every layout does (test_layout_matches_single_process)."""
+    got, ref = [r for r in runs[layout] if "loss" in r], [r for r in runs[plain] if "loss" in r]
+    for key in ("loss", "grad_norm"):
+        assert abs(got[0][key] - ref[0][key]) < CHUNK_TOL * abs(ref[0][key]), key
+
+
+def test_document_masking_changes_the_run(runs):
+    """Guards the masked layouts against a vacuous comparison: on the same documents without the mask (and with the
+    boundary labels) the first loss differs."""
+    assert runs["masked_reference"][0]["loss"] != runs["unmasked_documents"][0]["loss"]
 
 
 @pytest.mark.parametrize("i, command", list(enumerate(torchrun_commands())),

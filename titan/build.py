@@ -32,13 +32,15 @@ from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 from titan.evaluation import InLoop
 from titan.lifecycle import RunLock, claim_dump_folder
+from titan.memory import attention_is_masked
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora, moe
 from titan.models.layers import Transformer, TransformerArgs, count_params
-from titan.objectives import DPOLoss, GRPOLoss, KTOLoss, Objective, TokenLoss, cross_entropy_sum, reference
+from titan.objectives import DPOLoss, GRPOLoss, HeadLoss, KTOLoss, Objective, TokenLoss, cross_entropy_sum, reference
+from titan.objectives.token import loss_chunking
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.parallel import float8
-from titan.parallel.context_parallel import check_seq_len, shard_rope
+from titan.parallel.context_parallel import check_masking, check_seq_len
 from titan.parallel.mesh import ParallelDims, check_model_fits
 from titan.parallel.parallelize import materialize, parallelize
 from titan.parallel.pipeline import Pipeline
@@ -213,11 +215,26 @@ def honour_new_settings(cfg: Config, checkpointer, optimizer, scheduler) -> None
 
 def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> TransformerArgs:
     """The family's flavor with the tokenizer's vocabulary, checked against the parallel degrees."""
+    v = cfg.validation
+    longest = max(cfg.training.seq_len, v.seq_len if v.enable else 0)  # the RoPE table covers both
     args = models.model_args(cfg.model.name, cfg.model.flavor, tokenizer_vocab=vocab_size, moe=cfg.moe,
-                             mtp=cfg.model, max_seq_len=cfg.training.seq_len)
+                             mtp=cfg.model, max_seq_len=longest)
     check_model_fits(dims, args)
     check_seq_len(cfg.training.seq_len, dims.cp, dims.tp)
+    if v.enable:
+        check_seq_len(v.seq_len, dims.cp, dims.tp, key="validation.seq_len")
     return args
+
+
+def loss_chunk_tokens(cfg: Config, dims: ParallelDims) -> int:
+    """training.loss_chunk_tokens where a micro-batch (training's, validation's) has more tokens on a rank, else 0;
+    GRPO, KTO and multi-token prediction (its loss runs in the model) take whole logits."""
+    t, v = cfg.training, cfg.validation
+    if t.recipe in ("grpo", "kto") or cfg.model.mtp_layers:
+        return 0
+    rows = cfg.parallelism.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
+    tokens = rows * (2 if t.recipe == "dpo" else 1) * t.seq_len
+    return loss_chunking(t.loss_chunk_tokens, max(tokens, v.local_batch_size * v.seq_len if v.enable else 0) // dims.cp)
 
 
 def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh], dims: ParallelDims,
@@ -225,12 +242,14 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
     """This rank's model parts with every parallel axis applied; with `weights=False` (the dry run) they stay on the
     meta device: every layout check runs and every local shard has its real shape, but nothing is allocated."""
     t = cfg.training
+    check_masking(dims.cp, cfg.parallelism.context_parallel_rotate_method, attention_is_masked(cfg, args),
+                  device.type)
     # Built on the meta device, so even a 405B model costs nothing until it is sharded and materialised.
     with torch.device("meta"):
         model = models.build_model(args)
     (n_params, n_emb), n_active = count_params(model), moe.active_params(model)
     compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
-    loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
+    loss_fn = HeadLoss(loss=torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum)
 
     def build_part(part: torch.nn.Module, adapters: bool = cfg.lora.enable) -> torch.nn.Module:
         """The same for a whole model and for a pipeline stage: LoRA adapters, parallel axes, then real weights."""
@@ -239,8 +258,6 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
         parallelize(part, mesh, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, t, cfg.float8)
         if weights:
             materialize(part, device, t.seed, cfg.lora if adapters else None, cpu_offload=t.enable_cpu_offload)
-            if dims.cp > 1:
-                shard_rope(part, mesh["cp"])
         return part.train()
 
     if dims.pp > 1:
@@ -250,6 +267,11 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
         parts = pipeline.parts
     else:
         pipeline, parts = None, [build_part(model)]
+    if loss_chunk_tokens(cfg, dims):  # the part with the output projection leaves it to the (chunked) loss
+        for part in parts:
+            if part.output is not None:
+                loss_fn.head, loss_fn.chunk_tokens, part.output_hidden = part.output, t.loss_chunk_tokens, True
+        loss_fn.reentrant = dims.pp == 1  # a pipeline stage's backward goes through autograd.grad (torch 2.13)
     return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb, n_active)
 
 
@@ -347,7 +369,7 @@ def build_objective(cfg: Config, model: ModelParts, args: TransformerArgs, autoc
         return reference_model(model, args, cfg.lora, cfg.checkpoint)
 
     if recipe == "dpo":
-        return DPOLoss(cfg.dpo, reference() if needs_reference(cfg) else None, autocast)
+        return DPOLoss(cfg.dpo, reference() if needs_reference(cfg) else None, autocast, model.loss_fn)
     if recipe == "grpo":
         return GRPOLoss(cfg.grpo, reference() if needs_reference(cfg) else None, autocast, rollouts)
     if recipe == "kto":
@@ -396,22 +418,24 @@ def frozen_reference(model: ModelParts, args: TransformerArgs) -> Transformer:
     load)."""
     with torch.device("meta"):
         frozen = models.build_model(args)
-    return model.build_part(frozen, adapters=False).eval().requires_grad_(False)
+    frozen = model.build_part(frozen, adapters=False).eval().requires_grad_(False)
+    frozen.output_hidden = model.parts[0].output_hidden  # chunked like the policy
+    return frozen
 
 
 def reference_model(model: ModelParts, args: TransformerArgs, lora_cfg: LoRA, checkpoint: Checkpoint):
-    """tokens -> the frozen reference model's logits (DPO, KTO, GRPO's KL). With LoRA: the policy with its adapters
-    switched off (the base weights never change). Else a second model holding the initial weights."""
-    policy = model.parts[0]
+    """batch -> the frozen reference's log p(batch["label"]) per position (rows, seq; 0 unlabelled) for DPO, KTO and
+    GRPO's KL: the policy with LoRA's adapters off, else a second model holding the initial weights."""
+    policy, head_loss = model.parts[0], model.loss_fn
     if lora_cfg.enable:
-        def reference(tokens):
-            with lora.disabled(model.parts):
-                return policy(tokens)
+        def reference(batch):
+            with lora.disabled(model.parts):  # the head's adapters too, when the loss runs the head
+                return head_loss.token_logps(policy(batch["input"]), batch["label"])
         return reference
     frozen = frozen_reference(model, args)
     load_initial_weights([frozen], checkpoint)  # the policy's starting point (seeded init if none is set)
-    return frozen
-
+    frozen_loss = HeadLoss(frozen.output if head_loss.head is not None else None, head_loss.chunk_tokens)
+    return lambda batch: frozen_loss.token_logps(frozen(batch["input"]), batch["label"])
 
 def build_rollouts(cfg: Config, args: TransformerArgs, tokenizer, prompts, model: ModelParts, mesh, grad_accum: int,
                    device: torch.device, autocast, loss_context) -> Rollouts:

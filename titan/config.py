@@ -191,6 +191,10 @@ class Training:
     seq_len: int = opt(2048, "tokens per sequence", valid=POSITIVE)
     steps: int = opt(10000, "optimizer steps to train", valid=POSITIVE)
     max_norm: float = opt(1.0, "gradient-norm clipping threshold (<= 0 disables clipping)", valid=Range())
+    loss_chunk_tokens: int = opt(
+        2048, "the output projection and the loss run over chunks of this many tokens, recomputed in backward, so "
+        "only one chunk's logits are held; a micro-batch that fits in one chunk runs whole; 0 = never chunk",
+        valid=NON_NEGATIVE)
     seed: int = opt(0, "seed for weights and data order", valid=Range(0, 2**32 - 1))
     deterministic: bool = opt(False, "use deterministic algorithms: CPU runs become bitwise repeatable")
     mixed_precision_param: str = opt(
@@ -297,7 +301,11 @@ class Validation:
         "", "a prepared folder, or text files or a folder of them (as training.dataset_path); overrides the named "
         "dataset's validation split"
     )
-    local_batch_size: int = opt(8, "sequences per validation batch on each data-parallel rank", valid=POSITIVE)
+    local_batch_size: int = opt(
+        AUTO, "sequences per validation batch on each data-parallel rank; -1 = training.local_batch_size",
+        valid=Range(0, lo_open=True, also=(AUTO,)))
+    seq_len: int = opt(AUTO, "tokens per validation sequence; -1 = training.seq_len",
+                       valid=Range(0, lo_open=True, also=(AUTO,)))
     freq: int = opt(100, "validate every N steps", valid=POSITIVE)
     steps: int = opt(10, "batches per validation; -1 = the whole split", valid=Range(0, lo_open=True, also=(AUTO,)))
     lm_eval_tasks: list[str] = opt(
@@ -398,8 +406,7 @@ class SFT:
     )
     train_on_prompt: bool = opt(False, "also train on system/user tokens (default: loss on assistant replies only)")
     packing: bool = opt(
-        False, "pack several conversations per sequence, each attending only to itself (not with pipeline or "
-        "context parallelism)"
+        False, "pack several conversations per sequence (best fit), each attending only to itself"
     )
 
 
@@ -722,7 +729,7 @@ def _validate_mtp(cfg: Config) -> None:
 
 
 def _validate_data(cfg: Config) -> None:
-    t, p = cfg.training, cfg.parallelism
+    t = cfg.training
     if t.dataset_paths:
         if t.dataset_path:
             raise ConfigError("training.dataset_path and training.dataset_paths are both set; use one (a single "
@@ -741,25 +748,30 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError("training.dataset_weights is set without training.dataset_paths")
     if t.reset_positions and not t.document_masking:
         raise ConfigError("training.reset_positions needs training.document_masking = true")
-    if t.document_masking:
-        if t.recipe != "pretrain":
-            raise ConfigError(f"training.document_masking applies to training.recipe = pretrain (got {t.recipe}); "
-                              f"SFT masks packed conversations with sft.packing")
-        for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
-                            ("context_parallel_degree", p.context_parallel_degree)):
-            if degree > 1:
-                raise ConfigError(f"training.document_masking needs a per-token attention mask, which parallelism."
-                                  f"{key}={degree} does not pass on; set training.document_masking = false")
+    if t.document_masking and t.recipe != "pretrain":
+        raise ConfigError(f"training.document_masking applies to training.recipe = pretrain (got {t.recipe}); "
+                          f"SFT masks packed conversations with sft.packing")
+    _validate_validation(cfg)
+
+
+def _validate_validation(cfg: Config) -> None:
+    """Validation's shapes default to training's (-1); under pipeline parallelism they must be training's, whose
+    micro-batch shapes the schedule was built for."""
+    t, v = cfg.training, cfg.validation
+    if v.seq_len == AUTO:
+        v.seq_len = t.seq_len
+    if v.local_batch_size == AUTO:
+        v.local_batch_size = t.local_batch_size
+    if v.enable and cfg.parallelism.pipeline_parallel_degree > 1:
+        for key, value, train in (("seq_len", v.seq_len, t.seq_len),
+                                  ("local_batch_size", v.local_batch_size, t.local_batch_size)):
+            if value != train:
+                raise ConfigError(f"validation.{key}={value} differs from training.{key}={train}, which pipeline "
+                                  f"parallelism's schedule needs (its micro-batches have training's shape)")
 
 
 def _validate_finetuning(cfg: Config) -> None:
     t, p = cfg.training, cfg.parallelism
-    if cfg.sft.packing and t.recipe == "sft":
-        for key, degree in (("pipeline_parallel_degree", p.pipeline_parallel_degree),
-                            ("context_parallel_degree", p.context_parallel_degree)):
-            if degree > 1:
-                raise ConfigError(f"sft.packing needs a per-token attention mask, which parallelism.{key}={degree} "
-                                  f"does not pass on; set sft.packing = false")
     if t.recipe in ("dpo", "grpo", "kto"):
         needs = "whole sequences' log-probabilities on one rank" + (", and generates with the whole model"
                                                                    if t.recipe == "grpo" else "")

@@ -43,6 +43,7 @@ from titan.errors import ConfigError
 from titan.memory import Estimate, GiB, Stage, StageActivations, Units
 from titan.models.layers import TransformerArgs
 from titan.optim import build_lr_scheduler, build_optimizer
+from titan.parallel.context_parallel import check_masking
 from titan.parallel.mesh import ParallelDims
 from titan.parallel.parallelize import check_options
 
@@ -114,6 +115,8 @@ def run(cfg: Config, world_size: int | None = None, device_memory_gib: float | N
     grad_accum = gradient_accumulation_steps(cfg.training, dims.dp)
     tokenizer, vocab = tokenizer_or_vocab(cfg, notes)
     args = build_model_args(cfg, dims, vocab)
+    check_masking(dims.cp, cfg.parallelism.context_parallel_rotate_method, memory.attention_is_masked(cfg, args),
+                  "cuda")
     cfg = _as_gpu_job(cfg, dims, notes)
     data = tokenizer if tokenizer is not None and _data_present(cfg, notes) else None
     _note_initial_weights(cfg, notes)
@@ -292,6 +295,9 @@ def report(result: DryRun) -> list[str]:
             continue
         lines.append(row(label, [f"{getattr(r.estimate, key) / scale:.2f}" for r in shown]))
     lines.append(row("total", [f"{r.estimate.total / scale:.2f}" for r in shown]))
+    if any(r.estimate.validation for r in shown):  # after the step: no gradients, nothing saved for backward
+        lines.append(row("while validating", [f"{r.estimate.validation / scale:.2f}" if r.estimate.validation
+                                              else "-" for r in shown]))
     if result.dims.pp > 1:
         lines.append(row("micro-batches held", [f"{r.estimate.in_flight:.1f}" for r in shown]))
     worst = result.worst

@@ -71,12 +71,14 @@ class _TitanLM:
     @torch.no_grad()
     def _logprobs(self, ids: list[int]) -> torch.Tensor:
         """log-softmax of the model's logits for one sequence: (len, vocab), fp32."""
-        was_training = self.model.training
+        was_training, hidden = self.model.training, getattr(self.model, "output_hidden", False)
         self.model.eval()
+        self.model.output_hidden = False  # the chunked training loss has it return hidden states: logits here
         try:
             logits = self.model(torch.tensor([ids], device=self._device))[0]
         finally:
             self.model.train(was_training)
+            self.model.output_hidden = hidden
         logits = logits.full_tensor() if isinstance(logits, DTensor) else logits  # loss-parallel TP
         return F.log_softmax(logits.float(), dim=-1)
 

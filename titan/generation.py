@@ -3,7 +3,7 @@
 
 Owns only the decoding loop. The prompts are left-padded to a common length and every row keeps its own RoPE
 positions (0 for its first real token), so a row generates what it would generate alone; the attention mask hides
-the padding. The cache is preallocated for the prompt plus `max_new_tokens` (titan/models/layers.py:KVCache), so
+the padding. The cache is preallocated for the prompt plus `max_new_tokens` (titan/models/kv_cache.py:KVCache), so
 every decoding step has the same shapes and `compiled=True` traces the step once. Sampling draws one uniform number
 per row and step from that row's own generator, so a row's tokens depend on its seed and its logits only, not on
 which other rows share its batch or how a run splits rows over processes (titan/rollout.py seeds each completion by

@@ -11,15 +11,13 @@ formula and lists what the estimate leaves out.
 from __future__ import annotations
 
 import collections
-import math
-from dataclasses import dataclass, fields
-
-import torch
+from dataclasses import dataclass, fields, replace
 
 from titan import config, memory_attention
 from titan.config import DTYPES
-from titan.memory_attention import attention_bytes, latent_bytes, qk_norm_bytes
+from titan.memory_attention import attention_bytes, latent_bytes, mask_bytes, qk_norm_bytes
 from titan.models.layers import TransformerArgs
+from titan.objectives.token import loss_chunking
 from titan.parallel.mesh import ParallelDims
 
 GiB = 2**30
@@ -57,6 +55,9 @@ class MicroBatch:
     cp_method: str = "allgather"
     loss_parallel: bool = True
     ep: int = 1
+    masked: bool = False  # documents in a row, or sliding windows: attention masks (built once per micro-batch)
+    windows: int = 1  # distinct windows of the layers, a mask each
+    loss_chunk: int = 0  # tokens per chunk of the chunked loss (titan/objectives/token.py), 0 = whole logits
 
     @property
     def tokens(self) -> int:
@@ -165,12 +166,21 @@ def local_vocab(args: TransformerArgs, m: MicroBatch) -> int:
     return args.vocab_size // m.tp if m.tp > 1 and m.loss_parallel else args.vocab_size
 
 
+def logit_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
+    """The logits and their fp32 copy, or, chunked, one chunk's logits, fp32 copy and log-softmax: the chunk's
+    forward keeps nothing of them, its recomputation in backward holds them all at once."""
+    copy = FP32 if p.compute != FP32 else 0
+    if not m.loss_chunk:
+        return (p.compute + copy) * m.tokens * local_vocab(args, m)
+    return (p.compute + copy + FP32) * min(m.loss_chunk, m.tokens) * local_vocab(args, m)
+
+
 @dataclass(frozen=True)
 class StageActivations:
     """One micro-batch through one stage (or the whole model): saved bytes and the transients around them."""
 
     saved: int  # held from its forward until its backward
-    logits: int  # the logits and their fp32 copy, alive around the loss (last stage)
+    logits: int  # the logits and their fp32 copy (or one chunk's), alive around the loss (last stage)
     recompute: int  # a checkpointed block's activations, rebuilt during its backward
     all_to_all: int = 0  # expert parallelism's dispatch/combine buffers of one MoE layer
 
@@ -186,18 +196,18 @@ def stage_activations(args: TransformerArgs, m: MicroBatch, p: Precision, ac: co
     if p.autocast:
         saved += sum(n * p.compute * linear_weights(args, m.tp, moe) for (_, moe), n in modes.items())
     between = p.residual * m.tokens_between * args.dim
-    logits = 0
+    logits, saved = 0, saved + mask_bytes(m)
     if first:
         saved += 8 * m.tokens  # int64 token ids
     else:
         saved += between  # the stage's input, which the schedule keeps for its gradient
     if last:
         vocab = local_vocab(args, m)
-        saved += norm_bytes(args, m, p, 1) + FP32 * m.tokens * vocab
-        saved += p.compute * vocab * args.dim if p.autocast else 0
-        logits = (p.compute + (FP32 if p.compute != FP32 else 0)) * m.tokens * vocab
+        saved += norm_bytes(args, m, p, 1) + p.compute * vocab * args.dim * p.autocast
+        saved += 0 if m.loss_chunk else FP32 * m.tokens * vocab  # log-softmax, for backward
+        logits = logit_bytes(args, m, p)
         # Multi-token prediction, per depth: its block (never checkpointed), three norms, eh_proj's input and its own
-        # log-softmax over the vocabulary.
+        # log-softmax over the vocabulary (its loss never chunks: titan/build.py:loss_chunk_tokens).
         if getattr(args, "mtp_layers", 0):
             saved += args.mtp_layers * (block_bytes(args, m, p, "none", True) + 3 * norm_bytes(args, m, p, 1)
                                         + 2 * p.compute * m.tokens * args.dim + FP32 * m.tokens * vocab)
@@ -295,13 +305,14 @@ class Estimate:
     reserve: int
     all_to_all: int = 0  # expert parallelism's dispatch/combine buffers (transient)
     in_flight: float = 1.0  # micro-batches whose activations are held together (pipelining)
+    validation: int = 0  # the peak while validating (after the step: no gradients, nothing saved), 0 = none
 
     LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
               "activations": "activations", "logits": "logits (transient)", "recompute": "recomputed block",
               "fsdp_buffers": "FSDP buffers", "all_to_all": "all-to-all buffers", "reserve": "reserve"}
 
     def parts(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "in_flight"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("in_flight", "validation")}
 
     @property
     def total(self) -> int:
@@ -311,13 +322,20 @@ class Estimate:
         parts = {k: v for k, v in self.parts().items() if k != "reserve"}
         return self.LABELS[max(parts, key=parts.get)]
 
+    @property
+    def peak(self) -> int:
+        """The step's total, or validation's when that is higher."""
+        return max(self.total, self.validation)
+
     def fits(self, device_bytes: int) -> bool:
-        return self.total <= device_bytes
+        return self.peak <= device_bytes
 
     def verdict(self, device_bytes: int) -> str:
-        spare = (device_bytes - self.total) / GiB
+        spare = (device_bytes - self.peak) / GiB
         if spare >= 0:
             return f"fits with {spare:.1f} GiB to spare"
+        if self.validation > self.total:
+            return f"does not fit by {-spare:.1f} GiB while validating (validation.local_batch_size, seq_len)"
         return f"does not fit by {-spare:.1f} GiB; the largest part is {self.dominant()}"
 
 
@@ -330,13 +348,33 @@ def optimizer_bytes(trainable_bytes: int, cfg: config.Config) -> int:
     return moments + (trainable_bytes * (1 + (s.outer_momentum > 0)) if s.method == "diloco" else 0)
 
 
-def micro_batch(cfg: config.Config, dims: ParallelDims) -> MicroBatch:
-    """What one forward pass holds: a pipeline micro-batch, or the whole local batch (DPO rows come in pairs)."""
-    t, p = cfg.training, cfg.parallelism
-    rows = p.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
+def attention_is_masked(cfg: config.Config, args: TransformerArgs) -> bool:
+    """Whether attention needs more than causality: documents in a row (document masking, packed SFT) or windows."""
+    t = cfg.training
+    return t.document_masking or (t.recipe == "sft" and cfg.sft.packing) or any(args.layer_windows)
+
+
+def micro_batch(cfg: config.Config, dims: ParallelDims, args: TransformerArgs, validation: bool = False
+                ) -> MicroBatch:
+    """What one forward pass holds: a pipeline micro-batch, or the whole local batch (DPO rows come in pairs); with
+    `validation`, validation's."""
+    t, p, v = cfg.training, cfg.parallelism, cfg.validation
+    rows = p.pipeline_parallel_microbatch_size if dims.pp > 1 else v.local_batch_size if validation else \
+        t.local_batch_size
     rows *= 2 if t.recipe == "dpo" else 1
-    return MicroBatch(rows, t.seq_len, dims.tp, dims.cp, p.context_parallel_rotate_method, p.enable_loss_parallel,
-                      dims.ep)
+    tokens = max(rows * t.seq_len, v.local_batch_size * v.seq_len if v.enable else 0) // dims.cp
+    masked = attention_is_masked(cfg, args)
+    return MicroBatch(rows, v.seq_len if validation else t.seq_len, dims.tp, dims.cp,
+                      p.context_parallel_rotate_method, p.enable_loss_parallel, dims.ep, masked,
+                      len({args.window(i) for i in range(args.n_layers)}), loss_chunking(t.loss_chunk_tokens, tokens))
+
+
+def validation_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:
+    """Validation's forward holds no activations for backward: one block's at a time (at most what it would save),
+    the residual stream around it, the masks, and the loss's logits (one chunk's when chunked)."""
+    moe = any(is_moe_layer(args, i) for i in range(args.n_layers))
+    return (block_bytes(args, m, p, "none", moe) + 2 * p.residual * m.tokens_between * args.dim + mask_bytes(m)
+            + logit_bytes(args, m, p))
 
 
 @dataclass(frozen=True)
@@ -356,7 +394,7 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
     pipelining), its local parameter bytes (all, and trainable) and its FSDP units. The dry run passes the real
     shards' figures, the planner those from shapes; the activations of one micro-batch per stage come back too."""
     prec = precision(cfg.training, dims.fsdp_enabled)
-    m = micro_batch(cfg, dims)
+    m = micro_batch(cfg, dims, args)
     acts = [stage_activations(args, m, prec, cfg.activation_checkpoint, s.layers, s.first, s.last) for s in stages]
     if profile is None:
         saved, in_flight = acts[0].saved, 1.0
@@ -374,62 +412,7 @@ def estimate_rank(cfg: config.Config, args: TransformerArgs, dims: ParallelDims,
                         logits=max(a.logits for a in acts), recompute=max(a.recompute for a in acts),
                         fsdp_buffers=buffers, reserve=reserve_bytes(device_bytes),
                         all_to_all=max(a.all_to_all for a in acts), in_flight=in_flight)
+    if cfg.validation.enable and any(s.last for s in stages):  # the last stage holds the logits
+        val = validation_bytes(args, micro_batch(cfg, dims, args, validation=True), prec)
+        estimate = replace(estimate, validation=param_bytes + estimate.optimizer + buffers + estimate.reserve + val)
     return estimate, acts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Per-shard sizes from shapes (the planner's; tests hold them equal to the dry run's real shards)
-
-# Which dimension tensor parallelism splits (titan.parallel.tensor_parallel): column-wise linears and the embedding
-# rows split dim 0, row-wise linears dim 1; the norms are replicated.
-# MLA's per-head projections (wq_b, wkv_b) split like wq; its latents (wq_a, wkv_a and their norms) are replicated.
-# A bias splits with a column-wise linear's rows and is replicated on a row-wise one; gpt-oss's sinks split by head.
-_TP_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 0, "output": 0,
-           "wq_b": 0, "wkv_b": 0, "attention.sinks": 0}
-
-
-def shard_numel(shape: tuple[int, ...], name: str, tp: int, fsdp: int, ep: int = 1) -> tuple[int, int]:
-    """(elements of a parameter's shard on rank 0, elements before FSDP's sharding): split by TP where the plan
-    splits it, then FSDP's dim-0 chunk (rank 0's is the largest, rounded up, as DTensor's and FSDP's). Routed
-    experts (stacked by expert) are split by expert over `ep` instead, then by FSDP over the fsdp / ep ranks left
-    (`expert_fsdp`): by expert, or by the hidden dimension where a rank holds fewer experts (titan/parallel/fsdp.py)."""
-    shape = list(shape)
-    leaf = name.split(".")[-2] if name.endswith((".weight", ".bias")) else ".".join(name.split(".")[-2:])
-    if name.endswith(".bias") and _TP_DIM.get(leaf) == 1 or ".shared_expert." in name:
-        leaf = None  # a row-wise linear's bias is added once, whole; an MoE layer's shared expert is not TP-split
-    if ep > 1 and ".experts." in name:
-        shape[0] //= ep
-        fsdp, dim = fsdp // ep, 0 if shape[0] >= fsdp // ep else 1
-        tp_local = math.prod(shape)
-        shape[dim] = -(-shape[dim] // fsdp)
-        return math.prod(shape), tp_local
-    if tp > 1 and leaf in _TP_DIM:
-        shape[_TP_DIM[leaf]] = -(-shape[_TP_DIM[leaf]] // tp)
-    tp_local = math.prod(shape)
-    if fsdp > 1:
-        shape[0] = -(-shape[0] // fsdp)
-    return math.prod(shape), tp_local
-
-
-def state_from_shapes(named_shapes: list[tuple[str, tuple[int, ...]]], tp: int, fsdp: int,
-                      tied: bool = False, ep: int = 1) -> tuple[int, Units]:
-    """(parameter elements on rank 0, FSDP units) of a stage's (or the whole model's) parameters, by name; FSDP
-    shards over `fsdp` ranks (1: no FSDP), routed experts over `ep` x the rest. A tied embedding belongs to the
-    head's unit (the root); a block's experts count in its unit (gathered while it computes)."""
-    total, embedding, blocks, head = 0, 0, {}, 0
-    for name, shape in named_shapes:
-        local, tp_local = shard_numel(shape, name, tp, fsdp, ep)
-        total += local
-        if name.startswith("tok_embeddings") and not tied:
-            embedding += tp_local
-        elif name.startswith(("layers.", "mtp.")):  # a block, or a multi-token prediction depth: a unit each
-            block = ".".join(name.split(".")[:2])
-            blocks[block] = blocks.get(block, 0) + tp_local
-        else:
-            head += tp_local
-    return total, Units(embedding, list(blocks.values()), head)
-
-
-def named_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, global shape) of each parameter, tied ones once."""
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]

@@ -71,13 +71,24 @@ def attention_bytes(args, m, p) -> int:
     if m.cp == 1:
         return e * t * (q + k + v + out) + lse
     if m.cp_method == "ring":
-        # _RingAttention saves q, k, v (K/V repeated to every query head) and its fp32 output; wo then saves the
-        # output re-laid (and cast) for its input.
-        cast = e * t * out if e != FP32 else 0
-        return e * t * (2 * q + out) + FP32 * t * out + cast + e * t * out + lse
-    # allgather: K and V of the whole sequence, and the boolean causal mask of this rank's queries against all keys.
-    local = m.seq_len // m.cp
-    return e * t * (q + out) + e * t * m.cp * (k + v) + lse + local * m.seq_len
+        # RingAttention (titan/parallel/ring_attention.py) saves q, k and v with their own heads (MLA's v zero-padded
+        # to k's head size, and the output as wide), its output and lse; wo saves the output re-laid.
+        ring_v, ring_out = (k, q) if is_mla(args) else (v, out)
+        return e * t * (q + k + ring_v + ring_out) + e * t * out + lse
+    # allgather: K and V of the whole sequence (the mask is the batch's, `mask_bytes`).
+    return e * t * (q + out) + e * t * m.cp * (k + v) + lse
+
+
+def mask_bytes(m) -> int:
+    """The micro-batch's attention masks, built once for all layers (titan/models/attention.py) and held until its
+    backward: on a GPU, FlexAttention BlockMasks of int32 tile counts and indices (by key tile and by query tile,
+    partial and full) for rows x query tiles x key tiles, one per distinct window (CP's allgather needs one even
+    for plain causal attention: its keys come in rank order). The CPU's dense masks are not modelled."""
+    gathered = m.cp > 1 and m.cp_method == "allgather"
+    if not (m.masked or gathered):
+        return 0
+    tiles = -(-m.seq_len // m.cp // 128) * -(-m.seq_len // (1 if gathered else m.cp) // 128)
+    return 16 * m.windows * (m.rows if m.masked else 1) * tiles
 
 
 def matmul_outputs(args, tp: int) -> int:

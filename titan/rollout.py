@@ -41,7 +41,8 @@ from titan.errors import ConfigError
 from titan.generation import Sampling, generate
 from titan.lifecycle import agree
 from titan.models import lora
-from titan.objectives.grpo import group_advantages, token_logps
+from titan.objectives.grpo import group_advantages
+from titan.objectives.token import token_logps
 from titan.parallel.process_group import gather_objects
 
 logger = logging.getLogger("titan")

@@ -50,7 +50,7 @@ def forward_backward(run: Run, batch: dict[str, torch.Tensor], n_items: torch.Te
     with run.loss_context():
         if run.pipeline is not None:
             with run.autocast():  # only bf16 without FSDP autocasts; here it also spans the schedule's backward
-                return run.pipeline.step(batch["input"], batch["label"], n_items)
+                return run.pipeline.step(batch["input"], batch["label"], n_items, objectives.model_inputs(batch))
         loss = run.objective(run.model_parts[0], batch) / n_items  # logits are freed inside: only the loss is kept
         loss.backward()
     return loss.detach()
@@ -61,7 +61,7 @@ def forward_loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with run.loss_context():
         if run.pipeline is not None:
             with run.autocast():
-                return run.pipeline.forward_loss(batch["input"], batch["label"])
+                return run.pipeline.forward_loss(batch["input"], batch["label"], objectives.model_inputs(batch))
         return run.objective(run.model_parts[0], batch)
 
 

@@ -19,6 +19,7 @@ Every SFT format becomes the same list of messages, so a conversation renders to
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,32 +294,35 @@ def pad_rows(examples: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, pa
 
 
 def pack_rows(examples: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, pad_id: int) -> list[dict]:
-    """Examples laid end to end, in order, a new row whenever the next does not fit; "document_ids" numbers them
-    within the row (padding is one more document, so it attends only to itself) and "positions" restart at 0 with
-    each, so every example is trained as if it were alone."""
-    rows, current = [], []
+    """Several examples per row, best-fit decreasing: the longest first (ties in file order), each into the open
+    row whose free space it fills best (the fullest that has room; of equally full rows, the earliest), or a new
+    row. Rows come in the order they were opened, examples within a row in the order they were placed, so the rows
+    are the same on every rank and in every run. "document_ids" number the examples within the row (padding is one
+    more document, so it attends only to itself) and "positions" restart at 0 with each, so every example is trained
+    as if it were alone."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
+    members: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row), sorted: the best fit is the first with enough space
+    for i in order:
+        n = len(examples[i][0])
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            members.append([i])
+            bisect.insort(free, (seq_len - n, len(members) - 1))
+        else:
+            space, row = free.pop(at)
+            members[row].append(i)
+            bisect.insort(free, (space - n, row))
+    return [_packed_row([examples[i] for i in row], seq_len, pad_id) for row in members]
 
-    def flush():
-        if current:
-            inp = torch.cat([e[0] for e in current])
-            label = torch.cat([e[1] for e in current])
-            docs = torch.cat([torch.full((len(e[0]),), i) for i, e in enumerate(current)])
-            n_pad = seq_len - len(inp)
-            docs = torch.cat([docs, torch.full((n_pad,), len(current))])
-            rows.append({"input": torch.cat([inp, torch.full((n_pad,), pad_id)]),
-                         "label": torch.cat([label, torch.full((n_pad,), IGNORE_INDEX)]),
-                         "document_ids": docs, "positions": document_positions(docs)})
-            current.clear()
 
-    used = 0
-    for e in examples:
-        if used + len(e[0]) > seq_len:
-            flush()
-            used = 0
-        current.append(e)
-        used += len(e[0])
-    flush()
-    return rows
+def _packed_row(parts: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, pad_id: int) -> dict:
+    inp, label = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    n_pad = seq_len - len(inp)
+    docs = torch.cat([torch.full((len(p[0]),), d) for d, p in enumerate(parts)] + [torch.full((n_pad,), len(parts))])
+    return {"input": torch.cat([inp, torch.full((n_pad,), pad_id)]),
+            "label": torch.cat([label, torch.full((n_pad,), IGNORE_INDEX)]),
+            "document_ids": docs, "positions": document_positions(docs)}
 
 
 class Rows(Dataset):
@@ -361,7 +365,13 @@ def sft_rows(section: str, data_cfg, sft: SFT, tokenizer: Tokenizer, seq_len: in
                           f"{seq_len} + 1 tokens")
     if len(kept) < len(examples):
         logger.warning(f"data: dropped {len(examples) - len(kept)} conversations cut before their first reply")
-    return (pack_rows if sft.packing else pad_rows)(kept, seq_len, tokenizer.eos_id)
+    if not sft.packing:
+        return pad_rows(kept, seq_len, tokenizer.eos_id)
+    rows = pack_rows(kept, seq_len, tokenizer.eos_id)
+    fill = sum(len(e[0]) for e in kept) / (len(rows) * seq_len)
+    logger.info(f"data: {section} packs {len(kept)} conversations into {len(rows)} rows of {seq_len} tokens, "
+                f"{fill:.1%} full (best-fit decreasing)")
+    return rows
 
 
 def build_sft_dataloader(cfg: Training, sft: SFT, tokenizer: Tokenizer, dp_rank: int, dp_size: int):

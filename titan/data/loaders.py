@@ -21,7 +21,7 @@ def build_dataloaders(training: Training, sft: SFT, validation: Validation, toke
             if validation.enable else None
     elif training.recipe == "sft":
         train = build_sft_dataloader(training, sft, tokenizer, dp_rank, dp_size)
-        val = build_sft_validation_dataloader(validation, sft, tokenizer, training.seq_len, dp_rank, dp_size) \
+        val = build_sft_validation_dataloader(validation, sft, tokenizer, validation.seq_len, dp_rank, dp_size) \
             if validation.enable else None
     elif training.recipe == "kto":
         train, val = build_feedback_dataloader(training, sft, tokenizer, dp_rank, dp_size), None

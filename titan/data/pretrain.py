@@ -150,13 +150,15 @@ def tokens_per_source(loader: StatefulDataLoader, seq_len: int) -> dict[str, int
 def build_validation_dataloader(cfg: Validation, training: Training, tokenizer: Tokenizer, dp_rank: int,
                                 dp_size: int, *, allow_tokenizer_change: bool = False) -> StatefulDataLoader:
     """Finite, unshuffled batches of the validation split; each iter() is one pass (partial last round dropped).
-    Windows are cut (and masked) as training's are."""
+    Windows of validation.seq_len are cut (and masked) as training's are."""
     path, key = locate("validation", cfg.dataset, cfg.dataset_path, "validation", cfg.dataset_columns)
-    windows = _windows(key, path, tokenizer, training.seq_len, training, allow_tokenizer_change)
-    sampler = SequentialBlocks(len(windows), cfg.local_batch_size, dp_rank, dp_size)
+    seq_len = cfg.seq_len if cfg.seq_len > 0 else training.seq_len  # -1: training's (the config resolves it)
+    rows = cfg.local_batch_size if cfg.local_batch_size > 0 else training.local_batch_size
+    windows = _windows(key, path, tokenizer, seq_len, training, allow_tokenizer_change)
+    sampler = SequentialBlocks(len(windows), rows, dp_rank, dp_size)
     if len(sampler) == 0:
         raise ConfigError(
-            f"{key}: {path} has {len(windows)} windows of seq_len={training.seq_len}, fewer than "
-            f"validation.local_batch_size x dp = {cfg.local_batch_size * dp_size}"
+            f"{key}: {path} has {len(windows)} windows of validation.seq_len={seq_len}, fewer than "
+            f"validation.local_batch_size x dp = {rows * dp_size}"
         )
     return make_loader(windows, sampler)

@@ -23,7 +23,7 @@ from torch import nn
 
 from titan.errors import ConfigError
 from titan.models.hf_adapter import decoder_sizes, rope_settings, yarn_from_hf, yarn_to_hf
-from titan.models.layers import FeedForward, KVCache, TransformerArgs, TransformerBlock, YarnScaling, document_mask
+from titan.models.layers import FeedForward, KVCache, TransformerArgs, TransformerBlock, YarnScaling
 from titan.models.mla import MLAttention
 from titan.models.moe import MoE, Router, _AuxLossGrad
 from titan.models.mtp import MultiTokenPrediction, mtp_loss
@@ -135,13 +135,13 @@ class DeepSeekV3Transformer(MoETransformer):
                 positions: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         # The shared decoder's forward (titan/models/layers.py:Transformer), keeping the normalised hidden state.
-        mask = cache.mask if cache is not None else None if document_ids is None else document_mask(document_ids)
         freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        mask = cache.mask if cache is not None else self.batch_masks(h, document_ids, positions)
         for name, layer in self.layers.items():
             h = layer(h, freqs_cis, mask) if cache is None else layer(h, freqs_cis, mask, cache=cache.layer(name))
         h = self.norm(h) if self.norm is not None else h
-        if self.output is None:
+        if self.output is None or self.output_hidden:  # (the chunked loss refuses MTP: titan/config.py)
             return h
         logits = self.output(h)
         if self.mtp is not None and labels is not None and self.training and torch.is_grad_enabled():

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from titan.errors import ConfigError
+from titan.models.attention import MaskBuilder
 from titan.models.hf_adapter import DecoderAdapter, decoder_sizes, rope_settings, yarn_from_hf, yarn_to_hf
 from titan.models.layers import (
     Attention,
@@ -86,8 +87,8 @@ class GptOssArgs(TransformerArgs):
     def layer_type(self, layer_id: int) -> str:
         return self.layer_types[layer_id] if self.layer_types is not None else (SLIDING if layer_id % 2 == 0 else FULL)
 
-    def window(self, layer_id: int) -> int | None:
-        return self.sliding_window if self.layer_type(layer_id) == SLIDING else None
+    def window(self, layer_id: int) -> int:
+        return self.sliding_window if self.layer_type(layer_id) == SLIDING else 0
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return True
@@ -98,9 +99,9 @@ class GptOssAttention(Attention):
     kernel (`WindowSinkSDPA`)."""
 
     def __init__(self, args: GptOssArgs, layer_id: int):
-        super().__init__(args)
+        super().__init__(args, layer_id)
         self.sinks = nn.Parameter(torch.empty(args.n_heads))
-        self.sdpa = WindowSinkSDPA(args.window(layer_id))
+        self.sdpa = WindowSinkSDPA()
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -115,7 +116,7 @@ class GptOssAttention(Attention):
         if cache is not None:  # generation: the window counts in cache columns
             k, v = cache.update(k, v)
             columns = cache.owner.slots
-        out = self.sdpa(q, k, v, mask, sinks=self.sinks, q_columns=columns)
+        out = self.sdpa(q, k, v, mask, self.window, sinks=self.sinks, q_columns=columns)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
     def init_weights(self, init_std: float):
@@ -137,6 +138,11 @@ class GptOssBlock(TransformerBlock):
 
 class GptOssTransformer(MoETransformer):
     block_class = GptOssBlock
+
+    def __init__(self, args: GptOssArgs):
+        super().__init__(args)
+        # Sinks need the scores (titan/models/sinks.py): dense additive masks, never FlexAttention's BlockMasks.
+        self.mask_builder = MaskBuilder(set(self.mask_builder.windows), flex=False)
 
 
 # Official shapes from the config.json files of openai/gpt-oss-20b and openai/gpt-oss-120b: 64 query heads of 64

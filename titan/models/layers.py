@@ -1,7 +1,7 @@
 """The decoder every family is built from, for a single device: RMSNorm, RoPE (with Llama 3.1 or YaRN frequency
-scaling), grouped-query attention through `scaled_dot_product_attention` (optionally with a per-head RMSNorm on q
-and k, biases, and a head size independent of dim / n_heads), SwiGLU feed-forward, the transformer block and the
-stack, with optional tied embeddings.
+scaling), grouped-query attention (optionally with a per-head RMSNorm on q and k, biases, a head size independent of
+dim / n_heads, and a sliding window per layer) through the kernels of titan/models/attention.py, SwiGLU feed-forward,
+the transformer block and the stack, with optional tied embeddings.
 
 A family (titan/models/llama.py, qwen3.py) is a flavors table of `TransformerArgs`; it does not fork these layers.
 For generation (titan/generation.py) the stack takes a `KVCache`: each attention layer writes its keys and values
@@ -21,6 +21,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from titan.models.attention import AttentionMasks, MaskBuilder, attend, document_mask  # noqa: F401 - re-exported
+from titan.models.kv_cache import KVCache, LayerCache  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -95,12 +98,30 @@ class TransformerArgs:
     def rope_dim(self) -> int:
         """Channels of each head that RoPE rotates: all of them (MLA rotates a part of its own, titan/models/mla.py)."""
         return self.head_dim
+    # Sliding-window attention: one entry per layer, the tokens a query looks back over (itself included), 0 = the
+    # whole causal past; empty = every layer full. A family with windows (e.g. alternating local/global layers) sets
+    # it from its own fields, for instance with `alternating_windows`.
+    layer_windows: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        self.layer_windows = tuple(self.layer_windows)
+        if self.layer_windows and (len(self.layer_windows) != self.n_layers or min(self.layer_windows) < 0):
+            raise ValueError(f"layer_windows needs one window >= 0 per layer ({self.n_layers}), got "
+                             f"{self.layer_windows}")
+
+    def window(self, layer_id: int) -> int:
+        """The sliding window of layer `layer_id` (0 = full causal attention)."""
+        return self.layer_windows[layer_id] if self.layer_windows else 0
+
+
+def alternating_windows(n_layers: int, window: int, every: int = 2) -> tuple[int, ...]:
+    """Windowed layers with a full-attention layer every `every`-th (layers every-1, 2*every-1, ... are full), as
+    Gemma 2 (every=2) and similar families interleave them."""
+    return tuple(0 if (i + 1) % every == 0 else window for i in range(n_layers))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,23 +242,20 @@ class RMSNormFunction(torch.autograd.Function):
 
 class SDPA(nn.Module):
     """Causal attention over (batch, heads, seq, head_dim), q with a multiple of k's and v's heads (grouped-query
-    attention: each K/V head serves that many consecutive query heads). A module of its own so that context
-    parallelism can replace it from outside without touching `Attention`. `mask` (batch, seq, seq), True = may
-    attend, replaces the causal mask for packed sequences; an explicit boolean mask because FlexAttention's backward
-    fails on CPU."""
+    attention: each K/V head serves that many consecutive query heads), within a sliding `window` if > 0 and within
+    each document when the batch's `masks` say so (titan/models/attention.py picks the kernel). A module of its own so
+    that context parallelism can replace it from outside without touching `Attention`."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        # enable_gqa: the kernel reads each K/V head for its query heads, no repeated copies of K and V to save.
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=True)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: AttentionMasks | None = None,
+                window: int = 0) -> torch.Tensor:
+        return attend(q, k, v, masks, window)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: TransformerArgs):
+    def __init__(self, args: TransformerArgs, layer_id: int = 0):
         super().__init__()
         self.head_dim, bias = args.head_dim, args.attention_bias
+        self.window = args.window(layer_id)
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=bias)
@@ -247,7 +265,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.sdpa = SDPA()
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMasks | torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
         bs, seqlen, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads.
@@ -258,9 +276,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(q, k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:  # generation: attend over every key written so far (the mask says which)
+        window = self.window
+        if cache is not None:  # generation: attend over every key written so far (the dense mask says which)
             k, v = cache.update(k, v)
-        out = self.sdpa(q, k, v, mask)
+            mask, window = cache.owner.windowed(mask, window), 0
+        out = self.sdpa(q, k, v, mask, window)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
     def init_weights(self, init_std: float):
@@ -306,13 +326,13 @@ class TransformerBlock(nn.Module):
     def build_attention(self, layer_id: int, args: TransformerArgs) -> nn.Module:
         """Grouped-query attention; a family with another attention (MLA, sliding windows) overrides this. The module
         takes (x, freqs_cis, mask=None) and keeps its kernel as `.sdpa` (context parallelism swaps it)."""
-        return Attention(args)
+        return Attention(args, layer_id)
 
     def build_feed_forward(self, layer_id: int, args: TransformerArgs) -> nn.Module:
         """The dense SwiGLU; a family with another feed-forward (e.g. Mixture-of-Experts) overrides this."""
         return FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMasks | torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
         # mask by keyword: tensor parallel's input preparation of `attention` covers the positional inputs only.
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask, cache=cache)
@@ -327,7 +347,8 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Token ids (batch, seq) -> logits (batch, seq, vocab). Pipeline stages set some of tok_embeddings, norm and
-    output to None; then the stage takes or returns hidden states instead."""
+    output to None; then the stage takes or returns hidden states instead (as the whole model does, after its final
+    norm, with `output_hidden`)."""
 
     block_class: ClassVar[type[nn.Module]] = TransformerBlock  # a family with another block subclasses and sets it
 
@@ -342,6 +363,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: derived from args, so checkpoints hold only learned weights.
         self.register_buffer("freqs_cis", rope_frequencies(args), persistent=False)
+        # Builds each batch's attention masks once for all layers; context parallelism swaps in its own.
+        self.mask_builder = MaskBuilder({args.window(i) for i in range(args.n_layers)})
+        # True: forward stops after the final norm and the loss applies `output` in chunks (titan/objectives/token.py)
+        self.output_hidden = False
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -349,16 +374,23 @@ class Transformer(nn.Module):
         then attends only within itself. `positions` (batch, seq): each token's RoPE position (default 0, 1, ...),
         e.g. restarting at 0 with every document, as if it were alone. `cache` (generation): the tokens are
         written to the cache's columns `cache.slots` and attend to the columns `cache.mask` allows."""
-        mask = cache.mask if cache is not None else None if document_ids is None else document_mask(document_ids)
         freqs_cis = self.freqs_cis if positions is None else self.freqs_cis[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        mask = cache.mask if cache is not None else self.batch_masks(h, document_ids, positions)
         for name, layer in self.layers.items():
             if cache is None:  # the training call stays as it was (wrappers see the same arguments)
                 h = layer(h, freqs_cis, mask)
             else:
                 h = layer(h, freqs_cis, mask, cache=cache.layer(name))
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        return self.output(h) if self.output is not None and not self.output_hidden else h
+
+    def batch_masks(self, h: torch.Tensor, document_ids: torch.Tensor | None,
+                    positions: torch.Tensor | None) -> AttentionMasks | None:
+        """The batch's attention masks, built once for every layer, in the dtype of the scores (the compute dtype)."""
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        return self.mask_builder(document_ids, positions, dtype)
 
     def to_empty(self, *, device, recurse: bool = True):
         # Leaving the meta device, nn.Module gives each module its own new Parameter (torch 2.13: no in-place set_data
@@ -386,52 +418,6 @@ class Transformer(nn.Module):
             self.norm.init_weights()
         if self.output is not None and not self.args.tie_embeddings:
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
-
-
-class KVCache:
-    """Keys and values of every attention layer while generating, for `batch` rows of up to `max_len` tokens,
-    preallocated so that every decoding step has the same shapes (torch.compile traces it once). Each layer's
-    tensors (batch, kv_heads, max_len, head_dim) are allocated at its first write with the keys' head count and
-    dtype (a tensor-parallel rank would hold its own heads only). Before each forward the caller sets `slots`
-    (q_len,) int64, the columns the forward's tokens are written to, and `mask` (batch, q_len, max_len) bool, which
-    columns each of them may attend to (its own row's earlier tokens and itself, never a padding column)."""
-
-    def __init__(self, batch: int, max_len: int):
-        self.batch, self.max_len = batch, max_len
-        self.layers: dict[str, LayerCache] = {}
-        self.slots: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
-
-    def layer(self, name: str) -> LayerCache:
-        if name not in self.layers:
-            self.layers[name] = LayerCache(self)
-        return self.layers[name]
-
-
-class LayerCache:
-    """One attention layer's part of a `KVCache`."""
-
-    def __init__(self, owner: KVCache):
-        self.owner = owner
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this forward's keys and values (batch, kv_heads, q_len, head_dim) at the owner's `slots`; return
-        the whole cache (unwritten columns are zeros, which the mask hides)."""
-        if self.k is None:  # v's head size may differ from k's (MLA)
-            self.k = k.new_zeros(self.owner.batch, k.shape[1], self.owner.max_len, k.shape[3])
-            self.v = v.new_zeros(self.owner.batch, v.shape[1], self.owner.max_len, v.shape[3])
-        self.k.index_copy_(2, self.owner.slots, k)
-        self.v.index_copy_(2, self.owner.slots, v)
-        return self.k, self.v
-
-
-def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask (batch, seq, seq): a token sees the earlier tokens of its own document only."""
-    seqlen = document_ids.shape[1]
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
-    return (document_ids.unsqueeze(2) == document_ids.unsqueeze(1)) & causal
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -23,11 +23,11 @@ import torch
 from titan.objectives.grpo import GRPOLoss
 from titan.objectives.kto import KTOLoss
 from titan.objectives.preference import DPOLoss, preference_loss, sequence_logps
-from titan.objectives.token import TokenLoss, cross_entropy_sum, model_inputs
+from titan.objectives.token import HeadLoss, TokenLoss, cross_entropy_sum, model_inputs, row_logps
 from titan.parallel.process_group import all_reduce_sum
 
-__all__ = ["DPOLoss", "GRPOLoss", "KTOLoss", "Objective", "TokenLoss", "cross_entropy_sum", "model_inputs",
-           "preference_loss", "sequence_logps", "step_counts"]
+__all__ = ["DPOLoss", "GRPOLoss", "HeadLoss", "KTOLoss", "Objective", "TokenLoss", "cross_entropy_sum",
+           "model_inputs", "preference_loss", "row_logps", "sequence_logps", "step_counts"]
 
 
 class Objective(Protocol):

@@ -26,23 +26,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from titan.data.pretrain import IGNORE_INDEX
+from titan.objectives.token import token_logps
 from titan.parallel.process_group import all_reduce_sum
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "none")
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) of every position in fp32, 0 where the label is IGNORE_INDEX: (rows, seq, vocab) -> (rows,
-    seq). Under loss parallel (vocab-sharded logits) the cross-entropy reduces over the shards."""
-    out = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none")
-    out = out.full_tensor() if isinstance(out, DTensor) else out
-    return out.view(labels.shape)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
@@ -109,9 +99,9 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
 class GRPOLoss:
     """The summed policy loss of a micro-batch of rollout rows ({"input", "label", "advantage"} and, with
-    num_iterations > 1, "old_logps"; titan/rollout.py), `count` by grpo.loss_type. `reference(tokens)` gives the
-    frozen reference's logits when grpo.beta > 0. Also sums the logged clip ratios and KL, and passes on the
-    rollout's own figures (`rollouts.metrics()`)."""
+    num_iterations > 1, "old_logps"; titan/rollout.py), `count` by grpo.loss_type. `reference(batch)` gives the
+    frozen reference's log-probabilities of the labels per position when grpo.beta > 0. Also sums the logged clip
+    ratios and KL, and passes on the rollout's own figures (`rollouts.metrics()`)."""
 
     STATS = ("clip_ratio_low", "clip_ratio_high", "kl")
     rows_per_sample = 1
@@ -134,7 +124,7 @@ class GRPOLoss:
         label, ref = batch["label"], None
         if self.reference is not None:
             with torch.no_grad(), self.autocast():  # the reference first: its activations are gone before ours exist
-                ref = token_logps(self.reference(batch["input"]), label)
+                ref = self.reference(batch)
         with self.autocast():
             logits = model(batch["input"])
         logps = token_logps(logits, label)

@@ -37,8 +37,9 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Ten
 
 class KTOLoss:
     """Summed KTO loss over a batch's completions ({"input", "label", "kl_input", "kl_label", "desirable"}).
-    `reference(tokens)` gives the reference model's logits; `prepare` (called by titan/objectives:step_counts before
-    the step's first forward) estimates the reference point z from the step's KL rows."""
+    `reference(batch)` gives the reference model's log-probabilities of the labels per position; `prepare` (called
+    by titan/objectives:step_counts before the step's first forward) estimates the reference point z from the
+    step's KL rows."""
 
     STATS = ("kl", "desirable_reward", "undesirable_reward", "reward_margin")
     rows_per_sample = 2  # the completion, and its KL row
@@ -61,7 +62,7 @@ class KTOLoss:
         for batch in micro_batches:
             with self.loss_context(), self.autocast():
                 policy, _ = sequence_logps(self.policy(batch["kl_input"]), batch["kl_label"])
-                ref, _ = sequence_logps(self.reference(batch["kl_input"]), batch["kl_label"])
+                ref = self.reference({"input": batch["kl_input"], "label": batch["kl_label"]}).sum(dim=1)
             part = torch.stack([(policy - ref).sum(), torch.tensor(float(len(policy)), device=policy.device)])
             total = part if total is None else total + part
         total = all_reduce_sum(total, mesh)
@@ -69,7 +70,7 @@ class KTOLoss:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad(), self.autocast():  # the reference first: its activations are gone before ours exist
-            ref, _ = sequence_logps(self.reference(batch["input"]), batch["label"])
+            ref = self.reference(batch).sum(dim=1)
         with self.autocast():
             logits = model(batch["input"])
         policy, _ = sequence_logps(logits, batch["label"])

@@ -26,22 +26,16 @@ import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from titan.config import DPO
 from titan.data.pretrain import IGNORE_INDEX
-from titan.objectives.token import cross_entropy_sum
+from titan.objectives.token import HeadLoss, row_logps
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(label) over each row's labelled tokens in fp32, number of those tokens):
     (rows, seq, vocab) -> (rows,), (rows,)."""
-    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none")
-    logps = token_logps.view(labels.shape).sum(dim=1)
-    # Under loss parallel (vocab-sharded logits) this is a DTensor; the preference losses have no sharding rules.
-    logps = logps.full_tensor() if isinstance(logps, DTensor) else logps
-    return logps, (labels != IGNORE_INDEX).sum(dim=1)
+    return row_logps(logits, labels), (labels != IGNORE_INDEX).sum(dim=1)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -79,18 +73,21 @@ def preference_loss(cfg: DPO, policy: torch.Tensor, reference: torch.Tensor | No
 
 class DPOLoss:
     """Summed preference loss (`dpo.loss`) over the pairs of a batch (chosen rows first, then rejected; see
-    titan/data/chat.py). `reference(tokens)` returns the reference model's logits (None for simpo and orpo, which
-    need no reference). Also keeps sums for the logged reward statistics."""
+    titan/data/chat.py). `reference(batch)` returns the reference model's log-probabilities of the labels per
+    position (rows, seq) (None for simpo and orpo, which need no reference); `head_loss` turns the policy's output
+    into its own (chunked if the model leaves its output projection to the loss). Also keeps sums for the logged
+    reward statistics."""
 
     STATS = ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
     REFERENCE_FREE = ("simpo", "orpo")
     rows_per_sample = 2  # a chosen and a rejected sequence
 
-    def __init__(self, cfg: DPO, reference=None, autocast=contextlib.nullcontext):
+    def __init__(self, cfg: DPO, reference=None, autocast=contextlib.nullcontext, head_loss: HeadLoss | None = None):
         needs = cfg.loss not in self.REFERENCE_FREE and not cfg.precompute_reference
         if (reference is not None) != needs:
             raise ValueError(f"dpo.loss={cfg.loss} {'needs' if needs else 'takes no'} reference model")
         self.cfg, self.reference, self.autocast = cfg, reference, autocast
+        self.head_loss = head_loss or HeadLoss()
         self.pooled_scale: torch.Tensor | None = None  # pairs / pooled tokens of the global batch (step_counts)
         self._sums = None
         self._pairs = None
@@ -111,14 +108,16 @@ class DPOLoss:
         labels, ref = batch["label"], batch.get("reference_logps")  # precomputed (dpo.precompute_reference), or:
         if self.reference is not None:
             with torch.no_grad(), self.autocast():  # the reference first: its activations are gone before ours exist
-                ref, _ = sequence_logps(self.reference(batch["input"]), labels)
+                ref = self.reference(batch).sum(dim=1)
         with self.autocast():
-            logits = model(batch["input"])
-        policy, n_tokens = sequence_logps(logits, labels)
+            output = model(batch["input"])  # the logits, or the final hidden states under the chunked loss
+            policy = self.head_loss.row_logps(output, labels)
+        n_tokens = (labels != IGNORE_INDEX).sum(dim=1)
         losses, chosen, rejected = preference_loss(self.cfg, policy, ref, n_tokens)
         if self.pools_tokens:  # the loop divides by the global pair count: scale the token sum to a token mean
-            chosen_rows = len(logits) // 2
-            nll = cross_entropy_sum(logits[:chosen_rows], batch["sequence_label"][:chosen_rows])
+            chosen_rows = len(output) // 2
+            with self.autocast():  # chunked: the chosen rows' logits again, one chunk at a time
+                nll = self.head_loss(output[:chosen_rows], batch["sequence_label"][:chosen_rows])
             scale = self.pooled_scale if self.pooled_scale is not None else \
                 self.count(batch) / self.pooled_count(batch)
             losses = torch.cat([losses, (nll * scale).reshape(1)])

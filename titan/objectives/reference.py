@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titan.objectives.preference import sequence_logps
 from titan.parallel.process_group import gather_objects
 
 logger = logging.getLogger("titan")
@@ -49,7 +48,7 @@ def _compute(pairs, reference, batch_size: int, dp_rank: int, dp_size: int, devi
         index = mine[b * batch_size:(b + 1) * batch_size] or mine[:1] or [0]  # a short rank repeats a pair
         batch = {k: v.to(device) for k, v in collate_pairs([pairs.rows[i] for i in index]).items()}
         with torch.no_grad(), autocast(), loss_context():
-            logps, _ = sequence_logps(reference(batch["input"]), batch["label"])
+            logps = reference(batch).sum(dim=1)  # per-row summed log-probabilities (titan/build.py:reference_model)
         chosen, rejected = logps.float().cpu().chunk(2)
         out.update({i: torch.stack([c, r]) for i, c, r in zip(index, chosen, rejected)})
     return out

@@ -1,13 +1,25 @@
 """The next-token objective (pre-training and SFT): the summed cross-entropy over the labelled tokens of a
-micro-batch, and the model inputs a batch carries besides its token ids."""
+micro-batch, and the model inputs a batch carries besides its token ids.
+
+The output projection can run here rather than in the model (`HeadLoss` with `chunk_tokens`): the model returns its
+final hidden states (`Transformer.output_hidden`) and the projection and the loss go over chunks of the sequence, each
+under activation checkpointing, so that forward holds one chunk's logits at a time (not batch x seq x vocab, plus an
+fp32 copy) and backward recomputes them chunk by chunk: one more output-projection forward per step, exact results.
+The head is called as a module, so whatever it is (LoRA, NF4, float8, FSDP-sharded, tensor-parallel with loss
+parallel) works unchanged.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
+from torch.utils.checkpoint import checkpoint
 
 from titan.data.pretrain import IGNORE_INDEX
 
@@ -27,6 +39,76 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) of every position in fp32, 0 where the label is IGNORE_INDEX: (rows, seq, vocab) -> (rows,
+    seq). Under loss parallel (vocab-sharded logits) the cross-entropy reduces over the shards."""
+    out = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none")
+    # Under loss parallel (vocab-sharded logits) this is a DTensor; the RL and preference losses have no rules.
+    out = out.full_tensor() if isinstance(out, DTensor) else out
+    return out.view(labels.shape)
+
+
+def row_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over each row's labelled tokens, in fp32: (rows, seq, vocab) -> (rows,)."""
+    return token_logps(logits, labels).sum(dim=1)
+
+
+def loss_chunking(chunk_tokens: int, micro_batch_tokens: int) -> int:
+    """`chunk_tokens` (training.loss_chunk_tokens) where a micro-batch has more tokens than that on a rank, else 0:
+    then the model computes its logits whole, as one chunk would."""
+    return chunk_tokens if micro_batch_tokens > chunk_tokens else 0
+
+
+@dataclass
+class HeadLoss:
+    """(the model's output, labels) -> summed token loss (`__call__`) or per-row log-probabilities (`row_logps`).
+    Without a `head` the output is the logits. With one, it is the final hidden states and the head runs here over
+    chunks of at most `chunk_tokens` tokens (whole rows' slices of the sequence), each checkpointed; a micro-batch
+    that fits in one chunk runs unchunked, as without a head."""
+
+    head: nn.Module | None = None
+    chunk_tokens: int = 0
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum
+    reentrant: bool = True  # False where backward runs through autograd.grad (pipeline stages): see _over_chunks
+
+    def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._over_chunks(self.loss, output, labels)
+
+    def row_logps(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._over_chunks(row_logps, output, labels)
+
+    def token_logps(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per position (rows, seq), for a reference model (no backward): chunk by chunk, nothing recomputed."""
+        if self.head is None:
+            return token_logps(output, labels)
+        step = max(1, self.chunk_tokens // labels.shape[0])
+        return torch.cat([token_logps(self.head(output[:, i:i + step]), labels[:, i:i + step])
+                          for i in range(0, labels.shape[1], step)], dim=1)
+
+    def _over_chunks(self, fn, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return fn(output, labels)
+        if isinstance(output, DTensor):  # sequence parallel: gather the hidden states once (not the logits)
+            output = output.redistribute(output.device_mesh, [Replicate()])
+        rows, seq = labels.shape
+        step = max(1, self.chunk_tokens // rows)
+        if step >= seq or not torch.is_grad_enabled():  # nothing to recompute: one chunk, or no backward
+            return sum(fn(self.head(output[:, i:i + step]), labels[:, i:i + step]) for i in range(0, seq, step))
+
+        def chunk_loss(hidden, chunk_labels):
+            return fn(self.head(hidden), chunk_labels)
+
+        # Checkpointed: forward keeps only each chunk's loss; backward recomputes that chunk's logits alone. The
+        # reentrant form runs each chunk's backward on its own, so the head's weight gradient goes into .grad chunk
+        # by chunk; the other form sums the chunks' weight gradients in one more buffer of the weight's size first.
+        # It cannot serve autograd.grad (pipeline stages' backward, torch 2.13), or a hidden state that needs no
+        # gradient (only the head trains).
+        reentrant = self.reentrant and output.requires_grad
+        return sum(checkpoint(chunk_loss, output[:, i:i + step], labels[:, i:i + step], use_reentrant=reentrant,
+                              preserve_rng_state=False) for i in range(0, seq, step))
+
+
 class TokenLoss:
     """Summed next-token cross-entropy over the labelled tokens (pretrain and SFT)."""
 
@@ -41,9 +123,8 @@ class TokenLoss:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = {"labels": batch["label"]} if self.labels_to_model else {}
-        with self.autocast():
-            logits = model(batch["input"], **model_inputs(batch), **labels)
-        return self.loss_fn(logits, batch["label"])
+        with self.autocast():  # the loss too: a chunked loss runs the output projection
+            return self.loss_fn(model(batch["input"], **model_inputs(batch), **labels), batch["label"])
 
     def metrics(self, mesh) -> dict[str, float]:
         return {}

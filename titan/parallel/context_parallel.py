@@ -1,41 +1,45 @@
-"""Context parallelism: shard each sequence over the `cp` mesh dim and compute exact causal attention across shards.
+"""Context parallelism: shard each sequence over the `cp` mesh dim and compute exact attention across shards.
 
 What it shards: the sequence. With causal attention the late positions do more work than the early ones, so the
 sequence is cut into 2 x cp chunks and rank r holds chunk r and its mirror 2cp-1-r ("load balancing"): every rank
-then has the same amount of causal work. Token ids, labels and RoPE rows are sharded the same way; everything in a
-block except attention is per token and needs nothing else.
+then has the same amount of causal work. Token ids, labels and positions (RoPE rows) are sharded the same way; the
+document ids stay whole (a query must know every key's document), and `ContextParallelMaskBuilder`, which replaces
+the model's mask builder, turns them into this rank's masks once per batch. Everything in a block except attention
+is per token and needs nothing else.
 
-Attention needs every earlier key, so each rank sees all K/V blocks, one of two ways (`context_parallel_rotate_method`):
+Attention needs every earlier key, so each rank sees all K/V blocks, one of two ways (`context_parallel_rotate_method`),
+with K/V at their own (grouped-query) head count, in the training dtype:
   allgather: gather K and V from every rank once (autograd-aware functional collectives: backward reduce-scatters
-             their gradients) and attend with a causal mask built from the true positions.
-  ring:      pass K/V blocks around the ring with send/recv, one per step, and merge the partial results with the
-             online-softmax recurrence (below); backward passes the blocks around again together with their gradient
-             accumulators, which end up back on the rank that owns the block. Never more than two K/V blocks in memory.
+             their gradients) and attend with the rank's mask over the gathered keys (SDPA with a dense mask on CPU,
+             FlexAttention with a BlockMask on CUDA).
+  ring:      pass K/V around the ring, each hop posted before the current block is computed, every block through a
+             fused kernel that returns its log-sum-exp, merged exactly (titan/parallel/ring_attention.py). Without
+             documents or windows a step is one of three unmasked shapes, as in PyTorch's own ring; with them every
+             step takes this rank's dense mask for that block (CPU only: on CUDA masked attention runs `allgather`).
+             A v narrower than k (MLA) travels zero-padded to k's head size (the padding's output is dropped).
+Attention sinks (gpt-oss, titan/models/sinks.py) need the scores: allgather only, with dense additive masks.
 
-The online-softmax recurrence, for one query row and key blocks j = 1, 2, ...:
-    S_j = q K_j^T / sqrt(d)                      scores against block j (masked: -inf where key pos > query pos)
-    m'  = max(m, rowmax(S_j))                    running max
-    l   = l * exp(m - m') + rowsum(exp(S_j - m')) running denominator, rescaled when the max grows
-    O   = O * exp(m - m') + exp(S_j - m') V_j     running (unnormalised) output, rescaled the same way
-    m   = m'
-and at the end O / l is exactly softmax(q K^T / sqrt(d)) V, without ever holding the full score matrix.
-PyTorch's own `context_parallel` has no CPU sharding strategy for SDPA (torch 2.13), so titan carries this one.
+PyTorch's `context_parallel` (torch 2.13) dispatches SDPA through DTensor: it has no CPU strategy, so no layout of
+it can be checked against the single process here, and it takes no attention mask, so document masking needs these
+kernels anyway; titan's ring follows the same algorithm and calls the same fused kernels per step.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.attention.flex_attention import BlockMask
 
 from titan.errors import ConfigError
+from titan.models.attention import Visibility, flex, uses_flex
 from titan.models.layers import Transformer
-from titan.models.sinks import sink_attention, window_mask
-from titan.parallel.activation_checkpoint import recompute_all
+from titan.models.sinks import sink_attention
+from titan.parallel.ring_attention import RingAttention
 
 # torch 2.13 renamed it (the old name warns on every call); torch 2.11 has the old name only.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -49,141 +53,138 @@ def positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
     return torch.cat([head, tail])
 
 
-def check_seq_len(seq_len: int, cp: int, tp: int) -> None:
+def check_seq_len(seq_len: int, cp: int, tp: int, key: str = "training.seq_len") -> None:
     if cp > 1 and seq_len % (2 * cp * tp):
-        raise ConfigError(f"training.seq_len={seq_len} must be divisible by 2 x context_parallel_degree"
+        raise ConfigError(f"{key}={seq_len} must be divisible by 2 x context_parallel_degree"
                           + (f" x tensor_parallel_degree (sequence parallel) = {2 * cp * tp}" if tp > 1 else
                              f" = {2 * cp}") + " for load-balanced context parallelism")
     if tp > 1 and seq_len % tp:
-        raise ConfigError(f"training.seq_len={seq_len} must be divisible by tensor_parallel_degree={tp} "
+        raise ConfigError(f"{key}={seq_len} must be divisible by tensor_parallel_degree={tp} "
                           "(sequence parallel splits it)")
 
 
+def check_masking(cp: int, rotate_method: str, masked: bool, device_type: str) -> None:
+    """Masked attention (documents or sliding windows) under the ring needs dense per-block masks: CPU only."""
+    if cp > 1 and masked and rotate_method == "ring" and device_type == "cuda":
+        raise ConfigError("parallelism.context_parallel_rotate_method=ring with document masking, packing or sliding "
+                          "windows runs on CPU only (dense per-block masks); on CUDA use allgather (FlexAttention)")
+
+
 def shard_batch(batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh) -> dict[str, torch.Tensor]:
-    """This rank's load-balanced slice of every (batch, seq) tensor."""
+    """This rank's load-balanced slice of every (batch, seq) tensor, with each token's RoPE position (its global
+    position unless the batch brings its own); "document_ids" stay whole for the mask builder."""
     cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
     if cp == 1:
         return batch
-    idx = positions(batch["input"].shape[1], cp, rank)
-    return {k: v[:, idx] for k, v in batch.items()}
+    rows, seq_len = batch["input"].shape
+    idx = positions(seq_len, cp, rank, batch["input"].device)
+    out = {k: v if k == "document_ids" else v[:, idx] for k, v in batch.items()}
+    out.setdefault("positions", idx.expand(rows, -1))
+    return out
 
 
 def apply_cp(model: Transformer, cp_mesh: DeviceMesh, rotate_method: str) -> None:
-    """Swap each block's attention kernel for the context-parallel one (before AC/compile/FSDP wrap the block),
-    keeping its sliding window (gpt-oss); windows and sinks take the allgather method."""
+    """Swap each block's attention kernel and the model's mask builder for the context-parallel ones (before
+    AC/compile/FSDP wrap the blocks)."""
+    if rotate_method not in ("allgather", "ring"):
+        raise ConfigError(f"parallelism.context_parallel_rotate_method={rotate_method!r} is not one of "
+                          "allgather, ring")
+    sinks = False
     for i, block in model.layers.items():
-        window = getattr(block.attention.sdpa, "window", None)
-        if rotate_method == "ring" and (window is not None or getattr(block.attention, "sinks", None) is not None):
-            raise ConfigError(f"parallelism.context_parallel_rotate_method = ring does not do the sliding window or "
-                              f"the sinks of layers.{i}.attention; use allgather")
-        block.attention.sdpa = ContextParallelAttention(cp_mesh, rotate_method, window)
+        if getattr(block.attention, "sinks", None) is not None:
+            if rotate_method == "ring":
+                raise ConfigError(f"parallelism.context_parallel_rotate_method = ring does not do the sinks of "
+                                  f"layers.{i}.attention; use allgather")
+            sinks = True
+        block.attention.sdpa = ContextParallelAttention(cp_mesh, rotate_method)
+    model.mask_builder = ContextParallelMaskBuilder(cp_mesh.size(), cp_mesh.get_local_rank(), rotate_method,
+                                                    set(model.mask_builder.windows), False if sinks else None)
 
 
-def shard_rope(model: Transformer, cp_mesh: DeviceMesh) -> None:
-    """Keep only this rank's RoPE rows, in its token order: attention slices `freqs_cis[:local_len]`, which then are
-    exactly the rotations of the positions this rank holds. Call after the buffers are initialised."""
-    cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
-    model.freqs_cis = model.freqs_cis[positions(model.args.max_seq_len, cp, rank, model.freqs_cis.device)]
+# ---------------------------------------------------------------------------------------------------------------
+# Masks: once per batch
+
+
+@dataclass
+class ContextParallelMasks:
+    """One batch's masks on this rank, by window: for allgather, over (local queries, keys gathered in rank order);
+    for the ring, per step (the block from rank - step) an additive mask and which query rows see any of its keys,
+    or None where no step needs a mask."""
+
+    gathered: dict[int, torch.Tensor | BlockMask] = field(default_factory=dict)
+    steps: dict[int, list[tuple[torch.Tensor, torch.Tensor]] | None] = field(default_factory=dict)
+
+    def get(self, window: int) -> torch.Tensor | BlockMask:
+        return self.gathered[window]
+
+    def ring(self, window: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        return self.steps.get(window)
+
+
+class ContextParallelMaskBuilder:
+    """Stands in for the model's `MaskBuilder` under context parallelism: from the whole document ids and the
+    rank's positions, the masks of every window the layers use."""
+
+    def __init__(self, cp: int, rank: int, method: str, windows: set[int], flex_masks: bool | None = None):
+        self.cp, self.rank, self.method, self.windows, self.flex = cp, rank, method, sorted(windows), flex_masks
+
+    def __call__(self, document_ids: torch.Tensor | None, local_positions: torch.Tensor | None,
+                 dtype: torch.dtype = torch.float32) -> ContextParallelMasks:
+        if local_positions is None:
+            raise ValueError("context parallelism needs the batch's positions (titan.parallel.context_parallel."
+                             "shard_batch adds them)")
+        device, seq_len = local_positions.device, local_positions.shape[1] * self.cp
+        pos = [positions(seq_len, self.cp, r, device) for r in range(self.cp)]
+        flex_masks = uses_flex(device) if self.flex is None else self.flex
+
+        def vis(keys: torch.Tensor, window: int) -> Visibility:
+            docs = document_ids
+            return Visibility(pos[self.rank], keys, None if docs is None else docs[:, pos[self.rank]],
+                              None if docs is None else docs[:, keys], window)
+
+        masks = ContextParallelMasks()
+        for window in self.windows:
+            if self.method == "allgather":
+                v = vis(torch.cat(pos), window)
+                masks.gathered[window] = v.block_mask() if flex_masks else v.additive(dtype)
+            elif document_ids is None and not 0 < window < seq_len:
+                masks.steps[window] = None  # plain causal: the three unmasked step shapes
+            else:
+                steps = [vis(pos[(self.rank - s) % self.cp], window) for s in range(self.cp)]
+                masks.steps[window] = [(v.additive(dtype), v.dense().any(-1)) for v in steps]
+        return masks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention module
 
 
 class ContextParallelAttention(nn.Module):
-    """Causal attention for load-balanced sequence shards (batch, heads, seq/cp, head_dim); k and v may have fewer
-    heads than q (grouped-query attention, as titan's `SDPA`): allgather gathers them as they are, the ring repeats
-    them first (its recurrence pairs every query head with one K/V head); v may have another head size (MLA).
-    allgather also takes a sliding `window` and sinks (gpt-oss, titan/models/sinks.py), by the true positions."""
+    """Attention for load-balanced sequence shards (batch, heads, seq/cp, head_dim); k and v may have fewer heads
+    than q (grouped-query attention), and travel that way."""
 
-    def __init__(self, cp_mesh: DeviceMesh, rotate_method: str, window: int | None = None):
+    def __init__(self, cp_mesh: DeviceMesh, rotate_method: str):
         super().__init__()
-        if rotate_method not in ("allgather", "ring"):
-            raise ConfigError(f"parallelism.context_parallel_rotate_method={rotate_method!r} is not one of "
-                              "allgather, ring")
-        self.group, self.method, self.window = cp_mesh.get_group(), rotate_method, window
+        self.group, self.method = cp_mesh.get_group(), rotate_method
         self.cp, self.rank = cp_mesh.size(), cp_mesh.get_local_rank()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                sinks: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None:  # config validation refuses packed sequences with CP before it gets here
-            raise NotImplementedError("context parallelism does not support packed-sequence masks")
-        seq_len = q.shape[2] * self.cp
-        pos = [positions(seq_len, self.cp, r, q.device) for r in range(self.cp)]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: ContextParallelMasks,
+                window: int = 0, sinks: torch.Tensor | None = None, q_columns: None = None) -> torch.Tensor:
+        """`sinks`: gpt-oss's per-head sink logits (allgather only, `apply_cp` checks); `q_columns` is a KV cache's
+        (generation never runs under context parallelism)."""
         if self.method == "allgather":
             k_all = _all_gather_autograd(k.contiguous(), gather_dim=2, group=self.group)
             v_all = _all_gather_autograd(v.contiguous(), gather_dim=2, group=self.group)
-            mask = window_mask(pos[self.rank], torch.cat(pos), self.window)  # keys gathered in rank order
+            mask = masks.get(window)
             if sinks is not None:
                 return sink_attention(q, k_all, v_all, mask, sinks)
-            return nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return _RingAttention.apply(q, k, v, pos, self.group, self.rank)
-
-
-def _rotate(tensor: torch.Tensor, group, rank: int) -> torch.Tensor:
-    """Send `tensor` to the next rank of the ring and return the one received from the previous rank."""
-    size = dist.get_world_size(group)
-    received = torch.empty_like(tensor)
-    ops = [dist.P2POp(dist.isend, tensor, dist.get_global_rank(group, (rank + 1) % size), group),
-           dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % size), group)]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    return received
-
-
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pos, group, rank):
-        with recompute_all():
-            cp, scale = len(pos), 1.0 / math.sqrt(q.shape[-1])
-            qf = q.float()
-            m = torch.full(q.shape[:-1], float("-inf"), device=q.device)  # running max
-            l = torch.zeros(q.shape[:-1], device=q.device)  # running denominator
-            acc = torch.zeros(*q.shape[:-1], v.shape[-1], device=q.device)  # running unnormalised output
-            dk = k.shape[-1]
-            kv = torch.cat([k, v], dim=-1)  # one message per hop (v may be narrower than k: MLA)
-            for step in range(cp):
-                # Start with our own block: its diagonal makes every row's max finite, so no -inf - -inf = nan later.
-                src = (rank - step) % cp
-                if step < cp - 1:
-                    next_kv = _rotate(kv, group, rank)  # (a real overlap would post this before the maths below)
-                s = (qf @ kv[..., :dk].float().transpose(-1, -2)) * scale
-                s = s.masked_fill(pos[src][None, :] > pos[rank][:, None], float("-inf"))
-                m_new = torch.maximum(m, s.amax(-1))
-                rescale = torch.exp(m - m_new)
-                p = torch.exp(s - m_new[..., None])
-                l = l * rescale + p.sum(-1)
-                acc = acc * rescale[..., None] + p @ kv[..., dk:].float()
-                m = m_new
-                if step < cp - 1:
-                    kv = next_kv
-            out = acc / l[..., None]
-            lse = m + torch.log(l)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pos, ctx.group, ctx.rank = pos, group, rank
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        pos, group, rank = ctx.pos, ctx.group, ctx.rank
-        cp, scale = len(pos), 1.0 / math.sqrt(q.shape[-1])
-        qf, do = q.float(), grad_out.float()
-        delta = (do * out).sum(-1)  # rowsum(dO * O), the softmax-backward correction term
-        dq = torch.zeros_like(qf)
-        # K, V and their gradient accumulators travel together; after cp hops the accumulators are home.
-        widths = [k.shape[-1], v.shape[-1]] * 2
-        block = torch.cat([k.float(), v.float(), torch.zeros_like(k, dtype=torch.float32),
-                           torch.zeros_like(v, dtype=torch.float32)], dim=-1)
-        for step in range(cp):
-            src = (rank - step) % cp
-            kb, vb, dkb, dvb = block.split(widths, dim=-1)
-            s = (qf @ kb.transpose(-1, -2)) * scale
-            s = s.masked_fill(pos[src][None, :] > pos[rank][:, None], float("-inf"))
-            p = torch.exp(s - lse[..., None])  # the forward's probabilities, recomputed
-            dp = do @ vb.transpose(-1, -2)
-            ds = p * (dp - delta[..., None])
-            dq += (ds @ kb) * scale
-            block = torch.cat([kb, vb, dkb + (ds.transpose(-1, -2) @ qf) * scale, dvb + p.transpose(-1, -2) @ do],
-                              dim=-1)
-            block = _rotate(block.contiguous(), group, rank)
-        _, _, dk, dv = block.split(widths, dim=-1)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+            if isinstance(mask, BlockMask):
+                return flex(q, k_all, v_all, mask)
+            return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        narrow = k.shape[-1] - v.shape[-1]
+        if narrow < 0:
+            raise NotImplementedError("the ring needs v's head size <= k's")
+        if narrow:  # MLA: the fused kernels want one head size; zero columns of v give zero output columns
+            v = F.pad(v, (0, narrow))
+        out = RingAttention.apply(q, k, v, masks.ring(window), self.group, self.rank)
+        return out[..., : out.shape[-1] - narrow] if narrow else out

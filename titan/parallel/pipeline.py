@@ -161,18 +161,24 @@ class Pipeline:
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(output, target) / self.divisor
 
-    def _run(self, fn, inputs: torch.Tensor, labels: torch.Tensor, divisor, **kw) -> torch.Tensor:
+    def _run(self, fn, inputs: torch.Tensor, labels: torch.Tensor, divisor, model_inputs: dict, **kw) -> torch.Tensor:
         self.divisor, losses = divisor, []
         args = (inputs,) if self.has_first else ()
-        fn(*args, target=labels if self.has_last else None, losses=losses, **kw)
+        # Document ids and positions go to every stage (as keyword inputs, cut into micro-batches like the tokens):
+        # each stage builds its own attention masks and RoPE rows from them.
+        fn(*args, target=labels if self.has_last else None, losses=losses, **kw, **model_inputs)
         # Only the last stage sees the loss; elsewhere contribute zero to the sum over pp ranks.
         return torch.stack(losses).sum() if self.has_last else torch.zeros((), device=inputs.device)
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, n_items: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of all micro-batches; returns sum(token losses) / n_items (0 off the last stage)."""
-        return self._run(self.schedule.step, inputs, labels, n_items, return_outputs=False).detach()
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, n_items: torch.Tensor,
+             model_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Forward and backward of all micro-batches; returns sum(token losses) / n_items (0 off the last stage).
+        `model_inputs`: the model's keyword inputs besides the tokens (document ids, positions)."""
+        return self._run(self.schedule.step, inputs, labels, n_items, model_inputs or {},
+                         return_outputs=False).detach()
 
     @torch.no_grad()
-    def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor,
+                     model_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Forward only; returns the summed token loss (0 off the last stage)."""
-        return self._run(self.schedule.eval, inputs, labels, 1.0)
+        return self._run(self.schedule.eval, inputs, labels, 1.0, model_inputs or {})
