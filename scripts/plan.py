@@ -10,9 +10,8 @@ pipelining) at a fixed global batch (training.global_batch_size, or with -1 the 
 drops those titan's own checks reject (as the printed flags would be checked) or whose fullest rank does not fit
 (titan.memory's estimate, the dry run's), and ranks the rest by a simple cost model (docs/planning.md): compute per
 rank at `mfu` of the peak, stretched by the pipeline bubble, plus the communication each axis leaves exposed.
-Parameter shards come from the shapes (`titan.memory_shards.state_from_shapes`, held equal to the dry run's real shards
-by tests/test_dry_run.py). `--verify K` also dry-runs the first K suggestions with the real builder.
-"""
+Parameter shards come from the shapes (`titan.memory_shards.state_from_shapes`, held equal to the dry run's real ones
+by tests/test_dry_run.py); `--verify K` also dry-runs the first K suggestions."""
 
 from __future__ import annotations
 
@@ -96,7 +95,9 @@ class Layout:
             pipeline_parallel_layers_per_stage=None, pipeline_parallel_split_points=[])
         ac = dataclasses.replace(cfg.activation_checkpoint, mode=self.ac, selective_ac_option="op")
         t = dataclasses.replace(cfg.training, local_batch_size=self.local_batch, global_batch_size=global_batch)
-        applied = dataclasses.replace(cfg, parallelism=p, activation_checkpoint=ac, training=t)
+        follows = "local_batch_size" in getattr(cfg.validation, "defaulted", ())  # training's by default: it follows
+        v = dataclasses.replace(cfg.validation, local_batch_size=config.AUTO) if follows else cfg.validation
+        applied = dataclasses.replace(cfg, parallelism=p, activation_checkpoint=ac, training=t, validation=v)
         config.validate(applied)
         return applied
 

@@ -758,10 +758,11 @@ def _validate_validation(cfg: Config) -> None:
     """Validation's shapes default to training's (-1); under pipeline parallelism they must be training's, whose
     micro-batch shapes the schedule was built for."""
     t, v = cfg.training, cfg.validation
-    if v.seq_len == AUTO:
-        v.seq_len = t.seq_len
-    if v.local_batch_size == AUTO:
-        v.local_batch_size = t.local_batch_size
+    defaulted = tuple(key for key in ("seq_len", "local_batch_size") if getattr(v, key) == AUTO)
+    for key in defaulted:
+        setattr(v, key, getattr(t, key))
+    if defaulted:  # which ones follow training's (scripts/plan.py re-derives them when it changes training's)
+        v.defaulted = defaulted
     if v.enable and cfg.parallelism.pipeline_parallel_degree > 1:
         for key, value, train in (("seq_len", v.seq_len, t.seq_len),
                                   ("local_batch_size", v.local_batch_size, t.local_batch_size)):
