@@ -76,17 +76,15 @@ class HeadLoss:
         return self._over_chunks(self.loss, output, labels)
 
     def row_logps(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self._over_chunks(row_logps, output, labels)
+        # Summed over the whole row's positions, not chunk by chunk: the same additions as a reference's
+        # `token_logps(...).sum(dim=1)`, so that a policy equal to its reference has log-ratios of exactly 0.
+        return self.token_logps(output, labels).sum(dim=1)
 
     def token_logps(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per position (rows, seq), for a reference model (no backward): chunk by chunk, nothing recomputed."""
-        if self.head is None:
-            return token_logps(output, labels)
-        step = max(1, self.chunk_tokens // labels.shape[0])
-        return torch.cat([token_logps(self.head(output[:, i:i + step]), labels[:, i:i + step])
-                          for i in range(0, labels.shape[1], step)], dim=1)
+        """log p(label) per position (rows, seq); chunked, each chunk's (rows, chunk) part is all it keeps."""
+        return self._over_chunks(token_logps, output, labels, combine=lambda parts: torch.cat(list(parts), dim=1))
 
-    def _over_chunks(self, fn, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _over_chunks(self, fn, output: torch.Tensor, labels: torch.Tensor, combine=sum) -> torch.Tensor:
         if self.head is None:
             return fn(output, labels)
         if isinstance(output, DTensor):  # sequence parallel: gather the hidden states once (not the logits)
@@ -94,7 +92,7 @@ class HeadLoss:
         rows, seq = labels.shape
         step = max(1, self.chunk_tokens // rows)
         if step >= seq or not torch.is_grad_enabled():  # nothing to recompute: one chunk, or no backward
-            return sum(fn(self.head(output[:, i:i + step]), labels[:, i:i + step]) for i in range(0, seq, step))
+            return combine(fn(self.head(output[:, i:i + step]), labels[:, i:i + step]) for i in range(0, seq, step))
 
         def chunk_loss(hidden, chunk_labels):
             return fn(self.head(hidden), chunk_labels)
@@ -105,8 +103,8 @@ class HeadLoss:
         # It cannot serve autograd.grad (pipeline stages' backward, torch 2.13), or a hidden state that needs no
         # gradient (only the head trains).
         reentrant = self.reentrant and output.requires_grad
-        return sum(checkpoint(chunk_loss, output[:, i:i + step], labels[:, i:i + step], use_reentrant=reentrant,
-                              preserve_rng_state=False) for i in range(0, seq, step))
+        return combine(checkpoint(chunk_loss, output[:, i:i + step], labels[:, i:i + step], use_reentrant=reentrant,
+                                  preserve_rng_state=False) for i in range(0, seq, step))
 
 
 class TokenLoss:
