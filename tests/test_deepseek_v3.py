@@ -240,7 +240,7 @@ def _randomise_hf(model):
 
 def _greedy_agree(ours, theirs, vocab):
     prompt = torch.randint(0, vocab, (9,), generator=torch.Generator().manual_seed(3)).tolist()
-    mine = generate(ours, prompt, 8)
+    mine = generate(ours, [prompt], 8)[0]
     with torch.no_grad():
         out = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                               pad_token_id=0)
