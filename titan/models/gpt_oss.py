@@ -111,11 +111,11 @@ class GptOssAttention(Attention):
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rotary_emb(q, k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        columns = None
-        if cache is not None:  # generation: the window counts in cache columns
+        if cache is None:
+            out = self.sdpa(q, k, v, mask, sinks=self.sinks)  # (context parallelism swaps this kernel)
+        else:  # generation: the window counts in cache columns
             k, v = cache.update(k, v)
-            columns = cache.owner.slots
-        out = self.sdpa(q, k, v, mask, sinks=self.sinks, q_columns=columns)
+            out = self.sdpa(q, k, v, mask, sinks=self.sinks, q_columns=cache.owner.slots)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
     def init_weights(self, init_std: float):
