@@ -101,7 +101,7 @@ def test_new_families_train_and_generate_from_a_hugging_face_folder(tmp_path, ca
     model.init_buffers()
     model.load_state_dict(state)
     tok = load_tokenizer(str(tmp_path / "hf"))
-    expected = tok.decode(generate(model, tok.encode("Emma", bos=True), 4)) + "\n"
+    expected = tok.decode(generate(model, [tok.encode("Emma", bos=True)], 4)[0]) + "\n"
     assert capsys.readouterr().out == expected
     _from_a_transformers_folder(tmp_path, capsys, base, extra, expected)
 
