@@ -238,8 +238,8 @@ def run(ns) -> None:
 def evaluate(ns, model, tokenizer) -> None:
     """--prompts: the mean reward of the model's replies to a prompt set, per reward function."""
     from titan import rewards
-    from titan.data.chat import chat_template
-    from titan.data.rl import as_messages, read_records
+    from titan.data.chat import as_messages, chat_template
+    from titan.data.rl import read_records
     from titan.generation import Sampling, generate
 
     template = chat_template(tokenizer, ns.chat_template or getattr(model, "chat_template", "auto"))

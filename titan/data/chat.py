@@ -171,9 +171,13 @@ def _text(record: dict, field: str, where: str, optional: bool = False) -> str |
     return value
 
 
-def _text_or_messages(record: dict, field: str, role: str, where: str) -> list[dict]:
-    value = record.get(field)
+def as_messages(value, where: str, field: str, role: str) -> list[dict]:
+    """A text field as one message of `role`, or a list of {"role", "content"} messages as they are."""
     return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, where, field)
+
+
+def _text_or_messages(record: dict, field: str, role: str, where: str) -> list[dict]:
+    return as_messages(record.get(field), where, field, role)
 
 
 # SFT record formats: each turns one JSON object into a list of messages (sft.format; docs/fine_tuning.md).

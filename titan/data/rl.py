@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from titan.data.chat import ChatTemplate, Rows, chat_template, example, pad_rows
+from titan.data.chat import ChatTemplate, Rows, as_messages, chat_template, example, pad_rows
 from titan.data.documents import jsonl_records, locate, parquet_file
 from titan.data.order import GlobalOrderSampler, collate_rows, make_loader
 from titan.data.pretrain import IGNORE_INDEX
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from titan.data.tokenizer import Tokenizer
 
 logger = logging.getLogger("titan")
-ROLES = ("system", "user", "assistant")
 
 
 def read_records(path: Path, key: str) -> list[tuple[str, dict]]:
@@ -55,18 +54,6 @@ def read_records(path: Path, key: str) -> list[tuple[str, dict]]:
     if not out:
         raise ConfigError(f"{key}: {path} holds no records")
     return out
-
-
-def as_messages(value, where: str, name: str, role: str) -> list[dict]:
-    """A text field as one message of `role`, or a list of {"role", "content"} messages as they are."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value)
-    if not ok:
-        raise ConfigError(f"{where}: \"{name}\" must be a string or a non-empty list of {{\"role\": "
-                          f"system|user|assistant, \"content\": str}}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from titan.models.layers import (
     TransformerArgs,
     TransformerBlock,
     YarnScaling,
-    apply_rotary_emb,
 )
 from titan.models.moe import GroupedExperts, MoE, Router, clamped_swiglu
 from titan.models.qwen3_moe import MoEAdapter, MoETransformer
@@ -103,21 +102,12 @@ class GptOssAttention(Attention):
         self.sinks = nn.Parameter(torch.empty(args.n_heads))
         self.sdpa = WindowSinkSDPA()
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        # Attention.forward (titan/models/layers.py) with the sinks handed to the kernel.
-        bs, seqlen, _ = x.shape
-        q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
-        k = self.wk(x).view(bs, seqlen, -1, self.head_dim)
-        v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
-        q, k = apply_rotary_emb(q, k, freqs_cis)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        columns = None
-        if cache is not None:  # generation: the window counts in cache columns
-            k, v = cache.update(k, v)
-            columns = cache.owner.slots
-        out = self.sdpa(q, k, v, mask, self.window, sinks=self.sinks, q_columns=columns)
-        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               cache: LayerCache | None) -> torch.Tensor:
+        if cache is None:
+            return self.sdpa(q, k, v, mask, self.window, sinks=self.sinks)  # (context parallelism swaps this kernel)
+        k, v = cache.update(k, v)  # generation: the window counts in cache columns
+        return self.sdpa(q, k, v, mask, self.window, sinks=self.sinks, q_columns=cache.owner.slots)
 
     def init_weights(self, init_std: float):
         super().init_weights(init_std)

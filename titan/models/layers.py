@@ -276,12 +276,18 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(q, k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = self.attend(q, k, v, mask, cache)
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               cache: LayerCache | None) -> torch.Tensor:
+        """The kernel over (batch, heads, seq, head_dim): a family with its own kernel inputs (gpt-oss's sinks)
+        overrides this, not the projections around it."""
         window = self.window
         if cache is not None:  # generation: attend over every key written so far (the dense mask says which)
             k, v = cache.update(k, v)
             mask, window = cache.owner.windowed(mask, window), 0
-        out = self.sdpa(q, k, v, mask, window)
-        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+        return self.sdpa(q, k, v, mask, window)
 
     def init_weights(self, init_std: float):
         for w in (self.wq, self.wk, self.wv):
