@@ -24,14 +24,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # generate.py's loaders, beside this script
 
-from generate import from_checkpoint, from_hf  # noqa: E402
+from generate import check_ranges, check_source, from_checkpoint, from_hf  # noqa: E402
 
 from titan.errors import ConfigError  # noqa: E402
+
+
+def check_flags(ns) -> None:
+    """Every flag before the model loads: one line naming the flag, exit code 2."""
+    check_ranges(ns, {"limit": (0, 2**31 - 1), "max_seq_len": (0, 2**20)})
+    check_source(ns)
+    if not any(t.strip() for t in ns.tasks.split(",")):
+        raise ConfigError(f"--tasks needs at least one lm-eval task name (got {ns.tasks!r})")
+    if ns.include_path and not Path(ns.include_path).is_dir():
+        raise ConfigError(f"--include_path {ns.include_path}: no such folder")
+    if ns.output and (Path(ns.output).is_dir() or not Path(ns.output).resolve().parent.is_dir()):
+        raise ConfigError(f"--output {ns.output}: not a file path in an existing folder")
 
 
 def run(ns) -> dict:
     from titan.evaluation import run_tasks, scores, titan_lm
 
+    check_flags(ns)
     torch.manual_seed(0)
     if ns.hf:
         model, tokenizer = from_hf(Path(ns.hf), ns.max_seq_len)
@@ -39,9 +52,7 @@ def run(ns) -> dict:
         model, tokenizer = from_checkpoint(Path(ns.checkpoint), Path(ns.config) if ns.config else None,
                                            ns.max_seq_len)
     lm = titan_lm(model.eval(), tokenizer, key="--tasks")
-    tasks = [t for t in ns.tasks.split(",") if t]
-    if ns.include_path and not Path(ns.include_path).is_dir():
-        raise ConfigError(f"--include_path {ns.include_path}: no such folder")
+    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
     results = run_tasks(lm, tasks, ns.include_path, ns.limit, key="--tasks")
     for name, value in scores(results).items():
         print(f"{name} {value:.6g}", flush=True)

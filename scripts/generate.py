@@ -182,13 +182,22 @@ RANGES = {"max_new_tokens": (0, 2**20), "temperature": (0.0, 1e4), "top_k": (0, 
           "max_seq_len": (0, 2**20), "batch_size": (1, 2**20)}
 
 
-def check_flags(ns) -> None:
-    for name, (lo, hi) in RANGES.items():
+def check_ranges(ns, ranges: dict[str, tuple[float, float]]) -> None:
+    for name, (lo, hi) in ranges.items():
         value = getattr(ns, name)
         if not (math.isfinite(value) and lo <= value <= hi):
             raise ConfigError(f"--{name} must be in [{lo:,}, {hi:,}] (got {value})")
+
+
+def check_flags(ns) -> None:
+    check_ranges(ns, RANGES)
     if not 0 < ns.top_p <= 1:
         raise ConfigError(f"--top_p must be in (0, 1] (got {ns.top_p})")
+    check_source(ns)
+
+
+def check_source(ns) -> None:
+    """--hf or --checkpoint (a folder) and --config (a file): what eval.py loads a model from, too."""
     for name in ("hf", "checkpoint"):
         path = getattr(ns, name)
         if path is not None and (not path.strip() or Path(path).is_file()):

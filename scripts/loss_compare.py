@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -95,6 +96,11 @@ def write_golden(path: str | Path, losses: list[float], config: str, overrides: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Each number flag's range: a bad value is one line naming it (a NaN tolerance passed every comparison, 10**12 steps
+# or processes never returned).
+RANGES = {"steps": (1, 10**6), "nproc_a": (1, 1024), "nproc_b": (1, 1024), "tolerance": (0.0, 1e6)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     head, rest = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=head, epilog=rest, allow_abbrev=False,
@@ -113,6 +119,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.regenerate and not args.golden:
         p.error("--regenerate needs --golden FILE")
+    for name, (lo, hi) in RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            p.error(f"--{name.replace('_', '-')} must be in [{lo:,}, {hi:,}] (got {value})")
+    for name in ("config", "config_b") + (("golden",) if not args.regenerate else ()):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            p.error(f"--{name.replace('_', '-')} {path!r} is not a file")
+    if args.golden is not None and args.regenerate and (not args.golden.strip() or Path(args.golden).is_dir()):
+        p.error(f"--golden {args.golden!r} is not a file path")
     return args
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# A process a test starts that dies of a signal (SIGSEGV, SIGABRT) prints its Python stack to the captured stderr.
+os.environ["PYTHONFAULTHANDLER"] = "1"
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)

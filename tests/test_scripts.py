@@ -210,6 +210,21 @@ def test_every_scripts_flags_take_hostile_values_without_a_traceback_or_a_hang(t
                                                                        "--dtype": "float32"},
                    lambda v: flags(v, ("src", "dst")), {"src": str(a_file), "dst": str(a_file)})
 
+    evaluate = _in_process("eval")  # --hf an empty folder: every case ends at a flag or at the model's load
+    cases += _walk(lambda argv: evaluate(argv, capsys), {
+        "--hf": str(a_folder), "--tasks": "x", "--limit": "0", "--max_seq_len": "0", "--include_path": str(a_folder),
+        "--output": str(tmp_path / "scores.json")}, flags,
+        {"--hf": str(a_file), "--include_path": str(a_file), "--output": str(a_folder)})
+
+    compare = _in_process("loss_compare")  # the valid cases train the golden config for one step, twice
+    cases += _walk(lambda argv: compare(argv, capsys), {
+        "--config": CONFIG, "--config-b": CONFIG, "--steps": "1", "--tolerance": "1e-5", "--nproc-a": "1",
+        "--nproc-b": "1", "--a": "--training.seed 0"}, lambda v: [f"{k}={x}" for k, x in v.items()],
+        {"--config": str(a_folder), "--config-b": str(a_folder)})
+    cases += _walk(lambda argv: compare(argv, capsys), {"--golden": str(REPO / "tests" / "assets" / "losses" /
+                                                                    "tiny_cpu.txt")},
+                   lambda v: ["--config", CONFIG, "--steps", "1", *flags(v)], {"--golden": str(a_folder)})
+
     train = _in_process_train(capsys)
     cases += _walk(train, {"--dry_run": "", "--world_size": "2", "--device_memory_gib": "80",
                            "--config": str(REPO / "tests" / "configs" / "tiny.toml")},
