@@ -173,9 +173,16 @@ def test_prepare_benchmark_rows_are_the_recorded_ones():
         "\n".join(missing)
     flat = " ".join(page.split())
     assert data["measured"] in flat and f"One {data['prepare']['input_mb']:.0f} MB JSONL file" in flat
+    def span(values: list[float]) -> str:
+        lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+        return f"{lo}x" if lo == hi else f"{lo}-{hi}x"
+
+    rounds = data["prepare"]["rounds"]
     for label, key in (("one worker runs at", "workers_1"), ("two workers at", "workers_2")):
-        ratios = [r[key]["cpu_over_tokenizer"] for r in data["prepare"]["rounds"]]
-        assert f"{label} {min(ratios):.2f}-{max(ratios):.2f}x" in flat, label
+        for clock, field in (("By the clock", "wall_over_tokenizer"), ("By CPU time", "cpu_over_tokenizer")):
+            figure = f"{label} {span([r[key][field] for r in rounds])}"
+            assert figure in flat[flat.index(clock):], (clock, figure)
+    assert f"{span([r['speedup_2_over_1'] for r in rounds])} one worker" in flat
 
 
 def test_fine_tuning_first_step_losses_are_the_recorded_ones():

@@ -640,3 +640,21 @@ def test_prepare_command_line_runs_in_a_fresh_process(tmp_path):
                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     assert "wrote" in out.stderr and "MB/s" in out.stderr and "tokens/s" in out.stderr and "ETA" in out.stderr
+
+
+def test_progress_counts_tokens_as_chunks_are_written_not_as_shards_end(corpus, tmp_path, monkeypatch):
+    """The progress line's tokens/s read 0.00 through a whole first shard (256 MB by default), then jumped: tokens
+    were counted when a shard ended. Counted per written chunk, the running count rises before any shard ends and ends
+    at the manifest's total."""
+    from titan.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 4096)  # many chunks in one shard
+    seen = []
+    monkeypatch.setattr(prepare_module.Progress, "update",
+                        lambda self, done_bytes, force=False: seen.append((self.units, self.tokens)))
+    out = tmp_path / "one_shard"
+    assert prepare([str(corpus / "a.jsonl")], str(out), workers=1, shard_mb=1024, log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 1 and seen[-1] == (1, manifest["num_tokens"])
+    before_the_end = [tokens for units, tokens in seen if units == 0]
+    assert len(before_the_end) > 3 and before_the_end == sorted(before_the_end) and 0 < before_the_end[-1]

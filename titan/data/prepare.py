@@ -373,10 +373,10 @@ def _run_units(todo: list[int], units, out: Path, tokenizer_path: str, text_key:
                 if i not in writers:
                     writers[i] = ShardWriter(out, i, units[i], identity)
                 writers[i].add(piece, ids, lengths)
+                progress.tokens += len(ids)  # per 16 MiB chunk: a shard's total came only at its end (0 tokens/s first)
                 if written == ends[i]:
-                    n_tokens, _ = writers[i].finish()
+                    writers[i].finish()
                     del writers[i]
-                    progress.tokens += n_tokens
                     progress.units += 1
                 written += 1
             progress.update(counter.value)
