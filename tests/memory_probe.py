@@ -45,7 +45,9 @@ class SavedActivations(TorchDispatchMode):
                 t = _local(t)
                 if t.device.type != "meta":
                     storage = t.untyped_storage()
-                    self._refs.setdefault(storage._cdata, StorageWeakRef(storage))
+                    ref = self._refs.get(storage._cdata)
+                    if ref is None or ref.expired():  # a freed storage's address taken by a new one: track the new
+                        self._refs[storage._cdata] = StorageWeakRef(storage)
         return out
 
     def live_bytes(self, exclude: set[int]) -> int:
