@@ -237,7 +237,7 @@ def _accuracy(model_folder: Path, prompts: Path) -> float:
     return float(line.split("mean reward ")[1].split()[0])
 
 
-@pytest.mark.slow  # 40 GRPO steps of a 135M model (generation + training) and two scorings: about an hour here
+@pytest.mark.slow  # 40 GRPO steps of a 135M model (generation + training) and two scorings: 10 minutes on 2 free cores
 def test_grpo_raises_smollm2s_arithmetic_accuracy(smollm2, tmp_path):
     """docs/rl.md's worked example: train_configs/smollm2_135m_grpo.toml from the downloaded weights; the accuracy
     (titan.rewards:math_answer) on the first 100 held-out arithmetic prompts rises by the margin the page states."""
