@@ -176,10 +176,6 @@ def as_messages(value, where: str, field: str, role: str) -> list[dict]:
     return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, where, field)
 
 
-def _text_or_messages(record: dict, field: str, role: str, where: str) -> list[dict]:
-    return as_messages(record.get(field), where, field, role)
-
-
 # SFT record formats: each turns one JSON object into a list of messages (sft.format; docs/fine_tuning.md).
 
 
@@ -217,8 +213,8 @@ def _from_prompt_completion(record: dict, where: str) -> list[dict]:
     string completion one assistant reply."""
     if "prompt" not in record or "completion" not in record:
         raise ConfigError(f"{where}: needs a \"prompt\" and a \"completion\"")
-    return _text_or_messages(record, "prompt", "user", where) + \
-        _text_or_messages(record, "completion", "assistant", where)
+    return as_messages(record.get("prompt"), where, "prompt", "user") + \
+        as_messages(record.get("completion"), where, "completion", "assistant")
 
 
 SFT_FORMATS = {"messages": _from_messages, "alpaca": _from_alpaca, "sharegpt": _from_sharegpt,
@@ -265,7 +261,7 @@ def read_preferences(path: Path, key: str) -> list[tuple[list[dict], str, str]]:
     pairs = []
     for f, lineno, record in _records(path, key):
         where = f"{key}: {f} line {lineno}"
-        prompt = _text_or_messages(record, "prompt", "user", where)
+        prompt = as_messages(record.get("prompt"), where, "prompt", "user")
         replies = [record.get(k) for k in ("chosen", "rejected")]
         if not all(isinstance(r, str) for r in replies):
             raise ConfigError(f"{where} needs string \"chosen\" and \"rejected\" replies")

@@ -154,7 +154,7 @@ class ShardWriter:
         self.tokens += len(ids)
         self.docs += len(lengths)
 
-    def finish(self) -> tuple[int, int]:
+    def finish(self) -> None:
         for piece, n in zip(self.unit, self.piece_docs):
             if n == 0 and piece.start == 0 and piece.end == -1:  # a piece of a large file may hold none
                 raise ConfigError(f"{KEY}: {piece.path} holds no documents")
@@ -165,7 +165,6 @@ class ShardWriter:
         record = {"unit": [asdict(p) for p in self.unit], "num_tokens": self.tokens, "num_documents": self.docs,
                   "tokenizer": self.identity, "bin_crc32": self.bin_crc, "idx_crc32": self.idx_crc}
         tokens.write_atomically(self.out / f"{self.name}.json", tokens.json_bytes(record))
-        return self.tokens, self.docs
 
     def discard(self) -> None:
         for f, tmp in ((self.bin, self.bin_tmp), (self.idx, self.idx_tmp)):
