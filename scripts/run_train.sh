@@ -100,6 +100,9 @@ fi
 # torchrun passes these signals on to the workers (its default list lacks SIGUSR1, which would kill torchrun, and
 # with it the workers, before they could save).
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# A signal that reaches torchrun itself (Slurm signals every process of a job step) makes it pass the signal on and
+# SIGKILL the workers 30 s later (torch 2.13's default), which can be mid-save for a large model: give them 10 minutes.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 # titan itself logs on global rank 0 only (other ranks print warnings and errors).
 launch=(torchrun "${rdzv[@]}" --nproc_per_node="$NGPU" "${train[@]}")
 

@@ -302,7 +302,8 @@ def _launched_env(out: Path) -> dict[str, str]:
 
 
 LAUNCH_VARS = ("PYTORCH_ALLOC_CONF", "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT",
-               "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "GLOO_SOCKET_IFNAME", "PYTORCH_CUDA_ALLOC_CONF", "NCCL_SOCKET_IFNAME")
+               "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "GLOO_SOCKET_IFNAME", "PYTORCH_CUDA_ALLOC_CONF", "NCCL_SOCKET_IFNAME",
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 
 
 def test_launchers_export_allocator_flight_recorder_and_gloo_interface(tmp_path):
@@ -324,6 +325,10 @@ def test_launchers_export_allocator_flight_recorder_and_gloo_interface(tmp_path)
     assert one["PYTORCH_ALLOC_CONF"] == "expandable_segments:True" and one["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     assert int(one["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0 and one["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"]
     assert "GLOO_SOCKET_IFNAME" not in one  # one node: gloo stays on this machine
+    # A stop signal that reaches torchrun gives the saving workers 10 minutes before SIGKILL (torch's default: 30 s).
+    assert one["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "600"
+    assert launch({"NGPU": "1", "CONFIG_FILE": TINY, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "90"})[0][
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "90"
     # Two nodes: the interface that reaches the rendezvous host (localhost here: lo), or NCCL's; the user's wins.
     two = {"NGPU": "1", "NNODES": "2", "RDZV_ENDPOINT": "localhost:29999", "CONFIG_FILE": TINY}
     assert launch(two)[0]["GLOO_SOCKET_IFNAME"] == "lo"
