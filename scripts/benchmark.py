@@ -49,7 +49,8 @@ from titan.models import build_model
 from titan.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_common.py, however this file is loaded
-from benchmark_common import device_name, fmt_s, git_commit, median
+from benchmark_common import STEP_RANGES, device_name, fmt_s, git_commit, median
+from flags import FILE, NEW_FILE, Parser
 
 FLOP_CONVENTION = ("6 x non-embedding parameters + 12 x n_layers x n_heads x head_dim x seq_len per token "
                    "(PaLM appendix B / torchtitan; titan/metrics.py:num_flops_per_token)")
@@ -59,7 +60,8 @@ REGIONS = ("data", "forward_backward", "optimizer", "checkpoint")  # table order
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(prog="benchmark.py", description=__doc__.split("\n\n")[0], allow_abbrev=False, ranges=STEP_RANGES,
+               paths={"config": FILE, "json": NEW_FILE})
     p.add_argument("--config", help="titan TOML config (required)")
     p.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="steps run before measuring (default 5)")
@@ -70,8 +72,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         p.error("--model_only is its own script now: python scripts/benchmark_model.py")
     if not args.config:
         p.error("--config is required")
-    if args.steps < 1 or args.warmup < 1:
-        p.error("--steps and --warmup must be >= 1 (the first step includes one-time costs)")
     return args, overrides
 
 
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         titan, minimal_times, why_not = run_titan(cfg, args)
     except ConfigError as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
+        if dist.is_initialized():  # a config the builder refused after it made the process group
+            dist.destroy_process_group()
         return 2
     rank = dist.get_rank()
     dist.destroy_process_group()
@@ -304,7 +306,6 @@ def main(argv: list[str] | None = None) -> int:
     result = summarize(args, cfg, titan, minimal_times, why_not)
     print(table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

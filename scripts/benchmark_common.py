@@ -1,5 +1,6 @@
 """What scripts/benchmark.py and scripts/benchmark_model.py both report with: a median that tolerates no samples, the
-device, the commit, a time in milliseconds. A helper module of those two scripts, not a script itself."""
+device, the commit, a time in milliseconds; and the range of --steps and --warmup they (and benchmark_moe.py) take.
+A helper module of the benchmarks, not a script itself."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# --steps and --warmup, as flags.py checks them: at least one warm-up step, as the first has one-time costs.
+STEP_RANGES = {"steps": (1, 10**6), "warmup": (1, 10**6)}
 
 
 def median(values: list[float]) -> float:

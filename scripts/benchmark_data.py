@@ -20,7 +20,7 @@ tokenizer's single-thread speed with one worker, >= 1.7x with two, on one file (
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -33,6 +33,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN, BATCH = 256, 8
+
+sys.path.insert(0, str(REPO / "scripts"))  # flags.py, however this file is loaded
+from flags import FOLDER, NEW_FILE, Parser  # noqa: E402
 
 
 def write_synthetic(folder: Path, n_tokens: int, seed: int = 0) -> None:
@@ -150,11 +153,13 @@ def prepare_throughput(workdir: Path, megabytes: float, rounds: int = 1) -> dict
     from titan.data.tokenizer import load_tokenizer
 
     paragraphs = [p for p in (REPO / "titan/assets/data/austen/train.txt").read_text().split("\n\n") if p.strip()]
-    lines = "".join(json.dumps({"text": p}) + "\n" for p in paragraphs)
-    corpus = workdir / "text.jsonl"
+    lines = [json.dumps({"text": p}) + "\n" for p in paragraphs]
+    corpus, size = workdir / "text.jsonl", 0
     with open(corpus, "w") as f:
-        while f.tell() < megabytes * 1e6:
-            f.write(lines)
+        for line in itertools.cycle(lines):  # whole paragraphs until the size is reached: a small size is small
+            if size >= megabytes * 1e6:
+                break
+            size += f.write(line)  # JSON is ASCII: characters are bytes
     mb = corpus.stat().st_size / 1e6
     tok, texts = load_tokenizer(), list(documents.documents(corpus, "bench"))
 
@@ -190,12 +195,19 @@ def prepare_throughput(workdir: Path, megabytes: float, rounds: int = 1) -> dict
     return result
 
 
+# Each number flag's range: the synthetic datasets and the corpus go to disk (5e9 tokens are 10 GB), and the loader
+# needs a few of the debug model's batches of tokens.
+RANGES = {"tokens": (10**6, 10**11), "batches": (1, 10**6), "prepare_mb": (1e-3, 1e5), "rounds": (1, 1000)}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=float, nargs="+", default=[1e7, 5e9])
-    p.add_argument("--workdir", help="where the synthetic datasets go (default: a temporary folder)")
-    p.add_argument("--batches", type=int, default=500)
-    p.add_argument("--prepare_mb", type=float, default=32.0)
+    p = Parser(prog="benchmark_data.py", description=__doc__.split("\n\n")[0], ranges=RANGES,
+               paths={"workdir": FOLDER, "json": NEW_FILE})
+    p.add_argument("--tokens", type=float, nargs="+", default=[1e7, 5e9], help="dataset sizes, each in [1e6, 1e11]")
+    p.add_argument("--workdir", help="an existing folder where the synthetic datasets go (default: a temporary one)")
+    p.add_argument("--batches", type=int, default=500, help="batches each loader is timed over, in [1, 10**6]")
+    p.add_argument("--prepare_mb", type=float, default=32.0, help="MB of JSONL text prepare_data is timed on, in "
+                   "[0.001, 100000]")
     p.add_argument("--prepare_only", action="store_true", help="only the prepare_data rows")
     p.add_argument("--rounds", type=int, default=1, help="prepare_data rows measured this many times in turn")
     p.add_argument("--json", help="also write the results here")
@@ -208,7 +220,6 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
         return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="titan-bench-data-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(workdir).free
     results = {"loader": {}, "batch_shape": [BATCH, SEQ_LEN]}
     try:

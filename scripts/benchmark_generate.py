@@ -30,7 +30,10 @@ import torch
 
 from titan.errors import ConfigError
 from titan.generation import generate, generate_without_cache
-from titan.models import build_model, model_args
+from titan.models import FAMILIES, build_model, model_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flags.py, however this file is loaded
+from flags import NEW_FILE, RECORDS, Parser  # noqa: E402
 
 
 def measure(ns) -> dict:
@@ -83,24 +86,30 @@ def row(r: dict) -> str:
             f"{r['recompute_tokens_per_s']:,.1f} | {r['speedup']:.1f}x |")
 
 
+# Each number flag's range: the RoPE table holds prompt + new tokens, and each measured round decodes them all.
+RANGES = {"batch": (1, 4096), "prompt_tokens": (1, 2**16), "new_tokens": (1, 2**16), "repeats": (1, 1000),
+          "seed": (0, 2**63 - 1)}
+
+
+def check_flavor(ns) -> None:
+    if ns.flavor not in FAMILIES[ns.model].flavors:
+        raise ConfigError(f"--flavor {ns.flavor!r} is not one of {', '.join(FAMILIES[ns.model].flavors)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmark_generate.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--model", default="llama3", help="model.name (a registered family)")
+    parser = Parser(prog="benchmark_generate.py", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+                    ranges=RANGES, paths={"json": NEW_FILE, "record": RECORDS}, check=check_flavor)
+    parser.add_argument("--model", default="llama3", choices=sorted(FAMILIES), help="model.name (a registered family)")
     parser.add_argument("--flavor", default="debugmodel")
-    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together")
-    parser.add_argument("--prompt_tokens", type=int, default=32, help="the longest prompt's tokens")
-    parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=1, help="timed rounds (medians reported)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together, in [1, 4096]")
+    parser.add_argument("--prompt_tokens", type=int, default=32, help="the longest prompt's tokens, in [1, 2**16]")
+    parser.add_argument("--new_tokens", type=int, default=256, help="in [1, 2**16]")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds (medians reported), in [1, 1000]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--record", help="add the figures to this JSON file of runs (under the run's key)")
     ns = parser.parse_args(argv)
-    if min(ns.batch, ns.prompt_tokens, ns.new_tokens, ns.repeats) < 1:
-        print("benchmark_generate: error: --batch, --prompt_tokens, --new_tokens and --repeats must be >= 1",
-              file=sys.stderr)
-        return 2
     try:
         r = measure(ns)
     except ConfigError as e:

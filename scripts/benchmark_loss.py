@@ -15,7 +15,6 @@ difference). Target (issue 26): at a 151,936-token vocabulary the chunked peak i
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_common import device_name, git_commit  # noqa: E402
+from flags import NEW_FILE, Parser  # noqa: E402
 
 from titan.data.pretrain import IGNORE_INDEX  # noqa: E402
+from titan.errors import ConfigError  # noqa: E402
 from titan.objectives import HeadLoss  # noqa: E402
 
 
@@ -91,16 +92,32 @@ def measure(vocab: int, dim: int, tokens: int, chunk_tokens: int, device: str = 
     return result
 
 
+# Each number flag's range: the whole logits (vocab x tokens floats) must be allocatable, 10**12 of anything is not.
+RANGES = {"vocab": (1, 2**20), "dim": (1, 2**16), "tokens": (1, 2**20), "chunk_tokens": (1, 2**20),
+          "threads": (0, 1024)}
+
+
+def check_device(ns) -> None:
+    try:
+        device = torch.device(ns.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {ns.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    cuda_here = device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
+    if device.type != "cpu" and not cuda_here:
+        raise ConfigError(f"--device {ns.device!r}: not a CPU or a CUDA device of this machine")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--chunk_tokens", type=int, default=256)
+    parser = Parser(prog="benchmark_loss.py", description=__doc__.split("\n\n")[0], ranges=RANGES,
+                    paths={"json": NEW_FILE}, check=check_device)
+    parser.add_argument("--vocab", type=int, default=151936, help="in [1, 2**20]")
+    parser.add_argument("--dim", type=int, default=1024, help="in [1, 2**16]")
+    parser.add_argument("--tokens", type=int, default=2048, help="in [1, 2**20]")
+    parser.add_argument("--chunk_tokens", type=int, default=256, help="in [1, 2**20]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: its default)")
-    parser.add_argument("--json", default="")
+    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -29,10 +29,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan import models
+from titan.errors import ConfigError
 from titan.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_common.py, however this file is loaded
-from benchmark_common import device_name, fmt_s, git_commit, median
+from benchmark_common import STEP_RANGES, device_name, fmt_s, git_commit, median
+from flags import NEW_FILE, Parser
 
 # name -> (llama3 flavor, overrides, batch, seq_len); RoPE unscaled (torchtitan's table is told so, see below).
 MODEL_SHAPES: dict[str, tuple[str, dict, int, int]] = {
@@ -288,7 +290,6 @@ def run_model_only(args: argparse.Namespace) -> int:
     print(f"reference: {summary['reference']}; intra-op threads: {summary['threads']}\n"
           f"measured as: {MODEL_ONLY_METHOD}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
@@ -297,12 +298,27 @@ MODEL_ONLY_METHOD = ("forward + cross-entropy + backward, fp32, one process; tit
                      "alternate (order swapped each pair) after warm-up; ratio = median of per-pair titan / reference")
 
 
+def check_choices(ns) -> None:
+    """Each of --shapes and --modes from its list, and each --reference_path entry a folder (a typo would silently
+    fall back to the plain reference)."""
+    for flag, given, known in (("shapes", ns.shapes, MODEL_SHAPES), ("modes", ns.modes, ("eager", "compiled"))):
+        bad = [x for x in given.split(",") if x not in known]
+        if bad:
+            raise ConfigError(f"--{flag}: {', '.join(map(repr, bad))} is not one of {', '.join(known)}")
+    missing = [d for d in ns.reference_path.split(os.pathsep) if d and not Path(d).is_dir()]
+    if missing:
+        raise ConfigError(f"--reference_path: {missing[0]!r} is not a folder")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(prog="benchmark_model.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+               ranges={**STEP_RANGES, "threads": (0, 1024)}, paths={"json": NEW_FILE},
+               check=check_choices)
     p.add_argument("--shapes", default="debugmodel,4x1024", help=f"comma-separated, of {', '.join(MODEL_SHAPES)}")
     p.add_argument("--modes", default="eager,compiled", help="comma-separated, of eager, compiled")
     p.add_argument("--steps", type=int, default=20, help="measured pairs (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="pairs run before measuring (default 5)")
+    p.add_argument("--warmup", type=int, default=5, help="pairs run before measuring (default 5; at least 1: the "
+                   "first step includes one-time costs)")
     p.add_argument("--reference", default="auto", choices=("auto", "torchtitan", "plain"),
                    help="auto: torchtitan's Llama if it imports, else the plain one in this script")
     p.add_argument("--threads", type=int, default=0,
@@ -311,14 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference_path", default="",
                    help=f"directories ({os.pathsep}-separated) added to sys.path to import torchtitan from")
     p.add_argument("--json", help="also write the results as JSON to this path")
-    args, unknown = p.parse_known_args(argv)
-    bad = [s for s in args.shapes.split(",") if s not in MODEL_SHAPES]
-    bad += [s for s in args.modes.split(",") if s not in ("eager", "compiled")]
-    if bad or unknown:
-        p.error(f"unknown shape/mode or argument: {', '.join(bad + unknown)}")
-    if args.steps < 1 or args.warmup < 1:
-        p.error("--steps and --warmup must be >= 1 (the first step includes one-time costs)")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

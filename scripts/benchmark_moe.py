@@ -16,7 +16,6 @@ On a GPU the kernels overlap compute, so the CPU share is only a bound; docs/per
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,10 +28,15 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from titan import config_io
 from titan.build import build
+from titan.errors import ConfigError
 from titan.metrics import StepTimer, setup_logging
 from titan.train import train
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))  # flags.py and benchmark_common.py, however this file is loaded
+from benchmark_common import STEP_RANGES  # noqa: E402
+from flags import FILE, NEW_FILE, Parser  # noqa: E402
+
 COLLECTIVE = ("all_to_all", "alltoall", "wait_tensor")
 
 
@@ -49,17 +53,10 @@ class ProfiledTimer(StepTimer):
         return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--config", default=str(REPO / "train_configs" / "qwen3_moe_debug.toml"))
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", help="also write the results as JSON to this path")
-    args, overrides = p.parse_known_args(argv)
-    setup_logging()
-    folder = tempfile.mkdtemp(prefix="titan_benchmark_moe_")
-    cfg = config_io.load(["--config", args.config, "--job.dump_folder", folder, "--validation.enable", "false",
-                       "--checkpoint.enable", "false", "--training.steps", str(args.warmup + args.steps), *overrides])
+def measure(args, overrides: list[str]) -> dict | None:
+    """titan's loop on the config, the measured steps profiled; the figures on rank 0, None on the others."""
+    cfg = config_io.load(["--config", args.config, "--validation.enable", "false", "--checkpoint.enable", "false",
+                          "--training.steps", str(args.warmup + args.steps), *overrides])
     run = build(cfg)
     with profile(activities=[ProfilerActivity.CPU],
                  schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1)) as prof:
@@ -74,12 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     result = {"world_size": run.dims.world_size, "ep": run.dims.ep, "tokens_per_s": tokens / statistics.mean(steps),
               "step_time_median_s": statistics.median(steps),
               "all_to_all_share": collective_us / 1e6 / sum(steps), "torch": torch.__version__}
-    if dist.get_rank() == 0:
+    return result if dist.get_rank() == 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="benchmark_moe.py", description=__doc__.split("\n\n")[0], allow_abbrev=False, ranges=STEP_RANGES,
+               paths={"config": FILE, "json": NEW_FILE})
+    p.add_argument("--config", default=str(REPO / "train_configs" / "qwen3_moe_debug.toml"))
+    p.add_argument("--steps", type=int, default=10, help="measured steps, in [1, 10**6]")
+    p.add_argument("--warmup", type=int, default=3, help="steps run before measuring, in [1, 10**6]")
+    p.add_argument("--json", help="also write the results as JSON to this path")
+    args, overrides = p.parse_known_args(argv)
+    setup_logging()
+    with tempfile.TemporaryDirectory(prefix="titan_benchmark_moe_") as folder:
+        try:
+            result = measure(args, ["--job.dump_folder", folder, *overrides])
+        except ConfigError as e:
+            print(f"benchmark_moe: error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if result is not None:  # rank 0
         print(json.dumps(result, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

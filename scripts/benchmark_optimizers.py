@@ -20,7 +20,6 @@ file are kept unless named again with --only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -29,6 +28,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))  # flags.py, however this file is loaded
+from flags import RECORDS, Parser  # noqa: E402
+
 PRESET = "train_configs/debug_model.toml"
 COMMON = ["--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false", "--validation.freq", "25"]
 FOUR_RANKS = ["--parallelism.data_parallel_replicate_degree", "2", "--training.local_batch_size", "2",
@@ -56,7 +58,7 @@ def state_bytes(optimizer) -> int:
 
 
 def run_one(config: str, ranks: int, overrides: list[str], dump: Path) -> dict:
-    argv = ["--config", config, *COMMON, *overrides, "--job.dump_folder", str(dump)]
+    argv = ["--config", str(REPO / config), *COMMON, *overrides, "--job.dump_folder", str(dump)]  # from any folder
     record = {"config": config, "ranks": ranks, "overrides": overrides}
     if ranks == 1:
         from titan import config_io
@@ -86,19 +88,20 @@ def run_one(config: str, ranks: int, overrides: list[str], dump: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="benchmark_optimizers.py", description=__doc__.split("\n\n")[0],
+                    ranges={"steps": (1, 10**6)}, paths={"out": RECORDS})
     parser.add_argument("--out", default=str(REPO / "tests" / "assets" / "benchmarks" / "optimizers.json"))
     parser.add_argument("--only", nargs="*", choices=list(RUNS), help="runs to (re)do; default all")
-    parser.add_argument("--steps", type=int, help="training.steps instead of the preset's 100 (a quick check)")
+    parser.add_argument("--steps", type=int, help="training.steps instead of the preset's 100 (a quick check), in "
+                        "[1, 10**6]")
     args = parser.parse_args(argv)
     steps = [] if args.steps is None else ["--training.steps", str(args.steps)]
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = json.loads(out.read_text()) if out.is_file() else {}  # a JSON object: the parser checked
     for name in args.only or list(RUNS):
         with tempfile.TemporaryDirectory(prefix=f"titan_bench_{name}_") as dump:
             config, ranks, overrides = RUNS[name]
             results[name] = run_one(config, ranks, overrides + steps, Path(dump))
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")  # after each run: a long sweep keeps what it has
         print(f"{name}: loss {results[name]['loss'][0]:.4f} -> {results[name]['loss'][-1]:.4f}, val "
               f"{results[name]['val_loss']}")

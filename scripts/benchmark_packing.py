@@ -13,7 +13,6 @@ titan did before), and the time titan's takes. Target (issue 26): fill >= 95 %.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_common import git_commit  # noqa: E402
+from flags import NEW_FILE, Parser  # noqa: E402
 
 from titan.data.chat import pack_rows  # noqa: E402
 
@@ -57,13 +57,18 @@ def measure(n: int, seq_len: int, median: float, sigma: float) -> dict:
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
+# Each number flag's range: the conversations are tensors in memory, and a length is a positive token count.
+RANGES = {"conversations": (1, 10**7), "seq_len": (1, 2**20), "median": (1, 2**20), "sigma": (0, 100)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", type=int, default=20000)
-    parser.add_argument("--seq_len", type=int, default=4096)
-    parser.add_argument("--median", type=float, default=400.0)
-    parser.add_argument("--sigma", type=float, default=1.0)
-    parser.add_argument("--json", default="")
+    parser = Parser(prog="benchmark_packing.py", description=__doc__.split("\n\n")[0], ranges=RANGES,
+                    paths={"json": NEW_FILE})
+    parser.add_argument("--conversations", type=int, default=20000, help="in [1, 10**7]")
+    parser.add_argument("--seq_len", type=int, default=4096, help="in [1, 2**20]")
+    parser.add_argument("--median", type=float, default=400.0, help="median length in tokens, in [1, 2**20]")
+    parser.add_argument("--sigma", type=float, default=1.0, help="of the lengths' log, in [0, 100]")
+    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     r = measure(args.conversations, args.seq_len, args.median, args.sigma)
     print(f"{r['conversations']:,} conversations (lognormal, median {r['median']:g}, sigma {r['sigma']:g}), "

@@ -13,7 +13,6 @@ step-0) can start from; the family comes from config.json.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -27,6 +26,9 @@ from titan.config import DTYPES, Model
 from titan.data.tokenizer import load_tokenizer, tokenizer_file
 from titan.errors import ConfigError
 from titan.models import FAMILIES, build_model, lora, model_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flags.py, however this file is loaded
+from flags import Parser  # noqa: E402
 
 
 def dcp_model_state(path: Path, args, lora_scale: float | None = None) -> dict[str, torch.Tensor]:
@@ -115,11 +117,6 @@ def from_hf(ns) -> None:
     print(f"wrote {ns.dst} (titan DCP, model only)")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, as for every other bad input
-        self.exit(2, f"convert_checkpoint: error: {message} (see --help)\n")
-
-
 def check_flags(ns) -> None:
     if ns.command == "to-hf":
         if not 1 <= ns.max_seq_len <= 2**24:
@@ -131,7 +128,7 @@ def check_flags(ns) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("to-hf", help="DCP step folder -> Hugging Face folder (a new or empty folder)")
     p.add_argument("src")

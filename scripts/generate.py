@@ -23,7 +23,6 @@ Decoding uses a KV cache (titan/generation.py): each new token costs one token's
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings
@@ -32,6 +31,9 @@ from pathlib import Path
 import torch
 
 from titan.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flags.py, however this file is loaded
+from flags import Parser, check_ranges  # noqa: E402
 
 # Llama 3 style models expect a BOS before plain text; ChatML models (SmolLM2) use <|im_start|> as their "BOS",
 # which opens a chat turn and does not belong in front of plain text.
@@ -182,13 +184,6 @@ RANGES = {"max_new_tokens": (0, 2**20), "temperature": (0.0, 1e4), "top_k": (0, 
           "max_seq_len": (0, 2**20), "batch_size": (1, 2**20)}
 
 
-def check_ranges(ns, ranges: dict[str, tuple[float, float]]) -> None:
-    for name, (lo, hi) in ranges.items():
-        value = getattr(ns, name)
-        if not (math.isfinite(value) and lo <= value <= hi):
-            raise ConfigError(f"--{name} must be in [{lo:,}, {hi:,}] (got {value})")
-
-
 def check_flags(ns) -> None:
     check_ranges(ns, RANGES)
     if not 0 < ns.top_p <= 1:
@@ -274,14 +269,9 @@ def evaluate(ns, model, tokenizer) -> None:
         print(f"{f.path}: mean reward {float(valid.mean()):.4f} over {len(valid)} prompts", flush=True)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, as for every other bad input
-        self.exit(2, f"generate: error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="generate.py", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = Parser(prog="generate.py", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="Hugging Face model folder (config.json, safetensors, tokenizer.model or "
                         "tokenizer.json)")

@@ -12,7 +12,6 @@ all-gather, CPU offload); the kernel probes are scripts/gpu_check_probes.py's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import gpu_check_probes as probes  # noqa: E402
+from flags import NEW_FOLDER, Parser  # noqa: E402
 
 from titan import config_io, dry_run, train  # noqa: E402
 from titan.metrics import MetricsLogger  # noqa: E402
@@ -269,7 +269,7 @@ def environment(device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="gpu_check.py", description=__doc__.split("\n\n")[0], paths={"out": NEW_FOLDER})
     parser.add_argument("--out", default="gpu_check", help="folder for gpu_check.json (and the runs' logs)")
     parser.add_argument("--plumbing", action="store_true", help="CPU, tiny shapes: check this script's machinery")
     args = parser.parse_args(argv)

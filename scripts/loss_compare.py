@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -28,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 REGENERATE_HINT = "python scripts/loss_compare.py --config {config} --golden {golden} --regenerate"
+
+sys.path.insert(0, str(REPO / "scripts"))  # flags.py (torch-free), however this file is loaded
+from flags import Parser  # noqa: E402
 
 
 def run_losses(config: str, overrides: list[str], steps: int | None, nproc: int = 1) -> list[float]:
@@ -98,13 +100,13 @@ def write_golden(path: str | Path, losses: list[float], config: str, overrides: 
 
 # Each number flag's range: a bad value is one line naming it (a NaN tolerance passed every comparison, 10**12 steps
 # or processes never returned).
-RANGES = {"steps": (1, 10**6), "nproc_a": (1, 1024), "nproc_b": (1, 1024), "tolerance": (0.0, 1e6)}
+RANGES = {"steps": (1, 10**6), "nproc-a": (1, 1024), "nproc-b": (1, 1024), "tolerance": (0.0, 1e6)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     head, rest = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=head, epilog=rest, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="loss_compare.py", description=head, epilog=rest, allow_abbrev=False, ranges=RANGES,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="titan TOML config of run a (and of run b without --config-b)")
     p.add_argument("--config-b", help="config of run b (default: --config)")
     p.add_argument("--a", default="",
@@ -119,10 +121,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.regenerate and not args.golden:
         p.error("--regenerate needs --golden FILE")
-    for name, (lo, hi) in RANGES.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
-            p.error(f"--{name.replace('_', '-')} must be in [{lo:,}, {hi:,}] (got {value})")
     for name in ("config", "config_b") + (("golden",) if not args.regenerate else ()):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():

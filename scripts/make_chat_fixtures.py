@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flags.py, however this file is loaded
+from flags import Parser  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "titan" / "assets"
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
@@ -128,7 +132,10 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    # No flags, parsed all the same: --help prints the docstring, and a stray argument is refused before the shipped
+    # fixtures are rewritten.
+    Parser(prog="make_chat_fixtures.py", description=__doc__.split("\n\n")[0]).parse_args(argv)
     chat_tokenizer()
     rng = random.Random(0)
     data = ASSETS / "data"
@@ -147,7 +154,8 @@ def main() -> None:
     write_jsonl(data / "arithmetic" / "train.jsonl", [arithmetic(rng) for _ in range(1000)])
     write_jsonl(data / "arithmetic" / "validation.jsonl", [arithmetic(rng) for _ in range(200)])
     print(f"wrote fixtures under {ASSETS}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

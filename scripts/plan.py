@@ -21,6 +21,7 @@ import functools
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.distributed.pipelining import PipelineStage
@@ -38,6 +39,9 @@ from titan.parallel.mesh import ParallelDims
 from titan.parallel.parallelize import check_options
 from titan.parallel.pipeline import build_schedule, stage_layers, stages_of_rank
 from titan.parallel.pipeline import check as check_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flags.py, however this file is loaded
+from flags import FILE, Parser  # noqa: E402
 
 RECOMPUTE = {"none": 0.0, "selective": 0.05, "full": 1 / 3}  # extra compute: selective redoes elementwise ops only
 MICRO_BATCHES = (1, 2, 4)
@@ -382,11 +386,6 @@ def distinct(fits: list[Candidate]) -> list[Candidate]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, as for every other bad input
-        self.exit(2, f"plan: error: {message} (see --help)\n")
-
-
 # Each number flag's range: a bad value is one line naming it (world 0, NaN memory, zero bandwidth, 10**12 ranks).
 RANGES = {"world_size": (1, 2**20), "device_memory_gib": (1e-3, 2**20), "top": (1, 1000), "verify": (0, 1000),
           "gpus_per_node": (1, 1024), "peak_tflops": (1e-3, 1e7), "mfu": (1e-3, 1.0), "nvlink_gbps": (1e-3, 1e7),
@@ -394,7 +393,8 @@ RANGES = {"world_size": (1, 2**20), "device_memory_gib": (1e-3, 2**20), "top": (
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(prog="plan.py", description=__doc__.split("\n\n")[0], allow_abbrev=False, ranges=RANGES,
+               paths={"config": FILE})
     p.add_argument("--config", required=True)
     p.add_argument("--world_size", type=int, required=True)
     p.add_argument("--device_memory_gib", type=float, default=80.0)
@@ -406,14 +406,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--mfu", type=float, default=d.mfu, help="fraction of the peak the matmuls reach")
     p.add_argument("--nvlink_gbps", type=float, default=d.nvlink / 1e9, help="GB/s per GPU inside a node")
     p.add_argument("--ib_gbps", type=float, default=d.ib / 1e9, help="GB/s per GPU across nodes")
-    ns, overrides = p.parse_known_args(argv)
-    for name, (lo, hi) in RANGES.items():
-        value = getattr(ns, name)
-        if not (math.isfinite(value) and lo <= value <= hi):
-            p.error(f"--{name} must be in [{lo:,}, {hi:,}] (got {value})")
-    if not ns.config.strip():
-        p.error("--config needs a file path (got an empty string)")
-    return ns, overrides
+    return p.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ that dies: one line, exit code 1.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -29,10 +28,8 @@ from titan.data.hub import materialize
 from titan.data.prepare import PrepareFailed, prepare
 from titan.errors import ConfigError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, as for every other bad input
-        self.exit(2, f"prepare_data: error: {message} (see --help)\n")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flags.py, however this file is loaded
+from flags import Parser  # noqa: E402
 
 
 def verify(folder: str) -> int:
@@ -50,7 +47,7 @@ def verify(folder: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(prog="prepare_data.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs")
     p.add_argument("--output", metavar="DIR", help="folder to write (new, empty, or an unfinished preparation of the "
                    "same inputs)")

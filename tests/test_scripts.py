@@ -167,53 +167,60 @@ def _in_process(script: str):
     return run
 
 
-def test_every_scripts_flags_take_hostile_values_without_a_traceback_or_a_hang(tmp_path, capsys, one_thread,
-                                                                             monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a hostile value taken as a relative path ("0", "inf") lands here, not in the checkout
+def _flags(values: dict[str, str], positional=()) -> list[str]:
+    named = (x for k, v in values.items() if k not in positional for x in (k, v))
+    return [*(values[p] for p in positional), *named]
+
+
+@pytest.fixture
+def a_file_and_a_folder(tmp_path):
+    """What path flags are given where the other kind goes: a JSONL file of 50 documents and an empty folder."""
     a_file, a_folder = tmp_path / "a.jsonl", tmp_path / "folder"
     a_file.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
     a_folder.mkdir()
+    return a_file, a_folder
+
+
+def test_every_scripts_flags_take_hostile_values_without_a_traceback_or_a_hang(tmp_path, capsys, one_thread,
+                                                                             monkeypatch, a_file_and_a_folder):
+    monkeypatch.chdir(tmp_path)  # a hostile value taken as a relative path ("0", "inf") lands here, not in the checkout
+    a_file, a_folder = a_file_and_a_folder
     outputs = iter(range(10**6))
-
-    def flags(values: dict[str, str], positional=()) -> list[str]:
-        named = (x for k, v in values.items() if k not in positional for x in (k, v))
-        return [*(values[p] for p in positional), *named]
-
     cases = []
     plan = _in_process("plan")
     cases += _walk(lambda argv: plan(argv, capsys), {
         "--config": str(REPO / "train_configs" / "debug_model.toml"), "--world_size": "2", "--top": "1",
         "--verify": "0", "--device_memory_gib": "80", "--gpus_per_node": "8", "--peak_tflops": "989", "--mfu": "0.5",
-        "--nvlink_gbps": "360", "--ib_gbps": "45"}, flags, {"--config": str(a_folder)})
+        "--nvlink_gbps": "360", "--ib_gbps": "45"}, _flags, {"--config": str(a_folder)})
 
     prepare = _in_process("prepare_data")
     base = {"--input": str(a_file), "--output": "NEW", "--workers": "1", "--shard_mb": "1", "--num_shards": "1",
             "--shard_index": "0", "--text_key": "text", "--tokenizer": ""}  # NEW: a fresh folder for each run
     cases += _walk(lambda argv: prepare(argv, capsys), base,
-                   lambda v: flags({**v, "--output": str(tmp_path / f"out{next(outputs)}") if v["--output"] == "NEW"
+                   lambda v: _flags({**v, "--output": str(tmp_path / f"out{next(outputs)}") if v["--output"] == "NEW"
                                     else v["--output"]}),
                    {"--input": str(a_folder), "--output": str(a_file), "--tokenizer": str(a_file)})
-    cases += _walk(lambda argv: prepare(argv, capsys), {"--verify": str(a_folder)}, flags,
+    cases += _walk(lambda argv: prepare(argv, capsys), {"--verify": str(a_folder)}, _flags,
                    {"--verify": str(a_file)})
 
     generate = _in_process("generate")
     cases += _walk(lambda argv: generate(argv, capsys), {
         "--hf": str(a_folder), "--prompt": "x", "--max_new_tokens": "1", "--temperature": "0", "--top_k": "0",
-        "--seed": "0", "--max_seq_len": "0", "--top_p": "1", "--batch_size": "1"}, flags, {"--hf": str(a_file)})
+        "--seed": "0", "--max_seq_len": "0", "--top_p": "1", "--batch_size": "1"}, _flags, {"--hf": str(a_file)})
 
     convert = _in_process("convert_checkpoint")
     cases += _walk(lambda argv: convert(["to-hf", *argv], capsys), {
         "src": str(a_folder), "dst": str(tmp_path / "hf"), "--flavor": "tiny", "--max-seq-len": "32",
         "--lora-scale": "2", "--tokenizer": "", "--model": "llama3", "--dtype": "float32"},
-        lambda v: flags(v, ("src", "dst")), {"src": str(a_file), "dst": str(a_file), "--tokenizer": str(a_folder)})
+        lambda v: _flags(v, ("src", "dst")), {"src": str(a_file), "dst": str(a_file), "--tokenizer": str(a_folder)})
     cases += _walk(lambda argv: convert(["from-hf", *argv], capsys), {"src": str(a_folder), "dst": str(tmp_path / "d"),
                                                                        "--dtype": "float32"},
-                   lambda v: flags(v, ("src", "dst")), {"src": str(a_file), "dst": str(a_file)})
+                   lambda v: _flags(v, ("src", "dst")), {"src": str(a_file), "dst": str(a_file)})
 
     evaluate = _in_process("eval")  # --hf an empty folder: every case ends at a flag or at the model's load
     cases += _walk(lambda argv: evaluate(argv, capsys), {
         "--hf": str(a_folder), "--tasks": "x", "--limit": "0", "--max_seq_len": "0", "--include_path": str(a_folder),
-        "--output": str(tmp_path / "scores.json")}, flags,
+        "--output": str(tmp_path / "scores.json")}, _flags,
         {"--hf": str(a_file), "--include_path": str(a_file), "--output": str(a_folder)})
 
     compare = _in_process("loss_compare")  # the valid cases train the golden config for one step, twice
@@ -223,7 +230,7 @@ def test_every_scripts_flags_take_hostile_values_without_a_traceback_or_a_hang(t
         {"--config": str(a_folder), "--config-b": str(a_folder)})
     cases += _walk(lambda argv: compare(argv, capsys), {"--golden": str(REPO / "tests" / "assets" / "losses" /
                                                                     "tiny_cpu.txt")},
-                   lambda v: ["--config", CONFIG, "--steps", "1", *flags(v)], {"--golden": str(a_folder)})
+                   lambda v: ["--config", CONFIG, "--steps", "1", *_flags(v)], {"--golden": str(a_folder)})
 
     train = _in_process_train(capsys)
     cases += _walk(train, {"--dry_run": "", "--world_size": "2", "--device_memory_gib": "80",
@@ -256,3 +263,79 @@ def _in_process_train(capsys):
         return code, capsys.readouterr().err
 
     return run
+
+
+def test_developer_tools_flags_take_hostile_values_without_a_traceback_or_a_hang(tmp_path, capsys, one_thread,
+                                                                               monkeypatch, a_file_and_a_folder):
+    """The same walk over the benchmarks, download_assets.py, gpu_check.py and make_chat_fixtures.py. Each script
+    runs in a folder of its own (a hostile value taken as a path lands there) at tiny sizes, as an accepted value runs
+    it in full: an output named "0" or "nan" is valid. The network is a closed local port and CUDA is absent, so
+    download_assets.py and gpu_check.py end with one line (exit 3, 2) wherever their flags are valid.
+    gpu_check_probes.py and smollm2_gguf.py are helper modules without flags."""
+    import torch
+
+    a_file, a_folder = a_file_and_a_folder
+    fresh = (str(tmp_path / f"dump{i}") for i in range(10**6))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def walk(script: str, base: dict[str, str], paths: dict[str, str], argv_of=_flags, patch=None) -> dict:
+        """{case: exit code} of the script's walk, run in tmp_path/<script>; `patch(module)` before it."""
+        run = _in_process(script)
+        if patch:
+            patch(sys.modules[script])
+        (tmp_path / script).mkdir()
+        monkeypatch.chdir(tmp_path / script)
+        return dict(case.rsplit(": ", 1) for case in _walk(lambda argv: run(argv, capsys), base, argv_of, paths))
+
+    walks = {"benchmark": walk("benchmark", {"--config": CONFIG, "--steps": "1", "--warmup": "1", "--json": "b.json"},
+                               {"--config": str(a_folder), "--json": str(a_folder)},
+                               lambda v: [*_flags(v), "--job.dump_folder", next(fresh)])}
+    walks["benchmark_data"] = walk("benchmark_data", {  # the prepare_data rows only, on one paragraph of text
+        "--tokens": "1e6", "--batches": "1", "--prepare_mb": "0.001", "--rounds": "1", "--workdir": str(a_folder),
+        "--json": "d.json"}, {"--workdir": str(a_file), "--json": str(a_folder)},
+        lambda v: ["--prepare_only", *_flags(v)])
+    walks["benchmark_generate"] = walk("benchmark_generate", {
+        "--model": "llama3", "--flavor": "tiny", "--batch": "1", "--prompt_tokens": "2", "--new_tokens": "2",
+        "--repeats": "1", "--seed": "1", "--json": "g.json", "--record": "runs.json"},
+        {"--json": str(a_folder), "--record": str(a_file)})  # a JSONL file is not a JSON file of runs
+    walks["benchmark_loss"] = walk("benchmark_loss", {
+        "--vocab": "64", "--dim": "8", "--tokens": "16", "--chunk_tokens": "4", "--device": "cpu", "--dtype": "float32",
+        "--threads": "1", "--json": "l.json"}, {"--json": str(a_folder)})
+    walks["benchmark_model"] = walk("benchmark_model", {
+        "--shapes": "tiny", "--modes": "eager", "--steps": "1", "--warmup": "1", "--reference": "plain",
+        "--threads": "1", "--reference_path": "", "--json": "m.json"},
+        {"--reference_path": str(a_file), "--json": str(a_folder)})
+    walks["benchmark_moe"] = walk("benchmark_moe", {
+        "--config": str(REPO / "tests" / "configs" / "tiny_moe.toml"), "--steps": "1", "--warmup": "1",
+        "--json": "moe.json"}, {"--config": str(a_folder), "--json": str(a_folder)},
+        lambda v: [*_flags(v), "--training.global_batch_size", "2"])
+    walks["benchmark_optimizers"] = walk(  # a tiny run beside the debug model's, which take seconds a step
+        "benchmark_optimizers", {"--out": "o.json", "--only": "tiny", "--steps": "1"}, {"--out": str(a_file)},
+        patch=lambda m: monkeypatch.setitem(m.RUNS, "tiny", ("tests/configs/tiny.toml", 1, [])))
+    walks["download_assets"] = walk("download_assets", {
+        "asset": "llama3-tokenizer", "--out": "new", "--source": "hub", "--cache": "cache", "--dtype": "float32"},
+        {"--out": str(a_file), "--cache": str(a_file)}, lambda v: _flags(v, ("asset",)))
+    walks["gpu_check"] = walk("gpu_check", {"--out": "gpu"}, {"--out": str(a_file)})
+    walks["make_chat_fixtures"] = walk("make_chat_fixtures", {"argument": ""}, {}, lambda v: [v["argument"]])
+
+    # Accepted (exit 0): only new output names, and the few hostile numbers in range; the runs wrote their figures.
+    def named(flag: str) -> list[str]:
+        return [f"{flag}={v!r}" for v in ("0", "-1", "nan", "inf", "1000000000000")]
+
+    accepted = {script: sorted(case for case, code in cases.items() if code == "0") for script, cases in walks.items()}
+    assert accepted == {name: sorted(cases) for name, cases in {
+        "benchmark": named("--json"), "benchmark_data": named("--json"),
+        "benchmark_generate": named("--json") + named("--record") + ["--seed='0'", "--seed='1000000000000'"],
+        "benchmark_loss": named("--json") + ["--threads='0'"],
+        "benchmark_model": named("--json") + ["--threads='0'", "--reference_path=''"],
+        "benchmark_moe": named("--json"), "benchmark_optimizers": named("--out"),
+        "download_assets": [], "gpu_check": [], "make_chat_fixtures": []}.items()}
+    for script in ("benchmark", "benchmark_data", "benchmark_generate", "benchmark_loss", "benchmark_model",
+                   "benchmark_moe"):
+        assert json.loads((tmp_path / script / "nan").read_text()), script
+    assert json.loads((tmp_path / "benchmark_optimizers" / "inf").read_text())["tiny"]["loss"]
+    assert set(walks["download_assets"].values()) == {"2", "3"}  # a bad flag; the Hub unreachable
+    assert not (tmp_path / "download_assets" / "new").exists()
+    assert set(walks["gpu_check"].values()) == {"2"} and not (tmp_path / "gpu_check" / "gpu").exists()
+    assert sum(map(len, walks.values())) > 350
