@@ -6,11 +6,13 @@
                                      [--json F]
 
 One output projection (dim -> vocab, no bias) and the summed cross-entropy of `tokens` hidden states, forward and
-backward, once with the logits whole and once in chunks of `chunk_tokens` tokens (each recomputed in backward). It
-reports each one's peak memory above its inputs and their gradient buffers, which a model holds anyway (CPU: the
-allocator's own events from torch.profiler, so the figure does not depend on the machine's load; CUDA:
-max_memory_allocated), their wall time after one warm-up run each, and that loss and gradients agree (relative
-difference). Target (issue 26): at a 151,936-token vocabulary the chunked peak is at least 4x lower.
+backward, three ways: with the logits whole, in chunks of `chunk_tokens` tokens each recomputed in backward (a head
+that LoRA, float8 or tensor parallelism changes), and in fused chunks whose gradients are computed in forward (a plain
+head: titan/models/output_head.py). It reports each one's peak memory above its inputs and their gradient buffers,
+which a model holds anyway (CPU: the allocator's own events from torch.profiler, so the figure does not depend on the
+machine's load; CUDA: max_memory_allocated), their wall time after one warm-up run each, and that loss and gradients
+agree with the whole logits' (relative difference). Target (issue 26): at a 151,936-token vocabulary the chunked
+peak is at least 4x lower, and the fused chunks take no longer than the whole logits.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flags import NEW_FILE, Parser  # noqa: E402
 
 from titan.data.pretrain import IGNORE_INDEX  # noqa: E402
 from titan.errors import ConfigError  # noqa: E402
+from titan.models.output_head import OutputHead  # noqa: E402
 from titan.objectives import HeadLoss  # noqa: E402
 
 
@@ -61,13 +64,14 @@ def measure(vocab: int, dim: int, tokens: int, chunk_tokens: int, device: str = 
             dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(dim, vocab, bias=False).to(device, dtype)
+    head = OutputHead(dim, vocab, bias=False).to(device, dtype)
     hidden = torch.randn(1, tokens, dim, generator=g).to(device, dtype).requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
     labels[:, ::7] = IGNORE_INDEX
     result, grads = {}, {}
     for name, loss_fn in (("whole", lambda: HeadLoss()(head(hidden), labels)),
-                          ("chunked", lambda: HeadLoss(head, chunk_tokens)(hidden, labels))):
+                          ("chunked", lambda: HeadLoss(head, chunk_tokens)(hidden, labels)),
+                          ("fused", lambda: HeadLoss(head, chunk_tokens, fused=True)(hidden, labels))):
         out = {}
 
         def step(loss_fn=loss_fn, out=out):  # bound now: the loop moves on
@@ -82,13 +86,18 @@ def measure(vocab: int, dim: int, tokens: int, chunk_tokens: int, device: str = 
         result[name] = {"peak_bytes": peak, "seconds": seconds, "loss": out["loss"].item()}
         grads[name] = (hidden.grad.clone(), head.weight.grad.clone())
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    for name in ("chunked", "fused"):
+        loss, whole = result[name]["loss"], result["whole"]["loss"]
+        result[name].update(loss_rel_diff=abs(loss - whole) / abs(whole),
+                            grad_rel_diff=max(rel(a, b) for a, b in zip(grads[name], grads["whole"])))
     result.update(
         vocab=vocab, dim=dim, tokens=tokens, chunk_tokens=chunk_tokens, dtype=str(dtype).removeprefix("torch."),
         device=device.type, device_name=device_name(device), torch_version=torch.__version__, commit=git_commit(),
         date=time.strftime("%Y-%m-%d", time.gmtime()),
         peak_ratio=result["whole"]["peak_bytes"] / result["chunked"]["peak_bytes"],
-        loss_rel_diff=abs(result["chunked"]["loss"] - result["whole"]["loss"]) / abs(result["whole"]["loss"]),
-        grad_rel_diff=max(rel(a, b) for a, b in zip(grads["chunked"], grads["whole"])))
+        fused_peak_ratio=result["whole"]["peak_bytes"] / result["fused"]["peak_bytes"],
+        loss_rel_diff=max(result[n]["loss_rel_diff"] for n in ("chunked", "fused")),
+        grad_rel_diff=max(result[n]["grad_rel_diff"] for n in ("chunked", "fused")))
     return result
 
 
@@ -124,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(args.vocab, args.dim, args.tokens, args.chunk_tokens, args.device, getattr(torch, args.dtype))
     mib = 2**20
     print(f"loss of {r['tokens']} tokens, vocab {r['vocab']:,}, dim {r['dim']}, {r['dtype']} on {r['device']}:")
-    for name in ("whole", "chunked"):
-        label = name if name == "whole" else f"chunked ({r['chunk_tokens']} tokens)"
+    for name in ("whole", "chunked", "fused"):
+        label = name if name == "whole" else f"{name} ({r['chunk_tokens']} tokens)"
         print(f"  {label:<24} peak {r[name]['peak_bytes'] / mib:10.1f} MiB   {r[name]['seconds']:.3f} s")
-    print(f"  peak whole / chunked = {r['peak_ratio']:.2f}; loss differs by {r['loss_rel_diff']:.1e}, gradients by "
-          f"{r['grad_rel_diff']:.1e} (relative)")
+    print(f"  peak whole / chunked = {r['peak_ratio']:.2f}, / fused = {r['fused_peak_ratio']:.2f}; loss differs by "
+          f"{r['loss_rel_diff']:.1e}, gradients by {r['grad_rel_diff']:.1e} (relative, at most)")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0

@@ -1,7 +1,8 @@
 """The chunked loss (titan/objectives/token.py:HeadLoss): the output projection and the cross-entropy over chunks of
-the sequence, each recomputed in backward, give the loss of the whole logits within 1e-6 relative (fp32) and the same
-gradients, for the token loss (also with LoRA on the output projection) and for DPO's per-sequence log-probabilities;
-only one chunk's logits exist at a time. The layouts (TP with loss parallel, PP's last stage, FSDP) are in
+the sequence, each recomputed in backward or fused (gradients computed in forward, titan/models/output_head.py), give
+the loss of the whole logits within 1e-6 relative (fp32) and the same gradients, for the token loss (also with LoRA
+on the output projection, or a frozen one) and for DPO's per-sequence log-probabilities; only one chunk's logits exist
+at a time. The layouts (TP with loss parallel, PP's last stage, FSDP) are in
 tests/test_parallel.py and tests/test_finetune.py, in their existing launches.
 """
 
@@ -52,13 +53,16 @@ def _loss_and_grads(model, fn):
 
 
 @pytest.mark.parametrize("chunk_tokens", [6, 21, 60, 1000])  # 2, 7, 20 tokens per row; the last = one chunk
-@pytest.mark.parametrize("kind", ["token_loss", "row_logps", "lora_output", "lora_output_only"])
+@pytest.mark.parametrize("kind", ["token_loss", "row_logps", "lora_output", "lora_output_only", "fused",
+                                  "fused_frozen_head"])
 def test_chunked_loss_equals_the_whole_logits_loss(kind, chunk_tokens, one_thread):
     """`lora_output_only`: nothing before the head trains, so the hidden states need no gradient (the chunks then
-    use the non-reentrant checkpoint)."""
+    use the non-reentrant checkpoint). `fused_frozen_head`: the head's weight takes no gradient (LoRA elsewhere)."""
     tokens, labels = _batch()
     targets = ("output",) if kind.endswith("only") else ("wq", "output")
     model = _model(output_lora=kind.startswith("lora"), targets=targets)
+    if kind == "fused_frozen_head":
+        model.output.weight.requires_grad_(False)
 
     def full(m):
         m.output_hidden = False
@@ -67,7 +71,7 @@ def test_chunked_loss_equals_the_whole_logits_loss(kind, chunk_tokens, one_threa
 
     def chunked(m):
         m.output_hidden = True
-        loss = HeadLoss(m.output, chunk_tokens)
+        loss = HeadLoss(m.output, chunk_tokens, fused=kind.startswith("fused"))
         return loss.row_logps(m(tokens), labels) if kind == "row_logps" else loss(m(tokens), labels)
 
     ref, ref_grads = _loss_and_grads(model, full)
@@ -107,11 +111,13 @@ def test_chunked_preference_objective_equals_the_whole_logits_one(loss, one_thre
 
 def test_chunked_forward_keeps_no_logits(one_thread):
     """What the forward leaves for backward: the whole-logits loss keeps (batch x seq x vocab) floats; the chunked
-    one keeps none of them (only the hidden states each chunk recomputes from)."""
+    one keeps none of them (only the hidden states each chunk recomputes from); the fused one none either: the two
+    gradients it computed, the head weight's and the hidden states' (in place of the hidden states)."""
     tokens, labels = _batch(rows=2, seq=64)
     model = _model()
     kept = {}
-    for name, hidden, loss in (("full", False, HeadLoss()), ("chunked", True, HeadLoss(model.output, 16))):
+    for name, hidden, loss in (("full", False, HeadLoss()), ("chunked", True, HeadLoss(model.output, 16)),
+                               ("fused", True, HeadLoss(model.output, 16, fused=True))):
         model.output_hidden = hidden
         with SavedActivations() as probe:
             out = loss(model(tokens), labels)
@@ -119,6 +125,7 @@ def test_chunked_forward_keeps_no_logits(one_thread):
         out.backward()
     logits = 2 * 64 * VOCAB * 4
     assert kept["full"] - kept["chunked"] >= logits, kept
+    assert kept["fused"] - kept["chunked"] == model.output.weight.nbytes < logits, kept
 
 
 def test_benchmark_script_measures_the_cut(one_thread, tmp_path):

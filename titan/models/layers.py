@@ -24,6 +24,7 @@ from torch import nn
 
 from titan.models.attention import AttentionMasks, MaskBuilder, attend, document_mask  # noqa: F401 - re-exported
 from titan.models.kv_cache import KVCache, LayerCache  # noqa: F401 - re-exported
+from titan.models.output_head import OutputHead
 
 
 @dataclass
@@ -364,7 +365,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): self.block_class(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = OutputHead(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: derived from args, so checkpoints hold only learned weights.

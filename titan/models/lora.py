@@ -26,6 +26,7 @@ from torch import nn
 
 from titan.config import LoRA
 from titan.errors import ConfigError
+from titan.models.output_head import OutputHead
 
 logger = logging.getLogger("titan")
 
@@ -68,7 +69,7 @@ def _targets(model: nn.Module, target_modules: list[str]) -> list[tuple[nn.Modul
     found = []
     for parent in model.modules():
         for attr, child in parent.named_children():
-            if attr in target_modules and type(child) is nn.Linear:
+            if attr in target_modules and type(child) in (nn.Linear, OutputHead):
                 found.append((parent, attr, child))
     return found
 

@@ -2,11 +2,14 @@
 micro-batch, and the model inputs a batch carries besides its token ids.
 
 The output projection can run here rather than in the model (`HeadLoss` with `chunk_tokens`): the model returns its
-final hidden states (`Transformer.output_hidden`) and the projection and the loss go over chunks of the sequence, each
-under activation checkpointing, so that forward holds one chunk's logits at a time (not batch x seq x vocab, plus an
-fp32 copy) and backward recomputes them chunk by chunk: one more output-projection forward per step, exact results.
-The head is called as a module, so whatever it is (LoRA, NF4, float8, FSDP-sharded, tensor-parallel with loss
-parallel) works unchanged.
+final hidden states (`Transformer.output_hidden`) and the projection and the loss go over chunks of the sequence, so
+that forward holds one chunk's logits at a time (not batch x seq x vocab, plus an fp32 copy). Two ways, exact both:
+- `fused` (the token loss, on a plain head that nothing splits): the head computes each chunk's gradients in forward
+  (titan/models/output_head.py), so no matmul runs twice;
+- otherwise (per-token log-probabilities for the preference and RL objectives; a head with LoRA, NF4 or float8, or
+  split by tensor or pipeline parallelism): each chunk under activation checkpointing, its logits recomputed in
+  backward, one more output-projection forward per step. The head is called as a module, so whatever it is works
+  unchanged.
 """
 
 from __future__ import annotations
@@ -71,8 +74,11 @@ class HeadLoss:
     chunk_tokens: int = 0
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum
     reentrant: bool = True  # False where backward runs through autograd.grad (pipeline stages): see _over_chunks
+    fused: bool = False  # the head is an OutputHead that computes the token loss's gradients in forward (above)
 
     def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.fused and torch.is_grad_enabled():
+            return self.head(output, labels, self.chunk_tokens)
         return self._over_chunks(self.loss, output, labels)
 
     def row_logps(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from titan.config import Float8
 from titan.errors import ConfigError
 from titan.models.mla import MLAttention
 from titan.models.moe import moe_layers
+from titan.models.output_head import OutputHead
 from titan.parallel.float8_cpu import route_cpu_matmuls_around_onednn
 
 logger = logging.getLogger("titan")
@@ -111,7 +112,7 @@ def convert(model: nn.Module, cfg: Float8, fsdp_enabled: bool, device_type: str,
                                config=_torchao_config(cfg, all_gather, emulate))
 
     converted = sum(isinstance(m, Float8Linear) for m in model.modules())
-    kept = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    kept = [n for n, m in model.named_modules() if type(m) in (nn.Linear, OutputHead)]
     how = "emulated" if emulate else "_scaled_mm"
     if device_type == "cpu" and not emulate:
         how += ", oneDNN allowed" if cfg.cpu_onednn else ", oneDNN bypassed"
