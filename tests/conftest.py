@@ -45,3 +45,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mesh():
+    """A one-process gloo group and mesh, for in-process tests of code that reduces over a mesh or shards on one."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():  # left by another in-process test: use it as it is
+        assert dist.get_world_size() == 1
+        yield init_device_mesh("cpu", (1,))
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

@@ -13,7 +13,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import REPO, rel_error
 
@@ -789,22 +788,6 @@ class FixedLogits(torch.nn.Module):
 
     def forward(self, tokens):
         return self.logits[tokens[:, 0]]
-
-
-@pytest.fixture
-def mesh():
-    """A one-process gloo group and mesh, for the statistics' all-reduce."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if dist.is_initialized():  # left by another in-process test: use it as it is
-        assert dist.get_world_size() == 1
-        yield init_device_mesh("cpu", (1,))
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def dpo_batch(pairs=3, seq=7, vocab=11):

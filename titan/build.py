@@ -36,7 +36,7 @@ from titan.memory import attention_is_masked
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora, moe
 from titan.models.layers import Transformer, TransformerArgs, count_params
-from titan.models.output_head import OutputHead
+from titan.models.output_head import fusable
 from titan.objectives import DPOLoss, GRPOLoss, HeadLoss, KTOLoss, Objective, TokenLoss, cross_entropy_sum, reference
 from titan.objectives.token import loss_chunking
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
@@ -273,9 +273,7 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
             if part.output is not None:
                 loss_fn.head, loss_fn.chunk_tokens, part.output_hidden = part.output, t.loss_chunk_tokens, True
         loss_fn.reentrant = dims.pp == 1  # a pipeline stage's backward goes through autograd.grad (torch 2.13)
-        # The fused chunks need the whole head in one plain weight (no LoRA, float8 or tensor parallelism on it), and
-        # one backward through the loss (a pipeline schedule may split it into an input and a weight pass).
-        loss_fn.fused = dims.tp == 1 and dims.pp == 1 and type(loss_fn.head) is OutputHead
+        loss_fn.fused = fusable(loss_fn.head, split=dims.tp > 1 or dims.pp > 1)
     return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb, n_active)
 
 

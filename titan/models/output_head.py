@@ -27,6 +27,14 @@ class OutputHead(nn.Linear):
         return LinearCrossEntropy.apply(h, self.weight, labels, chunk_tokens)
 
 
+def fusable(head: nn.Module | None, split: bool) -> bool:
+    """Whether HeadLoss can hand the token loss to `head`: an OutputHead (FSDP's subclass of it too; LoRA and float8
+    put modules of their own in its place) with the whole weight on each rank, and one backward through the loss
+    (`split`: tensor parallelism shards the weight; a pipeline schedule may split backward into input and weight
+    passes)."""
+    return not split and isinstance(head, OutputHead)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """(hidden (..., dim), weight (vocab, dim), labels (...), chunk_tokens) -> summed cross-entropy (fp32 scalar),
     both gradients computed in forward. One backward only: it scales the stored gradients in place."""
