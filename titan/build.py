@@ -34,9 +34,8 @@ from titan.evaluation import InLoop
 from titan.lifecycle import RunLock, claim_dump_folder
 from titan.memory import attention_is_masked
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
-from titan.models import lora, moe
+from titan.models import lora, moe, output_head
 from titan.models.layers import Transformer, TransformerArgs, count_params
-from titan.models.output_head import fusable
 from titan.objectives import DPOLoss, GRPOLoss, HeadLoss, KTOLoss, Objective, TokenLoss, cross_entropy_sum, reference
 from titan.objectives.token import loss_chunking
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
@@ -272,8 +271,7 @@ def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh],
         for part in parts:
             if part.output is not None:
                 loss_fn.head, loss_fn.chunk_tokens, part.output_hidden = part.output, t.loss_chunk_tokens, True
-        loss_fn.reentrant = dims.pp == 1  # a pipeline stage's backward goes through autograd.grad (torch 2.13)
-        loss_fn.fused = fusable(loss_fn.head, split=dims.tp > 1 or dims.pp > 1)
+        loss_fn.reentrant, loss_fn.fused = dims.pp == 1, output_head.fusable(loss_fn.head, dims.tp > 1 or dims.pp > 1)
     return ModelParts(parts, pipeline, loss_fn, build_part, n_params, n_emb, n_active)
 
 
