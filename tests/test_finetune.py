@@ -47,7 +47,8 @@ GRPO = ["--training.recipe", "grpo", "--training.dataset", "tiny_arithmetic", "-
         "2", "--grpo.epsilon_high", "0.28", "--optimizer.lr", "3e-3"]
 KTO = ["--training.recipe", "kto", "--training.dataset", "tiny_feedback", "--validation.enable", "false",
        "--kto.beta", "0.5"]
-CHUNKED = ["--training.loss_chunk_tokens", "40"]  # 2 rows x 64 tokens per micro-batch: chunks of 20 tokens a row
+# 2 rows x 64 tokens per micro-batch: chunks of 20 tokens a row; fused where it can be, else recomputed
+CHUNKED = ["--training.loss_chunk_tokens", "40", "--training.loss_chunk_recompute", "true"]
 # The tiny model's weights (64 x 64, 32 x 64, ...) split into whole NF4 scale blocks of 64 x 16 on 2 FSDP ranks.
 QLORA = ["--lora.quantize_base", "nf4", "--lora.nf4_scaler_block_size", "16"]
 

@@ -203,3 +203,40 @@ def test_fused_loss_under_fsdp(mesh, one_thread):
     assert ref_grads.keys() == got_grads.keys()
     for name, g in got_grads.items():
         assert rel_error(g.full_tensor(), ref_grads[name]) < TOL, name
+
+
+@pytest.mark.parametrize("flags, tp, pp, chunked", [
+    ([], 1, 1, "fused"),  # pre-training on one process or FSDP: fused chunks by default
+    (["--training.recipe", "sft"], 1, 1, "fused"),
+    (["--lora.enable", "true"], 1, 1, "fused"),  # LoRA elsewhere: the head stays a plain, frozen OutputHead
+    ([], 2, 1, "whole"), ([], 1, 2, "whole"),  # TP, PP: recomputed chunks only when asked
+    (["--lora.enable", "true", "--lora.target_modules", "wq,output"], 1, 1, "whole"),
+    (["--float8.enable", "true", "--float8.filter_fqns", "wk"], 1, 1, "whole"),  # float8 takes the head
+    (["--training.recipe", "dpo"], 1, 1, "whole"),  # per-row log-probabilities: recomputed only
+    (["--training.recipe", "dpo", "--training.loss_chunk_recompute", "true"], 1, 1, "recomputed"),
+    (["--training.loss_chunk_recompute", "true"], 2, 1, "recomputed"),
+    (["--training.loss_chunk_recompute", "true"], 1, 1, "fused"),  # fused wherever it can be, asked or not
+    (["--training.recipe", "grpo", "--grpo.max_completion_length", "16", "--training.loss_chunk_recompute", "true"],
+     1, 1, "whole"),
+    (["--training.loss_chunk_tokens", "256"], 1, 1, "whole"),  # a micro-batch of 4 x 64 tokens fits in one chunk
+])
+def test_chunked_by_default_only_where_fused(flags, tp, pp, chunked):
+    """The default (training.loss_chunk_tokens = 2048, loss_chunk_recompute = false) chunks the loss only where the
+    chunks are fused, never slower than the whole logits (docs/performance.md); the recomputed chunks, a third more
+    head matmul work, need loss_chunk_recompute. The dry run counts the same rule (memory.loss_chunk_tokens), and
+    output_head.fusable agrees on the built head (test_fused_loss_under_fsdp, test_chunked_loss_equals_...)."""
+    from dist_utils import REPO
+
+    from titan import config_io
+    from titan.memory import loss_chunk_tokens
+    from titan.models.output_head import fusable
+    from titan.parallel.mesh import ParallelDims
+
+    cfg = config_io.load(["--config", str(REPO / "train_configs" / "debug_model.toml"), "--training.seq_len", "64",
+                          "--training.local_batch_size", "4", "--training.loss_chunk_tokens", "32",
+                          "--validation.enable", "false", *flags])
+    dims = ParallelDims(pp=pp, dp_replicate=1, dp_shard=1, cp=1, tp=tp, world_size=tp * pp)
+    chunk = loss_chunk_tokens(cfg, dims)
+    head = _model(output_lora="output" in str(flags)).output
+    fused = chunk > 0 and fusable(head, split=tp > 1 or pp > 1) and cfg.training.recipe in ("pretrain", "sft")
+    assert {0: "whole"}.get(chunk, "fused" if fused else "recomputed") == chunked

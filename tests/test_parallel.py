@@ -39,7 +39,8 @@ RING = ["--parallelism.context_parallel_rotate_method", "ring"]
 # fp32 Newton-Schulz like every parity run (bf16's rounding would turn 1e-7 differences of summation order into 1e-3).
 MUON = ["--optimizer.name", "muon", "--optimizer.lr", "0.02", "--optimizer.adamw_lr", "3e-3",
         "--optimizer.muon_ns_dtype", "float32"]
-CHUNKED = ["--training.loss_chunk_tokens", "16"]  # 2 rows x 32 tokens per micro-batch: 4 chunks of 8 tokens a row
+# 2 rows x 32 tokens per micro-batch: 4 chunks of 8 tokens a row; fused where it can be, else recomputed
+CHUNKED = ["--training.loss_chunk_tokens", "16", "--training.loss_chunk_recompute", "true"]
 
 
 def _schedule(name):

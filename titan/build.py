@@ -32,12 +32,11 @@ from titan.data.tokenizer import load_tokenizer
 from titan.errors import ConfigError
 from titan.evaluation import InLoop
 from titan.lifecycle import RunLock, claim_dump_folder
-from titan.memory import attention_is_masked
+from titan.memory import attention_is_masked, loss_chunk_tokens
 from titan.metrics import MetricsLogger, StepTimer, num_flops_per_token, peak_flops
 from titan.models import lora, moe, output_head
 from titan.models.layers import Transformer, TransformerArgs, count_params
 from titan.objectives import DPOLoss, GRPOLoss, HeadLoss, KTOLoss, Objective, TokenLoss, cross_entropy_sum, reference
-from titan.objectives.token import loss_chunking
 from titan.optim import build_lr_scheduler, build_optimizer, reapply_hyperparameters
 from titan.parallel import float8
 from titan.parallel.context_parallel import check_masking, check_seq_len
@@ -224,17 +223,6 @@ def build_model_args(cfg: Config, dims: ParallelDims, vocab_size: int) -> Transf
     if v.enable:
         check_seq_len(v.seq_len, dims.cp, dims.tp, key="validation.seq_len")
     return args
-
-
-def loss_chunk_tokens(cfg: Config, dims: ParallelDims) -> int:
-    """training.loss_chunk_tokens where a micro-batch (training's, validation's) has more tokens on a rank, else 0;
-    GRPO, KTO and multi-token prediction (its loss runs in the model) take whole logits."""
-    t, v = cfg.training, cfg.validation
-    if t.recipe in ("grpo", "kto") or cfg.model.mtp_layers:
-        return 0
-    rows = cfg.parallelism.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
-    tokens = rows * (2 if t.recipe == "dpo" else 1) * t.seq_len
-    return loss_chunking(t.loss_chunk_tokens, max(tokens, v.local_batch_size * v.seq_len if v.enable else 0) // dims.cp)
 
 
 def build_model(cfg: Config, args: TransformerArgs, mesh: dict[str, DeviceMesh], dims: ParallelDims,

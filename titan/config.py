@@ -192,10 +192,14 @@ class Training:
     steps: int = opt(10000, "optimizer steps to train", valid=POSITIVE)
     max_norm: float = opt(1.0, "gradient-norm clipping threshold (<= 0 disables clipping)", valid=Range())
     loss_chunk_tokens: int = opt(
-        2048, "the output projection and the loss run over chunks of this many tokens (gradients computed in "
-        "forward on a plain head, else recomputed in backward), so only one chunk's logits are held; a micro-batch "
-        "that fits in one chunk runs whole; 0 = never chunk",
+        2048, "the output projection and the token loss run over chunks of this many tokens, each chunk's gradients "
+        "computed in forward, so only one chunk's logits are held (pre-training and SFT on a plain head, without TP "
+        "or PP); a micro-batch that fits in one chunk runs whole; 0 = never chunk",
         valid=NON_NEGATIVE)
+    loss_chunk_recompute: bool = opt(
+        False, "also chunk where each chunk's logits must be computed again in backward (DPO, IPO, SimPO and ORPO; "
+        "LoRA or float8 on the output projection; tensor or pipeline parallelism): one chunk's logits held instead "
+        "of all, for a third more matmul work in the head")
     seed: int = opt(0, "seed for weights and data order", valid=Range(0, 2**32 - 1))
     deterministic: bool = opt(False, "use deterministic algorithms: CPU runs become bitwise repeatable")
     mixed_precision_param: str = opt(

@@ -17,7 +17,6 @@ from titan import config, memory_attention
 from titan.config import DTYPES
 from titan.memory_attention import attention_bytes, latent_bytes, mask_bytes, qk_norm_bytes
 from titan.models.layers import TransformerArgs
-from titan.objectives.token import loss_chunking
 from titan.parallel.mesh import ParallelDims
 
 GiB = 2**30
@@ -354,6 +353,24 @@ def attention_is_masked(cfg: config.Config, args: TransformerArgs) -> bool:
     return t.document_masking or (t.recipe == "sft" and cfg.sft.packing) or any(args.layer_windows)
 
 
+def loss_chunk_tokens(cfg: config.Config, dims: ParallelDims) -> int:
+    """The chunk size HeadLoss gets (titan/build.py), 0 for whole logits: training.loss_chunk_tokens where a micro-batch
+    (training's or validation's) has more tokens on a rank, and the chunks can be fused, or
+    training.loss_chunk_recompute allows recomputed ones. Fused: the token loss (pre-training, SFT) on an output
+    projection that stays an OutputHead (no LoRA or float8 on it) and whole (no TP or PP) — output_head.fusable
+    decides that on the built model. GRPO, KTO and multi-token prediction (its loss runs in the model) never chunk."""
+    t, v, lora, f8 = cfg.training, cfg.validation, cfg.lora, cfg.float8
+    if t.recipe in ("grpo", "kto") or cfg.model.mtp_layers:
+        return 0
+    head_replaced = (lora.enable and "output" in lora.target_modules) or (
+        f8.enable and not any(f in "output" for f in f8.filter_fqns))
+    fused = t.recipe in ("pretrain", "sft") and dims.tp == 1 and dims.pp == 1 and not head_replaced
+    rows = cfg.parallelism.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
+    tokens = max(rows * (2 if t.recipe == "dpo" else 1) * t.seq_len, v.local_batch_size * v.seq_len if v.enable else 0)
+    chunked = tokens // dims.cp > t.loss_chunk_tokens and (fused or t.loss_chunk_recompute)
+    return t.loss_chunk_tokens if chunked else 0
+
+
 def micro_batch(cfg: config.Config, dims: ParallelDims, args: TransformerArgs, validation: bool = False
                 ) -> MicroBatch:
     """What one forward pass holds: a pipeline micro-batch, or the whole local batch (DPO rows come in pairs); with
@@ -362,11 +379,10 @@ def micro_batch(cfg: config.Config, dims: ParallelDims, args: TransformerArgs, v
     rows = p.pipeline_parallel_microbatch_size if dims.pp > 1 else v.local_batch_size if validation else \
         t.local_batch_size
     rows *= 2 if t.recipe == "dpo" else 1
-    tokens = max(rows * t.seq_len, v.local_batch_size * v.seq_len if v.enable else 0) // dims.cp
     masked = attention_is_masked(cfg, args)
     return MicroBatch(rows, v.seq_len if validation else t.seq_len, dims.tp, dims.cp,
                       p.context_parallel_rotate_method, p.enable_loss_parallel, dims.ep, masked,
-                      len({args.window(i) for i in range(args.n_layers)}), loss_chunking(t.loss_chunk_tokens, tokens))
+                      len({args.window(i) for i in range(args.n_layers)}), loss_chunk_tokens(cfg, dims))
 
 
 def validation_bytes(args: TransformerArgs, m: MicroBatch, p: Precision) -> int:

@@ -57,12 +57,6 @@ def row_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_logps(logits, labels).sum(dim=1)
 
 
-def loss_chunking(chunk_tokens: int, micro_batch_tokens: int) -> int:
-    """`chunk_tokens` (training.loss_chunk_tokens) where a micro-batch has more tokens than that on a rank, else 0:
-    then the model computes its logits whole, as one chunk would."""
-    return chunk_tokens if micro_batch_tokens > chunk_tokens else 0
-
-
 @dataclass
 class HeadLoss:
     """(the model's output, labels) -> summed token loss (`__call__`) or per-row log-probabilities (`row_logps`).
