@@ -240,3 +240,27 @@ def test_chunked_by_default_only_where_fused(flags, tp, pp, chunked):
     head = _model(output_lora="output" in str(flags)).output
     fused = chunk > 0 and fusable(head, split=tp > 1 or pp > 1) and cfg.training.recipe in ("pretrain", "sft")
     assert {0: "whole"}.get(chunk, "fused" if fused else "recomputed") == chunked
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_under_autocast(hidden_dtype, one_thread):
+    """Without FSDP a bf16 run autocasts (titan/build.py:mixed_precision_context), the loss included: the fused head
+    computes in bf16 as autocast's linear would, whatever the hidden states' dtype, and hands back fp32 weight
+    gradients. Loss and input gradients as the whole logits' under autocast; the weight's within bf16 rounding (it
+    sums its chunks in bf16, where the whole logits round once)."""
+    from titan.objectives.token import cross_entropy_sum
+
+    head = _model().output
+    tokens, labels = _batch()
+    hidden = torch.randn(*labels.shape, head.in_features, generator=torch.Generator().manual_seed(2))
+    got = {}
+    for fused in (False, True):
+        h = hidden.to(hidden_dtype).requires_grad_()
+        head.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head(h, labels, 21) if fused else cross_entropy_sum(head(h), labels)
+        loss.backward()
+        got[fused] = loss.detach(), h.grad.float(), head.weight.grad
+    (ref, ref_h, ref_w), (loss, grad_h, grad_w) = got[False], got[True]
+    assert grad_w.dtype == torch.float32 and rel_error(loss, ref) < TOL
+    assert rel_error(grad_h, ref_h) < 1e-4 and rel_error(grad_w, ref_w) < 1e-2

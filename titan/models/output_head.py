@@ -24,7 +24,12 @@ class OutputHead(nn.Linear):
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, chunk_tokens: int = 0) -> torch.Tensor:
         if labels is None:
             return super().forward(h)
-        return LinearCrossEntropy.apply(h, self.weight, labels, chunk_tokens)
+        weight, device = self.weight, h.device.type
+        if torch.is_autocast_enabled(device):  # as autocast's F.linear: both in its dtype, the gradients cast back
+            dtype = torch.get_autocast_dtype(device)
+            weight, h = weight.to(dtype), h.to(dtype)
+        with torch.autocast(device, enabled=False):  # the function's matmuls and buffers then share one dtype
+            return LinearCrossEntropy.apply(h, weight, labels, chunk_tokens)
 
 
 def fusable(head: nn.Module | None, split: bool) -> bool:
