@@ -6,10 +6,10 @@ final hidden states (`Transformer.output_hidden`) and the projection and the los
 that forward holds one chunk's logits at a time (not batch x seq x vocab, plus an fp32 copy). Two ways, exact both:
 - `fused` (the token loss, on a plain head that nothing splits): the head computes each chunk's gradients in forward
   (titan/models/output_head.py), so no matmul runs twice;
-- otherwise (per-token log-probabilities for the preference and RL objectives; a head with LoRA, NF4 or float8, or
-  split by tensor or pipeline parallelism): each chunk under activation checkpointing, its logits recomputed in
-  backward, one more output-projection forward per step. The head is called as a module, so whatever it is works
-  unchanged.
+- recomputed (training.loss_chunk_recompute: the preference objectives' per-row log-probabilities; a head with
+  LoRA, NF4 or float8, or split by tensor or pipeline parallelism): each chunk under activation checkpointing, its
+  logits computed again in backward, one more output-projection forward per step. The head is called as a module,
+  so whatever it is works unchanged.
 """
 
 from __future__ import annotations
