@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan.models.layers import RMSNorm
-
-IGNORE_INDEX = -100  # labels that count in no loss (titan/data: padding, masked prompt tokens)
+from titan.models.output_head import IGNORE_INDEX
 
 
 class MultiTokenPrediction(nn.Module):
