@@ -353,6 +353,14 @@ def attention_is_masked(cfg: config.Config, args: TransformerArgs) -> bool:
     return t.document_masking or (t.recipe == "sft" and cfg.sft.packing) or any(args.layer_windows)
 
 
+def _rows(cfg: config.Config, dims: ParallelDims, validation: bool = False) -> int:
+    """Sequences in one forward pass: a pipeline micro-batch's, or the local batch's (DPO rows come in pairs)."""
+    t = cfg.training
+    rows = cfg.parallelism.pipeline_parallel_microbatch_size if dims.pp > 1 else \
+        cfg.validation.local_batch_size if validation else t.local_batch_size
+    return rows * (2 if t.recipe == "dpo" else 1)
+
+
 def loss_chunk_tokens(cfg: config.Config, dims: ParallelDims) -> int:
     """The chunk size HeadLoss gets (titan/build.py), 0 for whole logits: training.loss_chunk_tokens where a micro-batch
     (training's or validation's) has more tokens on a rank, and the chunks can be fused, or
@@ -365,22 +373,17 @@ def loss_chunk_tokens(cfg: config.Config, dims: ParallelDims) -> int:
     head_replaced = (lora.enable and "output" in lora.target_modules) or (
         f8.enable and not any(f in "output" for f in f8.filter_fqns))
     fused = t.recipe in ("pretrain", "sft") and dims.tp == 1 and dims.pp == 1 and not head_replaced
-    rows = cfg.parallelism.pipeline_parallel_microbatch_size if dims.pp > 1 else t.local_batch_size
-    tokens = max(rows * (2 if t.recipe == "dpo" else 1) * t.seq_len, v.local_batch_size * v.seq_len if v.enable else 0)
+    tokens = max(_rows(cfg, dims) * t.seq_len, v.local_batch_size * v.seq_len if v.enable else 0)
     chunked = tokens // dims.cp > t.loss_chunk_tokens and (fused or t.loss_chunk_recompute)
     return t.loss_chunk_tokens if chunked else 0
 
 
 def micro_batch(cfg: config.Config, dims: ParallelDims, args: TransformerArgs, validation: bool = False
                 ) -> MicroBatch:
-    """What one forward pass holds: a pipeline micro-batch, or the whole local batch (DPO rows come in pairs); with
-    `validation`, validation's."""
+    """What one forward pass holds (its rows: _rows); with `validation`, validation's."""
     t, p, v = cfg.training, cfg.parallelism, cfg.validation
-    rows = p.pipeline_parallel_microbatch_size if dims.pp > 1 else v.local_batch_size if validation else \
-        t.local_batch_size
-    rows *= 2 if t.recipe == "dpo" else 1
     masked = attention_is_masked(cfg, args)
-    return MicroBatch(rows, v.seq_len if validation else t.seq_len, dims.tp, dims.cp,
+    return MicroBatch(_rows(cfg, dims, validation), v.seq_len if validation else t.seq_len, dims.tp, dims.cp,
                       p.context_parallel_rotate_method, p.enable_loss_parallel, dims.ep, masked,
                       len({args.window(i) for i in range(args.n_layers)}), loss_chunk_tokens(cfg, dims))
 
