@@ -581,7 +581,9 @@ def test_a_dead_worker_fails_the_preparation_within_seconds(tmp_path):
     big = tmp_path / "big.jsonl"
     paragraphs = [json.dumps({"text": p}) + "\n" for p in AUSTEN.read_text().split("\n\n") if p.strip()]
     with open(big, "w") as f:
-        while f.tell() < 48 * 2**20:  # three chunks of 16 MiB: longer than the kill takes on a loaded machine
+        # Eight chunks of 16 MiB: each worker still has chunks to come when the kill lands, even on a fast machine (at
+        # three, a worker that finished its last one was killed idle once, and the run rightly finished without it).
+        while f.tell() < 128 * 2**20:
             f.write("".join(paragraphs))
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--input", str(big), "--output", str(tmp_path / "out"),
                              "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True,
